@@ -1,0 +1,280 @@
+"""The subspace LoRA layer: a frozen ``nn.Linear`` plus a frozen-``A`` LoRA split into slots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FREE = -1  # owner id of a free row
+
+
+class SubspaceLoRALinear(nn.Module):
+    """``y = W0 x + (alpha / rank) * sum over live rows j of b_j a_j^T x``.
+
+    ``A`` (``R x d_in``, ``R = num_slots * rank``) holds orthonormal, frozen rows. Each row is
+    free or owned by one experience (its *owner*). The experience being trained owns ``rank``
+    rows whose ``B`` columns are the only trainable tensor (:attr:`lora_B_train`); the ``B``
+    columns of earlier experiences are frozen buffers. Fusion folds chosen rank-1 pairs into
+    ``W0`` and frees their rows.
+
+    When ``out_index`` is given, only those output features of ``W0`` are adapted (e.g. the q and
+    v parts of a fused ``qkv``); ``B`` then has ``len(out_index)`` rows.
+
+    All live pairs are applied with one pair of matmuls; the live rows are gathered into caches
+    whenever ownership changes, never in the forward pass.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        *,
+        rank: int,
+        num_slots: int,
+        alpha: float,
+        out_index: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        d_out, d_in = base.weight.shape
+        total = rank * num_slots
+        if total > d_in:
+            raise ValueError(
+                f"rank x num_slots = {rank} x {num_slots} = {total} exceeds the input dimension "
+                f"{d_in} of the adapted layer: orthonormal rows cannot be disjoint. Lower rank or "
+                "num_slots, or enable fusion so fewer slots are needed."
+            )
+        self.base = base
+        base.requires_grad_(False)
+        self.rank = rank
+        self.num_slots = num_slots
+        self.scaling = alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        if out_index is not None:
+            out_index = torch.as_tensor(out_index, dtype=torch.long, device=base.weight.device)
+        self.register_buffer("out_index", out_index)
+        n_out = d_out if out_index is None else out_index.numel()
+        self.register_buffer("lora_A", torch.zeros(total, d_in, **factory))
+        self.register_buffer("lora_B", torch.zeros(n_out, total, **factory))
+        self.register_buffer("row_owner", torch.full((total,), FREE, dtype=torch.long))
+        self.register_buffer("row_importance", torch.zeros(total, dtype=torch.float32))
+        self.register_buffer("num_fused", torch.zeros((), dtype=torch.long))
+        self.register_buffer("train_rows", torch.zeros(0, dtype=torch.long))
+        # AdaLoRA-style importance state of the training slot's B (n_out x rank)
+        self.register_buffer("importance_ema", torch.zeros(n_out, rank, dtype=torch.float32))
+        self.register_buffer("importance_unc", torch.zeros(n_out, rank, dtype=torch.float32))
+        # input subspace of earlier experiences, kept by the ``data`` allocator (rows)
+        self.register_buffer("input_basis", torch.zeros(0, d_in, **factory))
+        self.lora_B_train: nn.Parameter | None = None
+        self.merged = False
+        self._weight_backup: Tensor | None = None
+        self._owner_filter: frozenset[int] | None = None
+        # caches of the live rows (frozen owners first, training rows last)
+        self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
+        self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def training_owner(self) -> int | None:
+        """Owner id of the slot in training, or ``None``."""
+        if self.lora_B_train is None:
+            return None
+        return int(self.row_owner[self.train_rows[0]])
+
+    def free_rows(self) -> Tensor:
+        return torch.nonzero(self.row_owner == FREE).flatten()
+
+    def frozen_rows(self) -> Tensor:
+        """Live rows of experiences that are no longer training."""
+        live = self.row_owner != FREE
+        live[self.train_rows] = False
+        return torch.nonzero(live).flatten()
+
+    def used_rows(self) -> Tensor:
+        return torch.nonzero(self.row_owner != FREE).flatten()
+
+    def rows_of(self, owner: int) -> Tensor:
+        return torch.nonzero(self.row_owner == owner).flatten()
+
+    def live_adapter_params(self) -> int:
+        """Values of ``A`` and ``B`` held for live (non-free) rows."""
+        n_out = self.lora_B.shape[0]
+        return int(self.used_rows().numel()) * (self.in_features + n_out)
+
+    # ------------------------------------------------------------------ slot lifecycle
+    @torch.no_grad()
+    def start_slot(self, owner: int, directions: Tensor) -> Tensor:
+        """Give ``rank`` free rows to ``owner`` with the given ``A`` directions; returns the rows.
+
+        ``directions`` (``rank x d_in``) must be orthonormal and orthogonal to the rows in use
+        (the allocators guarantee it). The slot's ``B`` starts at zero and is trainable.
+        """
+        self._check_not_merged("start a slot")
+        if self.lora_B_train is not None:
+            raise RuntimeError("a slot is already training: call end_slot() first")
+        free = self.free_rows()
+        if free.numel() < self.rank:
+            raise RuntimeError(
+                f"only {free.numel()} free rows, a slot needs {self.rank}: fuse old pairs first"
+            )
+        rows = free[: self.rank]
+        self.lora_A[rows] = directions.to(self.lora_A)
+        self.lora_B[:, rows] = 0
+        self.row_owner[rows] = owner
+        self.row_importance[rows] = 0
+        self.train_rows = rows
+        self.importance_ema.zero_()
+        self.importance_unc.zero_()
+        self.lora_B_train = nn.Parameter(torch.zeros_like(self.lora_B[:, rows]))
+        self._refresh()
+        return rows
+
+    @torch.no_grad()
+    def end_slot(self, importance: Tensor | None = None) -> None:
+        """Freeze the training slot: its ``B`` becomes a buffer, its importance is recorded."""
+        if self.lora_B_train is None:
+            return
+        self.lora_B[:, self.train_rows] = self.lora_B_train.detach()
+        if importance is not None:
+            self.row_importance[self.train_rows] = importance.to(self.row_importance)
+        self.lora_B_train = None
+        self.train_rows = self.train_rows[:0]
+        self._refresh()
+
+    @torch.no_grad()
+    def fuse(self, rows: Tensor) -> None:
+        """Fold the rank-1 pairs of ``rows`` into ``W0`` and free the rows.
+
+        Frozen rows are freed; rows of the training slot are re-zeroed in ``B`` and stay owned by
+        it (the caller gives them new directions with :meth:`reset_training_rows`).
+        """
+        self._check_not_merged("fuse")
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.row_owner.device)
+        if rows.numel() == 0:
+            return
+        if bool((self.row_owner[rows] == FREE).any()):
+            raise ValueError("cannot fuse free rows")
+        B = self._full_B()[:, rows]
+        self._add_to_weight(B @ self.lora_A[rows])
+        training = torch.isin(rows, self.train_rows)
+        if self.lora_B_train is not None and bool(training.any()):
+            local = torch.nonzero(torch.isin(self.train_rows, rows[training])).flatten()
+            self.lora_B_train[:, local] = 0
+        frozen = rows[~training]
+        self.lora_A[frozen] = 0
+        self.lora_B[:, frozen] = 0
+        self.row_owner[frozen] = FREE
+        self.row_importance[frozen] = 0
+        self.num_fused += rows.numel()
+        self._refresh()
+
+    @torch.no_grad()
+    def reset_training_rows(self, local: Tensor, directions: Tensor) -> None:
+        """Point training-slot columns ``local`` (indices into the slot) at new directions."""
+        rows = self.train_rows[local]
+        self.lora_A[rows] = directions.to(self.lora_A)
+        self.lora_B_train[:, local] = 0
+        self.importance_ema[:, local] = 0
+        self.importance_unc[:, local] = 0
+        self._refresh()
+
+    # ------------------------------------------------------------------ inference modes
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every live pair into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
+        if self.merged:
+            return
+        self._weight_backup = self.base.weight.detach().clone()
+        if self._A_live.shape[0]:
+            self.base.weight.add_(self._live_B() @ self._A_live)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` bit-exactly as it was before :meth:`merge`."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._weight_backup)
+        self._weight_backup = None
+        self.merged = False
+
+    def set_owner_filter(self, owners: Iterable[int] | None) -> None:
+        """Use only the rows of ``owners`` in the forward pass (``None``: every live row)."""
+        self._check_not_merged("filter owners")
+        self._owner_filter = None if owners is None else frozenset(int(o) for o in owners)
+        self._refresh()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.merged or self._A_live.shape[0] == 0:
+            return out
+        h = F.linear(x, self._A_live)
+        return out + F.linear(h, self._live_B())
+
+    # ------------------------------------------------------------------ internals
+    def _check_not_merged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
+
+    def _embed(self, B: Tensor) -> Tensor:
+        """Scale ``B`` (rows = adapted outputs) and place it in ``W0``'s output rows."""
+        B = B * self.scaling
+        if self.out_index is None:
+            return B
+        full = B.new_zeros(self.out_features, B.shape[1])
+        return full.index_copy(0, self.out_index, B)
+
+    def _full_B(self) -> Tensor:
+        """``B`` over all rows, the training slot's columns taken from the parameter."""
+        if self.lora_B_train is None:
+            return self.lora_B
+        return self.lora_B.index_copy(1, self.train_rows, self.lora_B_train.detach())
+
+    def _live_B(self) -> Tensor:
+        if self.lora_B_train is None or self._A_live.shape[0] == self._B_frozen.shape[1]:
+            return self._B_frozen
+        return torch.cat([self._B_frozen, self._embed(self.lora_B_train)], dim=1)
+
+    def _add_to_weight(self, delta: Tensor) -> None:
+        """Add ``scaling * delta`` (rows = adapted outputs) to ``W0``."""
+        delta = delta * self.scaling
+        if self.out_index is None:
+            self.base.weight.add_(delta)
+        else:
+            self.base.weight.index_add_(0, self.out_index, delta)
+
+    def _refresh(self) -> None:
+        """Rebuild the live-row caches after any change of ownership or directions."""
+        live = self.row_owner != FREE
+        if self._owner_filter is not None:
+            allowed = torch.tensor(sorted(self._owner_filter), device=self.row_owner.device)
+            live &= torch.isin(self.row_owner, allowed)
+        training = torch.zeros_like(live)
+        training[self.train_rows] = True
+        frozen = torch.nonzero(live & ~training).flatten()
+        active_training = torch.nonzero(live & training).flatten()
+        if active_training.numel() and active_training.numel() != self.train_rows.numel():
+            raise RuntimeError("an owner filter must keep all or none of the training slot")
+        self._A_live = torch.cat([self.lora_A[frozen], self.lora_A[active_training]]).detach()
+        self._B_frozen = self._embed(self.lora_B[:, frozen]).detach()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"slots={self.num_slots}, adapted_out={self.lora_B.shape[0]}, "
+            f"live_rows={int((self.row_owner != FREE).sum())}"
+        )

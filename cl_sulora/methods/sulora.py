@@ -1,0 +1,208 @@
+"""SuLoRA: one fresh, disjoint subspace of a frozen-``A`` LoRA per experience, SRLoRA fusion."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..allocators import PrincipalAllocator, build_allocator
+from ..config import SubspaceLoRAConfig
+from ..fusion import rows_fraction, rows_to_make_room
+from ..importance import pair_scores, update_importance
+from ..injection import add_subspace_lora, subspace_lora_config, subspace_lora_layers
+from ..layer import SubspaceLoRALinear
+from ..subspace import input_covariances
+from .base import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
+
+Inference = Literal["agnostic", "task-aware"]
+
+
+class CapacityError(RuntimeError):
+    """The stream needs more slots than the adapter has and fusion is disabled."""
+
+
+def check_capacity(config: SubspaceLoRAConfig, num_experiences: int) -> None:
+    """Fail before training when ``num_experiences`` cannot fit under ``fusion='never'``."""
+    if config.fusion == "never" and num_experiences > config.num_slots:
+        raise CapacityError(
+            f"the stream has {num_experiences} experiences but num_slots={config.num_slots} with "
+            f"fusion='never': each experience needs its own slot. Set num_slots >= "
+            f"{num_experiences}, or fusion='when_full' (or 'fraction') to reuse fused rows."
+        )
+
+
+class SuLoRAPlugin(SupervisedPlugin):
+    """Allocates a slot before each training experience, trains only it (and the head), tracks
+    SRLoRA importance, and applies the fusion policy after the experience.
+
+    Args:
+        config: the adapter configuration (must be the one the model was adapted with).
+        inference: ``agnostic`` uses every live slot (the only mode for class- and
+            domain-incremental evaluation); ``task-aware`` uses only the slots of the evaluated
+            experience's task, on top of the fused backbone.
+    """
+
+    def __init__(self, config: SubspaceLoRAConfig, *, inference: Inference = "agnostic") -> None:
+        super().__init__()
+        if inference not in ("agnostic", "task-aware"):
+            raise ValueError(f"inference must be 'agnostic' or 'task-aware', got {inference!r}")
+        self.config = config
+        self.inference = inference
+        self.allocator = build_allocator(config.allocator, seed=config.seed,
+                                         energy=config.data_energy)
+        self._principal = PrincipalAllocator(config.seed)
+        self.owner_task: dict[int, int] = {}
+        self.steps = 0
+
+    # ------------------------------------------------------------------ training hooks
+    def before_training_exp(self, strategy, **kwargs):
+        layers = self._layers(strategy.model)
+        owner = int(strategy.experience.current_experience)
+        self._make_room(layers, owner)
+        if self.allocator.needs_data:
+            self.allocator.prepare(self._covariances(strategy, layers, owner))
+        for name, layer in layers.items():
+            layer.start_slot(owner, self.allocator.directions(name, layer, layer.rank, owner))
+        self.owner_task[owner] = task_label(strategy.experience)
+        freeze_except(
+            strategy.model,
+            [layer.lora_B_train for layer in layers.values()],
+            self.config.trainable_modules,
+        )
+        strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
+        self.steps = 0
+
+    def after_backward(self, strategy, **kwargs):
+        for layer in self._layers(strategy.model).values():
+            update_importance(layer, self.config.importance_beta1, self.config.importance_beta2)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.steps += 1
+        every = self.config.recompose_every
+        if every and self.steps % every == 0:
+            self.recompose(strategy)
+
+    def after_training_exp(self, strategy, **kwargs):
+        layers = self._layers(strategy.model)
+        for layer in layers.values():
+            layer.end_slot(pair_scores(layer))
+        if self.allocator.needs_data:
+            owner = int(strategy.experience.current_experience)
+            self.allocator.update(layers, self._covariances(strategy, layers, owner))
+        if self.config.fusion == "fraction":
+            for layer in layers.values():
+                layer.fuse(rows_fraction(layer, self.config.fusion_gamma))
+
+    # ------------------------------------------------------------------ evaluation hooks
+    def before_eval_exp(self, strategy, **kwargs):
+        if self.inference != "task-aware":
+            return
+        task = task_label(strategy.experience)
+        owners = [o for o, t in self.owner_task.items() if t == task]
+        for layer in self._layers(strategy.model).values():
+            layer.set_owner_filter(owners)
+
+    def after_eval_exp(self, strategy, **kwargs):
+        if self.inference == "task-aware":
+            for layer in self._layers(strategy.model).values():
+                layer.set_owner_filter(None)
+
+    # ------------------------------------------------------------------ SRLoRA recomposition
+    @torch.no_grad()
+    def recompose(self, strategy) -> None:
+        """Fuse the lowest ``recompose_gamma`` of the training slot's pairs into ``W0`` and point
+        them at the next unused principal directions, with fresh optimizer state."""
+        count = math.ceil(self.config.recompose_gamma * self.config.rank)
+        for name, layer in self._layers(strategy.model).items():
+            if layer.lora_B_train is None:
+                continue
+            local = torch.argsort(pair_scores(layer), stable=True)[:count].to(layer.train_rows)
+            layer.fuse(layer.train_rows[local])
+            owner = layer.training_owner
+            layer.reset_training_rows(local, self._principal.directions(name, layer, count, owner))
+            _reset_optimizer_columns(strategy.optimizer, layer.lora_B_train, local)
+
+    # ------------------------------------------------------------------ helpers
+    def _layers(self, model: nn.Module) -> dict[str, SubspaceLoRALinear]:
+        layers = subspace_lora_layers(model)
+        if not layers:
+            raise RuntimeError("the model has no subspace LoRA layers: call add_subspace_lora")
+        return layers
+
+    def _make_room(self, layers: dict[str, SubspaceLoRALinear], owner: int) -> None:
+        for name, layer in layers.items():
+            if layer.free_rows().numel() >= layer.rank:
+                continue
+            if self.config.fusion == "never":
+                raise CapacityError(
+                    f"experience {owner}: layer {name} has no free slot ({layer.num_slots} slots "
+                    "in use) and fusion='never'. Raise num_slots or use fusion='when_full'."
+                )
+            layer.fuse(rows_to_make_room(layer, layer.rank))
+
+    def _covariances(self, strategy, layers, owner: int) -> dict[str, torch.Tensor]:
+        dataset = strategy.experience.dataset.eval()
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + owner)
+        loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=True, generator=gen)
+        device = strategy.device
+
+        def forward(batch):
+            x, t = batch[0].to(device), batch[-1].to(device)
+            return avalanche_forward(strategy.model, x, t)
+
+        return input_covariances(
+            strategy.model, layers, loader, forward, self.config.data_max_samples
+        )
+
+
+def _reset_optimizer_columns(optimizer, param: nn.Parameter, columns: torch.Tensor) -> None:
+    state = optimizer.state.get(param, {})
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[:, columns] = 0
+
+
+class SuLoRA(AdapterTemplate):
+    """Avalanche strategy: a ``SupervisedTemplate`` with :class:`SuLoRAPlugin`.
+
+    Adapts ``model`` with ``config`` unless it already has subspace LoRA layers (then their
+    config is used). ``optimizer`` gives the optimizer type and hyperparameters; it is rebuilt over
+    the trainable parameters of each experience.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SubspaceLoRAConfig | None = None,
+        inference: Inference = "agnostic",
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        **kwargs,
+    ) -> None:
+        existing = subspace_lora_config(model)
+        if existing is None:
+            config = config or SubspaceLoRAConfig()
+            add_subspace_lora(model, config)
+        elif config is not None and config != existing:
+            raise ValueError("model is already adapted with a different SubspaceLoRAConfig")
+        self.config = existing or config
+        self.sulora = SuLoRAPlugin(self.config, inference=inference)
+        super().__init__(model=model, optimizer=optimizer,
+                         plugins=[self.sulora, *(plugins or [])], **kwargs)
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        if isinstance(experiences, Sequence) or hasattr(experiences, "__len__"):
+            try:
+                count = len(experiences)
+            except TypeError:
+                count = 1
+            check_capacity(self.config, count)
+        return super().train(experiences, eval_streams, **kwargs)

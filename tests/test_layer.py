@@ -1,0 +1,177 @@
+"""SubspaceLoRALinear: the forward formula, slots, fusion, merge/unmerge."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cl_sulora.layer import FREE, SubspaceLoRALinear
+from cl_sulora.subspace import directions_outside
+
+
+def make_layer(d_in=16, d_out=12, rank=2, slots=4, out_index=None, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return SubspaceLoRALinear(nn.Linear(d_in, d_out).to(dtype), rank=rank, num_slots=slots,
+                              alpha=3.0, out_index=out_index)
+
+
+def fill_slot(layer: SubspaceLoRALinear, owner: int, seed: int) -> None:
+    """Start a slot with orthogonal directions, give it a random B, and freeze it."""
+    g = torch.Generator().manual_seed(seed)
+    used = layer.lora_A[layer.used_rows()]
+    dirs = directions_outside(torch.randn(8, layer.in_features, generator=g), used, layer.rank)
+    layer.start_slot(owner, dirs)
+    with torch.no_grad():
+        layer.lora_B_train.copy_(torch.randn(layer.lora_B_train.shape, generator=g))
+    layer.end_slot(torch.rand(layer.rank, generator=g))
+
+
+def by_hand(layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    live = layer.used_rows()
+    B = layer.lora_B.clone()
+    if layer.lora_B_train is not None:
+        B[:, layer.train_rows] = layer.lora_B_train.detach()
+    delta = layer.scaling * (x @ layer.lora_A[live].T) @ B[:, live].T
+    out = layer.base(x)
+    if layer.out_index is None:
+        return out + delta
+    out[..., layer.out_index] += delta
+    return out
+
+
+def test_forward_matches_formula_with_frozen_and_training_slots():
+    layer = make_layer()
+    fill_slot(layer, 0, 1)
+    fill_slot(layer, 1, 2)
+    layer.start_slot(2, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    with torch.no_grad():
+        layer.lora_B_train.normal_()
+    x = torch.randn(5, 3, 16)
+    torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=0, atol=1e-5)
+
+
+def test_training_slot_is_the_only_trainable_tensor_and_gets_gradients():
+    layer = make_layer()
+    fill_slot(layer, 0, 1)
+    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["lora_B_train"]
+    layer(torch.randn(4, 16)).sum().backward()
+    assert layer.lora_B_train.grad is not None and layer.lora_B_train.grad.abs().sum() > 0
+
+
+def test_qkv_adapts_only_chosen_output_rows():
+    index = torch.cat([torch.arange(0, 4), torch.arange(8, 12)])  # q and v of a 3 x 4 qkv
+    layer = make_layer(d_in=16, d_out=12, out_index=index)
+    fill_slot(layer, 0, 3)
+    x = torch.randn(6, 16)
+    diff = layer(x) - layer.base(x)
+    assert diff[:, 4:8].abs().max() == 0
+    assert diff[:, :4].abs().max() > 0 and diff[:, 8:].abs().max() > 0
+    torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=0, atol=1e-5)
+
+
+def test_merge_unmerge_round_trips_exactly_and_agrees():
+    layer = make_layer(out_index=torch.arange(0, 6))
+    for owner in range(3):
+        fill_slot(layer, owner, owner + 10)
+    x = torch.randn(7, 16)
+    before_w = layer.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge()
+    merged = layer(x)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.weight, before_w)
+    assert torch.equal(layer(x), unmerged)
+
+
+def test_fusion_keeps_outputs_and_frees_exactly_the_fused_rows():
+    layer = make_layer()
+    for owner in range(3):
+        fill_slot(layer, owner, owner + 20)
+    x = torch.randn(9, 16)
+    before = layer(x)
+    used = set(layer.used_rows().tolist())
+    fused = torch.tensor([0, 3])
+    layer.fuse(fused)
+    assert (layer(x) - before).abs().max() < 1e-5
+    assert set(layer.used_rows().tolist()) == used - {0, 3}
+    assert (layer.row_owner[fused] == FREE).all()
+    assert int(layer.num_fused) == 2
+    with pytest.raises(ValueError, match="free rows"):
+        layer.fuse(fused)
+
+
+def test_fusing_training_rows_keeps_them_owned_and_outputs_unchanged():
+    layer = make_layer()
+    layer.start_slot(0, directions_outside(torch.randn(4, 16), layer.lora_A[:0], 2))
+    with torch.no_grad():
+        layer.lora_B_train.normal_()
+    x = torch.randn(4, 16)
+    before = layer(x)
+    layer.fuse(layer.train_rows[:1])
+    assert (layer(x) - before).abs().max() < 1e-5
+    assert (layer.row_owner[layer.train_rows] == 0).all()
+    assert layer.lora_B_train[:, 0].abs().max() == 0
+
+
+def test_capacity_larger_than_input_dimension_is_refused():
+    with pytest.raises(ValueError, match="exceeds the input dimension"):
+        SubspaceLoRALinear(nn.Linear(8, 4), rank=4, num_slots=3, alpha=1.0)
+
+
+def test_dtype_follows_base_weight():
+    layer = make_layer(dtype=torch.float64)
+    fill_slot(layer, 0, 5)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert layer(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_owner_filter_uses_only_that_owners_rows():
+    layer = make_layer()
+    fill_slot(layer, 0, 30)
+    fill_slot(layer, 1, 31)
+    x = torch.randn(3, 16)
+    layer.set_owner_filter([1])
+    only_one = layer(x)
+    rows = layer.rows_of(1)
+    expected = layer.base(x) + layer.scaling * (x @ layer.lora_A[rows].T) @ layer.lora_B[:, rows].T
+    torch.testing.assert_close(only_one, expected, rtol=0, atol=1e-5)
+    layer.set_owner_filter(None)
+    torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(8, 24),
+    d_out=st.integers(2, 12),
+    rank=st.integers(1, 3),
+    slots=st.integers(1, 4),
+    ops=st.lists(st.tuples(st.sampled_from(["add", "fuse"]), st.integers(0, 99)), max_size=12),
+)
+def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
+    d_in, d_out, rank, slots, ops
+):
+    layer = make_layer(d_in=d_in, d_out=d_out, rank=rank, slots=slots)
+    x = torch.randn(4, d_in)
+    owner = 0
+    for op, pick in ops:
+        before = layer(x)
+        if op == "add":
+            if layer.free_rows().numel() < rank:
+                continue
+            fill_slot(layer, owner, pick)
+            owner += 1
+        else:
+            frozen = layer.frozen_rows()
+            if frozen.numel() == 0:
+                continue
+            chosen = frozen[torch.randperm(frozen.numel(), generator=torch.Generator().manual_seed(pick))]
+            layer.fuse(chosen[: 1 + pick % frozen.numel()])
+            assert (layer(x) - before).abs().max() < 1e-5
+        free, used = layer.free_rows().numel(), layer.used_rows().numel()
+        assert free >= 0 and used >= 0 and free + used == rank * slots
+        A = layer.lora_A[layer.used_rows()]
+        torch.testing.assert_close(A @ A.T, torch.eye(used), rtol=0, atol=1e-5)

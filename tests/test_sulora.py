@@ -1,0 +1,197 @@
+"""SuLoRA through Avalanche: isolation of experiences, capacity, fusion, inference modes."""
+
+import math
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.training.plugins import EvaluationPlugin
+
+from cl_sulora import SubspaceLoRAConfig, SuLoRA, subspace_lora_layers
+from cl_sulora.methods.sulora import CapacityError
+from cl_sulora.models import ContinualClassifier, make_head
+from tests.conftest import TinyBert, domain_stream, image_stream, text_stream, tiny_vit
+
+
+def evaluator():
+    return EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True),
+        forgetting_metrics(experience=True, stream=True),
+        bwt_metrics(experience=True, stream=True),
+        loggers=[],
+    )
+
+
+def make_strategy(model, config, epochs=2, **kwargs):
+    return SuLoRA(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                  config=config, train_mb_size=8, train_epochs=epochs, evaluator=evaluator(),
+                  **kwargs)
+
+
+def snapshot(model):
+    return {name: {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            | {"weight": layer.weight.detach().clone()}
+            for name, layer in subspace_lora_layers(model).items()}
+
+
+def test_training_an_experience_changes_only_its_slot_and_the_head(vit_model):
+    config = SubspaceLoRAConfig(rank=2, num_slots=3, fusion="never")
+    bm = image_stream(n_classes=6, n_experiences=3)
+    strategy = make_strategy(vit_model, config)
+    strategy.train(bm.train_stream[0])
+    strategy.train(bm.train_stream[1])
+    before = snapshot(vit_model)
+    head_before = vit_model.head.classifier.weight.detach().clone()
+    frozen_backbone = {n: p.detach().clone() for n, p in vit_model.backbone.named_parameters()}
+    strategy.train(bm.train_stream[2])
+    after = snapshot(vit_model)
+    for name, layer in subspace_lora_layers(vit_model).items():
+        new_rows = layer.rows_of(2)
+        old_rows = torch.cat([layer.rows_of(0), layer.rows_of(1)])
+        assert torch.equal(after[name]["weight"], before[name]["weight"])  # W0
+        assert torch.equal(after[name]["lora_A"][old_rows], before[name]["lora_A"][old_rows])
+        assert torch.equal(after[name]["lora_B"][:, old_rows], before[name]["lora_B"][:, old_rows])
+        assert after[name]["lora_B"][:, new_rows].abs().sum() > 0  # the new slot trained
+    for n, p in vit_model.backbone.named_parameters():
+        assert torch.equal(p, frozen_backbone[n]), n
+    head_after = vit_model.head.classifier.weight
+    # the head grew; old classes' logits were masked, so their rows got no gradient
+    assert head_after.shape[0] == 6 and torch.equal(head_after[:4], head_before[:4])
+
+
+def test_more_experiences_than_slots_runs_with_when_full(vit_model):
+    config = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="when_full")
+    bm = image_stream(n_classes=8, n_experiences=4)
+    strategy = make_strategy(vit_model, config)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    for layer in subspace_lora_layers(vit_model).values():
+        assert layer.used_rows().numel() <= 4
+        assert int(layer.num_fused) == 4  # two experiences had to make room of 2 rows
+        assert layer.rows_of(3).numel() == 2
+
+
+def test_more_experiences_than_slots_fails_before_training_under_never(vit_model):
+    config = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="never")
+    bm = image_stream(n_classes=6, n_experiences=3)
+    strategy = make_strategy(vit_model, config)
+    weights = {n: p.detach().clone() for n, p in vit_model.named_parameters()}
+    with pytest.raises(CapacityError, match="3 experiences but num_slots=2"):
+        strategy.train(bm.train_stream)
+    assert all(torch.equal(p, weights[n]) for n, p in vit_model.named_parameters())
+    assert all(layer.used_rows().numel() == 0 for layer in subspace_lora_layers(vit_model).values())
+
+
+def test_fraction_policy_fuses_the_lowest_importance_pairs(vit_model):
+    config = SubspaceLoRAConfig(rank=2, num_slots=4, fusion="fraction", fusion_gamma=0.5)
+    bm = image_stream(n_classes=4, n_experiences=2)
+    strategy = make_strategy(vit_model, config)
+    strategy.train(bm.train_stream[0])
+    for layer in subspace_lora_layers(vit_model).values():
+        # one of the two pairs was fused: the less important one
+        assert layer.used_rows().numel() == 2 - math.ceil(0.5 * 2)
+        assert int(layer.num_fused) == 1
+        assert layer.row_importance[layer.used_rows()].min() > 0
+
+
+def test_importance_is_accumulated_while_training(vit_model):
+    strategy = make_strategy(vit_model, SubspaceLoRAConfig(rank=2, num_slots=2))
+    strategy.train(image_stream().train_stream[0])
+    for layer in subspace_lora_layers(vit_model).values():
+        assert (layer.row_importance[layer.rows_of(0)] > 0).all()
+
+
+def test_recomposition_fuses_and_reinitialises_without_changing_the_function(vit_model):
+    config = SubspaceLoRAConfig(rank=2, num_slots=3, recompose_every=1, recompose_gamma=0.5)
+    strategy = make_strategy(vit_model, config)
+    strategy.train(image_stream().train_stream[0])
+    for layer in subspace_lora_layers(vit_model).values():
+        assert int(layer.num_fused) > 0  # pairs were folded into W0 during training
+    # one recomposition step on a training slot with a non-zero B leaves the function unchanged
+    layers = subspace_lora_layers(vit_model)
+    for name, layer in layers.items():
+        layer.start_slot(1, strategy.sulora.allocator.directions(name, layer, 2, 1))
+        with torch.no_grad():
+            layer.lora_B_train.normal_()
+    strategy.optimizer = torch.optim.Adam([layer.lora_B_train for layer in layers.values()])
+    x = torch.randn(4, 3, 8, 8)
+    vit_model.eval()
+    before = vit_model(x)
+    old_A = {name: layer.lora_A[layer.train_rows].clone() for name, layer in layers.items()}
+    strategy.sulora.recompose(strategy)
+    torch.testing.assert_close(vit_model(x), before, rtol=0, atol=1e-5)
+    for name, layer in layers.items():
+        changed = (layer.lora_A[layer.train_rows] != old_A[name]).any(dim=1)
+        assert int(changed.sum()) == 1  # ceil(0.5 * 2) pair re-initialised
+        assert layer.lora_B_train[:, changed].abs().max() == 0
+        a = layer.lora_A[layer.used_rows()]
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "bert"])
+def test_end_to_end_class_incremental_with_avalanche_metrics(backbone):
+    torch.manual_seed(0)
+    if backbone == "vit":
+        model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+        bm = image_stream()
+    else:
+        model = ContinualClassifier(TinyBert(), make_head("class-incremental", 32))
+        bm = text_stream()
+    config = SubspaceLoRAConfig(rank=2, num_slots=4, allocator="data")
+    strategy = make_strategy(model, config, epochs=6)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    metrics = strategy.eval(bm.test_stream)
+    acc = metrics["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert acc > 0.4  # 4 separable classes; chance is 0.25
+    assert "StreamForgetting/eval_phase/test_stream" in metrics
+    assert "StreamBWT/eval_phase/test_stream" in metrics
+
+
+def test_end_to_end_domain_incremental_with_fixed_head():
+    torch.manual_seed(0)
+    model = ContinualClassifier(tiny_vit(), make_head("domain-incremental", 32, num_classes=3))
+    bm = domain_stream()
+    strategy = make_strategy(model, SubspaceLoRAConfig(rank=2, num_slots=2))
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    metrics = strategy.eval(bm.test_stream)
+    assert metrics["Top1_Acc_Stream/eval_phase/test_stream"] > 1 / 3
+    assert all(layer.rows_of(1).numel() == 2 for layer in subspace_lora_layers(model).values())
+
+
+def test_task_aware_inference_uses_only_the_task_slots():
+    torch.manual_seed(0)
+    model = ContinualClassifier(tiny_vit(), make_head("task-incremental", 32))
+    bm = image_stream(task_labels=True)
+    strategy = make_strategy(model, SubspaceLoRAConfig(rank=2, num_slots=2),
+                             inference="task-aware")
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    seen = []
+
+    class Spy:
+        def before_eval_iteration(self, strategy, **kwargs):
+            layer = next(iter(subspace_lora_layers(strategy.model).values()))
+            seen.append((int(strategy.experience.task_label), layer._A_live.shape[0]))
+
+    from avalanche.core import SupervisedPlugin
+
+    spy = type("SpyPlugin", (Spy, SupervisedPlugin), {})()
+    strategy.plugins.append(spy)
+    strategy.eval(bm.test_stream)
+    assert {t for t, _ in seen} == {0, 1}
+    assert all(rows == 2 for _, rows in seen)  # one slot live per task, not both
+    layer = next(iter(subspace_lora_layers(model).values()))
+    assert layer._A_live.shape[0] == 4  # filter cleared after evaluation
+
+
+def test_model_already_adapted_is_used_as_is(vit_model):
+    from cl_sulora import add_subspace_lora
+
+    config = SubspaceLoRAConfig(rank=2, num_slots=2)
+    add_subspace_lora(vit_model, config)
+    strategy = make_strategy(vit_model, None)
+    assert strategy.config == config
+    with pytest.raises(ValueError, match="different SubspaceLoRAConfig"):
+        make_strategy(vit_model, SubspaceLoRAConfig(rank=1, num_slots=2))
