@@ -225,6 +225,22 @@ class SubspaceLoRALinear(nn.Module):
         h = F.linear(x, self._A_live)
         return out + F.linear(h, self._live_B())
 
+    # ------------------------------------------------------------------ state
+    _VARIABLE = ("train_rows", "input_basis")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the variable-size buffers at their saved size, rebuild the training slot."""
+        for key in self._VARIABLE:
+            saved = state_dict.get(prefix + key)
+            if saved is not None:
+                current = getattr(self, key)
+                setattr(self, key, current.new_empty(saved.shape))
+        train = state_dict.get(prefix + "lora_B_train")
+        if train is not None and self.lora_B_train is None:
+            self.lora_B_train = nn.Parameter(self.lora_B.new_empty(train.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh()
+
     # ------------------------------------------------------------------ internals
     def _check_not_merged(self, action: str) -> None:
         if self.merged:

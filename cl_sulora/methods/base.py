@@ -76,9 +76,27 @@ class CurrentClassMask(SupervisedPlugin):
         self._allowed = None
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became inf or nan."""
+
+
+class NonFiniteLossGuard(SupervisedPlugin):
+    """Stop training with a clear message as soon as the loss is not finite."""
+
+    def before_backward(self, strategy, **kwargs):
+        if not torch.isfinite(strategy.loss).all():
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(strategy.loss.detach())}) at experience "
+                f"{strategy.experience.current_experience}, epoch {strategy.clock.train_exp_epochs}"
+                f", iteration {strategy.clock.train_epoch_iterations}: lower the learning rate or "
+                "use fp32; the last checkpoint is left as it was"
+            )
+
+
 class AdapterTemplate(SupervisedTemplate):
     """``SupervisedTemplate`` that rebuilds its optimizer over the trainable parameters of each
-    experience and applies the class-incremental training mask. Keyword-only arguments."""
+    experience, applies the class-incremental training mask and stops on a non-finite loss.
+    Keyword-only arguments."""
 
     def __init__(
         self,
@@ -96,7 +114,7 @@ class AdapterTemplate(SupervisedTemplate):
         mask_logits: bool = True,
         **kwargs,
     ) -> None:
-        plugins = list(plugins or [])
+        plugins = [*(plugins or []), NonFiniteLossGuard()]
         if mask_logits:
             plugins.append(CurrentClassMask())
         super().__init__(

@@ -100,6 +100,14 @@ class SuLoRAPlugin(SupervisedPlugin):
             for layer in layers.values():
                 layer.fuse(rows_fraction(layer, self.config.fusion_gamma))
 
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {"owner_task": dict(self.owner_task), "steps": self.steps}
+
+    def load_state_dict(self, state: dict, strategy=None) -> None:
+        self.owner_task = {int(k): int(v) for k, v in state["owner_task"].items()}
+        self.steps = int(state["steps"])
+
     # ------------------------------------------------------------------ evaluation hooks
     def before_eval_exp(self, strategy, **kwargs):
         if self.inference != "task-aware":
@@ -206,3 +214,9 @@ class SuLoRA(AdapterTemplate):
                 count = 1
             check_capacity(self.config, count)
         return super().train(experiences, eval_streams, **kwargs)
+
+    def adapter_report(self) -> dict[str, int]:
+        """``A``/``B`` values of live slots, and the stored input bases (``data`` allocator)."""
+        layers = subspace_lora_layers(self.model).values()
+        return {"live_adapter_params": sum(layer.live_adapter_params() for layer in layers),
+                "stored_state_params": sum(layer.input_basis.numel() for layer in layers)}
