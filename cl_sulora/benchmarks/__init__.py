@@ -1,0 +1,22 @@
+"""Continual-learning benchmark builders (Avalanche scenarios) and their registry."""
+
+from ._common import BenchmarkSpec, resolve_data_root
+from .bbc_news import build_bbc_news
+from .cifar100 import build_split_cifar100
+from .glue import build_split_glue
+from .pacs import build_pacs_dil
+from .registry import BENCHMARKS, benchmark_options, build_benchmark
+from .sentiment import build_sentiment_dil
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkSpec",
+    "benchmark_options",
+    "build_bbc_news",
+    "build_benchmark",
+    "build_pacs_dil",
+    "build_sentiment_dil",
+    "build_split_cifar100",
+    "build_split_glue",
+    "resolve_data_root",
+]

@@ -1,0 +1,320 @@
+"""Shared pieces of the benchmark builders: the spec, data-root lookup, seeded limits and
+splits, text tasks, tokenisation and Avalanche dataset/scenario construction."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from avalanche.benchmarks import benchmark_from_datasets, with_classes_timeline, with_task_labels
+from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
+from avalanche.benchmarks.utils import (
+    ConstantSequence,
+    DataAttribute,
+    TaskAwareSupervisedClassificationDataset,
+    TaskLabels,
+    TransformGroups,
+)
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import (
+    Compose,
+    Normalize,
+    RandomCrop,
+    RandomHorizontalFlip,
+    Resize,
+    ToTensor,
+)
+
+T = TypeVar("T")
+DATA_ENV_VAR = "CL_SULORA_DATA"
+DEFAULT_DATA_ROOT = Path("~/.cache/cl-sulora-data")
+UNPACK_HINT = (
+    f"run ../shared/tools/unpack-data DIR and pass --data-root DIR (or set {DATA_ENV_VAR}=DIR)"
+)
+# Normalisation of the project's reference backbone (ViT-Small, 32x32, CIFAR-10 statistics).
+DEFAULT_MEAN = (0.4914, 0.4822, 0.4465)
+DEFAULT_STD = (0.247, 0.2435, 0.2616)
+CLASS_TIMELINE = (
+    "classes_in_this_experience",
+    "previous_classes",
+    "classes_seen_so_far",
+    "future_classes",
+)
+
+
+@dataclass
+class BenchmarkSpec:
+    """A built benchmark plus everything needed to describe and reproduce it."""
+
+    name: str
+    benchmark: CLScenario
+    protocol: str  # "class-incremental" | "domain-incremental" | "task-incremental"
+    modality: str  # "image" | "text"
+    num_classes: int  # output units in total (summed over heads when task-incremental)
+    experience_names: list[str]
+    notes: dict[str, Any] = field(default_factory=dict)
+    data_root: Path | None = None
+    classes_per_task: list[int] | None = None  # task-incremental only
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """The explicit root, else $CL_SULORA_DATA, else ~/.cache/cl-sulora-data."""
+    root = data_root if data_root is not None else os.environ.get(DATA_ENV_VAR)
+    return Path(root if root else DEFAULT_DATA_ROOT).expanduser()
+
+
+def find_layout(root: Path, dirname: str, marker: str) -> Path:
+    """``root/dirname``, or ``root`` itself when it directly holds ``marker``."""
+    if (root / dirname).is_dir():
+        return root / dirname
+    if (root / marker).exists():
+        return root
+    raise FileNotFoundError(f"{dirname} data not found: expected {root / dirname}; {UNPACK_HINT}")
+
+
+def check_positive(name: str, value: int | None) -> None:
+    """Reject a non-positive (or non-integer) optional count."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def check_order(name: str, order: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Validate a user-given order of known, distinct names."""
+    order = list(order)
+    unknown = [x for x in order if x not in known]
+    if unknown or not order or len(set(order)) != len(order):
+        raise ValueError(
+            f"{name} must be a non-empty list of distinct names from {list(known)}, got {order}"
+        )
+    return order
+
+
+def keep_first(order: list[T], num_experiences: int | None) -> list[T]:
+    """The first ``num_experiences`` entries of ``order`` (all when None)."""
+    check_positive("num_experiences", num_experiences)
+    if num_experiences is not None and num_experiences > len(order):
+        raise ValueError(f"num_experiences={num_experiences} but only {len(order)} available")
+    return order[:num_experiences]
+
+
+def limit_indices(labels: Sequence[Any], limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices keeping, per label, the first ``limit`` items of a seeded shuffle."""
+    check_positive("limit_per_class", limit)
+    if limit is None:
+        return np.arange(len(labels))
+    counts: dict[Any, int] = {}
+    keep = []
+    for i in np.random.RandomState(seed).permutation(len(labels)):
+        label = labels[i]
+        if counts.get(label, 0) < limit:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(i)
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def stratified_split(
+    labels: Sequence[Any], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-label split into (kept, held-out) sorted indices; ``fraction`` is held out."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.RandomState(seed)
+    labels_arr = np.asarray(labels)
+    held = []
+    for label in sorted(set(labels_arr.tolist())):
+        idx = rng.permutation(np.flatnonzero(labels_arr == label))
+        held.append(idx[: int(round(fraction * len(idx)))])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels_arr)), held_idx), held_idx
+
+
+@dataclass
+class TextTask:
+    """One text task: label names and (texts, label names) per split."""
+
+    name: str
+    label_names: list[str]
+    train: tuple[list[str], list[str]]
+    test: tuple[list[str], list[str]]
+    test_from_train: bool
+    dropped: dict[str, int]  # rows per split whose label is not in labels.json
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}; {UNPACK_HINT}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {UNPACK_HINT}") from err
+
+
+def _read_rows(path: Path, label_names: list[str]) -> tuple[list[str], list[str], int]:
+    rows = _read_json(path)
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and "sentence" in r and "label" in r for r in rows
+    ):
+        raise ValueError(f"{path} must be a JSON list of {{'sentence': ..., 'label': ...}}")
+    known = set(label_names)
+    kept = [r for r in rows if r["label"] in known]
+    return [r["sentence"] for r in kept], [r["label"] for r in kept], len(rows) - len(kept)
+
+
+def read_text_task(task_dir: Path, name: str, test_fraction: float, seed: int) -> TextTask:
+    """Read ``train/test/labels.json`` of a task, dropping rows with unknown labels; without a
+    test file, a seeded stratified ``test_fraction`` of train becomes the test split."""
+    label_names = _read_json(task_dir / "labels.json")
+    if not isinstance(label_names, list) or not all(isinstance(x, str) for x in label_names):
+        raise ValueError(f"{task_dir / 'labels.json'} must be a JSON list of label names")
+    texts, labels, dropped_train = _read_rows(task_dir / "train.json", label_names)
+    test_path = task_dir / "test.json"
+    if test_path.is_file():
+        test_texts, test_labels, dropped_test = _read_rows(test_path, label_names)
+        train = (texts, labels)
+    else:
+        keep, held = stratified_split(labels, test_fraction, seed)
+        train = ([texts[i] for i in keep], [labels[i] for i in keep])
+        test_texts, test_labels = [texts[i] for i in held], [labels[i] for i in held]
+        dropped_test = 0
+    return TextTask(
+        name=name,
+        label_names=label_names,
+        train=train,
+        test=(test_texts, test_labels),
+        test_from_train=not test_path.is_file(),
+        dropped={"train": dropped_train, "test": dropped_test},
+    )
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A Hugging Face tokenizer, loaded with ``AutoTokenizer`` when given a name or path."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer)
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer or a path, got {tokenizer!r}")
+    return tokenizer
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
+    """Long tensor (N, 2, max_length): input_ids and attention_mask, padded and truncated."""
+    check_positive("max_length", max_length)
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=False,
+    )  # python lists: transformers' own tensor conversion is several times slower
+    ids = torch.tensor(enc["input_ids"], dtype=torch.long).view(len(texts), max_length)
+    mask = torch.tensor(enc["attention_mask"], dtype=torch.long).view(len(texts), max_length)
+    return torch.stack([ids, mask], dim=1)
+
+
+class LabelledData(Dataset):
+    """Items with integer ``targets``; ``load`` (if given) turns an item into the input."""
+
+    def __init__(
+        self, items: Sequence[Any], targets: Sequence[int], load: Callable[[Any], Any] | None = None
+    ):
+        if len(items) != len(targets):
+            raise ValueError(f"{len(items)} items but {len(targets)} targets")
+        self.items = items
+        self.targets = [int(t) for t in targets]
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        item = self.items[i]
+        return (self.load(item) if self.load else item), self.targets[i]
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read an image file as RGB."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def image_transforms(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    resize: bool,
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms: optional resize, optional crop+flip, ToTensor, Normalize."""
+    check_positive("image_size", image_size)
+    head = [Resize((image_size, image_size))] if resize else []
+    tail = [ToTensor(), Normalize(tuple(mean), tuple(std))]
+    aug = [RandomCrop(image_size, padding=image_size // 8), RandomHorizontalFlip()]
+    return (
+        Compose(head + (aug if augment else []) + tail),
+        Compose(head + tail),
+    )
+
+
+def classification_dataset(
+    data: LabelledData,
+    task_label: int,
+    train_eval: tuple[Callable, Callable] | None = None,
+    group: str = "train",
+) -> TaskAwareSupervisedClassificationDataset:
+    """Avalanche dataset yielding (x, y, task_label), with train/eval transform groups."""
+    groups = None
+    if train_eval is not None:
+        groups = TransformGroups({"train": train_eval[0], "eval": train_eval[1]})
+    dataset = TaskAwareSupervisedClassificationDataset(
+        [data],
+        data_attributes=[
+            DataAttribute(data.targets, "targets"),
+            TaskLabels(ConstantSequence(task_label, len(data))),
+        ],
+        transform_groups=groups,
+    )
+    return dataset.with_transforms(group)
+
+
+def text_dataset(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    task_label: int,
+    tokenizer: Any,
+    max_length: int,
+    limit_per_class: int | None,
+    seed: int,
+) -> TaskAwareSupervisedClassificationDataset:
+    """Tokenised (and per-class limited) text classification dataset."""
+    keep = limit_indices(labels, limit_per_class, seed)
+    x = tokenize(tokenizer, [texts[i] for i in keep], max_length)
+    return classification_dataset(LabelledData(x, [labels[i] for i in keep]), task_label)
+
+
+def stream_benchmark(
+    train: list[TaskAwareSupervisedClassificationDataset],
+    test: list[TaskAwareSupervisedClassificationDataset],
+) -> CLScenario:
+    """Scenario with one experience per dataset, exposing task labels and class timelines."""
+    scenario = with_task_labels(
+        with_classes_timeline(benchmark_from_datasets(train=train, test=test))
+    )
+    for stream in scenario.streams.values():
+        for exp in stream:  # sorted lists, as NCScenario gives (Avalanche heads index with them)
+            for attr in CLASS_TIMELINE:
+                setattr(exp, attr, sorted(getattr(exp, attr)))
+    return scenario
+
+
+def class_range_name(first: int, count: int, names: Sequence[str] | None = None) -> str:
+    """Experience name such as ``classes 0-9`` (with class names when given)."""
+    text = f"classes {first}-{first + count - 1}" if count > 1 else f"class {first}"
+    return f"{text} ({', '.join(names)})" if names else text

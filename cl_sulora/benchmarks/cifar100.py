@@ -1,0 +1,160 @@
+"""Split CIFAR-100: class-incremental, equal experiences, seeded class order."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from avalanche.benchmarks import nc_benchmark
+from PIL import Image
+
+from ._common import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    UNPACK_HINT,
+    BenchmarkSpec,
+    LabelledData,
+    class_range_name,
+    image_transforms,
+    keep_first,
+    limit_indices,
+    resolve_data_root,
+)
+
+DIRNAME = "cifar-100-python"
+NUM_CLASSES = 100
+IMAGE_SIZE = 32
+DOWNLOAD_TIMEOUT_S = 10.0
+HINT = f"{UNPACK_HINT}, or pass download=True (--download) to fetch it when online"
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-100 file not found: expected {path}; {HINT}")
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as err:  # any unpickling failure means a damaged file
+        raise ValueError(f"{path} is not a readable CIFAR-100 pickle ({err!r}); {HINT}") from err
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) uint8 and fine labels (N,) of one CIFAR-100 pickle."""
+    raw = _unpickle(path)
+    try:
+        data = np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
+        labels = np.asarray(raw["fine_labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} lacks valid 'data'/'fine_labels' ({err!r}); {HINT}") from err
+    if len(data) != len(labels) or labels.min(initial=0) < 0 or labels.max(initial=0) >= 100:
+        raise ValueError(f"{path}: {len(data)} images vs {len(labels)} labels in 0..99; {HINT}")
+    return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels
+
+
+def _download(parent: Path) -> None:
+    from torchvision.datasets import CIFAR100
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        download_and_extract_archive(CIFAR100.url, str(parent), md5=CIFAR100.tgz_md5)
+    except OSError as err:
+        raise ConnectionError(
+            f"could not download CIFAR-100 from {CIFAR100.url} into {parent / DIRNAME} "
+            f"({err!r}); offline? {UNPACK_HINT}"
+        ) from err
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def class_order(seed: int) -> list[int]:
+    """Permutation of 0..99 from ``numpy.random.RandomState(seed)``."""
+    return np.random.RandomState(seed).permutation(NUM_CLASSES).tolist()
+
+
+def build_split_cifar100(
+    n_splits: int = 10,
+    *,
+    data_root: str | os.PathLike | None = None,
+    download: bool = False,
+    class_order_seed: int = 1993,
+    image_size: int = IMAGE_SIZE,
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+    augment: bool = True,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+) -> BenchmarkSpec:
+    """Split CIFAR-100 into ``n_splits`` experiences of equally many classes.
+
+    Labels are remapped to the position in the class order, so experience i holds classes
+    i*C..(i+1)*C-1; ``notes["class_order"]`` gives the original CIFAR ids.
+    """
+    if not isinstance(n_splits, int) or n_splits < 1 or NUM_CLASSES % n_splits:
+        raise ValueError(f"n_splits must divide 100, got {n_splits!r}")
+    kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
+    root = resolve_data_root(data_root)
+    folder = root / DIRNAME
+    if not folder.is_dir() and (root / "meta").is_file():
+        folder = root  # root directly holds the pickles
+    if download and not all((folder / f).is_file() for f in ("train", "test", "meta")):
+        _download(root)
+        folder = root / DIRNAME
+
+    train_x, train_y = load_split(folder / "train")
+    test_x, test_y = load_split(folder / "test")
+    names = _unpickle(folder / "meta").get("fine_label_names")
+
+    per_exp = NUM_CLASSES // n_splits
+    order = class_order(class_order_seed)
+    kept_classes = order[: kept_exps * per_exp]
+
+    def subset(x: np.ndarray, y: np.ndarray) -> LabelledData:
+        idx = np.flatnonzero(np.isin(y, kept_classes))
+        idx = idx[limit_indices(y[idx].tolist(), limit_per_class, seed)]
+        return LabelledData(x[idx], y[idx].tolist(), Image.fromarray)
+
+    train_tf, eval_tf = image_transforms(
+        image_size, mean, std, augment, resize=image_size != IMAGE_SIZE
+    )
+    benchmark = nc_benchmark(
+        subset(train_x, train_y),
+        subset(test_x, test_y),
+        n_experiences=kept_exps,
+        task_labels=False,
+        fixed_class_order=kept_classes,
+        class_ids_from_zero_from_first_exp=True,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+    )
+    ordered_names = [names[c] for c in order] if names else None
+    return BenchmarkSpec(
+        name=f"split-cifar100-{n_splits}",
+        benchmark=benchmark,
+        protocol="class-incremental",
+        modality="image",
+        num_classes=len(kept_classes),
+        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
+        notes={
+            "class_order": order,
+            "class_order_seed": class_order_seed,
+            "label_remap": "label i is original CIFAR-100 class class_order[i]",
+            "class_names": ordered_names,
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
+            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "augment": augment,
+            "files": str(folder),
+        },
+        data_root=root,
+    )

@@ -1,0 +1,106 @@
+"""Split GLUE-style text tasks (MNLI, CB, WiC, ...), task- or class-incremental."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ._common import (
+    BenchmarkSpec,
+    check_order,
+    find_layout,
+    keep_first,
+    load_tokenizer,
+    read_text_task,
+    resolve_data_root,
+    stream_benchmark,
+    text_dataset,
+)
+
+DIRNAME = "CL_Benchmark"
+TASK_PATHS = {
+    "MNLI": "NLI/MNLI",
+    "CB": "NLI/CB",
+    "WiC": "WiC/WiC",
+    "COPA": "COPA/COPA",
+    "QQP": "QQP/QQP",
+    "BoolQA": "BoolQA/BoolQA",
+    "RTE": "NLI/RTE",
+    "SST-2": "SC/SST-2",
+    "MultiRC": "MultiRC/MultiRC",
+}
+DEFAULT_ORDER = ("MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "SST-2")
+PROTOCOLS = ("task-incremental", "class-incremental")
+
+
+def build_split_glue(
+    *,
+    tokenizer: Any,
+    max_length: int = 128,
+    protocol: str = "task-incremental",
+    task_order: Sequence[str] = DEFAULT_ORDER,
+    data_root: str | os.PathLike | None = None,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> BenchmarkSpec:
+    """One experience per task of ``task_order``.
+
+    task-incremental: experience i has task label i and labels 0..n_i-1 (labels.json order).
+    class-incremental: task label 0; task i's labels are offset by the label counts of the
+    tasks before it, giving one head over all tasks' labels. Tasks without a test file get a
+    seeded stratified ``test_fraction`` of train as test (listed in ``notes``).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    tasks = keep_first(check_order("task_order", task_order, list(TASK_PATHS)), num_experiences)
+    tokenizer = load_tokenizer(tokenizer)
+    root = resolve_data_root(data_root)
+    folder = find_layout(root, DIRNAME, TASK_PATHS[tasks[0]])
+    loaded = [read_text_task(folder / TASK_PATHS[t], t, test_fraction, seed) for t in tasks]
+
+    incremental = protocol == "task-incremental"
+    streams: dict[str, list] = {"train": [], "test": []}
+    sizes: dict[str, list[int]] = {"train": [], "test": []}
+    offsets, offset = [], 0
+    for i, task in enumerate(loaded):
+        offsets.append(0 if incremental else offset)
+        label_ids = {name: k + offsets[-1] for k, name in enumerate(task.label_names)}
+        for split, (texts, names) in (("train", task.train), ("test", task.test)):
+            ids = [label_ids[n] for n in names]
+            data = text_dataset(
+                texts, ids, i if incremental else 0, tokenizer, max_length, limit_per_class, seed
+            )
+            streams[split].append(data)
+            sizes[split].append(len(data))
+        offset += len(task.label_names)
+
+    classes_per_task = [len(t.label_names) for t in loaded]
+    return BenchmarkSpec(
+        name="split-glue",
+        benchmark=stream_benchmark(streams["train"], streams["test"]),
+        protocol=protocol,
+        modality="text",
+        num_classes=sum(classes_per_task),
+        experience_names=tasks,
+        notes={
+            "task_order": tasks,
+            "label_names": {t.name: t.label_names for t in loaded},
+            "label_offsets": dict(zip(tasks, offsets, strict=True)),
+            "test_split_from_train": [t.name for t in loaded if t.test_from_train],
+            "split_seed": seed,
+            "test_fraction": test_fraction,
+            "dropped_rows": {t.name: t.dropped for t in loaded},
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": sizes["train"],
+            "test_sizes": sizes["test"],
+            "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+            "max_length": max_length,
+            "files": str(folder),
+        },
+        data_root=root,
+        classes_per_task=classes_per_task if incremental else None,
+    )

@@ -1,0 +1,101 @@
+"""PACS domain-incremental benchmark: one experience per domain, 7 shared classes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._common import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    UNPACK_HINT,
+    BenchmarkSpec,
+    LabelledData,
+    check_order,
+    classification_dataset,
+    find_layout,
+    image_transforms,
+    keep_first,
+    limit_indices,
+    open_rgb,
+    resolve_data_root,
+    stream_benchmark,
+)
+
+DIRNAME = "pacs-64"
+DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+def _class_dirs(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"PACS folder not found: expected {folder}; {UNPACK_HINT}")
+    return {d.name: d for d in sorted(folder.iterdir()) if d.is_dir()}
+
+
+def _domain_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    dirs = _class_dirs(folder)
+    if sorted(dirs) != classes:
+        raise ValueError(f"{folder} has classes {sorted(dirs)}, expected {classes}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in dirs[name].iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images (jpg/png) in {dirs[name]}")
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def build_pacs_dil(
+    *,
+    data_root: str | os.PathLike | None = None,
+    domain_order: Sequence[str] = DOMAINS,
+    image_size: int = 32,
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+    augment: bool = True,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+) -> BenchmarkSpec:
+    """PACS as one experience per domain in ``domain_order``, all with the same 7 classes
+    (ids = sorted class folder names) and task label 0."""
+    domains = keep_first(check_order("domain_order", domain_order, DOMAINS), num_experiences)
+    root = resolve_data_root(data_root)
+    folder = find_layout(root, DIRNAME, "train")
+    classes = sorted(_class_dirs(folder / "train" / domains[0]))
+    transforms = image_transforms(image_size, mean, std, augment, resize=True)
+    streams: dict[str, list] = {"train": [], "test": []}
+    sizes: dict[str, list[int]] = {"train": [], "test": []}
+    for split in ("train", "test"):
+        for domain in domains:
+            paths, labels = _domain_files(folder / split / domain, classes)
+            keep = limit_indices(labels, limit_per_class, seed)
+            data = LabelledData([str(paths[i]) for i in keep], [labels[i] for i in keep], open_rgb)
+            group = "train" if split == "train" else "eval"
+            streams[split].append(classification_dataset(data, 0, transforms, group))
+            sizes[split].append(len(data))
+    return BenchmarkSpec(
+        name="pacs-dil",
+        benchmark=stream_benchmark(streams["train"], streams["test"]),
+        protocol="domain-incremental",
+        modality="image",
+        num_classes=len(classes),
+        experience_names=domains,
+        notes={
+            "domain_order": domains,
+            "class_names": classes,
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": sizes["train"],
+            "test_sizes": sizes["test"],
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "augment": augment,
+            "files": str(folder),
+        },
+        data_root=root,
+    )

