@@ -154,6 +154,7 @@ def test_owner_filter_uses_only_that_owners_rows():
 def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
     d_in, d_out, rank, slots, ops
 ):
+    d_in = max(d_in, rank * slots)
     layer = make_layer(d_in=d_in, d_out=d_out, rank=rank, slots=slots)
     x = torch.randn(4, d_in)
     owner = 0
@@ -168,7 +169,8 @@ def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
             frozen = layer.frozen_rows()
             if frozen.numel() == 0:
                 continue
-            chosen = frozen[torch.randperm(frozen.numel(), generator=torch.Generator().manual_seed(pick))]
+            order = torch.randperm(frozen.numel(), generator=torch.Generator().manual_seed(pick))
+            chosen = frozen[order]
             layer.fuse(chosen[: 1 + pick % frozen.numel()])
             assert (layer(x) - before).abs().max() < 1e-5
         free, used = layer.free_rows().numel(), layer.used_rows().numel()

@@ -49,10 +49,11 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 
 class CurrentClassMask(SupervisedPlugin):
-    """During training, mask the logits of classes absent from the training data.
+    """During training, mask the logits of classes absent from the experience's dataset.
 
-    With a growing head this is the usual class-incremental regime (old classes masked while a
-    new experience trains); rehearsal buffers count as training data, so replayed classes stay.
+    With a growing head this is the usual class-incremental regime: old classes are masked while
+    a new experience trains. Rehearsal that mixes a buffer in through the data loader extends
+    the allowed classes (see ``ReplayClassMask``).
     """
 
     def __init__(self) -> None:

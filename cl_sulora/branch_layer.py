@@ -1,0 +1,364 @@
+"""The branch LoRA layer: a frozen ``nn.Linear`` plus a list of low-rank branches, its injector
+and the configuration shared by the branch-LoRA methods (SD-LoRA, InfLoRA, O-LoRA, plain LoRA)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+from pydantic.dataclasses import dataclass
+from torch import Tensor, nn
+
+from .config import DEFAULT_TARGETS, STRICT
+from .injection import find_targets, qkv_out_index
+
+log = logging.getLogger(__name__)
+
+CONFIG_ATTR = "branch_lora_config"
+_EPS = 1e-12
+
+#: How a branch's product ``B A`` is normalised: not at all, by ``||B A||_F`` (SD-LoRA's paper) or
+#: by ``||B||_F ||A||_F`` (SD-LoRA's reference code, for earlier tasks).
+Normalisation = Literal["none", "product", "factors"]
+
+
+@dataclass(config=STRICT)
+class BranchLoRAConfig:
+    """Where branch LoRA goes and how large each experience's branch is.
+
+    Args:
+        target_modules: module-name patterns to adapt (see
+            :class:`~cl_sulora.config.SubspaceLoRAConfig`); ``None`` uses
+            :data:`~cl_sulora.config.DEFAULT_TARGETS`.
+        qkv_parts: for fused ``qkv`` projections, which of q, k and v are adapted.
+        rank: rank of each new branch.
+        alpha: LoRA scaling numerator; a branch's update is scaled by ``alpha / rank``.
+        trainable_modules: module-name components trained alongside the adapter (the head).
+        seed: seed of the random initialisation of new branches.
+    """
+
+    target_modules: list[str] | None = None
+    qkv_parts: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "v"])
+    rank: int = 10
+    alpha: float = 10.0
+    trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_branch(self) -> BranchLoRAConfig:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not self.qkv_parts:
+            raise ValueError("qkv_parts must name at least one of 'q', 'k', 'v'")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is empty: give module-name patterns or None")
+        return self
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoRABranch(nn.Module):
+    """One low-rank pair contributing ``scale * magnitude * B A / norm`` to the weight.
+
+    ``A`` is ``r x d_in`` and ``B`` ``n_out x r``; ``magnitude`` is an optional scalar parameter
+    (1 when absent) and ``norm`` follows ``normalise``. The ``train_*`` flags say which of the
+    tensors the owning method trains; :meth:`BranchLoRALinear.refresh` must follow a change.
+    """
+
+    def __init__(
+        self,
+        A: Tensor,
+        B: Tensor,
+        *,
+        scale: float = 1.0,
+        magnitude: float | None = None,
+        normalise: Normalisation = "none",
+        train_A: bool = True,
+        train_B: bool = True,
+        train_magnitude: bool = True,
+    ) -> None:
+        super().__init__()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"A (r x d_in) and B (n_out x r) do not fit: {A.shape}, {B.shape}")
+        self.A = nn.Parameter(A.detach().clone())
+        self.B = nn.Parameter(B.detach().clone())
+        self.magnitude = (
+            None if magnitude is None
+            else nn.Parameter(torch.tensor(float(magnitude), dtype=A.dtype, device=A.device))
+        )
+        self.scale = scale
+        self.normalise: Normalisation = normalise
+        self.train_A = train_A
+        self.train_B = train_B
+        self.train_magnitude = train_magnitude and magnitude is not None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def frozen(self) -> bool:
+        """Whether both ``A`` and ``B`` are frozen (the magnitude may still train)."""
+        return not (self.train_A or self.train_B)
+
+    def norm(self) -> Tensor:
+        """The normaliser of ``B A`` (differentiable)."""
+        if self.normalise == "product":  # ||BA||_F^2 = <B^T B, A A^T>, without forming B A
+            return ((self.B.T @ self.B) * (self.A @ self.A.T)).sum().clamp_min(_EPS).sqrt()
+        if self.normalise == "factors":
+            return (self.B.norm() * self.A.norm()).clamp_min(_EPS)
+        return self.A.new_ones(())
+
+    def coefficient(self) -> Tensor:
+        """``scale * magnitude / norm``: what multiplies ``B A``."""
+        coef = self.scale / self.norm()
+        return coef if self.magnitude is None else coef * self.magnitude
+
+    def delta(self) -> Tensor:
+        """This branch's weight update over the adapted outputs (``n_out x d_in``)."""
+        return self.coefficient() * (self.B @ self.A)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        flagged = [(self.A, self.train_A), (self.B, self.train_B),
+                   (self.magnitude, self.train_magnitude)]
+        return [p for p, on in flagged if on]
+
+    def num_values(self) -> int:
+        """Values held: ``A``, ``B`` and the magnitude."""
+        return self.A.numel() + self.B.numel() + (self.magnitude is not None)
+
+    def extra_repr(self) -> str:
+        flags = "".join(n for n, on in (("A", self.train_A), ("B", self.train_B),
+                                        ("m", self.train_magnitude)) if on)
+        return f"rank={self.rank}, normalise={self.normalise}, trains={flags or '-'}"
+
+
+class BranchLoRALinear(nn.Module):
+    """``y = W0 x + sum over branches t of c_t B_t A_t x``, ``c_t`` the branch coefficient.
+
+    When ``out_index`` is given only those output features of ``W0`` are adapted (e.g. the q and
+    v parts of a fused ``qkv``); every ``B`` then has ``len(out_index)`` rows.
+
+    The frozen branches (``A`` and ``B`` both frozen) are concatenated into cached matrices, so
+    all branches are applied with one pair of matmuls; only their magnitudes are read live. The
+    caches are rebuilt by :meth:`refresh`, which every structural change calls.
+
+    ``input_basis`` holds rows of an input subspace a method keeps for this layer (InfLoRA's
+    DualGPM; the complement of that subspace when ``basis_is_complement``): stored state.
+    """
+
+    def __init__(self, base: nn.Linear, *, out_index: Tensor | None = None) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        if out_index is not None:
+            out_index = torch.as_tensor(out_index, dtype=torch.long, device=base.weight.device)
+        self.register_buffer("out_index", out_index)
+        self.branches = nn.ModuleList()
+        self.register_buffer("input_basis", torch.zeros(0, base.in_features, **factory))
+        self.register_buffer("basis_is_complement", torch.zeros((), dtype=torch.bool))
+        self.merged = False
+        self._weight_backup: Tensor | None = None
+        self._frozen: list[LoRABranch] = []
+        self._training: list[LoRABranch] = []
+        self.register_buffer("_A_frozen", torch.zeros(0, base.in_features, **factory),
+                             persistent=False)
+        self.register_buffer("_B_frozen", torch.zeros(base.out_features, 0, **factory),
+                             persistent=False)
+        self.register_buffer("_frozen_ranks", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def n_out(self) -> int:
+        """Number of adapted output features (rows of every ``B``)."""
+        return self.out_features if self.out_index is None else self.out_index.numel()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def live_adapter_params(self) -> int:
+        """Values of ``A``, ``B`` and magnitudes held by the branches."""
+        return sum(branch.num_values() for branch in self.branches)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for branch in self.branches for p in branch.trainable_parameters()]
+
+    # ------------------------------------------------------------------ branch lifecycle
+    def add_branch(self, branch: LoRABranch) -> LoRABranch:
+        """Append ``branch`` (moved to this layer's device and dtype); returns it."""
+        self._check_not_merged("add a branch")
+        if branch.A.shape[1] != self.in_features or branch.B.shape[0] != self.n_out:
+            raise ValueError(
+                f"branch of shape A {tuple(branch.A.shape)}, B {tuple(branch.B.shape)} does not "
+                f"fit a layer with d_in={self.in_features} and {self.n_out} adapted outputs"
+            )
+        self.branches.append(branch.to(self.base.weight))
+        self.refresh()
+        return branch
+
+    def remove_branch(self, index: int) -> None:
+        self._check_not_merged("remove a branch")
+        del self.branches[index]
+        self.refresh()
+
+    def freeze_directions(self) -> None:
+        """Freeze ``A`` and ``B`` of every branch (magnitude flags are left as they are)."""
+        for branch in self.branches:
+            branch.train_A = branch.train_B = False
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Rebuild the caches of the frozen branches after any change of branches or flags."""
+        self._frozen = [b for b in self.branches if b.frozen]
+        self._training = [b for b in self.branches if not b.frozen]
+        ref = self.base.weight
+        if self._frozen:
+            self._A_frozen = torch.cat([b.A for b in self._frozen]).to(ref)
+            # the constant part of each coefficient (scale / norm) is folded into B
+            B = torch.cat([b.B * (b.scale / b.norm()) for b in self._frozen], dim=1)
+            self._B_frozen = self._embed(B.to(ref))
+        else:
+            self._A_frozen = ref.new_zeros(0, self.in_features)
+            self._B_frozen = ref.new_zeros(self.out_features, 0)
+        self._frozen_ranks = torch.tensor([b.rank for b in self._frozen], dtype=torch.long,
+                                          device=ref.device)
+
+    # ------------------------------------------------------------------ inference modes
+    def delta_weight(self) -> Tensor:
+        """The summed update of all branches, placed in ``W0``'s output rows (detached)."""
+        with torch.no_grad():
+            A, coef, B = self._stacked()
+            if A.shape[0] == 0:
+                return torch.zeros_like(self.base.weight)
+            return (B * coef) @ A
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every branch into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
+        if self.merged:
+            return
+        self._weight_backup = self.base.weight.detach().clone()
+        self.base.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` bit-exactly as it was before :meth:`merge`."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._weight_backup)
+        self._weight_backup = None
+        self.merged = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.merged or not len(self.branches):
+            return out
+        A, coef, B = self._stacked()
+        return out + F.linear(F.linear(x, A) * coef, B)
+
+    # ------------------------------------------------------------------ internals
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor]:
+        """All branches as ``A`` (``R x d_in``), per-row coefficients (``R``) and embedded ``B``
+        (``d_out x R``): cached frozen rows first, then the training branches."""
+        A_parts, coef_parts, B_parts = [self._A_frozen], [], [self._B_frozen]
+        if self._frozen:
+            one = self._A_frozen.new_ones(())
+            magnitudes = torch.stack([one if b.magnitude is None else b.magnitude
+                                      for b in self._frozen])
+            coef_parts.append(magnitudes.repeat_interleave(self._frozen_ranks))
+        for branch in self._training:
+            A_parts.append(branch.A)
+            coef_parts.append(branch.coefficient().expand(branch.rank))
+            B_parts.append(self._embed(branch.B))
+        coef = torch.cat(coef_parts) if coef_parts else self._A_frozen.new_zeros(0)
+        return torch.cat(A_parts), coef, torch.cat(B_parts, dim=1)
+
+    def _embed(self, B: Tensor) -> Tensor:
+        """Place ``B`` (rows = adapted outputs) in ``W0``'s output rows."""
+        if self.out_index is None:
+            return B
+        return B.new_zeros(self.out_features, B.shape[1]).index_copy(0, self.out_index, B)
+
+    def _check_not_merged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, adapted_out={self.n_out}, "
+                f"branches={len(self.branches)}")
+
+
+def add_branch_lora(model: nn.Module, config: BranchLoRAConfig) -> nn.Module:
+    """Wrap every target ``nn.Linear`` of ``model`` in a branch-less :class:`BranchLoRALinear`
+    in place; returns ``model``. Fused ``qkv`` projections adapt only ``config.qkv_parts``."""
+    if branch_lora_layers(model):
+        raise ValueError("model already has branch LoRA layers")
+    targets = find_targets(model, config.targets)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        out_index = qkv_out_index(linear, config.qkv_parts) if child.endswith("qkv") else None
+        setattr(parent, child, BranchLoRALinear(linear, out_index=out_index))
+    setattr(model, CONFIG_ATTR, config)
+    model.branch_lora_targets = targets
+    log.info("branch LoRA on %d layers: %s", len(targets), ", ".join(targets))
+    return model
+
+
+def branch_lora_layers(model: nn.Module) -> dict[str, BranchLoRALinear]:
+    """The model's branch LoRA layers by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, BranchLoRALinear)}
+
+
+def branch_lora_config(model: nn.Module) -> BranchLoRAConfig | None:
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def live_adapter_params(model: nn.Module) -> int:
+    """Values of ``A``, ``B`` and magnitudes held by every branch of the model."""
+    return sum(layer.live_adapter_params() for layer in branch_lora_layers(model).values())
+
+
+def stored_state_params(model: nn.Module) -> int:
+    """Values of the input subspace bases the branch LoRA layers keep."""
+    return sum(layer.input_basis.numel() for layer in branch_lora_layers(model).values())
+
+
+def merge_branch_lora(model: nn.Module) -> None:
+    """Fold every branch into the weights, for inference at the bare backbone's cost."""
+    for layer in branch_lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_branch_lora(model: nn.Module) -> None:
+    """Restore the weights exactly as they were before :func:`merge_branch_lora`."""
+    for layer in branch_lora_layers(model).values():
+        layer.unmerge()

@@ -1,0 +1,222 @@
+"""Avalanche's Naive, EWC, LwF and Replay on the shared backbone and head, for context: full
+fine-tuning with Avalanche's own plugins, keyword-only arguments and the class-incremental mask."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+from pydantic import model_validator
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from ..config import STRICT
+from .base import AdapterTemplate, CurrentClassMask
+
+
+@dataclass(config=STRICT)
+class EWCConfig:
+    """EWC (Kirkpatrick et al., PNAS 2017) through Avalanche's ``EWCPlugin``.
+
+    Args:
+        ewc_lambda: weight of the quadratic penalty (tune per benchmark).
+        mode: ``separate`` (one penalty per earlier experience) or ``online``.
+        decay_factor: importance decay of the ``online`` mode (required there only).
+    """
+
+    ewc_lambda: float = 100.0
+    mode: Literal["separate", "online"] = "separate"
+    decay_factor: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EWCConfig:
+        if (self.mode == "online") != (self.decay_factor is not None):
+            raise ValueError("decay_factor is required by, and only by, mode='online'")
+        return self
+
+
+@dataclass(config=STRICT)
+class LwFConfig:
+    """LwF (Li and Hoiem, TPAMI 2017) through Avalanche's ``LwFPlugin``.
+
+    Args:
+        alpha: weight of the distillation loss.
+        temperature: softmax temperature of the distillation.
+    """
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass(config=STRICT)
+class ReplayConfig:
+    """Experience replay through Avalanche's ``ReplayPlugin`` (experience-balanced buffer).
+
+    Args:
+        mem_size: samples kept in the rehearsal buffer.
+    """
+
+    mem_size: int = 2000
+
+
+class ReplayClassMask(CurrentClassMask):
+    """:class:`CurrentClassMask` that also keeps the classes of the replay buffer unmasked
+    (``ReplayPlugin`` mixes the buffer in through the dataloader, not the adapted dataset)."""
+
+    def __init__(self, replay: ReplayPlugin) -> None:
+        super().__init__()
+        self.replay = replay
+
+    def before_training_exp(self, strategy, **kwargs):
+        super().before_training_exp(strategy, **kwargs)
+        buffer = self.replay.storage_policy.buffer
+        if len(buffer):
+            replayed = torch.as_tensor(sorted(set(int(t) for t in buffer.targets)))
+            self._allowed = torch.unique(torch.cat([self._allowed, replayed]))
+
+
+class UnmaskedLogitsForDistillation(SupervisedPlugin):
+    """Hands LwF the unmasked logits: the class mask applies to the cross-entropy (computed
+    before the ``before_backward`` hooks) but not to LwF's distillation of the old classes'
+    logits; the masked logits are back after the backward pass. Must precede the mask and the
+    LwF plugin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._other: torch.Tensor | None = None
+
+    def after_forward(self, strategy, **kwargs):
+        self._other = strategy.mb_output  # before the mask
+
+    def before_backward(self, strategy, **kwargs):
+        strategy.mb_output, self._other = self._other, strategy.mb_output
+
+    def after_backward(self, strategy, **kwargs):
+        strategy.mb_output, self._other = self._other, None
+
+
+class _PlainForward(nn.Module):
+    """``model(x)`` for a wrapped model, hiding that it is a ``MultiTaskModule``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class SingleHeadLwFPlugin(LwFPlugin):
+    """``LwFPlugin`` for the single-head :class:`~cl_sulora.models.ContinualClassifier`.
+
+    Avalanche's LwF asks any ``MultiTaskModule`` for every head's output (``task_labels=None``),
+    which a single-head ``ContinualClassifier`` does not give; the previous model is therefore
+    kept behind a plain forward, so LwF distils the one head on its previously seen classes.
+    """
+
+    def after_training_exp(self, strategy, **kwargs):
+        super().after_training_exp(strategy, **kwargs)
+        self.lwf.prev_model = _PlainForward(self.lwf.prev_model)
+
+
+class FullFineTuning(AdapterTemplate):
+    """Fine-tunes the whole model (backbone and head) with the given Avalanche plugins.
+
+    Subclasses build their plugins in :meth:`method_plugins` from ``config`` (an instance of
+    ``config_cls``; ``None``: its defaults). ``mask_logits`` applies the class-incremental
+    training mask (:meth:`class_mask`, last among the plugins).
+    """
+
+    config_cls: type | None = None
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config=None,
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        mask_logits: bool = True,
+        **kwargs,
+    ) -> None:
+        if self.config_cls is None and config is not None:
+            raise ValueError(f"{type(self).__name__} takes no config")
+        if self.config_cls is not None:
+            config = config if config is not None else self.config_cls()
+            if not isinstance(config, self.config_cls):
+                raise TypeError(f"expected a {self.config_cls.__name__}, got {type(config)}")
+        self.config = config
+        model.requires_grad_(True)
+        own = [*self.method_plugins(mask_logits), *(plugins or [])]
+        mask = self.class_mask() if mask_logits else None
+        super().__init__(model=model, optimizer=optimizer, plugins=own + ([mask] if mask else []),
+                         mask_logits=mask_logits and mask is None, **kwargs)
+
+    def method_plugins(self, mask_logits: bool) -> list[SupervisedPlugin]:
+        return []
+
+    def class_mask(self) -> CurrentClassMask | None:
+        """The training mask, when the method needs its own (``None``: the standard one)."""
+        return None
+
+    def stored_state_params(self) -> int:
+        return 0
+
+    def adapter_report(self) -> dict[str, int]:
+        """No adapters; stored state is the method's (importances, old model, buffer)."""
+        return {"live_adapter_params": 0, "stored_state_params": self.stored_state_params()}
+
+
+class NaiveBaseline(FullFineTuning):
+    """Naive fine-tuning (no protection against forgetting)."""
+
+
+class EWCBaseline(FullFineTuning):
+    """EWC: quadratic penalty on the parameters weighted by their Fisher importance."""
+
+    config_cls = EWCConfig
+
+    def method_plugins(self, mask_logits):
+        self.ewc = EWCPlugin(self.config.ewc_lambda, self.config.mode, self.config.decay_factor)
+        return [self.ewc]
+
+    def stored_state_params(self):
+        stored = [*self.ewc.saved_params.values(), *self.ewc.importances.values()]
+        return sum(math.prod(p.shape) for params in stored for p in params.values())
+
+
+class LwFBaseline(FullFineTuning):
+    """LwF: distillation of the previous model's outputs on the old classes (single head:
+    class- or domain-incremental)."""
+
+    config_cls = LwFConfig
+
+    def method_plugins(self, mask_logits):
+        self.lwf = SingleHeadLwFPlugin(self.config.alpha, self.config.temperature)
+        return [UnmaskedLogitsForDistillation(), self.lwf] if mask_logits else [self.lwf]
+
+    def stored_state_params(self):
+        previous = self.lwf.lwf.prev_model
+        return 0 if previous is None else sum(p.numel() for p in previous.parameters())
+
+
+class ReplayBaseline(FullFineTuning):
+    """Experience replay with an experience-balanced buffer."""
+
+    config_cls = ReplayConfig
+
+    def method_plugins(self, mask_logits):
+        self.replay = ReplayPlugin(mem_size=self.config.mem_size)
+        return [self.replay]
+
+    def class_mask(self):
+        return ReplayClassMask(self.replay)
+
+    def stored_state_params(self):
+        """Values of the buffered inputs (assumes inputs of equal size)."""
+        buffer = self.replay.storage_policy.buffer
+        return len(buffer) * buffer[0][0].numel() if len(buffer) else 0

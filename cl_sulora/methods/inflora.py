@@ -1,0 +1,133 @@
+"""InfLoRA (Liang and Li, CVPR 2024): per experience a branch whose frozen down-projection is
+designed from the experience's inputs outside the old tasks' input subspace (DualGPM)."""
+
+from __future__ import annotations
+
+import torch
+from avalanche.models.utils import avalanche_forward
+from pydantic import model_validator
+from pydantic.dataclasses import dataclass
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ..branch_layer import BranchLoRAConfig, BranchLoRALinear, LoRABranch
+from ..config import STRICT
+from ..subspace import (
+    directions_outside,
+    extend_basis,
+    input_covariances,
+    projector_outside,
+    top_eigvecs,
+)
+from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin, branch_generator
+
+
+@dataclass(config=STRICT)
+class InfLoRAConfig(BranchLoRAConfig):
+    """InfLoRA: ``A_t`` (frozen) spans the top input directions of experience ``t`` with the old
+    tasks' input subspace projected out; only ``B_t`` (and the head) trains.
+
+    Args:
+        energy: DualGPM energy threshold after the first experience (the paper: 0.95 to 0.99).
+        energy_increment: threshold growth per experience, capped at 1 (the reference code grows
+            it linearly to 1 over the stream: ``0.05 / num_experiences``).
+        covariance_samples: samples used to estimate an experience's input covariance; ``None``
+            uses the whole experience, as the paper does.
+    """
+
+    energy: float = 0.95
+    energy_increment: float = 0.005
+    covariance_samples: int | None = None
+
+    @model_validator(mode="after")
+    def _check_inflora(self) -> InfLoRAConfig:
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.energy_increment < 0:
+            raise ValueError(f"energy_increment must be >= 0, got {self.energy_increment}")
+        if self.covariance_samples is not None and self.covariance_samples < 1:
+            raise ValueError("covariance_samples must be >= 1 or None")
+        return self
+
+    def energy_at(self, experience: int) -> float:
+        """The DualGPM threshold applied after ``experience`` (0-based)."""
+        return min(1.0, self.energy + experience * self.energy_increment)
+
+
+def old_input_basis(layer: BranchLoRALinear) -> Tensor:
+    """Orthonormal rows (float64) spanning the old tasks' input subspace of ``layer``."""
+    stored = layer.input_basis.double()
+    if not bool(layer.basis_is_complement):
+        return stored
+    return _complement(stored, layer.in_features)
+
+
+def store_input_basis(layer: BranchLoRALinear, basis: Tensor) -> None:
+    """Store ``basis`` or, when smaller, its orthogonal complement (DualGPM)."""
+    complement = basis.shape[0] > layer.in_features / 2
+    rows = _complement(basis, layer.in_features) if complement else basis
+    layer.input_basis = rows.to(layer.input_basis)
+    layer.basis_is_complement.fill_(complement)
+
+
+def _complement(rows: Tensor, d: int) -> Tensor:
+    values, vectors = top_eigvecs(projector_outside(rows, d))
+    return vectors[values > 0.5]
+
+
+class InfLoRAPlugin(IncLoRAPlugin):
+    """Designs each new branch's ``A`` from the experience's inputs before training; grows the
+    DualGPM subspace with the experience's inputs (through the trained model) after it."""
+
+    config: InfLoRAConfig
+
+    def __init__(self, config: InfLoRAConfig) -> None:
+        super().__init__(config)
+        self._covariances: dict[str, Tensor] = {}
+
+    def prepare(self, strategy, layers, experience):
+        self._covariances = experience_covariances(strategy, layers, self.config, experience)
+        super().prepare(strategy, layers, experience)
+        self._covariances = {}
+
+    def new_branch(self, strategy, layer_name, layer, experience):
+        rank = self.config.rank
+        old = old_input_basis(layer).cpu()
+        cov = self._covariances[layer_name].cpu()
+        proj = projector_outside(old, layer.in_features)
+        _, candidates = top_eigvecs(proj @ cov @ proj)
+        gen = branch_generator(self.config.seed, layer_name, experience)
+        A = directions_outside(candidates, old, rank, generator=gen).float()
+        return LoRABranch(A, torch.zeros(layer.n_out, rank), scale=self.config.scaling,
+                          train_A=False)
+
+    def finish(self, strategy, layers, experience):
+        covariances = experience_covariances(strategy, layers, self.config, experience)
+        energy = self.config.energy_at(experience)
+        for name, layer in layers.items():
+            room = layer.in_features - self.config.rank  # keep room for the next branch
+            old = old_input_basis(layer).cpu()
+            grown = extend_basis(old, covariances[name].cpu(), energy, room)
+            store_input_basis(layer, grown)
+
+
+def experience_covariances(strategy, layers: dict[str, BranchLoRALinear],
+                           config: InfLoRAConfig, experience: int) -> dict[str, Tensor]:
+    """Per-layer input covariance over the current experience's data (eval transforms)."""
+    dataset = strategy.experience.dataset.eval()
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + experience)
+    loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=True, generator=gen)
+    device = strategy.device
+
+    def forward(batch):
+        return avalanche_forward(strategy.model, batch[0].to(device), batch[-1].to(device))
+
+    samples = config.covariance_samples or len(dataset)
+    return input_covariances(strategy.model, layers, loader, forward, samples)
+
+
+class InfLoRA(BranchLoRAStrategy):
+    """InfLoRA: interference-free LoRA branches, summed at test."""
+
+    config_cls = InfLoRAConfig
+    plugin_cls = InfLoRAPlugin

@@ -1,0 +1,203 @@
+"""Plain LoRA baselines (SeqLoRA, IncLoRA, JointLoRA) and the plugin/strategy skeleton every
+branch-LoRA method builds on."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+from avalanche.benchmarks.utils.utils import concat_datasets
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from ..branch_layer import (
+    BranchLoRAConfig,
+    BranchLoRALinear,
+    LoRABranch,
+    add_branch_lora,
+    branch_lora_config,
+    branch_lora_layers,
+    live_adapter_params,
+    stored_state_params,
+)
+from .base import AdapterTemplate, freeze_except, rebuild_optimizer
+
+Layers = dict[str, BranchLoRALinear]
+
+
+def branch_generator(seed: int, layer_name: str, experience: int) -> torch.Generator:
+    """A generator seeded by (seed, layer, experience): initialisations are reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer_name}/{experience}".encode()))
+
+
+def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """LoRA's default init of ``A``: ``U(-1/sqrt(cols), 1/sqrt(cols))`` (Kaiming, a = sqrt 5)."""
+    bound = 1.0 / math.sqrt(cols)
+    return (torch.rand(rows, cols, generator=generator) * 2 - 1) * bound
+
+
+def lora_branch(config: BranchLoRAConfig, layer_name: str, layer: BranchLoRALinear,
+                experience: int) -> LoRABranch:
+    """A standard LoRA branch: Kaiming-uniform ``A``, zero ``B``, scale ``alpha / rank``."""
+    gen = branch_generator(config.seed, layer_name, experience)
+    A = kaiming_uniform(config.rank, layer.in_features, gen)
+    return LoRABranch(A, torch.zeros(layer.n_out, config.rank), scale=config.scaling)
+
+
+class BranchLoRAPlugin(SupervisedPlugin):
+    """Skeleton of a branch-LoRA method: :meth:`prepare` the layers before each training
+    experience, train the branch tensors flagged trainable plus ``config.trainable_modules``,
+    and :meth:`finish` after the experience."""
+
+    def __init__(self, config: BranchLoRAConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def before_training_exp(self, strategy, **kwargs):
+        layers = adapted_layers(strategy.model)
+        self.prepare(strategy, layers, int(strategy.experience.current_experience))
+        params = [p for layer in layers.values() for p in layer.trainable_parameters()]
+        freeze_except(strategy.model, params, self.config.trainable_modules)
+        strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
+
+    def after_training_exp(self, strategy, **kwargs):
+        layers = adapted_layers(strategy.model)
+        self.finish(strategy, layers, int(strategy.experience.current_experience))
+
+    def prepare(self, strategy, layers: Layers, experience: int) -> None:
+        """Add or reconfigure branches for ``experience``."""
+        raise NotImplementedError
+
+    def finish(self, strategy, layers: Layers, experience: int) -> None:
+        """Update the method's state once ``experience`` is trained."""
+
+
+class IncLoRAPlugin(BranchLoRAPlugin):
+    """A new LoRA branch per experience; earlier branches frozen, no constraint."""
+
+    def prepare(self, strategy, layers, experience):
+        for name, layer in layers.items():
+            layer.freeze_directions()
+            layer.add_branch(self.new_branch(strategy, name, layer, experience))
+
+    def new_branch(self, strategy, layer_name: str, layer: BranchLoRALinear,
+                   experience: int) -> LoRABranch:
+        return lora_branch(self.config, layer_name, layer, experience)
+
+
+class SeqLoRAPlugin(BranchLoRAPlugin):
+    """One LoRA branch, created before the first experience and fine-tuned on every one."""
+
+    def prepare(self, strategy, layers, experience):
+        for name, layer in layers.items():
+            if not len(layer.branches):
+                layer.add_branch(lora_branch(self.config, name, layer, experience))
+
+
+def adapted_layers(model: nn.Module) -> Layers:
+    layers = branch_lora_layers(model)
+    if not layers:
+        raise RuntimeError("the model has no branch LoRA layers: call add_branch_lora")
+    return layers
+
+
+def adapt_once(model: nn.Module, config: BranchLoRAConfig | None,
+               config_cls: type[BranchLoRAConfig]) -> BranchLoRAConfig:
+    """Adapt ``model`` with ``config`` (default ``config_cls()``) unless it already has branch
+    LoRA layers; returns the config in force."""
+    existing = branch_lora_config(model)
+    if existing is None:
+        config = config if config is not None else config_cls()
+        if not isinstance(config, config_cls):
+            raise TypeError(f"expected a {config_cls.__name__}, got {type(config).__name__}")
+        add_branch_lora(model, config)
+        return config
+    if not isinstance(existing, config_cls):
+        raise ValueError(f"model is already adapted with a {type(existing).__name__}, "
+                         f"this method needs a {config_cls.__name__}")
+    if config is not None and config != existing:
+        raise ValueError(f"model is already adapted with a different {config_cls.__name__}")
+    return existing
+
+
+class BranchLoRAStrategy(AdapterTemplate):
+    """A ``SupervisedTemplate`` with the method's branch-LoRA plugin (``plugin_cls``).
+
+    Adapts ``model`` with ``config`` unless it already has branch LoRA layers (then their config
+    is used). ``optimizer`` gives the optimizer type and hyperparameters; it is rebuilt over the
+    trainable parameters of each experience.
+    """
+
+    config_cls: ClassVar[type[BranchLoRAConfig]] = BranchLoRAConfig
+    plugin_cls: ClassVar[type[BranchLoRAPlugin]]
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: BranchLoRAConfig | None = None,
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        **kwargs,
+    ) -> None:
+        self.config = adapt_once(model, config, self.config_cls)
+        self.method_plugin = self.plugin_cls(self.config)
+        super().__init__(model=model, optimizer=optimizer,
+                         plugins=[self.method_plugin, *(plugins or [])], **kwargs)
+
+    def adapter_report(self) -> dict[str, int]:
+        """Adapter values held for live branches and stored method state (e.g. bases)."""
+        return {"live_adapter_params": live_adapter_params(self.model),
+                "stored_state_params": stored_state_params(self.model)}
+
+
+class IncLoRA(BranchLoRAStrategy):
+    """IncLoRA: a new LoRA per experience, earlier ones frozen and summed at test."""
+
+    plugin_cls = IncLoRAPlugin
+
+
+class SeqLoRA(BranchLoRAStrategy):
+    """SeqLoRA: one LoRA fine-tuned through the whole stream (the lower bound)."""
+
+    plugin_cls = SeqLoRAPlugin
+
+
+class JointLoRA(BranchLoRAStrategy):
+    """JointLoRA: one LoRA trained once on the union of every experience (the upper bound).
+
+    :meth:`train` concatenates the given experiences into a single experience, so the growing
+    head sees every class before training; it may be called only once.
+    """
+
+    plugin_cls = SeqLoRAPlugin
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.trained = False
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        if self.trained:
+            raise RuntimeError("JointLoRA trains once, on the whole stream: call train(stream)")
+        joint = joint_experience(experiences)
+        result = super().train(joint, eval_streams, **kwargs)
+        self.trained = True
+        return result
+
+
+def joint_experience(experiences):
+    """One experience holding the training data of every experience given."""
+    if hasattr(experiences, "dataset"):
+        experiences = [experiences]
+    datasets = [exp.dataset for exp in experiences]
+    if not datasets:
+        raise ValueError("no experiences to train on")
+    scenario = with_task_labels(with_classes_timeline(
+        benchmark_from_datasets(train=[concat_datasets(datasets)])))
+    return scenario.train_stream[0]

@@ -1,0 +1,68 @@
+"""O-LoRA (Wang et al., Findings of EMNLP 2023): a new LoRA per experience, kept orthogonal to
+the frozen earlier ones by a penalty on the overlap of their down-projections."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import model_validator
+from pydantic.dataclasses import dataclass
+from torch import Tensor, nn
+
+from ..branch_layer import BranchLoRAConfig, branch_lora_layers
+from ..config import STRICT
+from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin
+
+
+@dataclass(config=STRICT)
+class OLoRAConfig(BranchLoRAConfig):
+    """O-LoRA: loss += ``lambda1 * sum_old |A_old A_new^T|`` (sum of absolute entries, over
+    every layer and earlier branch) ``+ lambda2 * ||new A, B||^2``.
+
+    Args:
+        rank: rank of each experience's LoRA (8 in the paper).
+        alpha: LoRA scaling numerator (``alpha / rank``).
+        lambda1: weight of the orthogonality penalty (0.5 in the paper's code).
+        lambda2: weight of the squared L2 norm of the new LoRA's ``A`` and ``B`` (the paper's
+            code uses 0 and the unsquared norm).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    lambda1: float = 0.5
+    lambda2: float = 0.0
+
+    @model_validator(mode="after")
+    def _check_olora(self) -> OLoRAConfig:
+        if self.lambda1 < 0 or self.lambda2 < 0:
+            raise ValueError("lambda1 and lambda2 must be >= 0")
+        return self
+
+
+class OLoRAPlugin(IncLoRAPlugin):
+    """IncLoRA plus O-LoRA's penalty, added to the loss before the backward pass."""
+
+    config: OLoRAConfig
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """``lambda1 * sum_old |A_old A_new^T| + lambda2 * ||new params||^2`` over all layers."""
+        terms: list[Tensor] = []
+        for layer in branch_lora_layers(model).values():
+            if not len(layer.branches) or layer.branches[-1].frozen:
+                continue
+            *old, new = layer.branches
+            if old and self.config.lambda1:
+                A_old = torch.cat([b.A for b in old])
+                terms.append(self.config.lambda1 * (A_old @ new.A.T).abs().sum())
+            if self.config.lambda2:
+                terms.append(self.config.lambda2 * (new.A.square().sum() + new.B.square().sum()))
+        return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def before_backward(self, strategy, **kwargs):
+        strategy.loss = strategy.loss + self.penalty(strategy.model).to(strategy.loss)
+
+
+class OLoRA(BranchLoRAStrategy):
+    """O-LoRA: orthogonal LoRA branches, summed at test."""
+
+    config_cls = OLoRAConfig
+    plugin_cls = OLoRAPlugin

@@ -1,0 +1,151 @@
+"""SD-LoRA (Wu et al., ICLR 2025): LoRA directions frozen once learned, their magnitudes trained
+on, with the rank-reduction (RR) and direction-distillation (KD) variants."""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+import torch
+from pydantic import model_validator
+from pydantic.dataclasses import dataclass
+
+from ..branch_layer import BranchLoRAConfig, BranchLoRALinear, LoRABranch
+from ..config import STRICT
+from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin, branch_generator, kaiming_uniform
+
+#: The magnitude the reference code gives every branch at the start of each task.
+REFERENCE_MAGNITUDE = 0.8
+#: SD-LoRA-KD's residual threshold (the paper's value).
+KD_THRESHOLD = 9e-4
+
+
+@dataclass(config=STRICT)
+class SDLoRAConfig(BranchLoRAConfig):
+    """SD-LoRA: ``W = W0 + alpha * sum_t m_t B_t A_t / ||B_t A_t||_F``.
+
+    At experience ``t`` the new pair ``(A_t, B_t)`` and every magnitude ``m_1 .. m_t`` train;
+    earlier directions are frozen. Magnitudes carry over between experiences (the paper).
+
+    Args:
+        rank: rank of a new direction (10 in the paper); see ``rank_schedule``.
+        alpha: constant factor of every branch (1 in the paper and the reference code).
+        rank_schedule: SD-LoRA-RR: ``{first experience index: rank}``; the rank of experience
+            ``t`` is that of the largest key ``<= t`` (``rank`` before the first key). The paper's
+            schedule is ``{3: 8, 7: 6}``: rank 10, 8 from the 4th experience, 6 from the 8th.
+        kd_threshold: SD-LoRA-KD: after each experience, the new direction is least-squares fitted
+            on the earlier ones (per layer); if the squared residual of the unit direction is at
+            most this (the paper: 9e-4), the coefficients are folded into the earlier magnitudes
+            and the new direction is dropped. ``None`` disables it.
+        magnitude_init: initial magnitude of a new direction (and, with
+            ``reference_code_behaviour``, the value every magnitude is reset to at each
+            experience). ``None``: 0 in paper mode (each experience starts from the previous
+            model's function; the paper does not say), 0.8 with ``reference_code_behaviour``.
+        reference_code_behaviour: follow the public reference code instead of the paper: the new
+            pair is trained unnormalised (``m_t B_t A_t`` with ``B_t = 0`` at first), earlier
+            pairs are normalised by ``||B|| ||A||`` instead of ``||B A||``, and every magnitude is
+            re-initialised to 0.8 at each experience. The code also uses SGD where the paper
+            uses Adam: the optimizer is the caller's, pass ``torch.optim.SGD`` to match it.
+    """
+
+    rank: int = 10
+    alpha: float = 1.0
+    rank_schedule: dict[int, int] = field(default_factory=dict)
+    kd_threshold: float | None = None
+    magnitude_init: float | None = None
+    reference_code_behaviour: bool = False
+
+    @model_validator(mode="after")
+    def _check_sdlora(self) -> SDLoRAConfig:
+        for start, rank in self.rank_schedule.items():
+            if start < 0 or rank < 1:
+                raise ValueError(f"rank_schedule needs experience >= 0 and rank >= 1: "
+                                 f"{start}: {rank}")
+        if self.kd_threshold is not None and self.kd_threshold < 0:
+            raise ValueError(f"kd_threshold must be >= 0, got {self.kd_threshold}")
+        return self
+
+    def rank_at(self, experience: int) -> int:
+        """The rank of the direction learned at ``experience`` (0-based)."""
+        starts = [s for s in self.rank_schedule if s <= experience]
+        return self.rank_schedule[max(starts)] if starts else self.rank
+
+    @property
+    def initial_magnitude(self) -> float:
+        if self.magnitude_init is not None:
+            return self.magnitude_init
+        return REFERENCE_MAGNITUDE if self.reference_code_behaviour else 0.0
+
+
+class SDLoRAPlugin(IncLoRAPlugin):
+    """Before each experience: freeze the earlier directions, keep (paper) or reset (reference
+    code) their magnitudes trainable, add a new direction; after it: SD-LoRA-KD if enabled."""
+
+    config: SDLoRAConfig
+
+    def prepare(self, strategy, layers, experience):
+        reference = self.config.reference_code_behaviour
+        for branch in (b for layer in layers.values() for b in layer.branches):
+            branch.train_magnitude = True
+            if reference:
+                branch.normalise = "factors"
+                with torch.no_grad():
+                    branch.magnitude.fill_(self.config.initial_magnitude)
+        super().prepare(strategy, layers, experience)
+
+    def new_branch(self, strategy, layer_name, layer, experience):
+        rank = self.config.rank_at(experience)
+        gen = branch_generator(self.config.seed, layer_name, experience)
+        A = kaiming_uniform(rank, layer.in_features, gen)
+        if self.config.reference_code_behaviour:
+            B, normalise = torch.zeros(layer.n_out, rank), "none"
+        else:  # a zero B has no direction: start from a random one
+            B, normalise = kaiming_uniform(layer.n_out, rank, gen), "product"
+        return LoRABranch(A, B, scale=self.config.alpha, normalise=normalise,
+                          magnitude=self.config.initial_magnitude)
+
+    def finish(self, strategy, layers, experience):
+        if self.config.kd_threshold is None:
+            return
+        for layer in layers.values():
+            distil_new_direction(layer, self.config.kd_threshold)
+
+
+def _inner(a: LoRABranch, b: LoRABranch) -> torch.Tensor:
+    """``<B_a A_a, B_b A_b>_F`` without forming the products."""
+    return ((a.B.T @ b.B) * (a.A @ b.A.T)).sum()
+
+
+@torch.no_grad()
+def distil_new_direction(layer: BranchLoRALinear, threshold: float) -> bool:
+    """SD-LoRA-KD on one layer: fit the last branch's unit direction ``D_t`` on the earlier
+    ones' by least squares; if ``||D_t - sum_i c_i D_i||^2 <= threshold``, add its contribution
+    to the earlier magnitudes and drop it. Returns whether it was dropped."""
+    *old, new = layer.branches
+    if not old or any(b.magnitude is None for b in layer.branches):
+        return False
+    norms = torch.stack([_inner(b, b) for b in layer.branches]).double().sqrt()
+    if float(norms[-1]) == 0.0 or bool((norms[:-1] == 0).any()):
+        return False
+    gram = torch.stack([torch.stack([_inner(a, b) for b in old]) for a in old]).double()
+    gram = gram / torch.outer(norms[:-1], norms[:-1])
+    rhs = torch.stack([_inner(b, new) for b in old]).double() / (norms[:-1] * norms[-1])
+    coefs = torch.linalg.lstsq(gram.cpu(), rhs.cpu()[:, None], driver="gelsd").solution
+    coefs = coefs.flatten().to(rhs)
+    residual = float(1.0 - 2.0 * rhs @ coefs + coefs @ gram @ coefs)
+    if residual > threshold:
+        return False
+    # the new branch adds carried * D_t ~ sum_i carried * c_i D_i; branch i adds
+    # magnitude * per_unit * D_i, so its magnitude grows by carried * c_i / per_unit
+    carried = float(new.coefficient()) * norms[-1]
+    for i, branch in enumerate(old):
+        per_unit = float(branch.scale / branch.norm()) * norms[i]
+        branch.magnitude.add_((carried * coefs[i] / per_unit).to(branch.magnitude))
+    layer.remove_branch(len(old))
+    return True
+
+
+class SDLoRA(BranchLoRAStrategy):
+    """SD-LoRA (and its RR / KD variants through :class:`SDLoRAConfig`)."""
+
+    config_cls = SDLoRAConfig
+    plugin_cls = SDLoRAPlugin

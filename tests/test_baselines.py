@@ -1,0 +1,404 @@
+"""The baselines: each method's defining property, and every method end to end on both models."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+
+from cl_sulora import IncLoRA, InfLoRA, JointLoRA, OLoRA, SDLoRA, SeqLoRA
+from cl_sulora.branch_layer import BranchLoRALinear, LoRABranch, branch_lora_layers
+from cl_sulora.methods.avalanche_baselines import ReplayClassMask
+from cl_sulora.methods.base import MASK_VALUE
+from cl_sulora.methods.inflora import old_input_basis, store_input_basis
+from cl_sulora.methods.registry import METHODS
+from cl_sulora.methods.sdlora import SDLoRAConfig, distil_new_direction
+from cl_sulora.models import ContinualClassifier, make_head
+
+from .conftest import TinyBert, image_stream, text_stream, tiny_vit
+
+# small ranks so that everything fits the 32-wide tiny models
+SMALL = {"sulora": {"rank": 2, "num_slots": 3}, "sulora-nofusion": {"rank": 2, "num_slots": 3},
+         "replay": {"mem_size": 8}}
+BRANCH_METHODS = ("sdlora", "sdlora-rr", "sdlora-kd", "inflora", "olora", "seqlora", "inclora",
+                  "jointlora")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread and lose much when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Hook(SupervisedPlugin):
+    """Calls ``fn(strategy)`` at one Avalanche event."""
+
+    def __init__(self, event: str, fn) -> None:
+        super().__init__()
+        setattr(self, event, lambda strategy, **kwargs: fn(strategy))
+
+
+def build(name: str, model, plugins=(), epochs: int = 2, **overrides):
+    spec = METHODS[name]
+    config = None
+    if spec.config_cls is not None:
+        values = dict(spec.defaults)
+        if name in BRANCH_METHODS:
+            values |= {"rank": 2, "alpha": 1.0 if name.startswith("sdlora") else 2.0}
+        values |= SMALL.get(name, {}) | overrides
+        config = spec.config_cls(**values)
+    evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    return spec.strategy(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                         config=config, train_mb_size=8, train_epochs=epochs,
+                         evaluator=evaluator, plugins=list(plugins))
+
+
+def vit_classifier():
+    torch.manual_seed(0)
+    return ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+
+
+def first_layer(model) -> BranchLoRALinear:
+    return next(iter(branch_lora_layers(model).values()))
+
+
+def snapshot(model) -> list[list[dict[str, torch.Tensor]]]:
+    return [[{k: v.detach().clone() for k, v in b.named_parameters()} for b in layer.branches]
+            for layer in branch_lora_layers(model).values()]
+
+
+# ---------------------------------------------------------------------- the branch layer
+def random_layer(out_index=None) -> BranchLoRALinear:
+    torch.manual_seed(1)
+    layer = BranchLoRALinear(torch.nn.Linear(8, 12), out_index=out_index)
+    n_out = layer.n_out
+    layer.add_branch(LoRABranch(torch.randn(2, 8), torch.randn(n_out, 2), magnitude=0.7,
+                                normalise="product", train_A=False, train_B=False))
+    layer.add_branch(LoRABranch(torch.randn(3, 8), torch.randn(n_out, 3), magnitude=1.3,
+                                normalise="factors", train_A=False, train_B=False))
+    layer.add_branch(LoRABranch(torch.randn(2, 8), torch.randn(n_out, 2), scale=0.5))
+    return layer
+
+
+def by_hand(layer: BranchLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """``W0 x + sum_t c_t B_t A_t x`` from the formula, on the adapted output rows only."""
+    weight = layer.base.weight.detach().clone()
+    rows = layer.out_index if layer.out_index is not None else torch.arange(layer.out_features)
+    for b in layer.branches:
+        product = b.B @ b.A
+        norm = {"none": 1.0, "product": torch.linalg.matrix_norm(product),
+                "factors": b.B.norm() * b.A.norm()}[b.normalise]
+        magnitude = 1.0 if b.magnitude is None else b.magnitude
+        weight[rows] += (b.scale * magnitude * product / norm).detach()
+    return F.linear(x, weight, layer.base.bias)
+
+
+@pytest.mark.parametrize("out_index", [None, torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])])
+def test_branch_layer_forward_merge_unmerge(out_index):
+    layer = random_layer(out_index)
+    x = torch.randn(5, 4, 8)
+    original = layer.base.weight.detach().clone()
+    with torch.no_grad():
+        y = layer(x)
+        torch.testing.assert_close(y, by_hand(layer, x))
+        if out_index is not None:  # only the adapted rows move
+            torch.testing.assert_close(y[..., 4:8], layer.base(x)[..., 4:8])
+        layer.merge()
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
+        layer.unmerge()
+        assert torch.equal(layer.base.weight, original)
+        assert torch.equal(layer(x), y)
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.merge()
+        layer.add_branch(LoRABranch(torch.randn(1, 8), torch.randn(layer.n_out, 1)))
+
+
+def test_branch_layer_state_dict_round_trip_refreshes_the_caches():
+    layer, fresh = random_layer(), random_layer()
+    with torch.no_grad():
+        for branch in layer.branches:
+            branch.A.mul_(2.0)  # change the frozen tensors the caches were built from
+    layer.refresh()
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
+def test_branch_layer_trains_only_flagged_tensors():
+    layer = random_layer()
+    first, second, third = layer.branches
+    second.train_magnitude = False
+    expected = [first.magnitude, third.A, third.B]
+    assert [id(p) for p in layer.trainable_parameters()] == [id(p) for p in expected]
+    layer(torch.randn(3, 8)).sum().backward()
+    assert first.magnitude.grad is not None  # frozen direction, live magnitude
+    assert first.A.grad is None and second.B.grad is None and third.B.grad is not None
+    assert layer.live_adapter_params() == (2 * 8 + 12 * 2 + 1) + (3 * 8 + 12 * 3 + 1) + 2 * 20
+
+
+# ---------------------------------------------------------------------- SD-LoRA
+def test_sdlora_freezes_old_directions_trains_magnitudes_and_matches_formula():
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("sdlora", model)
+    strategy.train(bm.train_stream[0])
+    before = snapshot(model)
+    layers = branch_lora_layers(model).values()
+    magnitudes = [layer.branches[0].magnitude.item() for layer in layers]
+    strategy.train(bm.train_stream[1])
+    after = snapshot(model)
+    for old, new in zip(before, after, strict=True):
+        assert len(new) == 2
+        assert torch.equal(old[0]["A"], new[0]["A"]) and torch.equal(old[0]["B"], new[0]["B"])
+    new_magnitudes = [layer.branches[0].magnitude.item() for layer in layers]
+    assert all(a != b for a, b in zip(magnitudes, new_magnitudes, strict=True))
+    layer = first_layer(model)
+    assert [b.normalise for b in layer.branches] == ["product", "product"]
+    x = torch.randn(4, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), by_hand(layer, x))
+
+
+def test_sdlora_rr_uses_the_scheduled_ranks():
+    paper = SDLoRAConfig(**METHODS["sdlora-rr"].defaults)
+    assert [paper.rank_at(t) for t in range(10)] == [10, 10, 10, 8, 8, 8, 8, 6, 6, 6]
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("sdlora-rr", model, rank=3, rank_schedule={1: 2})
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    for layer in branch_lora_layers(model).values():
+        assert [b.rank for b in layer.branches] == [3, 2]
+
+
+def test_sdlora_kd_drops_a_combination_of_old_directions_and_keeps_a_new_one():
+    torch.manual_seed(0)
+    layer = BranchLoRALinear(torch.nn.Linear(16, 24))
+    old = [LoRABranch(torch.randn(2, 16), torch.randn(24, 2), magnitude=m, normalise="product",
+                      train_A=False, train_B=False) for m in (0.5, 1.5)]
+    for branch in old:
+        layer.add_branch(branch)
+    # a new pair whose product is exactly 0.3 D_1 - 2 D_2
+    unit = [b.B / torch.linalg.matrix_norm(b.B @ b.A) for b in old]
+    A = torch.cat([old[0].A, old[1].A])
+    B = torch.cat([0.3 * unit[0], -2.0 * unit[1]], dim=1)
+    layer.add_branch(LoRABranch(A, B, magnitude=0.8, normalise="product"))
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        y = layer(x)
+        assert distil_new_direction(layer, 9e-4)
+        assert len(layer.branches) == 2
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-4)  # function kept
+    layer.add_branch(LoRABranch(torch.randn(2, 16), torch.randn(24, 2), magnitude=0.8,
+                                normalise="product"))
+    assert not distil_new_direction(layer, 9e-4)
+    assert len(layer.branches) == 3
+
+
+def test_sdlora_reference_code_behaviour():
+    seen = {}
+
+    def record(strategy):
+        layer = first_layer(strategy.model)
+        seen[int(strategy.experience.current_experience)] = [
+            (b.normalise, float(b.magnitude), float(b.B.abs().sum())) for b in layer.branches]
+
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("sdlora", model, plugins=[Hook("before_training_exp", record)],
+                     reference_code_behaviour=True)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert seen[0] == [("none", pytest.approx(0.8), 0.0)]
+    (old_norm, old_mag, old_b), (new_norm, new_mag, new_b) = seen[1]
+    assert (old_norm, new_norm) == ("factors", "none")
+    assert old_mag == pytest.approx(0.8) and new_mag == pytest.approx(0.8)  # re-initialised
+    assert old_b > 0 and new_b == 0.0
+
+
+# ---------------------------------------------------------------------- InfLoRA
+def test_inflora_designs_a_frozen_down_projection_outside_the_old_subspace():
+    seen = {}
+
+    def record(strategy):
+        if strategy.experience.current_experience == 1:
+            for name, layer in branch_lora_layers(strategy.model).items():
+                new = layer.branches[-1]
+                seen[name] = (old_input_basis(layer).float(), new.A.detach().clone(),
+                              new.A.requires_grad, new.B.requires_grad)
+
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("inflora", model, plugins=[Hook("before_training_exp", record)])
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    for name, layer in branch_lora_layers(model).items():
+        basis, A, A_trains, B_trains = seen[name]
+        assert basis.shape[0] > 0
+        assert not A_trains and B_trains
+        assert torch.equal(layer.branches[-1].A, A)  # not trained
+        torch.testing.assert_close(A @ basis.T, torch.zeros(A.shape[0], basis.shape[0]),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(A @ A.T, torch.eye(A.shape[0]), atol=1e-5, rtol=0)
+    stored = sum(layer.input_basis.numel() for layer in branch_lora_layers(model).values())
+    assert strategy.adapter_report()["stored_state_params"] == stored > 0
+
+
+def test_inflora_dual_storage_keeps_the_smaller_side():
+    layer = BranchLoRALinear(torch.nn.Linear(10, 4))
+    basis = torch.linalg.qr(torch.randn(10, 7, dtype=torch.float64))[0].T  # 7 of 10 dims
+    store_input_basis(layer, basis)
+    assert bool(layer.basis_is_complement) and layer.input_basis.shape == (3, 10)
+    restored = old_input_basis(layer)
+    torch.testing.assert_close(restored.T @ restored, basis.T @ basis, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- O-LoRA
+def test_olora_penalty_equals_the_formula():
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("olora", model, lambda1=0.5, lambda2=0.1)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    expected = 0.0
+    for layer in branch_lora_layers(model).values():
+        old, new = layer.branches
+        assert old.frozen and not new.frozen
+        expected += 0.5 * float((old.A @ new.A.T).abs().sum())
+        expected += 0.1 * float(new.A.square().sum() + new.B.square().sum())
+    plugin = strategy.method_plugin
+    assert float(plugin.penalty(model)) == pytest.approx(expected, rel=1e-5)
+    fake = SimpleNamespace(model=model, loss=torch.tensor(2.0))
+    plugin.before_backward(fake)
+    assert float(fake.loss) == pytest.approx(2.0 + expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------- plain LoRA baselines
+def test_seqlora_changes_its_one_lora():
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("seqlora", model)
+    strategy.train(bm.train_stream[0])
+    before = snapshot(model)
+    strategy.train(bm.train_stream[1])
+    for old, new in zip(before, snapshot(model), strict=True):
+        assert len(new) == 1
+        assert not torch.equal(old[0]["A"], new[0]["A"])
+        assert not torch.equal(old[0]["B"], new[0]["B"])
+
+
+def test_inclora_adds_a_branch_and_freezes_the_old_one():
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("inclora", model)
+    strategy.train(bm.train_stream[0])
+    before = snapshot(model)
+    strategy.train(bm.train_stream[1])
+    for old, new in zip(before, snapshot(model), strict=True):
+        assert len(new) == 2
+        assert all(torch.equal(old[0][k], new[0][k]) for k in ("A", "B"))
+
+
+def test_jointlora_sees_all_data_in_one_experience():
+    seen = []
+    model = vit_classifier()
+    bm = image_stream()
+    record = Hook("before_training_exp", lambda s: seen.append(
+        (len(s.adapted_dataset), sorted(set(int(t) for t in s.adapted_dataset.targets)))))
+    strategy = build("jointlora", model, plugins=[record])
+    strategy.train(bm.train_stream)
+    total = sum(len(exp.dataset) for exp in bm.train_stream)
+    assert seen == [(total, [0, 1, 2, 3])]
+    assert model.head.classifier.out_features == 4
+    with pytest.raises(RuntimeError, match="once"):
+        strategy.train(bm.train_stream)
+
+
+# ---------------------------------------------------------------------- Avalanche baselines
+def test_replay_keeps_buffered_classes_unmasked():
+    allowed = []
+
+    def record(strategy):
+        mask = next(p for p in strategy.plugins if isinstance(p, ReplayClassMask))
+        allowed.append(mask._allowed.tolist())
+
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("replay", model, plugins=[Hook("after_training_iteration", record)])
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert allowed[0] == [0, 1] and allowed[-1] == [0, 1, 2, 3]
+    assert strategy.adapter_report()["stored_state_params"] == 8 * 3 * 8 * 8
+
+
+def test_lwf_distils_unmasked_logits():
+    penalties, masked_after = [], []
+
+    def distilled(strategy):
+        if strategy.experience.current_experience == 1:
+            assert not bool((strategy.mb_output[:, :2] == MASK_VALUE).any())
+            penalties.append(float(lwf.lwf(strategy.mb_x, strategy.mb_output, strategy.model)))
+
+    def after(strategy):
+        if strategy.experience.current_experience == 1:
+            masked_after.append(bool((strategy.mb_output[:, :2] == MASK_VALUE).all()))
+
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("lwf", model, plugins=[Hook("before_backward", distilled),
+                                            Hook("after_training_iteration", after)])
+    lwf = strategy.lwf
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert penalties and all(p > 0 for p in penalties)
+    assert masked_after and all(masked_after)  # the cross-entropy's view is the masked one
+
+
+# ---------------------------------------------------------------------- every method, end to end
+def test_registry_holds_every_method():
+    expected = {"sdlora", "sdlora-rr", "sdlora-kd", "inflora", "olora", "seqlora", "inclora",
+                "jointlora", "naive", "ewc", "lwf", "replay"}
+    assert expected <= set(METHODS)
+    exported = {"sdlora": SDLoRA, "inflora": InfLoRA, "olora": OLoRA, "seqlora": SeqLoRA,
+                "inclora": IncLoRA, "jointlora": JointLoRA}
+    assert all(METHODS[name].strategy is cls for name, cls in exported.items())
+    for spec in METHODS.values():
+        if spec.config_cls is not None:
+            spec.config_cls(**spec.defaults)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "bert"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_two_experiences(name, backbone):
+    torch.manual_seed(0)
+    if backbone == "vit":
+        body, stream = tiny_vit(), image_stream()
+    else:
+        body, stream = TinyBert(), text_stream()
+    model = ContinualClassifier(body, make_head("class-incremental", 32))
+    strategy = build(name, model, epochs=1)
+    if name == "jointlora":
+        strategy.train(stream.train_stream)
+    else:
+        for exp in stream.train_stream:
+            strategy.train(exp)
+    results = strategy.eval(stream.test_stream)
+    accuracy = results["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert 0.0 <= accuracy <= 1.0 and not math.isnan(accuracy)
+    assert model.head.classifier.out_features == 4
+    report = strategy.adapter_report()
+    assert set(report) == {"live_adapter_params", "stored_state_params"}
+    assert all(isinstance(v, int) and v >= 0 for v in report.values())
+    assert (report["live_adapter_params"] > 0) == (name in BRANCH_METHODS or "sulora" in name)
+    if name in ("ewc", "lwf", "replay", "inflora"):
+        assert report["stored_state_params"] > 0
