@@ -1,0 +1,69 @@
+"""Continual-learning metrics of an accuracy matrix.
+
+``R[i][j]`` is the accuracy on experience ``j``'s test set after training experience ``i``; the
+matrix is square (``T x T``) and every row covers the whole test stream. A joint run (one
+training on the whole stream) has a single row instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Matrix = Sequence[Sequence[float]]
+
+
+def _square(matrix: Matrix) -> np.ndarray:
+    r = np.asarray(matrix, dtype=float)
+    if r.ndim != 2 or r.shape[0] != r.shape[1] or r.shape[0] == 0:
+        raise ValueError(f"the accuracy matrix must be square and non-empty, got shape {r.shape}")
+    return r
+
+
+def a_last(matrix: Matrix) -> float:
+    """Mean accuracy over all experiences after the last one."""
+    return float(_square(matrix)[-1].mean())
+
+
+def a_avg(matrix: Matrix) -> float:
+    """Mean over ``i`` of the mean accuracy on experiences ``0..i`` after training ``i``."""
+    return float(np.mean(accuracy_curve(matrix)))
+
+
+def accuracy_curve(matrix: Matrix) -> list[float]:
+    """Mean accuracy on the experiences seen so far, after each experience."""
+    r = _square(matrix)
+    return [float(r[i, : i + 1].mean()) for i in range(len(r))]
+
+
+def forgetting(matrix: Matrix) -> float | None:
+    """Mean over ``j < T-1`` of ``max_{j <= i < T-1} R[i][j] - R[T-1][j]``; None when ``T == 1``."""
+    r = _square(matrix)
+    t = len(r)
+    if t == 1:
+        return None
+    return float(np.mean([r[j : t - 1, j].max() - r[t - 1, j] for j in range(t - 1)]))
+
+
+def bwt(matrix: Matrix) -> float | None:
+    """Backward transfer: mean over ``j < T-1`` of ``R[T-1][j] - R[j][j]``; None when ``T == 1``."""
+    r = _square(matrix)
+    t = len(r)
+    if t == 1:
+        return None
+    return float(np.mean([r[t - 1, j] - r[j, j] for j in range(t - 1)]))
+
+
+def summarize(matrix: Matrix) -> dict[str, float | None]:
+    """``A_last``, ``A_avg``, ``forgetting`` and ``bwt`` of the matrix; of a joint run's single
+    row only ``A_last`` (its mean) is defined."""
+    r = np.asarray(matrix, dtype=float)
+    if r.ndim == 2 and r.shape[0] == 1 and r.shape[1] > 1:
+        return {"A_last": float(r.mean()), "A_avg": None, "forgetting": None, "bwt": None}
+    return {
+        "A_last": a_last(matrix),
+        "A_avg": a_avg(matrix),
+        "forgetting": forgetting(matrix),
+        "bwt": bwt(matrix),
+    }

@@ -1,0 +1,125 @@
+"""Small training plugins of the runner: learning-rate schedule, autocast and progress bars."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from tqdm.auto import tqdm
+
+Schedule = Literal["constant", "cosine"]
+
+
+class LRSchedule(SupervisedPlugin):
+    """Sets the learning rate of ``strategy.optimizer`` before every training iteration:
+    ``constant``, or ``cosine`` from ``lr`` towards 0 over each experience's iterations.
+
+    Setting it every iteration keeps it right when a strategy rebuilds its optimizer."""
+
+    def __init__(self, lr: float, schedule: Schedule = "constant") -> None:
+        super().__init__()
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.lr = lr
+        self.schedule = schedule
+        self.total = 1
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.total = max(1, strategy.train_epochs * len(strategy.dataloader))
+        self.step = 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        lr = self.lr_at(self.step)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        self.step += 1
+
+
+class Autocast(SupervisedPlugin):
+    """Runs the forward passes (training and evaluation) under ``torch.autocast``; the logits
+    are cast back to float32 for the loss and the metrics."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.dtype = dtype
+        self._context: torch.autocast | None = None
+
+    def _enter(self) -> None:
+        self._context = torch.autocast(self.device_type, dtype=self.dtype)
+        self._context.__enter__()
+
+    def _exit(self, strategy) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+        strategy.mb_output = strategy.mb_output.float()
+
+    def before_forward(self, strategy, **kwargs):
+        self._enter()
+
+    def after_forward(self, strategy, **kwargs):
+        self._exit(strategy)
+
+    def before_eval_forward(self, strategy, **kwargs):
+        self._enter()
+
+    def after_eval_forward(self, strategy, **kwargs):
+        self._exit(strategy)
+
+
+class Progress(SupervisedPlugin):
+    """tqdm bars: training iterations of each experience (with the loss), and evaluation
+    iterations over the evaluated stream; both vanish when done."""
+
+    def __init__(self, num_experiences: int, label: str = "") -> None:
+        super().__init__()
+        self.num_experiences = num_experiences
+        self.label = label
+        self._bar: tqdm | None = None
+
+    def _open(self, total: int, desc: str) -> None:
+        self._close()
+        self._bar = tqdm(
+            total=total, desc=f"{self.label}{desc}", unit="it", leave=False, dynamic_ncols=True
+        )
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        index = int(strategy.experience.current_experience)
+        self._open(
+            strategy.train_epochs * len(strategy.dataloader),
+            f"train {index + 1}/{self.num_experiences}",
+        )
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
+            self._bar.update()
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._close()
+
+    def before_eval(self, strategy, **kwargs):
+        size = strategy.eval_mb_size
+        total = sum(math.ceil(len(exp.dataset) / size) for exp in strategy.current_eval_stream)
+        self._open(total, "eval")
+
+    def after_eval_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.update()
+
+    def after_eval(self, strategy, **kwargs):
+        self._close()
