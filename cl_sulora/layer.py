@@ -57,13 +57,15 @@ class SubspaceLoRALinear(nn.Module):
         n_out = d_out if out_index is None else out_index.numel()
         self.register_buffer("lora_A", torch.zeros(total, d_in, **factory))
         self.register_buffer("lora_B", torch.zeros(n_out, total, **factory))
-        self.register_buffer("row_owner", torch.full((total,), FREE, dtype=torch.long))
-        self.register_buffer("row_importance", torch.zeros(total, dtype=torch.float32))
-        self.register_buffer("num_fused", torch.zeros((), dtype=torch.long))
-        self.register_buffer("train_rows", torch.zeros(0, dtype=torch.long))
+        device = base.weight.device
+        self.register_buffer("row_owner", torch.full((total,), FREE, dtype=torch.long,
+                                                     device=device))
+        self.register_buffer("row_importance", torch.zeros(total, device=device))
+        self.register_buffer("num_fused", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("train_rows", torch.zeros(0, dtype=torch.long, device=device))
         # AdaLoRA-style importance state of the training slot's B (n_out x rank)
-        self.register_buffer("importance_ema", torch.zeros(n_out, rank, dtype=torch.float32))
-        self.register_buffer("importance_unc", torch.zeros(n_out, rank, dtype=torch.float32))
+        self.register_buffer("importance_ema", torch.zeros(n_out, rank, device=device))
+        self.register_buffer("importance_unc", torch.zeros(n_out, rank, device=device))
         # input subspace of earlier experiences, kept by the ``data`` allocator (rows)
         self.register_buffer("input_basis", torch.zeros(0, d_in, **factory))
         self.lora_B_train: nn.Parameter | None = None

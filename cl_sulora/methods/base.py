@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -20,7 +21,9 @@ def rebuild_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: nothing to optimize")
-    return type(optimizer)(params, **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer)).parameters
+    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(params, **defaults)
 
 
 def freeze_except(
