@@ -1,0 +1,361 @@
+"""Write ``benchmarks/PERFORMANCE.md`` and its figures from a suite run:
+``python -m benchmarks.perf.report DIR [--output PATH] [--plots DIR]``.
+
+Every number in the report is read from the run's JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .plots import LABELS, MIB, memory_plot, step_time_plot
+from .results import ROOT, SUMMARY, read_groups
+from .summary import boundary_fractions, build_summary, eval_ms, train_ms
+
+Groups = dict[str, dict[str, Any]]
+GIB = 2**30
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "PERFORMANCE.md"
+DEFAULT_PLOTS = ROOT / "benchmarks" / "perf" / "plots"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _tflop(flops: float) -> str:
+    return f"{flops / 1e12:.4g}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.3f}x"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.1%}" if whole else "n/a"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+def _records(groups: Groups, group: str) -> list[dict[str, Any]]:
+    return groups[group]["results"]["records"] if group in groups else []
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
+def _continual(records: list[dict[str, Any]]) -> list[str]:
+    """Methods measured per experience, in the order measured."""
+    return list(dict.fromkeys(r["method"] for r in records if r["experience"] is not None))
+
+
+def _experiences(records: list[dict[str, Any]]) -> list[int]:
+    return sorted({r["experience"] for r in records if r["experience"] is not None})
+
+
+def _pick(records: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    return next((r for r in records if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _meta(groups: Groups) -> dict[str, Any]:
+    return next(iter(groups.values()))
+
+
+# ------------------------------------------------------------------------------ header, targets
+def header(by_backbone: dict[str, Groups]) -> list[str]:
+    lines = ["# Performance", "",
+             "Measured by `python -m benchmarks.perf.suite` and written by "
+             "`python -m benchmarks.perf.report`: every number below is read from the run's "
+             "JSON files.", ""]
+    rows, tiny = [], False
+    for key, groups in by_backbone.items():
+        meta = _meta(groups)
+        suite, spec = meta["settings"]["suite"], meta["settings"]["backbone"]
+        tiny = tiny or suite["tiny"]
+        rows.append([key, f"`{spec['timm_name']}` {spec['kwargs']}", meta["device"],
+                     meta["torch"], f"`{meta['commit']}`", meta["created"],
+                     str(spec["batch_size"]), suite["precision"],
+                     f"median of {suite['iters']} calls after {suite['warmup']}"])
+    lines += _table(["Backbone", "Model (random weights)", "Device", "torch", "Commit",
+                     "Measured", "Batch", "Autocast", "Timing"], rows)
+    suite = _meta(next(iter(by_backbone.values())))["settings"]["suite"]
+    lines += [f"Every method has rank {suite['rank']} per experience on q and v of every "
+              f"block's fused qkv (PEFT's LoRA: rank {suite['rank']} on the whole qkv); SuLoRA "
+              f"has {suite['num_slots']} slots and fuses when full. Each method trains with "
+              "AdamW over exactly its trainable parameters at that experience plus a linear "
+              f"head of {suite['num_classes']} classes. Experience k is the state after k - 1 "
+              "finished experiences with the k-th in training, built through the methods' "
+              "plugins with random values in place of training (InfLoRA: random orthonormal "
+              "A in place of its data-designed one).", ""]
+    if tiny:
+        lines += ["**Tiny CPU check run (`--tiny`): tiny ViTs, few iterations. These numbers "
+                  "check the suite; they do not measure the targets.**", ""]
+    return lines
+
+
+def targets(summary: dict[str, dict[str, Any]], backbones: list[str]) -> list[str]:
+    rows = []
+    for key, entry in summary.items():
+        by = entry.get("by_backbone", {})
+        verdict = {True: "pass", False: "**fail**", None: "n/a"}[entry["pass"]]
+        rows.append([f"`{key}`", _num(entry["value"], 4), _num(entry["target"]), verdict,
+                     *[_num(by.get(b), 4) for b in backbones], entry.get("note", "")])
+    return ["## Targets", "",
+            "Value: the worst (largest) over the measured backbones; all targets are upper "
+            "bounds.", "",
+            *_table(["Key", "Value", "Target", "Result", *backbones, "What"], rows)]
+
+
+# -------------------------------------------------------------------------------------- training
+def training(key: str, groups: Groups, plot: Path | None, output_dir: Path) -> list[str]:
+    floor = groups["floor"]["results"]
+    train = _records(groups, "train_step")
+    ref = groups["floor"]["settings"]["suite"]["reference_experience"]
+    matmul = floor["matmul"]
+    flops = floor["flops"]
+    lines = ["### Training step", "",
+             f"Floor: {_tflop(flops['forward_backward_frozen'])} TFLOP per step (the "
+             "backbone's forward and backward with frozen weights, i.e. activation gradients "
+             f"only; {_tflop(flops['forward_backward_full'])} TFLOP with weight gradients) "
+             f"at the measured bf16 matmul rate of {matmul['tflops']:.4g} TFLOP/s "
+             f"({matmul['size']}-cubed matmul) = **{floor['floor_ms']:.2f} ms** "
+             f"({floor['floor_full_ms']:.2f} ms with weight gradients).", ""]
+    peft = train_ms(groups, "peft_lora", None)
+    rows = []
+    for method, name in (("backbone", "bare backbone (frozen, backward to the input)"),
+                         ("peft_lora", "PEFT LoRA (whole qkv)")):
+        record = _pick(train, method=method, compiled=False)
+        if record:
+            rows.append([name, _num(record["median_ms"]),
+                         _ratio(record["median_ms"], floor["floor_ms"]),
+                         f"{record['trainable_params']:,}", _tflop(record["flops"])])
+    lines += _table(["Reference", "ms", "/ floor", "trainable params", "TFLOP"], rows)
+    experiences = _experiences(train)
+    rows = []
+    for method in _continual(train):
+        times = [train_ms(groups, method, e) for e in experiences]
+        at_ref = train_ms(groups, method, ref)
+        record = _pick(train, method=method, experience=ref, compiled=False) or {}
+        rows.append([_label(method), *[_num(t) for t in times], _ratio(at_ref, peft),
+                     _ratio(at_ref, floor["floor_ms"]),
+                     f"{record.get('trainable_params', 0):,}",
+                     _tflop(record.get("flops", 0))])
+    lines += _table(["Method (ms at experience)", *[str(e) for e in experiences],
+                     f"{ref} / PEFT", f"{ref} / floor", f"trainable params at {ref}",
+                     f"TFLOP at {ref}"], rows)
+    lines += [groups["train_step"]["results"]["note"], ""]
+    lines += compiled(groups)
+    if plot:
+        lines += [f"![Training step time against experience, {key}]"
+                  f"({os.path.relpath(plot, output_dir)})", ""]
+    return lines
+
+
+def compiled(groups: Groups) -> list[str]:
+    """Eager against ``torch.compile``d backbones, where the run measured both."""
+    rows = []
+    for group, field in (("train_step", None), ("inference", "mode")):
+        for record in _records(groups, group):
+            if not record["compiled"]:
+                continue
+            match = {k: record[k] for k in ("method", "experience", field) if k}
+            eager = _pick(_records(groups, group), compiled=False, **match)
+            dynamo = record["dynamo"]
+            rows.append([_label(record["method"]), str(record["experience"] or "-"),
+                         "train" if field is None else f"inference, {record['mode']}",
+                         _num(eager and eager["median_ms"]), _num(record["median_ms"]),
+                         _ratio(record["median_ms"], eager and eager["median_ms"]),
+                         f"{dynamo['graphs']} / {dynamo['graph_breaks']}"])
+    if not rows:
+        return []
+    return ["`torch.compile` of the backbone (compilation happens in the warm-up calls; graphs "
+            "compiled beyond a few mean recompilation in the timed calls):", "",
+            *_table(["Method", "Experience", "Call", "eager ms", "compiled ms",
+                     "compiled / eager", "graphs / graph breaks"], rows)]
+
+
+# ------------------------------------------------------------------------------------- inference
+def inference(groups: Groups) -> list[str]:
+    records = [r for r in _records(groups, "inference") if not r["compiled"]]
+    bare = eval_ms(groups, "backbone", None, "bare")
+    rows = [["bare backbone", "-", _num(bare), "-", "1.000x", "-", "0"]]
+    peft_rows = [("peft_lora", None)]
+    continual = [(m, e) for m in _continual(records) for e in _experiences(records)]
+    for method, experience in peft_rows + continual:
+        unmerged = eval_ms(groups, method, experience, "unmerged")
+        merged = eval_ms(groups, method, experience, "merged")
+        record = _pick(records, method=method, experience=experience) or {}
+        rows.append([_label(method), str(experience or "-"), _num(unmerged), _num(merged),
+                     _ratio(unmerged, bare), _ratio(merged, bare),
+                     f"{record.get('live_adapter_values', 0):,}"])
+    return ["### Inference forward", "",
+            "After experience k has finished (SuLoRA: min(k, slots) live slots).", "",
+            *_table(["Method", "After experience", "unmerged ms", "merged ms",
+                     "unmerged / backbone", "merged / backbone", "live adapter values"],
+                    rows)]
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _total(record: dict[str, Any]) -> int:
+    """Adapter tensors plus their optimizer state."""
+    return record["adapter_bytes"] + record["optimizer_state_bytes"]
+
+
+def memory(key: str, groups: Groups, plot: Path | None, output_dir: Path) -> list[str]:
+    records = _records(groups, "memory")
+    rows = []
+    for record in records:
+        if record["method"] == "backbone":
+            continue
+        total = _total(record)
+        peak = record["peak_gpu_bytes"]
+        rows.append([_label(record["method"]), str(record["experience"] or "-"),
+                     _num(record["adapter_bytes"] / MIB, 3),
+                     _num(record["optimizer_state_bytes"] / MIB, 3), _num(total / MIB, 3),
+                     f"{record['live_adapter_values']:,}", f"{record['trainable_params']:,}",
+                     _num(peak and peak / GIB)])
+    lines = ["### Adapter memory", "",
+             "While training experience k: the adapter layers' parameters and buffers (their "
+             "wrapped weights excluded; SuLoRA preallocates all its slots) and the optimizer "
+             "state of the adapter parameters; peak GPU memory of the training steps.", "",
+             *_table(["Method", "Experience", "adapter MiB", "optimizer state MiB", "total MiB",
+                      "live adapter values", "trainable params", "peak GPU GiB"], rows)]
+    ref = groups["memory"]["settings"]["suite"]["reference_experience"]
+    last = max(_experiences(records), default=ref)
+    ratios = []
+    for method in _continual(records):
+        at_last = _pick(records, method=method, experience=last)
+        at_ref = _pick(records, method=method, experience=ref)
+        if at_last and at_ref:
+            ratios.append(f"{_label(method)} {_ratio(_total(at_last), _total(at_ref))}")
+    lines += [f"Total at experience {last} / at {ref}: " + ", ".join(ratios) + ".", ""]
+    if plot:
+        lines += [f"![Adapter memory against experience, {key}]"
+                  f"({os.path.relpath(plot, output_dir)})", ""]
+    return lines
+
+
+# -------------------------------------------------------------------------------------- boundary
+def boundary(groups: Groups) -> list[str]:
+    if "boundary" not in groups:
+        return []
+    results = groups["boundary"]["results"]
+    fractions = boundary_fractions(groups)
+    rows = []
+    for allocator, fraction in fractions.items():
+        mine = [r for r in results["records"] if r["allocator"] == allocator]
+        fusing = [r for r in mine if r["fused_pairs"] > 0]
+
+        def median(records: list[dict[str, Any]], field: str) -> float | None:
+            return statistics.median(r[field] for r in records) if records else None
+
+        rows.append([allocator, str(len(mine)), str(len(fusing)),
+                     _num(median(mine, "total_ms")), _num(median(fusing, "total_ms")),
+                     _num(median(fusing, "end_ms")), _num(median(fusing, "start_ms")),
+                     f"{fraction:.2%}"])
+    return ["### Experience boundary (SuLoRA)", "",
+            "The plugin's work between two experiences: `after_training_exp` (end the slot; "
+            "`data`: input covariances of the finished experience) then `before_training_exp` "
+            "(fuse when full, allocate, freeze, rebuild the optimizer; `data`: input "
+            "covariances of the new experience). An experience's training time: "
+            f"{results['steps_per_experience']} steps x {results['step_ms']:.2f} ms "
+            f"({results['step_source']}) = {results['experience_train_ms'] / 1e3:.2f} s.", "",
+            *_table(["Allocator", "boundaries", "fusing", "median ms (all)",
+                     "median ms (fusing)", "end ms (fusing)", "start ms (fusing)",
+                     "fusing / experience"], rows)]
+
+
+# --------------------------------------------------------------------------------------- profile
+def profile(groups: Groups) -> list[str]:
+    prof = groups.get("profile", {}).get("results") or {}
+    if not prof:
+        return []
+    step = train_ms(groups, prof["method"], prof["experience"])
+    floor = groups["floor"]["results"]
+    clock = prof["clock"]
+    busy = prof["busy_ms_per_step"]
+    record = _pick(_records(groups, "train_step"), method=prof["method"],
+                   experience=prof["experience"], compiled=False) or {}
+    matmul_ms = prof["categories"].get("matmul")
+    lines = [f"### Where the step time goes ({_label(prof['method'])}, experience "
+             f"{prof['experience']}, PyTorch profiler over {prof['steps']} steps)", "",
+             f"Step {_num(step)} ms against a floor of {_num(floor['floor_ms'])} ms "
+             f"({_ratio(step, floor['floor_ms'])}). The operators keep the {clock} busy "
+             f"{_num(busy)} ms per step; the remaining {_num(step and step - busy)} ms the "
+             f"{clock} waits (kernel launches, Python and host work between kernels)."]
+    if matmul_ms and record.get("flops"):
+        rate = record["flops"] / (matmul_ms * 1e-3) / 1e12
+        lines[-1] += (f" Matmul-class operators take {_num(matmul_ms)} ms for the step's "
+                      f"{_tflop(record['flops'])} TFLOP counted: {rate:.4g} TFLOP/s against "
+                      f"the {floor['matmul']['tflops']:.4g} TFLOP/s of the large matmul; the "
+                      f"other {_num(busy - matmul_ms)} ms go to the operators below.")
+    lines.append("")
+    rows = [[cat, _num(ms, 3), _share(ms, busy)] for cat, ms in prof["categories"].items()]
+    lines += _table(["Category", f"{clock} ms per step", "share of busy"], rows)
+    rows = [[f"`{op['name']}`", op["category"], _num(op["calls_per_step"], 1),
+             _num(op["ms_per_step"], 3), _share(op["ms_per_step"], busy)]
+            for op in prof["top_ops"]]
+    return lines + _table(["Top operator", "category", "calls per step", f"{clock} ms per step",
+                           "share"], rows)
+
+
+# ---------------------------------------------------------------------------------------- report
+def backbone_section(key: str, groups: Groups, plots: Path, output_dir: Path) -> list[str]:
+    spec = _meta(groups)["settings"]["backbone"]
+    step_plot = mem_plot = None
+    if "train_step" in groups and "floor" in groups:
+        step_plot = step_time_plot(_records(groups, "train_step"),
+                                   groups["floor"]["results"]["floor_ms"],
+                                   f"{key}: training step", plots / f"step_time_{key}.png")
+    if "memory" in groups:
+        mem_plot = memory_plot(groups["memory"]["results"]["curve"],
+                               _records(groups, "memory"), f"{key}: adapter memory",
+                               plots / f"adapter_memory_{key}.png")
+    lines = [f"## {key}: `{spec['timm_name']}` {spec['kwargs']}, batch {spec['batch_size']}",
+             ""]
+    if "train_step" in groups and "floor" in groups:
+        lines += training(key, groups, step_plot, output_dir)
+    if "inference" in groups:
+        lines += inference(groups)
+    if "memory" in groups:
+        lines += memory(key, groups, mem_plot, output_dir)
+    return lines + boundary(groups) + profile(groups)
+
+
+def render(directory: Path, output: Path, plots: Path) -> str:
+    by_backbone = read_groups(directory)
+    if not by_backbone:
+        raise SystemExit(f"no measurement files in {directory}")
+    summary_path = directory / SUMMARY
+    summary = (json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists()
+               else build_summary(directory))
+    lines = header(by_backbone) + targets(summary, list(by_backbone))
+    for key, groups in by_backbone.items():
+        lines += backbone_section(key, groups, plots, output.parent)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf.report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path, help="the suite's --out directory")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--plots", type=Path, default=DEFAULT_PLOTS,
+                        help="directory of the PNG figures")
+    args = parser.parse_args(argv)
+    text = render(args.directory, args.output, args.plots)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

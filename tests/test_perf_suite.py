@@ -1,0 +1,111 @@
+"""The performance suite in tiny CPU mode: every group file and ``summary.json`` follow the
+schema the report and the lead's tooling read, and the report renders from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.perf import report, suite
+from benchmarks.perf.results import GROUPS, read_groups
+from benchmarks.perf.summary import build_summary
+
+BACKBONES = ("vit-s4", "vit-b16")
+SUMMARY_KEYS = {
+    "train_step_vs_peft_lora_exp10", "train_step_vs_sdlora_exp10",
+    "merged_inference_vs_backbone", "unmerged_inference_vs_backbone_10_slots",
+    "adapter_memory_100_vs_10_experiences", "boundary_time_fraction",
+    "ddp_2gpu_speedup", "ddp_2gpu_a_last_delta",
+}
+DDP_KEYS = {"ddp_2gpu_speedup", "ddp_2gpu_a_last_delta"}
+ENTRY_KEYS = {"value", "device", "commit", "target", "pass"}
+METHODS = {"backbone", "peft_lora", "sulora", "sdlora", "inflora", "olora"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("perf")
+    threads = torch.get_num_threads()  # tiny mode runs on one thread
+    try:
+        for backbone in BACKBONES:
+            suite.main(["--out", str(out), "--tiny", "--backbones", backbone, "--iters", "2",
+                        "--warmup", "0", "--commit", "abc123"])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_group_files(run_dir):
+    groups = read_groups(run_dir)
+    assert list(groups) == list(BACKBONES)
+    for backbone, by_group in groups.items():
+        assert set(by_group) == set(GROUPS)
+        for payload in by_group.values():
+            assert payload["backbone"] == backbone
+            assert payload["device"].startswith("cpu") and payload["torch"] == torch.__version__
+            assert isinstance(payload["commit"], str) and payload["commit"]
+            assert payload["settings"]["suite"]["tiny"] is True
+            assert set(payload["settings"]["methods"]) == METHODS - {"backbone"}
+        train = by_group["train_step"]["results"]["records"]
+        assert {r["method"] for r in train} == METHODS
+        for record in train:
+            assert len(record["times_ms"]) == 2 and record["median_ms"] > 0
+            assert record["flops"] > 0 and record["trainable_params"] > 0
+        checkpoints = {r["experience"] for r in train if r["method"] == "sulora"}
+        assert checkpoints == {1, 10, 50, 100}
+        modes = {(r["method"], r["mode"]) for r in by_group["inference"]["results"]["records"]}
+        assert ("backbone", "bare") in modes and ("sulora", "merged") in modes
+        memory = by_group["memory"]["results"]
+        sdlora = [r["adapter_bytes"] for r in memory["curve"] if r["method"] == "sdlora"]
+        assert len(sdlora) == 100 and sdlora[-1] > 5 * sdlora[9]  # one branch per experience
+        boundary = by_group["boundary"]["results"]
+        assert {r["allocator"] for r in boundary["records"]} == {"orthogonal", "principal",
+                                                                  "data"}
+        assert any(r["fused_pairs"] > 0 for r in boundary["records"])
+        assert boundary["experience_train_ms"] > 0
+        floor = by_group["floor"]["results"]
+        assert floor["floor_ms"] > 0 and floor["matmul"]["tflops"] > 0
+        assert by_group["profile"]["results"]["top_ops"]
+
+
+def test_summary(run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    for key, entry in summary.items():
+        assert ENTRY_KEYS <= set(entry)
+        if key in DDP_KEYS:
+            assert entry["value"] is None and entry["note"] == "measured by the DDP run"
+            continue
+        assert isinstance(entry["value"], float) and isinstance(entry["pass"], bool)
+        assert entry["pass"] == (entry["value"] <= entry["target"])
+        assert set(entry["by_backbone"]) == set(BACKBONES)
+        assert entry["value"] == max(entry["by_backbone"].values())
+    assert summary["adapter_memory_100_vs_10_experiences"]["value"] <= 1.0  # fusion
+
+
+def test_ddp_entries_are_taken_from_the_ddp_run(run_dir, tmp_path):
+    ddp = {"ddp_2gpu_speedup": {"value": 1.9, "device": "2x H100", "commit": "abc123",
+                                "target": 1.8, "pass": True}}
+    path = tmp_path / "ddp.json"
+    path.write_text(json.dumps(ddp))
+    summary = build_summary(run_dir, path)
+    assert summary["ddp_2gpu_speedup"] == ddp["ddp_2gpu_speedup"]
+    assert summary["ddp_2gpu_a_last_delta"]["value"] is None
+
+
+def test_report(run_dir, tmp_path):
+    output = tmp_path / "PERFORMANCE.md"
+    report.main([str(run_dir), "--output", str(output), "--plots", str(tmp_path / "plots")])
+    text = output.read_text()
+    meta = read_groups(run_dir)["vit-s4"]["floor"]
+    assert "Tiny CPU check run" in text
+    assert meta["commit"] in text and meta["device"] in text
+    for backbone in BACKBONES:
+        assert f"## {backbone}" in text
+        for name in (f"step_time_{backbone}.png", f"adapter_memory_{backbone}.png"):
+            assert (tmp_path / "plots" / name).stat().st_size > 0
+            assert f"(plots/{name})" in text
+    assert "PEFT's LoRA adapts the whole fused qkv" in text
