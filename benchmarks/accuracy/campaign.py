@@ -1,0 +1,71 @@
+"""Run an accuracy campaign: many ``cl-sulora run`` processes side by side on one GPU.
+
+Each (benchmark, strategy, seed) is one process writing its result JSON and log into ``--out``;
+``--parallel`` processes share the device. Extra arguments after ``--`` go to every run.
+
+    python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
+        --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+
+def jobs(benchmarks: list[str], strategies: list[str], seeds: list[int]):
+    for benchmark in benchmarks:
+        for seed in seeds:
+            for strategy in strategies:
+                yield benchmark, strategy, seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", required=True)
+    parser.add_argument("--strategies", required=True)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
+                      [int(s) for s in args.seeds.split(",")]))
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    failed = []
+    start = time.time()
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            benchmark, strategy, seed = todo.popleft()
+            name = f"{benchmark}__{strategy}__seed{seed}"
+            log = open(args.out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+            cmd = [sys.executable, "-m", "cl_sulora.cli", "run", "--benchmark", benchmark,
+                   "--strategy", strategy, "--seed", str(seed), "--out", str(args.out), *extra]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name,
+                            time.time()))
+        time.sleep(2)
+        for entry in list(running):
+            proc, name, began = entry
+            if proc.poll() is None:
+                continue
+            running.remove(entry)
+            status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
+            if proc.returncode:
+                failed.append(name)
+            print(f"[{time.time() - start:7.1f}s] {name}: {status} in {time.time() - began:.0f}s",
+                  flush=True)
+    print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
