@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from avalanche.models import IncrementalClassifier, MultiHeadClassifier, MultiTaskModule
 from torch import Tensor, nn
 
@@ -48,7 +49,9 @@ class ContinualClassifier(MultiTaskModule):
         if isinstance(self.head, MultiTaskModule):
             if task_labels is None:
                 raise ValueError("a multi-head model needs task labels")
-            return self.head(features, task_labels)
+            # Avalanche gathers the heads' outputs into an fp32 tensor: keep them fp32
+            with torch.autocast(features.device.type, enabled=False):
+                return self.head(features.float(), task_labels)
         return self.head(features)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
