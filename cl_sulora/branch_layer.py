@@ -283,6 +283,14 @@ class BranchLoRALinear(nn.Module):
         A, coef, B = self._stacked()
         return out + F.linear(F.linear(x, A) * coef, B)
 
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept ``input_basis`` at its saved size (it grows with the experiences)."""
+        saved = state_dict.get(prefix + "input_basis")
+        if saved is not None:
+            self.input_basis = self.input_basis.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ------------------------------------------------------------------ internals
     def _stacked(self) -> tuple[Tensor, Tensor, Tensor]:
         """All branches as ``A`` (``R x d_in``), per-row coefficients (``R``) and embedded ``B``

@@ -68,6 +68,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def clock_state(strategy) -> dict[str, int]:
+    """The counters of Avalanche's clock (EWC, for one, reads ``train_exp_counter``)."""
+    return {k: v for k, v in vars(strategy.clock).items() if type(v) is int}
+
+
 def stateful_plugins(strategy) -> dict[str, object]:
     """Plugins that carry state across experiences (they define ``state_dict``)."""
     plugins = {}
@@ -86,6 +91,7 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
         "position": position,
         "plugins": {k: p.state_dict() for k, p in stateful_plugins(strategy).items()},
         "optimizer": strategy.optimizer.state_dict(),
+        "clock": clock_state(strategy),
         "rng": rng_state(),
         "extra": extra,
     }
@@ -171,16 +177,22 @@ def latest_checkpoint(directory: str | Path, *, fallback: bool = False) -> Check
     return None
 
 
-def restore(strategy, checkpoint: Checkpoint, train_experiences) -> None:
+def restore(strategy, checkpoint: Checkpoint, train_experiences, eval_experiences=()) -> None:
     """Bring a freshly built ``strategy`` to the state saved in ``checkpoint``.
 
-    The head grows through the finished experiences as it did in training, plugins rebuild their
-    structure from their saved state, then every tensor of the model is loaded exactly.
+    The head grows through the finished experiences as it did in training (then through
+    ``eval_experiences``, the stream evaluated after them, whose adaptation may grow it too),
+    plugins rebuild their structure from their saved state, then every tensor of the model is
+    loaded exactly.
     """
     model = strategy.model
     model.train()
     for experience in list(train_experiences)[: checkpoint.position + 1]:
         avalanche_model_adaptation(model, experience)
+    model.eval()
+    for experience in eval_experiences:
+        avalanche_model_adaptation(model, experience)
+    model.train()
     model.to(strategy.device)
     plugins = stateful_plugins(strategy)
     saved = checkpoint.state["plugins"]
@@ -195,4 +207,6 @@ def restore(strategy, checkpoint: Checkpoint, train_experiences) -> None:
     model.to(strategy.device)
     if not isinstance(strategy, AdapterTemplate):  # adapter strategies rebuild it per experience
         strategy.optimizer.load_state_dict(checkpoint.state["optimizer"])
+    for key, value in checkpoint.state.get("clock", {}).items():
+        setattr(strategy.clock, key, value)
     set_rng_state(checkpoint.state["rng"])

@@ -17,7 +17,9 @@ from transformers.utils import logging as hf_logging
 
 from .backbones import BackboneError
 from .benchmarks import BENCHMARKS
+from .checkpoint import CheckpointError
 from .experiment import (
+    Checkpointing,
     RunConfig,
     benchmark_label,
     modality,
@@ -25,6 +27,7 @@ from .experiment import (
     resolve_config,
     run,
 )
+from .methods.base import NonFiniteLossError
 from .methods.registry import METHODS
 from .methods.sulora import CapacityError
 from .presets import ConfigError, available_presets, load_preset
@@ -94,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--benchmark", help="benchmark name (see `cl-sulora list`)")
     run.add_argument("--strategy", help="preset name (strategies/<name>.yaml) or preset file")
     run.add_argument("--seed", type=int, help="run seed (default 0)")
+    run.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="write a checkpoint there after every experience (the two newest are kept); "
+        "see docs/checkpointing.md",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir (same config required); "
+        "a damaged newest checkpoint stops the run",
+    )
+    run.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="like --resume, but if the newest checkpoint is damaged use the previous intact one",
+    )
     compare = commands.add_parser("compare", help="run strategies side by side over seeds")
     compare.add_argument("--benchmark", required=True, help="benchmark name")
     compare.add_argument(
@@ -204,8 +224,16 @@ def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
     if args.seed is not None:
         overrides["seed"] = args.seed
     config = resolve_config(args.benchmark, args.strategy, overrides)
+    resume = args.resume or args.resume_fallback
+    if resume and args.checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir (the folder of the interrupted run)")
+    checkpointing = None
+    if args.checkpoint_dir is not None:
+        checkpointing = Checkpointing(args.checkpoint_dir, resume, args.resume_fallback)
     _warn_random_init(config)
-    result = run(config, command=command, progress=True, echo=tqdm.write)
+    result = run(
+        config, command=command, progress=True, echo=tqdm.write, checkpointing=checkpointing
+    )
     print(f"{result.path}: {_summary(result.record)}")
 
 
@@ -275,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, BackboneError, CapacityError, FileNotFoundError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

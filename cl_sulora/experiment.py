@@ -30,8 +30,11 @@ from . import metrics
 from .atomic import atomic_write_json
 from .backbones import DEFAULT_BACKBONES, Backbone, build_backbone
 from .benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_options, build_benchmark
-from .methods.lora_baselines import JointLoRA
+from .checkpoint import latest_checkpoint, restore, save_checkpoint
+from .methods.avalanche_baselines import ReplayBaseline
+from .methods.lora_baselines import JointLoRA, joint_experience
 from .methods.registry import METHODS
+from .methods.sulora import SuLoRA, check_capacity
 from .models import ContinualClassifier, make_head
 from .plugins import Autocast, LRSchedule, Progress
 from .presets import (
@@ -286,7 +289,15 @@ def build_experiment(
         and "inference" in inspect.signature(method.strategy).parameters
     ):
         kwargs["inference"] = "task-aware"
-    strategy = method.strategy(**kwargs)
+    try:
+        strategy = method.strategy(**kwargs)
+    except ValueError as err:  # e.g. target_modules matching nothing, rank x num_slots > d_in
+        raise ConfigError(
+            f"method config of strategy {config.strategy!r} does not fit backbone "
+            f"{backbone.name!r}: {err} (fix the method.* keys in the preset or with --set)"
+        ) from err
+    if isinstance(strategy, SuLoRA):
+        check_capacity(strategy.config, len(spec.benchmark.train_stream))
     if config.compile:
         model.backbone.compile()
     return Experiment(config, spec, backbone, model, strategy)
@@ -323,8 +334,23 @@ class StreamResult:
     last_metrics: dict[str, Any]
 
 
-def run_stream(experiment: Experiment, echo: Callable[[str], None] | None = None) -> StreamResult:
-    """Train on each experience in order; after each, evaluate on the whole test stream.
+@dataclass
+class Checkpointing:
+    """Where the runner writes a checkpoint after every experience, and whether it resumes
+    from the newest one (``fallback``: from the newest intact one)."""
+
+    directory: Path
+    resume: bool = False
+    fallback: bool = False
+
+
+def run_stream(
+    experiment: Experiment,
+    echo: Callable[[str], None] | None = None,
+    checkpointing: Checkpointing | None = None,
+) -> StreamResult:
+    """Train on each experience in order; after each, evaluate on the whole test stream and,
+    with ``checkpointing``, write a checkpoint (resuming first from the last one if asked).
 
     A joint strategy (:class:`~cl_sulora.methods.lora_baselines.JointLoRA`) trains once on the
     whole stream, giving a single-row accuracy matrix."""
@@ -336,8 +362,24 @@ def run_stream(experiment: Experiment, echo: Callable[[str], None] | None = None
         raise ValueError(f"{count} training but {len(test_stream)} test experiences")
     joint = isinstance(strategy, JointLoRA)
     matrix: list[list[float]] = []
-    train_seconds, trainable, last = 0.0, 0, {}
-    for index in range(1 if joint else count):
+    train_seconds, trainable, last, first = 0.0, 0, {}, 0
+    config = experiment.config.model_dump(mode="json")
+    if checkpointing and checkpointing.resume:
+        checkpoint = latest_checkpoint(checkpointing.directory, fallback=checkpointing.fallback)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {checkpointing.directory}; run without --resume "
+                "to start from the beginning"
+            )
+        check_same_config(checkpoint.meta.get("config", {}), config, checkpoint.path)
+        adapted = [joint_experience(train_stream)] if joint else train_stream
+        restore(strategy, checkpoint, adapted, test_stream)
+        saved = checkpoint.state["extra"]
+        matrix, train_seconds = saved["accuracy_matrix"], saved["train_seconds"]
+        trainable, first = saved["trainable_params"], checkpoint.position + 1
+        if echo:
+            echo(f"  resumed from {checkpoint.path} (experiences 1-{first} done)")
+    for index in range(first, 1 if joint else count):
         start = time.perf_counter()
         strategy.train(train_stream if joint else train_stream[index])
         seconds = time.perf_counter() - start
@@ -345,6 +387,11 @@ def run_stream(experiment: Experiment, echo: Callable[[str], None] | None = None
         trainable = max(trainable, optimized_parameter_count(strategy.optimizer))
         last = strategy.eval(test_stream)
         matrix.append(accuracy_row(last, count))
+        if checkpointing:
+            extra = {"accuracy_matrix": matrix, "train_seconds": train_seconds,
+                     "trainable_params": trainable}
+            save_checkpoint(checkpointing.directory, position=index, strategy=strategy,
+                            extra=extra, meta={"config": config})
         if echo:
             seen = count if joint else index + 1
             name = "all experiences" if joint else experiment.spec.experience_names[index]
@@ -354,6 +401,28 @@ def run_stream(experiment: Experiment, echo: Callable[[str], None] | None = None
                 f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}]"
             )
     return StreamResult(matrix, train_seconds, trainable, last)
+
+
+def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
+    """Refuse to resume a checkpoint written under another run config, naming the keys."""
+    old, new = _flatten(saved), _flatten(current)
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differing:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
+        raise ConfigError(
+            f"--resume: {where} was written with another run config ({details}); resume with "
+            "the same flags and --set values, or use another --checkpoint-dir"
+        )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def accuracy_row(metrics_dict: Mapping[str, Any], count: int) -> list[float]:
@@ -394,11 +463,21 @@ def run(
     echo: Callable[[str], None] | None = None,
     loggers: Sequence[Any] = (),
     plugins: Sequence[BasePlugin] = (),
+    checkpointing: Checkpointing | None = None,
 ) -> RunResult:
     """Seed, build, run the stream and write ``result_path(config)`` atomically. ``loggers``
     go to the Avalanche evaluator, ``plugins`` to the strategy; ``echo`` gets one line per
-    experience."""
+    experience; ``checkpointing`` writes (and resumes from) per-experience checkpoints."""
     device = torch.device(config.device)
+    if (
+        checkpointing
+        and checkpointing.resume
+        and issubclass(METHODS[config.method_name].strategy, ReplayBaseline)
+    ):
+        raise ConfigError(
+            f"--resume is not supported for {config.strategy!r}: its replay buffer is not "
+            "checkpointed; run it again without --resume"
+        )
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         seed_everything(config.seed, config.deterministic)
@@ -408,7 +487,7 @@ def run(
         seed_everything(config.seed, config.deterministic)  # same data order for every method
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = run_stream(experiment, echo)
+        result = run_stream(experiment, echo, checkpointing)
     finally:
         torch.use_deterministic_algorithms(previous)
     record = make_record(experiment, result, command)

@@ -3,13 +3,16 @@ fine-tuning with Avalanche's own plugins, keyword-only arguments and the class-i
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.utils import ParamData
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 from torch import nn
@@ -110,6 +113,29 @@ class _PlainForward(nn.Module):
         return self.model(x)
 
 
+class CheckpointedEWCPlugin(EWCPlugin):
+    """``EWCPlugin`` whose saved parameters and importances go into checkpoints as tensors."""
+
+    def state_dict(self) -> dict:
+        def tensors(store):
+            return {t: {k: p.data.detach().cpu() for k, p in params.items()}
+                    for t, params in store.items()}
+
+        return {"saved_params": tensors(self.saved_params),
+                "importances": tensors(self.importances)}
+
+    def load_state_dict(self, state: dict, strategy) -> None:
+        def params(saved):
+            store = defaultdict(dict)
+            for t, values in saved.items():
+                store[int(t)] = {k: ParamData(k, init_tensor=v.to(strategy.device),
+                                              device=strategy.device) for k, v in values.items()}
+            return store
+
+        self.saved_params = params(state["saved_params"])
+        self.importances = params(state["importances"])
+
+
 class SingleHeadLwFPlugin(LwFPlugin):
     """``LwFPlugin`` for the single-head :class:`~cl_sulora.models.ContinualClassifier`.
 
@@ -121,6 +147,26 @@ class SingleHeadLwFPlugin(LwFPlugin):
     def after_training_exp(self, strategy, **kwargs):
         super().after_training_exp(strategy, **kwargs)
         self.lwf.prev_model = _PlainForward(self.lwf.prev_model)
+
+    def state_dict(self) -> dict:
+        """The previous model's tensors, the classes seen per task and the experience count."""
+        previous = self.lwf.prev_model
+        return {
+            "expcount": self.lwf.expcount,
+            "prev_classes": {t: sorted(c) for t, c in self.lwf.prev_classes_by_task.items()},
+            "prev_model": None if previous is None else previous.model.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, strategy) -> None:
+        """The previous model: a copy of ``strategy.model`` with the saved tensors."""
+        self.lwf.expcount = int(state["expcount"])
+        self.lwf.prev_classes_by_task = defaultdict(
+            set, {int(t): set(c) for t, c in state["prev_classes"].items()})
+        self.lwf.prev_model = None
+        if state["prev_model"] is not None:
+            previous = copy.deepcopy(strategy.model)
+            previous.load_state_dict(state["prev_model"], strict=True)
+            self.lwf.prev_model = _PlainForward(previous)
 
 
 class FullFineTuning(AdapterTemplate):
@@ -181,7 +227,9 @@ class EWCBaseline(FullFineTuning):
     config_cls = EWCConfig
 
     def method_plugins(self, mask_logits):
-        self.ewc = EWCPlugin(self.config.ewc_lambda, self.config.mode, self.config.decay_factor)
+        self.ewc = CheckpointedEWCPlugin(
+            self.config.ewc_lambda, self.config.mode, self.config.decay_factor
+        )
         return [self.ewc]
 
     def stored_state_params(self):

@@ -58,8 +58,10 @@ class BranchLoRAPlugin(SupervisedPlugin):
     def __init__(self, config: BranchLoRAConfig) -> None:
         super().__init__()
         self.config = config
+        self._model: nn.Module | None = None
 
     def before_training_exp(self, strategy, **kwargs):
+        self._model = strategy.model
         layers = adapted_layers(strategy.model)
         self.prepare(strategy, layers, int(strategy.experience.current_experience))
         params = [p for layer in layers.values() for p in layer.trainable_parameters()]
@@ -69,6 +71,37 @@ class BranchLoRAPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         layers = adapted_layers(strategy.model)
         self.finish(strategy, layers, int(strategy.experience.current_experience))
+
+    def state_dict(self) -> dict:
+        """The branch structure of the model this plugin trains: per layer, each branch's rank,
+        scale, normalisation, magnitude and flags (the tensors are in the model's state)."""
+        layers = branch_lora_layers(self._model) if self._model is not None else {}
+        return {"layers": {
+            name: [{"rank": b.rank, "scale": float(b.scale), "magnitude": b.magnitude is not None,
+                    "normalise": b.normalise, "train_A": b.train_A, "train_B": b.train_B,
+                    "train_magnitude": b.train_magnitude} for b in layer.branches]
+            for name, layer in layers.items()
+        }}
+
+    def load_state_dict(self, state: dict, strategy) -> None:
+        """Rebuild the saved branches (zero tensors of the saved shapes) in ``strategy.model``,
+        ready for the model's ``load_state_dict``."""
+        layers = adapted_layers(strategy.model)
+        saved = state["layers"]
+        if set(saved) != set(layers):
+            raise ValueError(f"saved branch layers {sorted(saved)} differ from the model's "
+                             f"{sorted(layers)}")
+        for name, layer in layers.items():
+            while len(layer.branches):
+                layer.remove_branch(-1)
+            for b in saved[name]:
+                layer.add_branch(LoRABranch(
+                    torch.zeros(b["rank"], layer.in_features), torch.zeros(layer.n_out, b["rank"]),
+                    scale=b["scale"], magnitude=0.0 if b["magnitude"] else None,
+                    normalise=b["normalise"], train_A=b["train_A"], train_B=b["train_B"],
+                    train_magnitude=b["train_magnitude"],
+                ))
+        self._model = strategy.model
 
     def prepare(self, strategy, layers: Layers, experience: int) -> None:
         """Add or reconfigure branches for ``experience``."""
