@@ -525,9 +525,11 @@ def make_record(
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
-    """``{"sha", "dirty"}`` of the project checkout, or None outside a git checkout."""
+    """``{"sha", "dirty"}`` of the project checkout; outside a git checkout (a copied tree),
+    the commit named by ``CL_SULORA_COMMIT`` (``{"sha", "dirty": None}``), else None."""
     if not (root / ".git").exists():
-        return None
+        sha = os.environ.get("CL_SULORA_COMMIT")
+        return {"sha": sha, "dirty": None} if sha else None
     try:
         sha = _git(root, "rev-parse", "HEAD")
         dirty = bool(_git(root, "status", "--porcelain"))
