@@ -14,7 +14,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from .config import DEFAULT_TARGETS, STRICT
-from .injection import find_targets, qkv_out_index
+from .injection import wrap_linears
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +328,8 @@ def add_branch_lora(model: nn.Module, config: BranchLoRAConfig) -> nn.Module:
     in place; returns ``model``. Fused ``qkv`` projections adapt only ``config.qkv_parts``."""
     if branch_lora_layers(model):
         raise ValueError("model already has branch LoRA layers")
-    targets = find_targets(model, config.targets)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        out_index = qkv_out_index(linear, config.qkv_parts) if child.endswith("qkv") else None
-        setattr(parent, child, BranchLoRALinear(linear, out_index=out_index))
+    targets = wrap_linears(model, config.targets, config.qkv_parts,
+                           lambda linear, out_index: BranchLoRALinear(linear, out_index=out_index))
     setattr(model, CONFIG_ATTR, config)
     model.branch_lora_targets = targets
     log.info("branch LoRA on %d layers: %s", len(targets), ", ".join(targets))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -45,6 +46,24 @@ def qkv_out_index(linear: nn.Linear, parts: list[str]) -> torch.Tensor:
     return torch.cat([torch.arange(offsets[p], offsets[p] + width) for p in sorted(set(parts))])
 
 
+def wrap_linears(
+    model: nn.Module,
+    patterns: list[str],
+    qkv_parts: list[str],
+    wrap: Callable[[nn.Linear, torch.Tensor | None], nn.Module],
+) -> list[str]:
+    """Replace every target ``nn.Linear`` by ``wrap(linear, out_index)`` in place; returns the
+    target names. ``out_index`` selects ``qkv_parts`` of fused projections named ``...qkv``."""
+    targets = find_targets(model, patterns)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        out_index = qkv_out_index(linear, qkv_parts) if child.endswith("qkv") else None
+        setattr(parent, child, wrap(linear, out_index))
+    return targets
+
+
 def add_subspace_lora(model: nn.Module, config: SubspaceLoRAConfig) -> nn.Module:
     """Wrap every target ``nn.Linear`` of ``model`` in place; returns ``model``.
 
@@ -53,20 +72,15 @@ def add_subspace_lora(model: nn.Module, config: SubspaceLoRAConfig) -> nn.Module
     """
     if subspace_lora_layers(model):
         raise ValueError("model already has subspace LoRA layers")
-    targets = find_targets(model, config.targets)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        out_index = qkv_out_index(linear, config.qkv_parts) if child.endswith("qkv") else None
-        layer = SubspaceLoRALinear(
-            linear,
-            rank=config.rank,
-            num_slots=config.num_slots,
-            alpha=config.alpha,
+    targets = wrap_linears(
+        model,
+        config.targets,
+        config.qkv_parts,
+        lambda linear, out_index: SubspaceLoRALinear(
+            linear, rank=config.rank, num_slots=config.num_slots, alpha=config.alpha,
             out_index=out_index,
-        )
-        setattr(parent, child, layer)
+        ),
+    )
     setattr(model, CONFIG_ATTR, config)
     model.subspace_lora_targets = targets
     log.info("subspace LoRA on %d layers: %s", len(targets), ", ".join(targets))
