@@ -13,7 +13,7 @@ from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
-from .config import DEFAULT_TARGETS, STRICT
+from .config import DEFAULT_TARGETS, STRICT, check_targets
 from .injection import wrap_linears
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,7 @@ class BranchLoRAConfig:
     def _check_branch(self) -> BranchLoRAConfig:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not self.qkv_parts:
-            raise ValueError("qkv_parts must name at least one of 'q', 'k', 'v'")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("target_modules is empty: give module-name patterns or None")
+        check_targets(self.target_modules, self.qkv_parts)
         return self
 
     @property

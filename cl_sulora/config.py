@@ -84,10 +84,7 @@ class SubspaceLoRAConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if not self.qkv_parts:
-            raise ValueError("qkv_parts must name at least one of 'q', 'k', 'v'")
-        if self.target_modules is not None and not self.target_modules:
-            raise ValueError("target_modules is empty: give module-name patterns or None")
+        check_targets(self.target_modules, self.qkv_parts)
         return self
 
     @property
@@ -104,6 +101,14 @@ class SubspaceLoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_targets(target_modules: list[str] | None, qkv_parts: list[str]) -> None:
+    """Reject an empty ``qkv_parts`` or an empty (not ``None``) ``target_modules``."""
+    if not qkv_parts:
+        raise ValueError("qkv_parts must name at least one of 'q', 'k', 'v'")
+    if target_modules is not None and not target_modules:
+        raise ValueError("target_modules is empty: give module-name patterns or None")
 
 
 def _positive(**values: int) -> None:
