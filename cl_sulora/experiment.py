@@ -27,6 +27,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
 from . import metrics
+from .alignment import AlignmentConfig, ClassifierAlignment
 from .atomic import atomic_write_json
 from .backbones import DEFAULT_BACKBONES, Backbone, build_backbone
 from .benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_options, build_benchmark
@@ -89,6 +90,7 @@ class RunConfig(BaseModel):
     backbone: BackboneConfig = BackboneConfig()
     data: dict[str, Any] = {}
     training: TrainingConfig = TrainingConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
     method: dict[str, Any] = {}
 
 
@@ -270,6 +272,9 @@ def build_experiment(
     extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule)]
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
+    if config.alignment.enabled:
+        dtype = torch.bfloat16 if config.precision == "bf16" else None
+        extra.append(ClassifierAlignment(config.alignment, seed=config.seed, autocast_dtype=dtype))
     if progress:
         extra.append(Progress(len(spec.benchmark.train_stream), f"{config.strategy} "))
     kwargs: dict[str, Any] = dict(
@@ -379,13 +384,15 @@ def run_stream(
         trainable, first = saved["trainable_params"], checkpoint.position + 1
         if echo:
             echo(f"  resumed from {checkpoint.path} (experiences 1-{first} done)")
+    workers = experiment.config.training.num_workers
+    loading = {"num_workers": workers, "persistent_workers": workers > 0}
     for index in range(first, 1 if joint else count):
         start = time.perf_counter()
-        strategy.train(train_stream if joint else train_stream[index])
+        strategy.train(train_stream if joint else train_stream[index], **loading)
         seconds = time.perf_counter() - start
         train_seconds += seconds
         trainable = max(trainable, optimized_parameter_count(strategy.optimizer))
-        last = strategy.eval(test_stream)
+        last = strategy.eval(test_stream, **loading)
         matrix.append(accuracy_row(last, count))
         if checkpointing:
             extra = {"accuracy_matrix": matrix, "train_seconds": train_seconds,
@@ -502,6 +509,7 @@ def make_record(
     config, spec = experiment.config, experiment.spec
     report = getattr(experiment.strategy, "adapter_report", None)
     adapters = report() if report else {}
+    aligners = [p for p in experiment.strategy.plugins if isinstance(p, ClassifierAlignment)]
     return {
         "benchmark": spec.name,
         "protocol": spec.protocol,
@@ -518,6 +526,7 @@ def make_record(
         "trainable_params": result.trainable_params,
         "live_adapter_params": adapters.get("live_adapter_params"),
         "stored_state_params": adapters.get("stored_state_params"),
+        "alignment_stored_params": aligners[0].stored_state_params() if aligners else None,
         "train_seconds": result.train_seconds,
         "peak_memory_mb": peak_memory_mb(torch.device(config.device)),
         "notes": _jsonable(spec.notes),

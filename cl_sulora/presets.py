@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 
 from .methods.registry import METHODS, MethodSpec
 
@@ -34,6 +41,7 @@ class TrainingConfig(BaseModel):
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
+    num_workers: NonNegativeInt = 0  # data-loader worker processes (0: load in the main one)
 
 
 class PresetFile(BaseModel):

@@ -1,0 +1,198 @@
+"""Classifier alignment from stored class statistics, for any strategy with a single head.
+
+After each training experience the feature mean and covariance of every class in it are
+stored; the head is then re-trained on features sampled from the Gaussians of every class seen
+so far, balanced across classes (SLCA, Zhang et al., ICCV 2023). This corrects the head's bias
+towards the newest classes without storing exemplars. Statistics are taken once, with the
+backbone of the experience that brought the class, and are not refreshed later.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, PositiveInt
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+
+class AlignmentConfig(BaseModel):
+    """Settings of :class:`ClassifierAlignment`; ``enabled`` is off by default.
+
+    Args:
+        enabled: align the head after every experience.
+        samples_per_class: pseudo-features drawn per class and epoch.
+        epochs: passes over the pseudo-features per alignment.
+        lr: SGD learning rate (momentum 0.9, cosine to 0 over the alignment).
+        batch_size: pseudo-features per step.
+        covariance: ``full`` (d x d per class) or ``diagonal`` (d per class).
+        shrinkage: added to the covariance diagonal, relative to its mean variance.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    samples_per_class: PositiveInt = 256
+    epochs: PositiveInt = 5
+    lr: PositiveFloat = 0.01
+    batch_size: PositiveInt = 128
+    covariance: Literal["full", "diagonal"] = "full"
+    shrinkage: NonNegativeFloat = 0.01
+
+
+class ClassStatistics:
+    """Running per-class sums of features and of their outer products (float64)."""
+
+    def __init__(self, diagonal: bool) -> None:
+        self.diagonal = diagonal
+        self.count: dict[int, int] = {}
+        self.total: dict[int, Tensor] = {}
+        self.square: dict[int, Tensor] = {}
+
+    def add(self, features: Tensor, labels: Tensor) -> None:
+        features = features.double()
+        for label in labels.unique().tolist():
+            f = features[labels == label]
+            sq = (f * f).sum(0) if self.diagonal else f.T @ f
+            if label in self.count:
+                self.count[label] += len(f)
+                self.total[label] += f.sum(0)
+                self.square[label] += sq
+            else:
+                self.count[label], self.total[label], self.square[label] = len(f), f.sum(0), sq
+
+    def state_dict(self) -> dict:
+        labels = sorted(self.count)
+        return {"labels": torch.tensor(labels, dtype=torch.long),
+                "count": torch.tensor([self.count[c] for c in labels], dtype=torch.long),
+                "total": [self.total[c].cpu() for c in labels],
+                "square": [self.square[c].cpu() for c in labels]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        labels = state["labels"].tolist()
+        self.count = dict(zip(labels, state["count"].tolist(), strict=True))
+        self.total = {c: t.to(device) for c, t in zip(labels, state["total"], strict=True)}
+        self.square = {c: t.to(device) for c, t in zip(labels, state["square"], strict=True)}
+
+    def gaussians(self, shrinkage: float) -> dict[int, tuple[Tensor, Tensor]]:
+        """``{class: (mean, scale)}``: sample as ``mean + z @ scale.T`` (scale a Cholesky factor,
+        or the standard deviations for diagonal statistics)."""
+        out = {}
+        for label, n in self.count.items():
+            mean = self.total[label] / n
+            if self.diagonal:
+                var = (self.square[label] / n - mean * mean).clamp_min(0)
+                var = var + shrinkage * var.mean().clamp_min(1e-12)
+                out[label] = (mean, var.sqrt())
+                continue
+            cov = self.square[label] / n - torch.outer(mean, mean)
+            cov = 0.5 * (cov + cov.T)
+            eye = torch.eye(len(mean), dtype=cov.dtype, device=cov.device)
+            cov = cov + shrinkage * cov.diagonal().mean().clamp_min(1e-12) * eye
+            out[label] = (mean, _cholesky(cov))
+        return out
+
+
+def _cholesky(cov: Tensor) -> Tensor:
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if int(info) == 0:
+        return factor
+    values, vectors = torch.linalg.eigh(cov)  # not positive definite in floating point
+    return vectors * values.clamp_min(0).sqrt()
+
+
+class ClassifierAlignment(SupervisedPlugin):
+    """Re-trains the head after each experience on features sampled from stored class
+    Gaussians. Works with a single head (growing or fixed); a multi-head model (task-
+    incremental) is left unchanged, since its heads never compete."""
+
+    def __init__(self, config: AlignmentConfig, *, seed: int = 0,
+                 autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.seed = seed
+        self.autocast_dtype = autocast_dtype
+        self.stats = ClassStatistics(diagonal=config.covariance == "diagonal")
+
+    def stored_state_params(self) -> int:
+        """Values stored: a mean and a covariance (or variances) per class."""
+        return sum(t.numel() + self.stats.square[c].numel() for c, t in self.stats.total.items())
+
+    def state_dict(self) -> dict:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict, strategy) -> None:
+        self.stats.load_state_dict(state, strategy.device)
+
+    def after_training_exp(self, strategy, **kwargs):
+        model = strategy.model
+        head = getattr(model, "head", None)
+        if head is None or isinstance(head, MultiTaskModule):
+            return
+        experience = int(strategy.experience.current_experience)
+        self._collect(strategy, model)
+        self._align(head, strategy.device, experience)
+
+    @torch.no_grad()
+    def _collect(self, strategy, model: nn.Module) -> None:
+        was_training = model.training
+        model.eval()
+        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=strategy.eval_mb_size)
+        device = strategy.device
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                features = model.backbone(x)
+            self.stats.add(features.float(), y)
+        model.train(was_training)
+
+    def _align(self, head: nn.Module, device: torch.device, experience: int) -> None:
+        cfg = self.config
+        gaussians = self.stats.gaussians(cfg.shrinkage)
+        labels = torch.tensor(sorted(gaussians), device=device)
+        means = torch.stack([gaussians[c][0] for c in labels.tolist()]).float()
+        scales = torch.stack([gaussians[c][1] for c in labels.tolist()]).float()
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + experience)
+        params = [p for p in head.parameters()]
+        grad_state = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+        per_epoch = len(labels) * cfg.samples_per_class
+        steps_per_epoch = math.ceil(per_epoch / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        was_training = head.training
+        head.train()
+        step = 0
+        with torch.enable_grad():
+            for _ in range(cfg.epochs):
+                features, targets = self._sample(means, scales, labels, gen)
+                order = torch.randperm(per_epoch, generator=gen, device=device)
+                for start in range(0, per_epoch, cfg.batch_size):
+                    idx = order[start:start + cfg.batch_size]
+                    for group in optimizer.param_groups:
+                        group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+                    loss = nn.functional.cross_entropy(head(features[idx]), targets[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+        head.train(was_training)
+        for p, flag in zip(params, grad_state, strict=True):
+            p.requires_grad_(flag)
+
+    def _sample(self, means: Tensor, scales: Tensor, labels: Tensor,
+                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        n, d = self.config.samples_per_class, means.shape[1]
+        z = torch.randn(len(labels), n, d, generator=gen, device=means.device)
+        if self.stats.diagonal:
+            features = means[:, None] + z * scales[:, None]
+        else:
+            features = means[:, None] + z @ scales.transpose(1, 2)
+        targets = labels.repeat_interleave(n)
+        return features.reshape(-1, d), targets

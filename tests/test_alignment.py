@@ -1,0 +1,91 @@
+"""Classifier alignment from stored class statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from avalanche.models import IncrementalClassifier
+
+from cl_sulora.alignment import AlignmentConfig, ClassifierAlignment, ClassStatistics
+from cl_sulora.checkpoint import latest_checkpoint
+from cl_sulora.experiment import Checkpointing, run
+from cl_sulora.presets import ConfigError
+from tests.test_runner import tiny, tiny_config  # noqa: F401 - fixture
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_statistics_match_the_sample_moments(diagonal):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.arange(3).repeat(20)
+    stats = ClassStatistics(diagonal=diagonal)
+    stats.add(x[:25], y[:25])
+    stats.add(x[25:], y[25:])  # accumulates across batches
+    gaussians = stats.gaussians(shrinkage=0.0)
+    for c in range(3):
+        f = x[y == c].double()
+        mean, scale = gaussians[c]
+        cov = torch.cov(f.T, correction=0)
+        assert torch.allclose(mean, f.mean(0))
+        if diagonal:
+            assert torch.allclose(scale**2, cov.diagonal())
+        else:
+            assert torch.allclose(scale @ scale.T, cov, atol=1e-10)
+    restored = ClassStatistics(diagonal=diagonal)
+    restored.load_state_dict(stats.state_dict(), torch.device("cpu"))
+    assert torch.equal(restored.gaussians(0.1)[2][1], stats.gaussians(0.1)[2][1])
+
+
+def test_rank_deficient_covariance_still_samples():
+    stats = ClassStatistics(diagonal=False)
+    stats.add(torch.ones(4, 6), torch.zeros(4, dtype=torch.long))  # zero covariance
+    mean, scale = stats.gaussians(shrinkage=0.0)[0]
+    assert torch.isfinite(scale).all() and torch.equal(mean, torch.ones(6, dtype=torch.float64))
+
+
+def test_alignment_removes_a_head_bias_towards_the_newest_classes():
+    """Classes 0-1 then 2-3, each trained alone: the head favours 2-3 until it is aligned."""
+    torch.manual_seed(0)
+    means = 3 * torch.eye(4, 8)
+    head = IncrementalClassifier(8, initial_out_features=4)
+    with torch.no_grad():
+        head.active_units.fill_(1)  # every class seen
+        head.classifier.weight.copy_(means)
+        head.classifier.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 12.0]))  # recency bias
+    x = means.repeat_interleave(50, 0) + torch.randn(200, 8)
+    y = torch.arange(4).repeat_interleave(50)
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, epochs=5, lr=0.1))
+    plugin.stats.add(x, y)
+    before = (head(x).argmax(1) == y).float().mean()
+    plugin._align(head, torch.device("cpu"), experience=1)
+    after = (head(x).argmax(1) == y).float().mean()
+    assert before <= 0.55 and after >= 0.9  # near the Bayes rate (about 0.95)
+    assert plugin.stored_state_params() == 4 * (8 + 64)
+
+
+def test_bad_alignment_settings_are_rejected(tiny, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="alignment.covariance"):
+        tiny_config(tmp_path, **{"alignment.covariance": "banded"})
+
+
+def test_aligned_run_records_statistics_and_resumes_identically(tiny, tmp_path):  # noqa: F811
+    overrides = {"alignment.enabled": True, "alignment.epochs": 1, "deterministic": True}
+    config = tiny_config(tmp_path / "a", **overrides)
+    whole = run(config, checkpointing=Checkpointing(tmp_path / "ck"))
+    assert whole.record["alignment_stored_params"] == 6 * (48 + 48 * 48)  # embed_dim 48
+    plain = run(tiny_config(tmp_path / "b", deterministic=True))
+    assert plain.record["alignment_stored_params"] is None
+    assert plain.record["accuracy_matrix"] != whole.record["accuracy_matrix"]
+
+    # Resume from the checkpoint after the second experience: same final state.
+    second = sorted((tmp_path / "ck").iterdir())[-2]
+    for later in sorted((tmp_path / "ck").iterdir())[-1:]:
+        for f in later.iterdir():
+            f.unlink()
+        later.rmdir()
+    assert latest_checkpoint(tmp_path / "ck").path == second
+    resumed = run(tiny_config(tmp_path / "a", **overrides),
+                  checkpointing=Checkpointing(tmp_path / "ck", resume=True))
+    assert resumed.record["accuracy_matrix"] == whole.record["accuracy_matrix"]
+    a = whole.experiment.model.state_dict()
+    b = resumed.experiment.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
