@@ -567,6 +567,38 @@ def test_validation_on_every_builder(data_root, tok, tmp_path):
         assert benchmark_options(name)["validation"].default == 0.0
 
 
+def test_validation_run_end_to_end(tmp_path):
+    """A run on pacs-dil with a validation split: no test folder at all, a -val result file
+    whose notes say what was evaluated."""
+    from cl_sulora.experiment import resolve_config, run
+
+    write_pacs(tmp_path / "pacs-64")
+    (tmp_path / "pacs-64" / "test").rename(tmp_path / "moved-away")
+    tiny_vit = {"img_size": 8, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}
+    config = resolve_config(
+        "pacs-dil",
+        "sulora",
+        {
+            "backbone.name": "vit_small_patch16_224",
+            "backbone.kwargs": tiny_vit,
+            "training.epochs": 1,
+            "training.batch_size": 8,
+            "device": "cpu",
+            "out": str(tmp_path / "results"),
+            "data.data_root": str(tmp_path),
+            "data.validation": 0.4,
+            "data.num_experiences": 2,
+        },
+    )
+    result = run(config)
+    assert result.path == tmp_path / "results" / "pacs-dil-val0.4__sulora__seed0.json"
+    record = json.loads(result.path.read_text())
+    assert record["notes"]["evaluated_stream"] == "validation"
+    assert record["notes"]["validation_sizes"] == [6, 3]
+    assert record["config"]["data"]["validation"] == 0.4
+    assert len(record["accuracy_matrix"]) == 2
+
+
 # ---------------------------------------------------------------- real data (optional)
 
 # (train rows, test rows, rows dropped for an unknown label) after reading, per the data README;
