@@ -67,6 +67,7 @@ FLAG_KEYS = {
     "domain_order": "data.domain_order",
     "task_order": "data.task_order",
     "protocol": "data.protocol",
+    "validation": "data.validation",
     "out": "out",
     "deterministic": "deterministic",
     "compile": "compile",
@@ -145,6 +146,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add("--domain-order", type=_names, help="comma-separated domains")
     add("--task-order", type=_names, help="comma-separated tasks")
     add("--protocol", help="split-glue: task-incremental or class-incremental")
+    add(
+        "--validation",
+        type=float,
+        metavar="FRACTION",
+        help="hold out this fraction of each training experience (per class, seeded by "
+        "data.seed) and evaluate on it instead of the test set, which is not loaded",
+    )
     add("--out", help="results folder (default results/)")
     add(
         "--deterministic",

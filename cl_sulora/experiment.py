@@ -31,6 +31,7 @@ from .alignment import AlignmentConfig, ClassifierAlignment
 from .atomic import atomic_write_json
 from .backbones import DEFAULT_BACKBONES, Backbone, build_backbone
 from .benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_options, build_benchmark
+from .benchmarks._common import wants_validation
 from .checkpoint import latest_checkpoint, restore, save_checkpoint
 from .methods.avalanche_baselines import ReplayBaseline
 from .methods.lora_baselines import JointLoRA, joint_experience
@@ -148,6 +149,10 @@ def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] =
                 f"benchmark {benchmark!r} has no option {key!r} (data.{key}); "
                 f"its options: {accepted}"
             )
+    try:
+        wants_validation(config.data.get("validation", 0.0))
+    except ValueError as err:
+        raise ConfigError(f"data.validation: {err}") from err
     if config.backbone.name is None and config.backbone.weights is None:
         name, kwargs = DEFAULT_BACKBONES[modality(benchmark)]
         config.backbone.name = name
@@ -175,11 +180,14 @@ def modality(benchmark: str) -> str:
 
 
 def benchmark_label(config: RunConfig) -> str:
-    """The benchmark part of result file names; the protocol joins it where it is an option."""
+    """The benchmark part of result file names; the protocol joins it where it is an option,
+    and ``-val<fraction>`` when evaluating on a validation split (``data.validation``)."""
     options = benchmark_options(config.benchmark)
-    if "protocol" not in options:
-        return config.benchmark
-    return f"{config.benchmark}-{config.data.get('protocol', options['protocol'].default)}"
+    label = config.benchmark
+    if "protocol" in options:
+        label += f"-{config.data.get('protocol', options['protocol'].default)}"
+    validation = config.data.get("validation", 0.0)
+    return f"{label}-val{validation:g}" if validation else label
 
 
 def result_path(config: RunConfig) -> Path:

@@ -17,7 +17,7 @@ from avalanche.models import IncrementalClassifier
 from PIL import Image
 
 from cl_sulora.benchmarks import BENCHMARKS, benchmark_options, build_benchmark
-from cl_sulora.benchmarks._common import read_text_task, stratified_split
+from cl_sulora.benchmarks._common import read_text_task, stratified_split, validation_split
 from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
 from cl_sulora.benchmarks.glue import TASK_PATHS
 
@@ -432,6 +432,171 @@ def test_bbc_news_corpus_and_split():
     train_counts, test_counts = Counter(labels[i] for i in train), Counter(labels[i] for i in test)
     for c in range(5):
         assert abs(test_counts[c] / (test_counts[c] + train_counts[c]) - 0.2) < 0.01
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def rows(exp) -> set[tuple]:
+    """Each sample of an experience as (input as a tuple, label): text inputs are exact."""
+    data = exp.dataset
+    return {(tuple(data[i][0].flatten().tolist()), int(data[i][1])) for i in range(len(data))}
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded():
+    labels = [0] * 10 + [1] * 5 + [2] * 2
+    train, held = validation_split(labels, 0.2, seed=0)
+    assert not set(train) & set(held) and sorted([*train, *held]) == list(range(17))
+    # round(0.2 * n) per class, at least one: 2 of 10, 1 of 5, 1 of 2
+    assert Counter(labels[i] for i in held) == {0: 2, 1: 1, 2: 1}
+    assert Counter(labels[i] for i in train) == {0: 8, 1: 4, 2: 1}
+    again, other = validation_split(labels, 0.2, seed=0), validation_split(labels, 0.2, seed=5)
+    assert np.array_equal(held, again[1]) and not np.array_equal(held, other[1])
+    assert validation_split(labels, 0.0, seed=0)[1].size == 0
+    for bad in (1.0, -0.1, "10%", True):
+        with pytest.raises(ValueError, match="validation must be a fraction 0 <= v < 1"):
+            validation_split(labels, bad, seed=0)
+    with pytest.raises(ValueError, match="class 2 .2 training sample.*smaller validation"):
+        validation_split(labels, 0.75, seed=0)
+
+
+def test_validation_replaces_test_and_never_reads_it(data_root, tok, tmp_path):
+    """split-glue with validation: each experience's training rows are split per class into
+    train and validation; the test files are not needed (here they are corrupt)."""
+    root = tmp_path / "CL_Benchmark"
+    write_cl_benchmark(root)
+    options = dict(tokenizer=tok, max_length=L, protocol="class-incremental", num_experiences=4)
+    plain = build_benchmark("split-glue", data_root=root, **options)
+    for task in ("MNLI", "CB", "WiC", "COPA"):
+        (root / TASK_PATHS[task] / "test.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        build_benchmark("split-glue", data_root=root, **options)
+    spec = build_benchmark("split-glue", data_root=root, validation=0.34, **options)
+    bm, before = spec.benchmark, plain.benchmark
+    assert len(bm.train_stream) == len(bm.test_stream) == 4
+    assert spec.experience_names == plain.experience_names and spec.protocol == plain.protocol
+    assert spec.num_classes == plain.num_classes
+    assert task_labels(bm.test_stream) == task_labels(before.test_stream) == [0] * 4
+    for tr, val, full in zip(bm.train_stream, bm.test_stream, before.train_stream, strict=True):
+        train_rows, val_rows = rows(tr), rows(val)
+        assert not train_rows & val_rows and train_rows | val_rows == rows(full)
+        assert tr.classes_in_this_experience == full.classes_in_this_experience
+        assert val.classes_in_this_experience == full.classes_in_this_experience
+        counts, held = Counter(targets(full)), Counter(targets(val))
+        assert held == {c: max(1, round(0.34 * n)) for c, n in counts.items()}  # stratified
+    # MNLI 4/5/6 -> 1/2/2 held; CB 3/3/2 -> 1/1/1; WiC, COPA 4/3 -> 1/1
+    assert spec.notes["validation_sizes"] == [5, 3, 2, 2]
+    assert spec.notes["train_sizes"] == [10, 5, 5, 5]
+    assert spec.notes["evaluated_stream"] == "validation" and "test_sizes" not in spec.notes
+    assert spec.notes["validation"]["fraction"] == 0.34
+    assert spec.notes["validation"]["seed"] == 0
+    assert spec.notes["validation"]["train_sizes_before"] == plain.notes["train_sizes"]
+    json.dumps(spec.notes)
+
+    def val_inputs(seed):
+        built = build_benchmark("split-glue", data_root=root, validation=0.34, seed=seed, **options)
+        return [inputs(e) for e in built.benchmark.test_stream]
+
+    same, other = val_inputs(0), val_inputs(1)
+    assert all(torch.equal(x, inputs(e)) for x, e in zip(same, bm.test_stream, strict=True))
+    assert any(not torch.equal(x, y) for x, y in zip(same, other, strict=True))
+
+
+def test_validation_task_incremental_keeps_task_labels(data_root, tok):
+    spec = build_benchmark(
+        "split-glue", data_root=data_root, tokenizer=tok, max_length=L, validation=0.25,
+        task_order=["MultiRC", "CB", "WiC"],
+    )  # fmt: skip
+    bm = spec.benchmark
+    assert spec.protocol == "task-incremental" and spec.classes_per_task == [2, 3, 2]
+    assert task_labels(bm.train_stream) == task_labels(bm.test_stream) == [0, 1, 2]
+    # MultiRC has no test file: its 20% test part stays out; validation comes from the rest
+    assert spec.notes["validation"]["train_sizes_before"] == [12, 8, 7]
+    assert spec.notes["validation_sizes"] == [3, 3, 2]
+    assert [sorted(set(targets(e))) for e in bm.test_stream] == [[0, 1], [0, 1, 2], [0, 1]]
+
+
+def test_validation_on_every_builder(data_root, tok, tmp_path):
+    """Images keep train transforms on the train part and eval transforms on the validation;
+    CIFAR and PACS need no test files; sizes follow round(fraction * n) per class."""
+    write_cifar(tmp_path / "cifar-100-python", train_per_class=5)
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    cifar = build_benchmark(
+        "split-cifar100-10", data_root=tmp_path, validation=0.2, num_experiences=2
+    )
+    assert cifar.notes["train_sizes"] == [40, 40] and cifar.notes["validation_sizes"] == [10, 10]
+    assert [sorted(set(targets(e))) for e in cifar.benchmark.test_stream] == [
+        list(range(10)), list(range(10, 20)),
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    train, val = cifar.benchmark.train_stream[0].dataset, cifar.benchmark.test_stream[0].dataset
+    assert any(not torch.equal(train[0][0], train[0][0]) for _ in range(10))
+    assert all(torch.equal(val[0][0], val[0][0]) for _ in range(5))
+    with pytest.raises(ValueError, match="cifar-100-python/test"):
+        build_benchmark("split-cifar100-10", data_root=tmp_path)
+
+    pacs_root = tmp_path / "pacs"
+    write_pacs(pacs_root / "pacs-64")
+    (pacs_root / "pacs-64" / "test").rename(pacs_root / "elsewhere")
+    pacs = build_benchmark("pacs-dil", data_root=pacs_root, validation=0.4, image_size=8)
+    # per class 5, 3, 4, 6 training images -> 2, 1, 2, 2 held out, times 3 classes
+    assert pacs.notes["validation_sizes"] == [6, 3, 6, 6]
+    assert pacs.notes["train_sizes"] == [9, 6, 6, 12]
+    assert task_labels(pacs.benchmark.test_stream) == [0] * 4
+    assert pacs.benchmark.test_stream[0].dataset[0][0].shape == (3, 8, 8)
+
+    senti = build_benchmark(
+        "sentiment-dil", data_root=data_root, tokenizer=tok, max_length=L, validation=0.2
+    )
+    # negative/positive after mapping: amazon 5/11, yelp 16/16 (test part out), IMDB 4/8, SST-2 3/4
+    assert senti.notes["validation_sizes"] == [1 + 2, 3 + 3, 1 + 2, 1 + 1]
+    assert senti.protocol == "domain-incremental" and senti.num_classes == 2
+
+    bbc = build_benchmark("bbc-news", tokenizer=tok, max_length=L, limit_per_class=5,
+                          validation=0.2)  # fmt: skip
+    assert bbc.notes["train_sizes"] == [12, 8] and bbc.notes["validation_sizes"] == [3, 2]
+    assert [sorted(e.classes_in_this_experience) for e in bbc.benchmark.test_stream] == [
+        [0, 1, 2], [3, 4],
+    ]  # fmt: skip
+
+    with pytest.raises(ValueError, match="validation must be a fraction"):
+        build_benchmark("pacs-dil", data_root=pacs_root, validation=1)
+    with pytest.raises(ValueError, match="experience 0 .photo.*nothing to train on"):
+        build_benchmark("pacs-dil", data_root=pacs_root, validation=0.5, limit_per_class=1)
+    for name in BENCHMARKS:
+        assert benchmark_options(name)["validation"].default == 0.0
+
+
+def test_validation_run_end_to_end(tmp_path):
+    """A run on pacs-dil with a validation split: no test folder at all, a -val result file
+    whose notes say what was evaluated."""
+    from cl_sulora.experiment import resolve_config, run
+
+    write_pacs(tmp_path / "pacs-64")
+    (tmp_path / "pacs-64" / "test").rename(tmp_path / "moved-away")
+    tiny_vit = {"img_size": 8, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}
+    config = resolve_config(
+        "pacs-dil",
+        "sulora",
+        {
+            "backbone.name": "vit_small_patch16_224",
+            "backbone.kwargs": tiny_vit,
+            "training.epochs": 1,
+            "training.batch_size": 8,
+            "device": "cpu",
+            "out": str(tmp_path / "results"),
+            "data.data_root": str(tmp_path),
+            "data.validation": 0.4,
+            "data.num_experiences": 2,
+        },
+    )
+    result = run(config)
+    assert result.path == tmp_path / "results" / "pacs-dil-val0.4__sulora__seed0.json"
+    record = json.loads(result.path.read_text())
+    assert record["notes"]["evaluated_stream"] == "validation"
+    assert record["notes"]["validation_sizes"] == [6, 3]
+    assert record["config"]["data"]["validation"] == 0.4
+    assert len(record["accuracy_matrix"]) == 2
 
 
 # ---------------------------------------------------------------- real data (optional)

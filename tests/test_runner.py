@@ -281,6 +281,21 @@ def test_result_names():
     assert resolve_config("bbc-news", "sulora").backbone.name == "minilm-l6"
 
 
+def test_validation_option_names_results_and_is_checked():
+    config = resolve_config("split-glue", "sulora", {"data.validation": 0.1})
+    assert result_path(config).name == "split-glue-task-incremental-val0.1__sulora__seed0.json"
+    args = cli.build_parser().parse_args(["run", "--validation", "0.2"])
+    config = resolve_config("pacs-dil", "sulora", cli.overrides_from(args))
+    assert config.data["validation"] == 0.2
+    assert result_path(config).name == "pacs-dil-val0.2__sulora__seed0.json"
+    overrides = parse_overrides(["data.validation=0.15"])
+    assert resolve_config("split-cifar100-10", "sulora", overrides).data["validation"] == 0.15
+    assert "val" not in result_path(resolve_config("pacs-dil", "sulora")).name
+    for bad in (1.0, -0.5, "10%"):
+        with pytest.raises(ConfigError, match="data.validation: validation must be a fraction"):
+            resolve_config("bbc-news", "sulora", {"data.validation": bad})
+
+
 def test_demo_settings_resolve():
     for strategy in cli.DEMO["strategies"]:
         if load_preset(strategy).spec.name not in METHODS:

@@ -1,12 +1,14 @@
 """Shared pieces of the benchmark builders: the spec, data-root lookup, seeded limits and
-splits, text tasks, tokenisation and Avalanche dataset/scenario construction."""
+splits, text tasks, tokenisation, Avalanche dataset/scenario construction and the validation
+split carved from the training experiences."""
 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,21 +169,28 @@ def _read_rows(path: Path, label_names: list[str]) -> tuple[list[str], list[str]
     return [r["sentence"] for r in kept], [r["label"] for r in kept], len(rows) - len(kept)
 
 
-def read_text_task(task_dir: Path, name: str, test_fraction: float, seed: int) -> TextTask:
+def read_text_task(
+    task_dir: Path, name: str, test_fraction: float, seed: int, with_test: bool = True
+) -> TextTask:
     """Read ``train/test/labels.json`` of a task, dropping rows with unknown labels; without a
-    test file, a seeded stratified ``test_fraction`` of train becomes the test split."""
+    test file, a seeded stratified ``test_fraction`` of train becomes the test split. With
+    ``with_test=False`` the test split is left empty (and the test file unread); train is the
+    same either way."""
     label_names = _read_json(task_dir / "labels.json")
     if not isinstance(label_names, list) or not all(isinstance(x, str) for x in label_names):
         raise ValueError(f"{task_dir / 'labels.json'} must be a JSON list of label names")
     texts, labels, dropped_train = _read_rows(task_dir / "train.json", label_names)
     test_path = task_dir / "test.json"
     if test_path.is_file():
-        test_texts, test_labels, dropped_test = _read_rows(test_path, label_names)
+        test_texts, test_labels, dropped_test = (
+            _read_rows(test_path, label_names) if with_test else ([], [], 0)
+        )
         train = (texts, labels)
     else:
         keep, held = stratified_split(labels, test_fraction, seed)
         train = ([texts[i] for i in keep], [labels[i] for i in keep])
         test_texts, test_labels = [texts[i] for i in held], [labels[i] for i in held]
+        test_texts, test_labels = (test_texts, test_labels) if with_test else ([], [])
         dropped_test = 0
     return TextTask(
         name=name,
@@ -318,3 +327,82 @@ def class_range_name(first: int, count: int, names: Sequence[str] | None = None)
     """Experience name such as ``classes 0-9`` (with class names when given)."""
     text = f"classes {first}-{first + count - 1}" if count > 1 else f"class {first}"
     return f"{text} ({', '.join(names)})" if names else text
+
+
+# ------------------------------------------------------------------------------ validation
+VALIDATION_HINT = "use a smaller validation fraction, or a larger limit_per_class"
+
+
+def wants_validation(validation: float) -> bool:
+    """Check a ``validation`` fraction (0 <= v < 1); True when a split is to be carved, so the
+    builder can leave the test data unread."""
+    if (
+        not isinstance(validation, numbers.Real)
+        or isinstance(validation, bool)
+        or not 0.0 <= validation < 1.0
+    ):
+        raise ValueError(
+            f"validation must be a fraction 0 <= v < 1 of each training experience to hold out "
+            f"(0: evaluate on test; e.g. 0.1), got {validation!r}"
+        )
+    return validation > 0
+
+
+def validation_split(
+    labels: Sequence[Any], fraction: float, seed: int | Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-label split into (train, held-out) sorted indices: ``round(fraction * n)``
+    (at least 1) of each label's ``n`` items are held out; every label must keep one to train."""
+    wants_validation(fraction)
+    rng = np.random.RandomState(seed)
+    labels_arr = np.asarray(labels)
+    held = []
+    for label in sorted(set(labels_arr.tolist())):
+        idx = rng.permutation(np.flatnonzero(labels_arr == label))
+        count = max(1, int(round(fraction * len(idx)))) if fraction > 0 else 0
+        if count >= len(idx):
+            raise ValueError(
+                f"validation={fraction} would leave class {label} ({len(idx)} training "
+                f"sample(s)) nothing to train on; {VALIDATION_HINT}"
+            )
+        held.append(idx[:count])
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels_arr)), held_idx), held_idx
+
+
+def carve_validation(spec: BenchmarkSpec, fraction: float, seed: int) -> BenchmarkSpec:
+    """``spec`` with each training experience split per class into a train part (training
+    transforms) and a held-out part (eval transforms); the held-out parts REPLACE the test
+    stream. Experience order, classes, task labels and protocol are unchanged; the split of
+    experience i is seeded by ``(seed, i)``. ``fraction`` 0 returns ``spec`` as it is.
+
+    The builders pass placeholder test data when ``fraction > 0`` (the test files are not read),
+    so the test stream of ``spec`` is ignored here."""
+    if not wants_validation(fraction):
+        return spec
+    train, held = [], []
+    for exp in spec.benchmark.train_stream:
+        targets = [int(t) for t in exp.dataset.targets]
+        try:
+            keep, out = validation_split(targets, fraction, [seed, exp.current_experience])
+        except ValueError as err:
+            name = spec.experience_names[exp.current_experience]
+            raise ValueError(f"experience {exp.current_experience} ({name}): {err}") from err
+        train.append(exp.dataset.subset(keep.tolist()).train())
+        held.append(exp.dataset.subset(out.tolist()).eval())
+    sizes = {"train": [len(d) for d in train], "validation": [len(d) for d in held]}
+    notes = {k: v for k, v in spec.notes.items() if k != "test_sizes"}
+    notes.update(
+        evaluated_stream="validation",
+        validation={
+            "fraction": fraction,
+            "seed": seed,
+            "rule": "per class of each training experience, a seeded round(fraction * n) "
+            "(at least 1) is held out; the test stream is these held-out parts and the test "
+            "data is not loaded",
+            "train_sizes_before": [len(e.dataset) for e in spec.benchmark.train_stream],
+        },
+        train_sizes=sizes["train"],
+        validation_sizes=sizes["validation"],
+    )
+    return replace(spec, benchmark=stream_benchmark(train, held), notes=notes)

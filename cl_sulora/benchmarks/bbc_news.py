@@ -12,12 +12,14 @@ from avalanche.benchmarks import nc_benchmark
 from ._common import (
     BenchmarkSpec,
     LabelledData,
+    carve_validation,
     class_range_name,
     keep_first,
     limit_indices,
     load_tokenizer,
     stratified_split,
     tokenize,
+    wants_validation,
 )
 
 
@@ -50,10 +52,13 @@ def build_bbc_news(
     seed: int = 0,
     limit_per_class: int | None = None,
     num_experiences: int | None = None,
+    validation: float = 0.0,
 ) -> BenchmarkSpec:
     """The 5 BBC News classes in a seeded order, split into experiences of
     ``classes_per_experience`` classes; labels are remapped to the position in that order.
-    A seeded stratified ``test_fraction`` of each class is the test set."""
+    A seeded stratified ``test_fraction`` of each class is the test set; ``validation > 0``
+    evaluates on that fraction of each training experience instead (the test set unused)."""
+    held_out = wants_validation(validation)
     folder = data_dir()
     texts, labels, classes = read_articles(folder)
     sizes = list(classes_per_experience)
@@ -73,9 +78,10 @@ def build_bbc_news(
         return LabelledData(x, [labels[i] for i in idx])
 
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+    train = dataset(train_idx)
     benchmark = nc_benchmark(
-        dataset(train_idx),
-        dataset(test_idx),
+        train,
+        train if held_out else dataset(test_idx),  # a placeholder, replaced by the validation
         n_experiences=len(sizes),
         task_labels=False,
         fixed_class_order=kept,
@@ -87,7 +93,7 @@ def build_bbc_news(
         class_range_name(s, n, [classes[c] for c in order[s : s + n]])
         for s, n in zip(starts, sizes, strict=False)
     ]
-    return BenchmarkSpec(
+    spec = BenchmarkSpec(
         name="bbc-news",
         benchmark=benchmark,
         protocol="class-incremental",
@@ -113,3 +119,4 @@ def build_bbc_news(
         },
         data_root=folder,
     )
+    return carve_validation(spec, validation, seed)

@@ -18,11 +18,13 @@ from ._common import (
     UNPACK_HINT,
     BenchmarkSpec,
     LabelledData,
+    carve_validation,
     class_range_name,
     image_transforms,
     keep_first,
     limit_indices,
     resolve_data_root,
+    wants_validation,
 )
 
 DIRNAME = "cifar-100-python"
@@ -90,15 +92,19 @@ def build_split_cifar100(
     limit_per_class: int | None = None,
     num_experiences: int | None = None,
     seed: int = 0,
+    validation: float = 0.0,
 ) -> BenchmarkSpec:
     """Split CIFAR-100 into ``n_splits`` experiences of equally many classes.
 
     Labels are remapped to the position in the class order, so experience i holds classes
-    i*C..(i+1)*C-1; ``notes["class_order"]`` gives the original CIFAR ids.
+    i*C..(i+1)*C-1; ``notes["class_order"]`` gives the original CIFAR ids. ``validation > 0``
+    evaluates on that fraction of each training experience instead of the test set
+    (:func:`~cl_sulora.benchmarks._common.carve_validation`); the test file is then not read.
     """
     if not isinstance(n_splits, int) or n_splits < 1 or NUM_CLASSES % n_splits:
         raise ValueError(f"n_splits must divide 100, got {n_splits!r}")
     kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
+    held_out = wants_validation(validation)
     root = resolve_data_root(data_root)
     folder = root / DIRNAME
     if not folder.is_dir() and (root / "meta").is_file():
@@ -108,7 +114,7 @@ def build_split_cifar100(
         folder = root / DIRNAME
 
     train_x, train_y = load_split(folder / "train")
-    test_x, test_y = load_split(folder / "test")
+    test_x, test_y = (train_x, train_y) if held_out else load_split(folder / "test")
     names = _unpickle(folder / "meta").get("fine_label_names")
 
     per_exp = NUM_CLASSES // n_splits
@@ -134,7 +140,7 @@ def build_split_cifar100(
         eval_transform=eval_tf,
     )
     ordered_names = [names[c] for c in order] if names else None
-    return BenchmarkSpec(
+    spec = BenchmarkSpec(
         name=f"split-cifar100-{n_splits}",
         benchmark=benchmark,
         protocol="class-incremental",
@@ -158,3 +164,4 @@ def build_split_cifar100(
         },
         data_root=root,
     )
+    return carve_validation(spec, validation, seed)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ._common import (
     BenchmarkSpec,
+    carve_validation,
     check_order,
     find_layout,
     keep_first,
@@ -16,6 +17,7 @@ from ._common import (
     resolve_data_root,
     stream_benchmark,
     text_dataset,
+    wants_validation,
 )
 
 DIRNAME = "CL_Benchmark"
@@ -45,6 +47,7 @@ def build_split_glue(
     num_experiences: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
+    validation: float = 0.0,
 ) -> BenchmarkSpec:
     """One experience per task of ``task_order``.
 
@@ -52,14 +55,20 @@ def build_split_glue(
     class-incremental: task label 0; task i's labels are offset by the label counts of the
     tasks before it, giving one head over all tasks' labels. Tasks without a test file get a
     seeded stratified ``test_fraction`` of train as test (listed in ``notes``).
+    ``validation > 0`` evaluates on that fraction of each task's training data instead of the
+    test split, which is then not read or tokenised.
     """
+    held_out = wants_validation(validation)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     tasks = keep_first(check_order("task_order", task_order, list(TASK_PATHS)), num_experiences)
     tokenizer = load_tokenizer(tokenizer)
     root = resolve_data_root(data_root)
     folder = find_layout(root, DIRNAME, TASK_PATHS[tasks[0]])
-    loaded = [read_text_task(folder / TASK_PATHS[t], t, test_fraction, seed) for t in tasks]
+    loaded = [
+        read_text_task(folder / TASK_PATHS[t], t, test_fraction, seed, with_test=not held_out)
+        for t in tasks
+    ]
 
     incremental = protocol == "task-incremental"
     streams: dict[str, list] = {"train": [], "test": []}
@@ -68,7 +77,8 @@ def build_split_glue(
     for i, task in enumerate(loaded):
         offsets.append(0 if incremental else offset)
         label_ids = {name: k + offsets[-1] for k, name in enumerate(task.label_names)}
-        for split, (texts, names) in (("train", task.train), ("test", task.test)):
+        splits = (("train", task.train),) + (() if held_out else (("test", task.test),))
+        for split, (texts, names) in splits:
             ids = [label_ids[n] for n in names]
             data = text_dataset(
                 texts, ids, i if incremental else 0, tokenizer, max_length, limit_per_class, seed
@@ -78,7 +88,9 @@ def build_split_glue(
         offset += len(task.label_names)
 
     classes_per_task = [len(t.label_names) for t in loaded]
-    return BenchmarkSpec(
+    if held_out:  # placeholder test stream, replaced by carve_validation
+        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    spec = BenchmarkSpec(
         name="split-glue",
         benchmark=stream_benchmark(streams["train"], streams["test"]),
         protocol=protocol,
@@ -104,3 +116,4 @@ def build_split_glue(
         data_root=root,
         classes_per_task=classes_per_task if incremental else None,
     )
+    return carve_validation(spec, validation, seed)

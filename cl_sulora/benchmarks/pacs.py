@@ -12,6 +12,7 @@ from ._common import (
     UNPACK_HINT,
     BenchmarkSpec,
     LabelledData,
+    carve_validation,
     check_order,
     classification_dataset,
     find_layout,
@@ -21,6 +22,7 @@ from ._common import (
     open_rgb,
     resolve_data_root,
     stream_benchmark,
+    wants_validation,
 )
 
 DIRNAME = "pacs-64"
@@ -59,9 +61,12 @@ def build_pacs_dil(
     limit_per_class: int | None = None,
     num_experiences: int | None = None,
     seed: int = 0,
+    validation: float = 0.0,
 ) -> BenchmarkSpec:
     """PACS as one experience per domain in ``domain_order``, all with the same 7 classes
-    (ids = sorted class folder names) and task label 0."""
+    (ids = sorted class folder names) and task label 0. ``validation > 0`` evaluates on that
+    fraction of each training domain instead of the test split, which is then not read."""
+    held_out = wants_validation(validation)
     domains = keep_first(check_order("domain_order", domain_order, DOMAINS), num_experiences)
     root = resolve_data_root(data_root)
     folder = find_layout(root, DIRNAME, "train")
@@ -69,7 +74,7 @@ def build_pacs_dil(
     transforms = image_transforms(image_size, mean, std, augment, resize=True)
     streams: dict[str, list] = {"train": [], "test": []}
     sizes: dict[str, list[int]] = {"train": [], "test": []}
-    for split in ("train", "test"):
+    for split in ("train",) if held_out else ("train", "test"):
         for domain in domains:
             paths, labels = _domain_files(folder / split / domain, classes)
             keep = limit_indices(labels, limit_per_class, seed)
@@ -77,7 +82,9 @@ def build_pacs_dil(
             group = "train" if split == "train" else "eval"
             streams[split].append(classification_dataset(data, 0, transforms, group))
             sizes[split].append(len(data))
-    return BenchmarkSpec(
+    if held_out:  # placeholder test stream, replaced by carve_validation
+        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    spec = BenchmarkSpec(
         name="pacs-dil",
         benchmark=stream_benchmark(streams["train"], streams["test"]),
         protocol="domain-incremental",
@@ -99,3 +106,4 @@ def build_pacs_dil(
         },
         data_root=root,
     )
+    return carve_validation(spec, validation, seed)

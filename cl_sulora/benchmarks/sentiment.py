@@ -8,6 +8,7 @@ from typing import Any
 
 from ._common import (
     BenchmarkSpec,
+    carve_validation,
     check_order,
     find_layout,
     keep_first,
@@ -16,6 +17,7 @@ from ._common import (
     resolve_data_root,
     stream_benchmark,
     text_dataset,
+    wants_validation,
 )
 
 DIRNAME = "CL_Benchmark"
@@ -40,12 +42,16 @@ def build_sentiment_dil(
     num_experiences: int | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
+    validation: float = 0.0,
 ) -> BenchmarkSpec:
     """One experience per domain with labels negative=0 / positive=1 and task label 0.
 
     Ratings 1-2 are negative, 4-5 positive, 3 (neutral) dropped; Bad/Good map to 0/1.
     Domains without a test file get a seeded stratified ``test_fraction`` of train as test.
+    ``validation > 0`` evaluates on that fraction of each domain's training data instead of the
+    test split, which is then not read or tokenised.
     """
+    held_out = wants_validation(validation)
     domains = keep_first(check_order("domain_order", domain_order, list(DOMAINS)), num_experiences)
     tokenizer = load_tokenizer(tokenizer)
     root = resolve_data_root(data_root)
@@ -56,13 +62,14 @@ def build_sentiment_dil(
     loaded = []
     for domain in domains:
         path, mapping = DOMAINS[domain]
-        task = read_text_task(folder / path, domain, test_fraction, seed)
+        task = read_text_task(folder / path, domain, test_fraction, seed, not held_out)
         if set(task.label_names) != set(mapping):
             labels_file = folder / path / "labels.json"
             raise ValueError(f"{labels_file} lists {task.label_names}, expected {list(mapping)}")
         loaded.append(task)
         dropped[domain] = dict(task.dropped)
-        for split, (texts, names) in (("train", task.train), ("test", task.test)):
+        splits = (("train", task.train),) + (() if held_out else (("test", task.test),))
+        for split, (texts, names) in splits:
             keep = [j for j, n in enumerate(names) if mapping[n] is not None]
             dropped[domain][f"{split}_neutral"] = len(names) - len(keep)
             data = text_dataset(
@@ -76,7 +83,9 @@ def build_sentiment_dil(
             )
             streams[split].append(data)
             sizes[split].append(len(data))
-    return BenchmarkSpec(
+    if held_out:  # placeholder test stream, replaced by carve_validation
+        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    spec = BenchmarkSpec(
         name="sentiment-dil",
         benchmark=stream_benchmark(streams["train"], streams["test"]),
         protocol="domain-incremental",
@@ -101,3 +110,4 @@ def build_sentiment_dil(
         },
         data_root=root,
     )
+    return carve_validation(spec, validation, seed)
