@@ -1,7 +1,10 @@
 """Run an accuracy campaign: many ``cl-sulora run`` processes side by side on one GPU.
 
 Each (benchmark, strategy, seed) is one process writing its result JSON and log into ``--out``;
-``--parallel`` processes share the device. Extra arguments after ``--`` go to every run.
+``--parallel`` processes share the device. Extra arguments after ``--`` go to every run. A
+strategy is a preset name or a preset file (e.g. a variant under ``benchmarks/accuracy/variants``).
+With ``--checkpoint-root`` every run checkpoints after each experience and, when the campaign is
+started again, finished runs are skipped and unfinished ones resume.
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
         --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint-root", type=Path, default=None)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
@@ -46,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     while todo or running:
         while todo and len(running) < args.parallel:
             benchmark, strategy, seed = todo.popleft()
-            name = f"{benchmark}__{strategy}__seed{seed}"
-            log = open(args.out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+            name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
+            if (args.out / f"{name}.done").exists():
+                continue
             cmd = [sys.executable, "-m", "cl_sulora.cli", "run", "--benchmark", benchmark,
                    "--strategy", strategy, "--seed", str(seed), "--out", str(args.out), *extra]
+            if args.checkpoint_root:
+                directory = args.checkpoint_root / name
+                cmd += ["--checkpoint-dir", str(directory)]
+                if directory.is_dir() and any(directory.iterdir()):
+                    cmd.append("--resume-fallback")
+            log = open(args.out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name,
                             time.time()))
         time.sleep(2)
@@ -61,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
             if proc.returncode:
                 failed.append(name)
+            else:
+                (args.out / f"{name}.done").touch()
             print(f"[{time.time() - start:7.1f}s] {name}: {status} in {time.time() - began:.0f}s",
                   flush=True)
     print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
