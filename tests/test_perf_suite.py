@@ -66,6 +66,11 @@ def test_group_files(run_dir):
                                                                   "data"}
         assert any(r["fused_pairs"] > 0 for r in boundary["records"])
         assert boundary["experience_train_ms"] > 0
+        assert boundary["steps_per_experience"] == (boundary["epochs"]
+                                                    * boundary["steps_per_epoch"])
+        sweep = boundary["data_sample_sweep"]
+        assert [r["data_max_samples"] for r in sweep] == [4, 16]
+        assert all(r["median_total_ms"] > 0 for r in sweep)
         floor = by_group["floor"]["results"]
         assert floor["floor_ms"] > 0 and floor["matmul"]["tflops"] > 0
         assert by_group["profile"]["results"]["top_ops"]
