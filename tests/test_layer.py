@@ -238,3 +238,42 @@ def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
         assert free >= 0 and used >= 0 and free + used == rank * slots
         A = layer.lora_A[layer.used_rows()]
         torch.testing.assert_close(A @ A.T, torch.eye(used), rtol=0, atol=1e-5)
+
+
+def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
+    """torch.compile sees one graph: SuLoRA's and the branch layer's forwards, with frozen and
+    training slots (branches with magnitudes, as SD-LoRA's), have no graph break."""
+    import torch._dynamo as dynamo
+
+    from cl_sulora.branch_layer import (
+        BranchLoRAConfig,
+        LoRABranch,
+        add_branch_lora,
+        branch_lora_layers,
+    )
+    from cl_sulora.config import SubspaceLoRAConfig
+    from cl_sulora.injection import add_subspace_lora, subspace_lora_layers
+    from tests.conftest import tiny_vit
+
+    add_subspace_lora(vit_model, SubspaceLoRAConfig(rank=2, num_slots=4))
+    for owner in range(3):
+        for layer in subspace_lora_layers(vit_model).values():
+            layer.start_slot(owner, directions_outside(
+                torch.randn(4, layer.in_features), layer.lora_A[layer.used_rows()], 2))
+            if owner < 2:
+                layer.end_slot(torch.rand(2))
+    branchy = tiny_vit()
+    add_branch_lora(branchy, BranchLoRAConfig(rank=2))
+    for t in range(3):
+        for layer in branch_lora_layers(branchy).values():
+            layer.add_branch(LoRABranch(torch.randn(2, layer.in_features),
+                                        torch.randn(layer.n_out, 2), magnitude=1.0,
+                                        normalise="product", train_A=t == 2, train_B=t == 2))
+    x = torch.randn(2, 3, 8, 8)
+    for model in (vit_model, branchy):
+        for grad in (True, False):
+            dynamo.reset()
+            with torch.set_grad_enabled(grad):
+                explained = dynamo.explain(lambda inputs, m=model: m(inputs).sum())(x)
+            assert explained.graph_break_count == 0, explained.break_reasons
+    dynamo.reset()
