@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from .layer import SubspaceLoRALinear
-from .subspace import directions_outside, extend_basis, orthonormal_basis, top_eigvecs
+from .subspace import (
+    batched_top_eigvecs,
+    directions_outside,
+    extend_bases,
+    extend_orthonormal,
+    project_matrix,
+)
 
 
 class Allocator:
@@ -33,14 +39,31 @@ class Allocator:
     def candidates(self, layer_name: str, layer: SubspaceLoRALinear, n: int, owner: int) -> Tensor:
         raise NotImplementedError
 
+    def candidates_for(self, layers: dict[str, SubspaceLoRALinear], n: dict[str, int],
+                       owner: int) -> dict[str, Tensor]:
+        """Candidates of several layers (subclasses batch their linear algebra here)."""
+        return {name: self.candidates(name, layer, n[name], owner)
+                for name, layer in layers.items()}
+
     @torch.no_grad()
     def directions(
         self, layer_name: str, layer: SubspaceLoRALinear, n: int, owner: int
     ) -> Tensor:
-        used = layer.lora_A[layer.used_rows()]
-        cands = self.candidates(layer_name, layer, n, owner)
-        gen = self.generator(layer_name, owner)
-        return directions_outside(cands.cpu(), used.cpu(), n, generator=gen)
+        return self.directions_for({layer_name: layer}, owner, {layer_name: n})[layer_name]
+
+    @torch.no_grad()
+    def directions_for(self, layers: dict[str, SubspaceLoRALinear], owner: int,
+                       n: dict[str, int] | None = None) -> dict[str, Tensor]:
+        """Each layer's new rows (``n[name]``, default its rank), on the layer's device."""
+        n = n or {name: layer.rank for name, layer in layers.items()}
+        cands = self.candidates_for(layers, n, owner)
+        found = {}
+        for name, layer in layers.items():
+            used = layer.lora_A[layer.used_rows()]
+            gen = self.generator(name, owner)
+            found[name] = directions_outside(cands[name].to(used.device), used, n[name],
+                                             generator=gen)
+        return found
 
     def prepare(self, covariances: dict[str, Tensor]) -> None:
         """Receive the new experience's per-layer input covariances (``needs_data`` only)."""
@@ -65,10 +88,20 @@ class PrincipalAllocator(Allocator):
     name = "principal"
 
     def candidates(self, layer_name, layer, n, owner):
-        weight = layer.weight.detach()
-        if layer.out_index is not None:
-            weight = weight[layer.out_index]
-        return torch.linalg.svd(weight.double(), full_matrices=False).Vh
+        return self.candidates_for({layer_name: layer}, {layer_name: n}, owner)[layer_name]
+
+    def candidates_for(self, layers, n, owner):
+        """Eigenvectors of ``W^T W`` (the right-singular vectors of ``W``, by decreasing
+        singular value), on the layers' device, one batched eigendecomposition per shape."""
+        grams = []
+        for layer in layers.values():
+            weight = layer.weight.detach()
+            if layer.out_index is not None:
+                weight = weight[layer.out_index]
+            weight = weight.double()
+            grams.append(weight.T @ weight)
+        eig = batched_top_eigvecs(grams)
+        return {name: vectors for name, (_, vectors) in zip(layers, eig, strict=True)}
 
 
 class DataAllocator(Allocator):
@@ -90,22 +123,33 @@ class DataAllocator(Allocator):
     def prepare(self, covariances):
         self._covariances = covariances
 
-    def candidates(self, layer_name, layer, n, owner):
-        if layer_name not in self._covariances:
-            raise RuntimeError(f"no input statistics for {layer_name}: call prepare() first")
-        cov = self._covariances[layer_name].cpu()
-        old = torch.cat([layer.input_basis.cpu(), layer.lora_A[layer.used_rows()].cpu()])
-        basis = orthonormal_basis(old)
-        proj = torch.eye(cov.shape[0], dtype=torch.float64) - basis.T @ basis
-        _, vectors = top_eigvecs(proj @ cov @ proj)
-        return vectors
+    def candidates_for(self, layers, n, owner):
+        """Eigenvectors of the new experience's input covariance with the kept input basis and
+        the rows in use projected out, on the layers' device, batched per shape."""
+        missing = [name for name in layers if name not in self._covariances]
+        if missing:
+            raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
+        projected = []
+        for name, layer in layers.items():
+            cov = self._covariances[name].to(layer.lora_A.device)
+            used = layer.lora_A[layer.used_rows()]
+            # the kept basis is orthonormal (up to its storage dtype): only the rows in use
+            # are orthonormalised against it
+            basis = extend_orthonormal(layer.input_basis.double(), used)
+            projected.append(project_matrix(cov, basis))
+        return {name: vectors
+                for name, (_, vectors) in zip(layers, batched_top_eigvecs(projected), strict=True)}
 
     def update(self, layers, covariances):
-        for name, layer in layers.items():
-            room = layer.in_features - layer.lora_A.shape[0]
-            cov = covariances[name].cpu()
-            basis = extend_basis(layer.input_basis.cpu(), cov, self.energy, room)
-            layer.input_basis = basis.to(layer.input_basis)
+        names = list(layers)
+        grown = extend_bases(
+            [layers[name].input_basis for name in names],
+            [covariances[name].to(layers[name].lora_A.device) for name in names],
+            self.energy,
+            [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
+        )
+        for name, basis in zip(names, grown, strict=True):
+            layers[name].input_basis = basis.to(layers[name].input_basis)
         self._covariances = {}
 
 

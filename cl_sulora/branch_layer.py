@@ -151,7 +151,9 @@ class BranchLoRALinear(nn.Module):
 
     The frozen branches (``A`` and ``B`` both frozen) are concatenated into cached matrices, so
     all branches are applied with one pair of matmuls; only their magnitudes are read live. The
-    caches are rebuilt by :meth:`refresh`, which every structural change calls.
+    caches are rebuilt by :meth:`refresh`, which every structural change calls. Without
+    gradients (evaluation, ``torch.no_grad``) the branches are applied to the weight instead: one
+    ``F.linear`` with ``W0 + sum_t c_t B_t A_t``, built per call (nothing is merged into ``W0``).
 
     ``input_basis`` holds rows of an input subspace a method keeps for this layer (InfLoRA's
     DualGPM; the complement of that subspace when ``basis_is_complement``): stored state.
@@ -170,13 +172,16 @@ class BranchLoRALinear(nn.Module):
         self.register_buffer("basis_is_complement", torch.zeros((), dtype=torch.bool))
         self.merged = False
         self._weight_backup: Tensor | None = None
+        self._has_magnitudes = False
         self._frozen: list[LoRABranch] = []
         self._training: list[LoRABranch] = []
         self.register_buffer("_A_frozen", torch.zeros(0, base.in_features, **factory),
                              persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(base.out_features, 0, **factory),
                              persistent=False)
-        self.register_buffer("_frozen_ranks", torch.zeros(0, dtype=torch.long), persistent=False)
+        # branch index of each cached frozen row: gathers the magnitudes row by row
+        self.register_buffer("_frozen_branch_of_row", torch.zeros(0, dtype=torch.long),
+                             persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     # ------------------------------------------------------------------ properties
@@ -242,8 +247,10 @@ class BranchLoRALinear(nn.Module):
         else:
             self._A_frozen = ref.new_zeros(0, self.in_features)
             self._B_frozen = ref.new_zeros(self.out_features, 0)
-        self._frozen_ranks = torch.tensor([b.rank for b in self._frozen], dtype=torch.long,
-                                          device=ref.device)
+        ranks = torch.tensor([b.rank for b in self._frozen], dtype=torch.long)
+        self._frozen_branch_of_row = torch.arange(len(self._frozen)).repeat_interleave(
+            ranks).to(ref.device)
+        self._has_magnitudes = any(b.magnitude is not None for b in self._frozen)
 
     # ------------------------------------------------------------------ inference modes
     def delta_weight(self) -> Tensor:
@@ -254,13 +261,23 @@ class BranchLoRALinear(nn.Module):
                 return torch.zeros_like(self.base.weight)
             return (B * coef) @ A
 
+    def effective_weight(self) -> Tensor:
+        """``W0`` plus every branch's update, in ``W0``'s dtype; ``W0`` untouched. Computed
+        outside autocast, so under bf16 autocast the forward casts what :meth:`merge` leaves."""
+        weight = self.base.weight
+        if self.merged or not len(self.branches):
+            return weight
+        A, coef, B = self._stacked()
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.addmm(weight, (B * coef).to(weight.dtype), A.to(weight.dtype))
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every branch into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
         if self.merged:
             return
         self._weight_backup = self.base.weight.detach().clone()
-        self.base.weight.add_(self.delta_weight())
+        self.base.weight.copy_(self.effective_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -274,11 +291,20 @@ class BranchLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         if self.merged or not len(self.branches):
-            return out
+            return self.base(x)
+        if torch.is_grad_enabled():
+            return self._forward_activations(x)
+        return self._forward_weight(x)
+
+    def _forward_activations(self, x: Tensor) -> Tensor:
+        """``W0 x + B (coef * A x)``: the path that gives the branches their gradients."""
         A, coef, B = self._stacked()
-        return out + F.linear(F.linear(x, A) * coef, B)
+        return self.base(x) + F.linear(F.linear(x, A) * coef, B)
+
+    def _forward_weight(self, x: Tensor) -> Tensor:
+        """``(W0 + B diag(coef) A) x``: one matmul over the activations."""
+        return F.linear(x, self.effective_weight(), self.base.bias)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -294,10 +320,13 @@ class BranchLoRALinear(nn.Module):
         (``d_out x R``): cached frozen rows first, then the training branches."""
         A_parts, coef_parts, B_parts = [self._A_frozen], [], [self._B_frozen]
         if self._frozen:
-            one = self._A_frozen.new_ones(())
-            magnitudes = torch.stack([one if b.magnitude is None else b.magnitude
-                                      for b in self._frozen])
-            coef_parts.append(magnitudes.repeat_interleave(self._frozen_ranks))
+            if self._has_magnitudes:
+                one = self._A_frozen.new_ones(())
+                magnitudes = torch.stack([one if b.magnitude is None else b.magnitude
+                                          for b in self._frozen])
+                coef_parts.append(magnitudes[self._frozen_branch_of_row])
+            else:
+                coef_parts.append(self._A_frozen.new_ones(self._A_frozen.shape[0]))
         for branch in self._training:
             A_parts.append(branch.A)
             coef_parts.append(branch.coefficient().expand(branch.rank))

@@ -23,8 +23,11 @@ class SubspaceLoRALinear(nn.Module):
     When ``out_index`` is given, only those output features of ``W0`` are adapted (e.g. the q and
     v parts of a fused ``qkv``); ``B`` then has ``len(out_index)`` rows.
 
-    All live pairs are applied with one pair of matmuls; the live rows are gathered into caches
-    whenever ownership changes, never in the forward pass.
+    With gradients for the training slot, all live pairs are applied to the activations with one
+    pair of matmuls. Without (evaluation, ``torch.no_grad``, or no trainable slot), they are
+    applied to the weight instead: one ``F.linear`` with ``W0 + scale * B_live A_live``, built per
+    call at ``O(d_out r d_in)`` cost (nothing is merged into ``W0``). The live rows are gathered
+    into caches whenever ownership changes, never in the forward pass.
     """
 
     def __init__(
@@ -200,8 +203,7 @@ class SubspaceLoRALinear(nn.Module):
         if self.merged:
             return
         self._weight_backup = self.base.weight.detach().clone()
-        if self._A_live.shape[0]:
-            self.base.weight.add_(self._live_B() @ self._A_live)
+        self.base.weight.copy_(self.effective_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -221,11 +223,37 @@ class SubspaceLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         if self.merged or self._A_live.shape[0] == 0:
-            return out
+            return self.base(x)
+        if self._needs_adapter_grad():
+            return self._forward_activations(x)
+        return self._forward_weight(x)
+
+    def effective_weight(self) -> Tensor:
+        """``W0`` plus every live pair (of the owner filter), in ``W0``'s dtype; ``W0`` untouched.
+
+        Computed outside autocast, so under bf16 autocast the forward casts the same sum that
+        :meth:`merge` would leave in ``W0``.
+        """
+        weight = self.base.weight
+        if self.merged or self._A_live.shape[0] == 0:
+            return weight
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.addmm(weight, self._live_B().to(weight.dtype),
+                               self._A_live.to(weight.dtype))
+
+    def _needs_adapter_grad(self) -> bool:
+        return (torch.is_grad_enabled() and self.lora_B_train is not None
+                and self.lora_B_train.requires_grad)
+
+    def _forward_activations(self, x: Tensor) -> Tensor:
+        """``W0 x + B_live (A_live x)``: the path that gives the training slot its gradient."""
         h = F.linear(x, self._A_live)
-        return out + F.linear(h, self._live_B())
+        return self.base(x) + F.linear(h, self._live_B())
+
+    def _forward_weight(self, x: Tensor) -> Tensor:
+        """``(W0 + B_live A_live) x``: one matmul over the activations."""
+        return F.linear(x, self.effective_weight(), self.base.bias)
 
     # ------------------------------------------------------------------ state
     _VARIABLE = ("train_rows", "input_basis")

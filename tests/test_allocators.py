@@ -66,3 +66,66 @@ def test_principal_allocator_takes_top_singular_directions_first():
 def test_unknown_allocator_is_rejected():
     with pytest.raises(ValueError, match="choose one of"):
         build_allocator("random")
+
+
+def reference_directions(candidates, used, n):
+    """The greedy choice written plainly: project each candidate out of ``used`` and of the
+    rows accepted before it, keep it when half its norm remains."""
+    span = torch.linalg.svd(used.double(), full_matrices=False).Vh if used.numel() else None
+    chosen = []
+    for c in candidates.double():
+        rows = [r for r in ([*span] if span is not None else [])] + chosen
+        v = c.clone()
+        for _ in range(2):
+            for r in rows:
+                v = v - (r @ v) * r
+        if v.norm() > 0.5 * c.norm():
+            chosen.append(v / v.norm())
+            if len(chosen) == n:
+                break
+    return torch.stack(chosen)
+
+
+def test_directions_outside_matches_the_plain_greedy_choice():
+    from cl_sulora.subspace import directions_outside
+
+    g = torch.Generator().manual_seed(3)
+    used = torch.linalg.qr(torch.randn(30, 7, generator=g)).Q.T  # 7 orthonormal rows
+    # candidates: two inside the span (rejected), then random ones
+    candidates = torch.cat([used[:2] * 3, torch.randn(40, 30, generator=g)])
+    got = directions_outside(candidates, used, 5)
+    torch.testing.assert_close(got, reference_directions(candidates, used, 5), rtol=0,
+                               atol=1e-10)
+    assert (got @ used.double().T).abs().max() < 1e-12
+
+
+def test_batched_allocation_equals_one_layer_at_a_time():
+    torch.manual_seed(0)
+    layers = {f"l{i}": SubspaceLoRALinear(nn.Linear(20, 9), rank=2, num_slots=4, alpha=1.0)
+              for i in range(3)}
+    layers["odd"] = SubspaceLoRALinear(nn.Linear(12, 5), rank=2, num_slots=4, alpha=1.0)
+    for name in ("principal", "data"):
+        alloc = build_allocator(name)
+        if name == "data":
+            alloc.prepare({k: torch.cov(torch.randn(layer.in_features, 50)).double()
+                           for k, layer in layers.items()})
+        together = alloc.directions_for(layers, owner=0)
+        for key, layer in layers.items():
+            alone = alloc.directions(key, layer, layer.rank, 0)
+            torch.testing.assert_close(together[key], alone, rtol=0, atol=1e-10)
+
+
+def test_extend_basis_follows_the_energy_rule():
+    from cl_sulora.subspace import extend_basis
+
+    d = 10
+    scales = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0])
+    cov = torch.diag(scales**2).double()
+    basis = extend_basis(torch.zeros(0, d), cov, 0.95, 8)
+    # 100 + 25 = 125 of 130.26 is 96%: two directions, the two largest coordinates
+    assert basis.shape == (2, d)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(2, dtype=torch.float64))
+    assert basis[:, :2].norm(dim=1).min() > 1 - 1e-9
+    grown = extend_basis(basis, cov, 0.99, 8)  # keeps the basis, adds what the rule asks
+    torch.testing.assert_close(grown[:2], basis)
+    assert grown.shape[0] == 3

@@ -122,6 +122,25 @@ def test_branch_layer_forward_merge_unmerge(out_index):
         layer.add_branch(LoRABranch(torch.randn(1, 8), torch.randn(layer.n_out, 1)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_index", [None, torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])])
+def test_branch_layer_weight_path_matches_activation_path(out_index, dtype):
+    layer = random_layer(out_index).to(dtype)
+    x = torch.randn(5, 4, 8, dtype=dtype)
+    with torch.no_grad():
+        activations = layer._forward_activations(x)
+        no_grad = layer(x)  # no gradient needed: the weight path
+    torch.testing.assert_close(no_grad, layer._forward_weight(x), rtol=0, atol=0)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(no_grad, activations, rtol=tol, atol=tol)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), no_grad, rtol=0, atol=0)
+    # with gradients: the activation path, and the branches get their gradients
+    layer(x).float().sum().backward()
+    assert layer.branches[2].B.grad is not None and layer.branches[0].magnitude.grad is not None
+    assert layer.base.weight.grad is None
+
+
 def test_branch_layer_state_dict_round_trip_refreshes_the_caches():
     layer, fresh = random_layer(), random_layer()
     with torch.no_grad():

@@ -151,6 +151,7 @@ def data_root(tmp_path_factory) -> Path:
 def test_registry_names_and_option_errors(tok):
     assert set(BENCHMARKS) == {
         "split-cifar100-5", "split-cifar100-10", "split-cifar100-20",
+        "split-cifar100-50", "split-cifar100-100",
         "pacs-dil", "split-glue", "sentiment-dil", "bbc-news",
     }  # fmt: skip
     with pytest.raises(ValueError, match="valid names.*split-glue"):

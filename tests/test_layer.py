@@ -143,6 +143,67 @@ def test_owner_filter_uses_only_that_owners_rows():
     torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qkv", [False, True])
+@pytest.mark.parametrize("training_slot", [False, True])
+def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
+    index = torch.cat([torch.arange(0, 4), torch.arange(8, 12)]) if qkv else None
+    layer = make_layer(out_index=index, dtype=dtype)
+    for owner in range(3):
+        fill_slot(layer, owner, owner + 40)
+    if training_slot:
+        layer.start_slot(3, directions_outside(torch.randn(4, 16),
+                                               layer.lora_A[layer.used_rows()], 2))
+        with torch.no_grad():
+            layer.lora_B_train.normal_()
+    x = torch.randn(6, 5, 16, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        activations = layer._forward_activations(x)
+        no_grad = layer(x)  # no gradient needed: the weight path
+        torch.testing.assert_close(no_grad, layer._forward_weight(x), rtol=0, atol=0)
+        torch.testing.assert_close(no_grad, activations, rtol=tol, atol=tol)
+        if qkv:  # k rows are exactly the base layer's
+            assert torch.equal(no_grad[..., 4:8], layer.base(x)[..., 4:8])
+        for owners in ([1], [0, 2]) if not training_slot else ([0, 1, 2, 3],):
+            layer.set_owner_filter(owners)
+            torch.testing.assert_close(layer(x), layer._forward_activations(x), rtol=tol,
+                                       atol=tol)
+            layer.set_owner_filter(None)
+        # merging leaves in W0 exactly the weight the weight path uses
+        effective = layer.effective_weight().clone()
+        before = layer.weight.detach().clone()
+        layer.merge()
+        assert torch.equal(layer.weight, effective)
+        assert torch.equal(layer(x), no_grad)
+        layer.unmerge()
+        assert torch.equal(layer.weight, before)
+        assert torch.equal(layer(x), no_grad)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), no_grad)
+    if training_slot:  # with gradients: the activation path, the slot gets its gradient
+        y = layer(x)
+        torch.testing.assert_close(y.detach(), activations, rtol=0, atol=0)
+        y.float().sum().backward()
+        assert layer.lora_B_train.grad is not None and layer.weight.grad is None
+    else:  # nothing to train: the weight path even with gradients enabled
+        torch.testing.assert_close(layer(x).detach(), no_grad, rtol=0, atol=0)
+
+
+def test_weight_path_under_bf16_autocast_matches_merged():
+    layer = make_layer(out_index=torch.arange(0, 6))
+    for owner in range(3):
+        fill_slot(layer, owner, owner + 50)
+    x = torch.randn(4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+    assert unmerged.dtype == torch.bfloat16
+    assert torch.equal(unmerged, merged)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     d_in=st.integers(8, 24),
@@ -177,3 +238,42 @@ def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
         assert free >= 0 and used >= 0 and free + used == rank * slots
         A = layer.lora_A[layer.used_rows()]
         torch.testing.assert_close(A @ A.T, torch.eye(used), rtol=0, atol=1e-5)
+
+
+def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
+    """torch.compile sees one graph: SuLoRA's and the branch layer's forwards, with frozen and
+    training slots (branches with magnitudes, as SD-LoRA's), have no graph break."""
+    import torch._dynamo as dynamo
+
+    from cl_sulora.branch_layer import (
+        BranchLoRAConfig,
+        LoRABranch,
+        add_branch_lora,
+        branch_lora_layers,
+    )
+    from cl_sulora.config import SubspaceLoRAConfig
+    from cl_sulora.injection import add_subspace_lora, subspace_lora_layers
+    from tests.conftest import tiny_vit
+
+    add_subspace_lora(vit_model, SubspaceLoRAConfig(rank=2, num_slots=4))
+    for owner in range(3):
+        for layer in subspace_lora_layers(vit_model).values():
+            layer.start_slot(owner, directions_outside(
+                torch.randn(4, layer.in_features), layer.lora_A[layer.used_rows()], 2))
+            if owner < 2:
+                layer.end_slot(torch.rand(2))
+    branchy = tiny_vit()
+    add_branch_lora(branchy, BranchLoRAConfig(rank=2))
+    for t in range(3):
+        for layer in branch_lora_layers(branchy).values():
+            layer.add_branch(LoRABranch(torch.randn(2, layer.in_features),
+                                        torch.randn(layer.n_out, 2), magnitude=1.0,
+                                        normalise="product", train_A=t == 2, train_B=t == 2))
+    x = torch.randn(2, 3, 8, 8)
+    for model in (vit_model, branchy):
+        for grad in (True, False):
+            dynamo.reset()
+            with torch.set_grad_enabled(grad):
+                explained = dynamo.explain(lambda inputs, m=model: m(inputs).sum())(x)
+            assert explained.graph_break_count == 0, explained.break_reasons
+    dynamo.reset()

@@ -66,6 +66,11 @@ def test_group_files(run_dir):
                                                                   "data"}
         assert any(r["fused_pairs"] > 0 for r in boundary["records"])
         assert boundary["experience_train_ms"] > 0
+        assert boundary["steps_per_experience"] == (boundary["epochs"]
+                                                    * boundary["steps_per_epoch"])
+        sweep = boundary["data_sample_sweep"]
+        assert [r["data_max_samples"] for r in sweep] == [4, 16]
+        assert all(r["median_total_ms"] > 0 for r in sweep)
         floor = by_group["floor"]["results"]
         assert floor["floor_ms"] > 0 and floor["matmul"]["tflops"] > 0
         assert by_group["profile"]["results"]["top_ops"]
@@ -109,3 +114,18 @@ def test_report(run_dir, tmp_path):
             assert (tmp_path / "plots" / name).stat().st_size > 0
             assert f"(plots/{name})" in text
     assert "PEFT's LoRA adapts the whole fused qkv" in text
+
+
+def test_long_stream_keeps_sulora_adapters_bounded(tmp_path):
+    from benchmarks.perf import long_stream
+
+    payload = long_stream.main(["--synthetic", "--out", str(tmp_path), "--experiences", "5",
+                                "--num-slots", "2", "--samples", "8", "--batch-size", "8",
+                                "--device", "cpu", "--no-plot"])
+    records = payload["results"]["records"]
+    live = {m: [r["live_adapter_values"] for r in records if r["method"] == m]
+            for m in ("sulora", "sdlora")}
+    assert len(live["sulora"]) == len(live["sdlora"]) == 5
+    assert max(live["sulora"]) == live["sulora"][1]  # full after 2 slots, then fused
+    assert live["sdlora"][-1] > 4 * live["sdlora"][0]  # one branch per experience
+    assert (tmp_path / "long_stream.json").is_file()

@@ -4,6 +4,7 @@ fusion for the next) for each allocator, against an experience's training time."
 from __future__ import annotations
 
 import math
+import statistics
 from functools import partial
 from typing import Any
 
@@ -15,28 +16,32 @@ from .steps import Bench
 from .timing import progress, time_once
 
 
-def covariance_dataset(bench: Bench) -> ImageDataset:
+def covariance_dataset(bench: Bench, count: int | None = None) -> ImageDataset:
     """The random images the ``data`` allocator estimates input covariances from."""
-    count = bench.settings.covariance_samples
+    count = count or bench.settings.covariance_samples
     x = random_images(bench.spec, count, seed=bench.settings.seed + 2)
     labels = torch.zeros(count, dtype=torch.long)
     return ImageDataset(x, labels, labels)
 
 
-def allocator_boundaries(bench: Bench, allocator: str) -> list[dict[str, Any]]:
-    """Time both plugin hooks at every boundary of a run of ``boundary_experiences``
-    experiences; the last boundaries find every slot in use and fuse."""
+def allocator_boundaries(bench: Bench, allocator: str, *, experiences: int | None = None,
+                         data_max_samples: int | None = None,
+                         dataset: ImageDataset | None = None) -> list[dict[str, Any]]:
+    """Time both plugin hooks at every boundary of a run of ``experiences`` experiences (default
+    ``boundary_experiences``: the last boundaries find every slot in use and fuse)."""
     settings, device = bench.settings, bench.device
-    dataset = covariance_dataset(bench) if allocator == "data" else None
+    if allocator == "data" and dataset is None:
+        dataset = covariance_dataset(bench)
     state = continual_state("sulora", fresh(bench.template, device), settings, device,
-                            bench.spec.batch_size, allocator=allocator, dataset=dataset)
+                            bench.spec.batch_size, allocator=allocator, dataset=dataset,
+                            data_max_samples=data_max_samples)
 
     def fused_pairs() -> int:
         return sum(int(layer.num_fused) for layer in state.adapter_layers())
 
     state.begin(1)
     records = []
-    for experience in range(2, settings.boundary_experiences + 1):
+    for experience in range(2, (experiences or settings.boundary_experiences) + 1):
         state.fake_train()
         fused = fused_pairs()
         end_ms = time_once(state.finish, device)
@@ -47,11 +52,35 @@ def allocator_boundaries(bench: Bench, allocator: str) -> list[dict[str, Any]]:
     return records
 
 
-def measure_boundaries(bench: Bench, step_ms: float) -> dict[str, Any]:
-    """Boundary records of every allocator, and the training time of a realistic experience
-    (``experience_images`` images, one epoch) at SuLoRA's measured step time ``step_ms``."""
+def data_sample_sweep(bench: Bench) -> list[dict[str, Any]]:
+    """The ``data`` allocator's boundary time for each ``data_max_samples`` of the sweep (the
+    median of ``sweep_boundaries`` boundaries that do not fuse), all from one image set."""
     settings = bench.settings
-    steps = math.ceil(settings.experience_images / bench.spec.batch_size)
+    values = sorted(settings.data_sample_sweep)
+    dataset = covariance_dataset(bench, max(values))
+    rows = []
+    for samples in values:
+        mine = allocator_boundaries(bench, "data", experiences=settings.sweep_boundaries + 1,
+                                    data_max_samples=samples, dataset=dataset)
+        row = {"data_max_samples": samples,
+               "all_of_experience": samples >= settings.experience_images,
+               "boundaries": len(mine),
+               **{f"median_{k}": statistics.median(r[k] for r in mine)
+                  for k in ("end_ms", "start_ms", "total_ms")}}
+        rows.append(row)
+        progress(f"{bench.spec.key}: data allocator, {samples} samples: "
+                 f"{row['median_total_ms']:.1f} ms per boundary")
+    return rows
+
+
+def measure_boundaries(bench: Bench, step_ms: float) -> dict[str, Any]:
+    """Boundary records of every allocator, the ``data_max_samples`` sweep, and the training
+    time of a realistic experience at SuLoRA's measured step time ``step_ms``: one experience
+    of split-cifar100-10 (``experience_images`` images) for the ``sulora`` preset's epochs at
+    the measured batch size."""
+    settings = bench.settings
+    steps_per_epoch = math.ceil(settings.experience_images / bench.spec.batch_size)
+    steps = steps_per_epoch * settings.experience_epochs
     records = []
     for allocator in settings.allocators:
         mine = allocator_boundaries(bench, allocator)
@@ -59,6 +88,14 @@ def measure_boundaries(bench: Bench, step_ms: float) -> dict[str, Any]:
         progress(f"{bench.spec.key}: {len(mine)} boundaries with the {allocator} allocator, "
                  f"slowest {slowest:.1f} ms")
         records.extend(mine)
-    return {"records": records, "step_ms": step_ms, "steps_per_experience": steps,
+    return {"records": records, "step_ms": step_ms,
+            "experience_images": settings.experience_images,
+            "epochs": settings.experience_epochs, "batch_size": bench.spec.batch_size,
+            "steps_per_epoch": steps_per_epoch, "steps_per_experience": steps,
             "experience_train_ms": step_ms * steps,
-            "step_source": f"sulora train step at experience {settings.reference_experience}"}
+            "experience_train_basis": (
+                f"{settings.experience_epochs} epochs (sulora preset) x "
+                f"ceil({settings.experience_images} images (one split-cifar100-10 experience) / "
+                f"batch {bench.spec.batch_size}) = {steps} steps x the measured step time"),
+            "step_source": f"sulora train step at experience {settings.reference_experience}",
+            "data_sample_sweep": data_sample_sweep(bench)}

@@ -267,10 +267,28 @@ def boundary(groups: Groups) -> list[str]:
             "(fuse when full, allocate, freeze, rebuild the optimizer; `data`: input "
             "covariances of the new experience). An experience's training time: "
             f"{results['steps_per_experience']} steps x {results['step_ms']:.2f} ms "
-            f"({results['step_source']}) = {results['experience_train_ms'] / 1e3:.2f} s.", "",
+            f"({results['step_source']}) = {results['experience_train_ms'] / 1e3:.2f} s"
+            + (f"; {results['experience_train_basis']}." if "experience_train_basis" in results
+               else "."), "",
             *_table(["Allocator", "boundaries", "fusing", "median ms (all)",
                      "median ms (fusing)", "end ms (fusing)", "start ms (fusing)",
-                     "fusing / experience"], rows)]
+                     "fusing / experience"], rows),
+            *sample_sweep(results)]
+
+
+def sample_sweep(results: dict[str, Any]) -> list[str]:
+    """The ``data`` allocator's boundary time against ``data_max_samples``."""
+    sweep = results.get("data_sample_sweep")
+    if not sweep:
+        return []
+    rows = [[f"{r['data_max_samples']:,}" + (" (all)" if r["all_of_experience"] else ""),
+             str(r["boundaries"]), _num(r["median_end_ms"]), _num(r["median_start_ms"]),
+             _num(r["median_total_ms"]),
+             f"{r['median_total_ms'] / results['experience_train_ms']:.2%}"] for r in sweep]
+    return ["`data` allocator against `data_max_samples` (inputs per covariance estimate; "
+            "boundaries that do not fuse):", "",
+            *_table(["data_max_samples", "boundaries", "median end ms", "median start ms",
+                     "median total ms", "total / experience"], rows)]
 
 
 # --------------------------------------------------------------------------------------- profile

@@ -44,8 +44,12 @@ class Settings:
     """Measurement settings shared by every group of one run.
 
     ``rank`` is every method's rank per experience (PEFT's LoRA rank too); SuLoRA has
-    ``num_slots`` slots and fuses when full. An experience's training time is
-    ``ceil(experience_images / batch_size)`` steps of the measured step time.
+    ``num_slots`` slots and fuses when full. An experience's training time is that of one
+    experience of split-cifar100-10 (``experience_images`` images) for ``experience_epochs``
+    epochs (the ``sulora`` preset's) at the measured batch size:
+    ``experience_epochs * ceil(experience_images / batch_size)`` steps of the measured step
+    time. ``data_sample_sweep`` are the ``data_max_samples`` values whose boundary time is
+    recorded (``experience_images``: every input of the experience).
     """
 
     tiny: bool
@@ -59,7 +63,10 @@ class Settings:
     num_slots: int = 10
     num_classes: int = 100
     experience_images: int = 5000
+    experience_epochs: int = 5
     covariance_samples: int = 256
+    data_sample_sweep: tuple[int, ...] = (64, 256, 1024, 5000)
+    sweep_boundaries: int = 3
     matmul_size: int = 8192
     profile_steps: int = 3
     compile: bool = False
@@ -83,10 +90,14 @@ class Settings:
 def make_settings(*, tiny: bool, device: str, compile: bool, warmup: int | None,
                   iters: int | None) -> Settings:
     """Full settings, or the tiny CPU ones (few iterations, a small matmul)."""
-    settings = Settings(tiny=tiny, device=device, compile=compile)
+    from cl_sulora.presets import load_preset
+
+    epochs = load_preset("sulora").training.epochs
+    settings = Settings(tiny=tiny, device=device, compile=compile, experience_epochs=epochs)
     if tiny:
         settings = replace(settings, warmup=1, iters=3, matmul_size=256, profile_steps=1,
-                           covariance_samples=16)
+                           covariance_samples=16, data_sample_sweep=(4, 16),
+                           sweep_boundaries=2)
     if warmup is not None:
         settings = replace(settings, warmup=warmup)
     if iters is not None:

@@ -279,14 +279,15 @@ BRANCH_PLUGINS: dict[str, type[BranchLoRAPlugin]] = {
 }
 
 
-def method_config(method: str, settings: Settings,
-                  allocator: str = "orthogonal") -> SubspaceLoRAConfig | BranchLoRAConfig:
+def method_config(method: str, settings: Settings, allocator: str = "orthogonal",
+                  data_max_samples: int | None = None) -> SubspaceLoRAConfig | BranchLoRAConfig:
     """The method's config at the suite's rank (other keys at their preset defaults)."""
     rank, seed = settings.rank, settings.seed
     if method == "sulora":
+        samples = data_max_samples or settings.covariance_samples
         return SubspaceLoRAConfig(rank=rank, num_slots=settings.num_slots, alpha=float(rank),
                                   allocator=allocator, fusion="when_full",
-                                  data_max_samples=settings.covariance_samples, seed=seed)
+                                  data_max_samples=samples, seed=seed)
     if method == "sdlora":  # SD-LoRA's alpha is a constant factor (1 in the paper)
         return SDLoRAConfig(rank=rank, seed=seed)
     config_cls = {"inflora": InfLoRAConfig, "olora": OLoRAConfig}[method]
@@ -303,9 +304,10 @@ def method_configs(settings: Settings) -> dict[str, dict[str, Any]]:
 
 def continual_state(method: str, model: nn.Module, settings: Settings, device: torch.device,
                     batch_size: int, *, allocator: str = "orthogonal",
-                    dataset: ImageDataset | None = None) -> Continual:
+                    dataset: ImageDataset | None = None,
+                    data_max_samples: int | None = None) -> Continual:
     """``model`` adapted for ``method``, before its first experience."""
-    config = method_config(method, settings, allocator)
+    config = method_config(method, settings, allocator, data_max_samples)
     if isinstance(config, SubspaceLoRAConfig):
         add_subspace_lora(model, config)
         return SuLoRAState(method, model, SuLoRAPlugin(config), device, batch_size, dataset)

@@ -97,7 +97,8 @@ HEADLINES: dict[str, tuple[float, Callable[[Groups], float | None], str]] = {
     "boundary_time_fraction": (
         0.02, worst_boundary_fraction,
         "allocation + fusion at a boundary that fuses (median), worst allocator, / training "
-        "time of a 5,000-image epoch at SuLoRA's measured step time"),
+        "time of one split-cifar100-10 experience (5,000 images) at the sulora preset's epochs "
+        "and SuLoRA's measured step time"),
 }
 
 

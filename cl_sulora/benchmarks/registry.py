@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, Callable[..., BenchmarkSpec]] = {
     "split-cifar100-5": partial(build_split_cifar100, n_splits=5),
     "split-cifar100-10": partial(build_split_cifar100, n_splits=10),
     "split-cifar100-20": partial(build_split_cifar100, n_splits=20),
+    "split-cifar100-50": partial(build_split_cifar100, n_splits=50),
+    "split-cifar100-100": partial(build_split_cifar100, n_splits=100),
     "pacs-dil": build_pacs_dil,
     "split-glue": build_split_glue,
     "sentiment-dil": build_sentiment_dil,

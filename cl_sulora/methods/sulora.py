@@ -68,8 +68,9 @@ class SuLoRAPlugin(SupervisedPlugin):
         self._make_room(layers, owner)
         if self.allocator.needs_data:
             self.allocator.prepare(self._covariances(strategy, layers, owner))
+        directions = self.allocator.directions_for(layers, owner)
         for name, layer in layers.items():
-            layer.start_slot(owner, self.allocator.directions(name, layer, layer.rank, owner))
+            layer.start_slot(owner, directions[name])
         self.owner_task[owner] = task_label(strategy.experience)
         freeze_except(
             strategy.model,
@@ -158,7 +159,8 @@ class SuLoRAPlugin(SupervisedPlugin):
     def _covariances(self, strategy, layers, owner: int) -> dict[str, torch.Tensor]:
         dataset = strategy.experience.dataset.eval()
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + owner)
-        loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=True, generator=gen)
+        batch = min(strategy.eval_mb_size, self.config.data_max_samples)
+        loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen)
         device = strategy.device
 
         def forward(batch):
