@@ -105,10 +105,11 @@ def _cholesky(cov: Tensor) -> Tensor:
     return vectors * values.clamp_min(0).sqrt()
 
 
-class ClassifierAlignment(SupervisedPlugin):
+class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     """Re-trains the head after each experience on features sampled from stored class
     Gaussians. Works with a single head (growing or fixed); a multi-head model (task-
-    incremental) is left unchanged, since its heads never compete."""
+    incremental) is left unchanged, since its heads never compete. Under data-parallel training
+    every rank collects the whole experience and draws the same samples, so heads stay equal."""
 
     def __init__(self, config: AlignmentConfig, *, seed: int = 0,
                  autocast_dtype: torch.dtype | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from . import distributed
 from .backbones import BackboneError
 from .benchmarks import BENCHMARKS
 from .checkpoint import CheckpointError
@@ -199,26 +200,34 @@ def compare(
         for strategy in strategies
         for seed in seeds
     ]
+    with distributed.process_group(configs[0].device):
+        return _compare(benchmark, configs, overrides, command)
+
+
+def _compare(benchmark, configs, overrides, command) -> dict[str, Path]:
+    write = tqdm.write if distributed.is_main() else _quiet
     recipes = {json.dumps(c.training.model_dump(), sort_keys=True) for c in configs}
     if len(recipes) > 1:
-        tqdm.write(
+        write(
             "warning: the strategies' training recipes differ: " + " vs ".join(sorted(recipes))
         )
     _warn_random_init(configs[0])
     specs: dict[str, Any] = {}
     records = []
     for number, config in enumerate(configs, 1):
-        tqdm.write(
+        write(
             f"[{number}/{len(configs)}] {config.strategy} seed {config.seed} on "
             f"{benchmark_label(config)} ({config.device})"
         )
         key = json.dumps([config.data, config.backbone.model_dump()], sort_keys=True, default=str)
-        result = run(config, spec=specs.get(key), command=command, progress=True, echo=tqdm.write)
+        result = run(config, spec=specs.get(key), command=command, progress=True, echo=write)
         specs[key] = result.experiment.spec
         records.append(result.record)
-        tqdm.write(f"  -> {result.path}: {_summary(result.record)}")
+        write(f"  -> {result.path}: {_summary(result.record)}")
         del result
         gc.collect()
+    if not distributed.is_main():
+        return {}
     paths = write_report(records, configs[0].out, benchmark_label(configs[0]))
     print()
     print(markdown_table(records))
@@ -242,7 +251,8 @@ def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
     result = run(
         config, command=command, progress=True, echo=tqdm.write, checkpointing=checkpointing
     )
-    print(f"{result.path}: {_summary(result.record)}")
+    if distributed.is_main():
+        print(f"{result.path}: {_summary(result.record)}")
 
 
 def list_all() -> None:
@@ -263,8 +273,14 @@ def list_all() -> None:
         print(f"Registered methods without a preset: {', '.join(missing)}")
 
 
+def _quiet(line: str) -> None:
+    """The echo of ranks other than 0."""
+
+
 def _warn_random_init(config: RunConfig) -> None:
     backbone = config.backbone
+    if not distributed.is_main():
+        return
     if modality(config.benchmark) == "image" and not (backbone.weights or backbone.pretrained):
         tqdm.write(
             f"warning: backbone {backbone.name} starts from random weights; pass "

@@ -26,7 +26,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetti
 from avalanche.training.plugins import EvaluationPlugin
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 
-from . import metrics
+from . import distributed, metrics
 from .alignment import AlignmentConfig, ClassifierAlignment
 from .atomic import atomic_write_json
 from .backbones import DEFAULT_BACKBONES, Backbone, build_backbone
@@ -275,7 +275,7 @@ def build_experiment(
     head = make_head(spec.protocol, backbone.feature_dim, spec.num_classes)
     model = ContinualClassifier(backbone.module, head)
     method = METHODS[config.method_name]
-    device = torch.device(config.device)
+    device = distributed.local_device(config.device)
     training = config.training
     extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule)]
     if config.precision == "bf16":
@@ -283,7 +283,7 @@ def build_experiment(
     if config.alignment.enabled:
         dtype = torch.bfloat16 if config.precision == "bf16" else None
         extra.append(ClassifierAlignment(config.alignment, seed=config.seed, autocast_dtype=dtype))
-    if progress:
+    if progress and distributed.is_main():
         extra.append(Progress(len(spec.benchmark.train_stream), f"{config.strategy} "))
     kwargs: dict[str, Any] = dict(
         model=model,
@@ -377,6 +377,8 @@ def run_stream(
     matrix: list[list[float]] = []
     train_seconds, trainable, last, first = 0.0, 0, {}, 0
     config = experiment.config.model_dump(mode="json")
+    main = distributed.is_main()
+    echo = echo if main else None
     if checkpointing and checkpointing.resume:
         checkpoint = latest_checkpoint(checkpointing.directory, fallback=checkpointing.fallback)
         if checkpoint is None:
@@ -402,7 +404,7 @@ def run_stream(
         trainable = max(trainable, optimized_parameter_count(strategy.optimizer))
         last = strategy.eval(test_stream, **loading)
         matrix.append(accuracy_row(last, count))
-        if checkpointing:
+        if checkpointing and main:
             extra = {"accuracy_matrix": matrix, "train_seconds": train_seconds,
                      "trainable_params": trainable}
             save_checkpoint(checkpointing.directory, position=index, strategy=strategy,
@@ -482,8 +484,20 @@ def run(
 ) -> RunResult:
     """Seed, build, run the stream and write ``result_path(config)`` atomically. ``loggers``
     go to the Avalanche evaluator, ``plugins`` to the strategy; ``echo`` gets one line per
-    experience; ``checkpointing`` writes (and resumes from) per-experience checkpoints."""
-    device = torch.device(config.device)
+    experience; ``checkpointing`` writes (and resumes from) per-experience checkpoints.
+
+    Started by ``torchrun`` with several processes, the run is data-parallel (see
+    :mod:`cl_sulora.distributed`): every rank runs this, only rank 0 echoes and writes the
+    results and checkpoints (the returned ``path`` is where rank 0 writes)."""
+    with distributed.process_group(config.device):
+        return _run(config, spec=spec, command=command, progress=progress, echo=echo,
+                    loggers=loggers, plugins=plugins, checkpointing=checkpointing)
+
+
+def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointing) -> RunResult:
+    device = distributed.local_device(config.device)
+    if distributed.is_distributed():
+        check_distributed(config)
     if (
         checkpointing
         and checkpointing.resume
@@ -506,8 +520,20 @@ def run(
     finally:
         torch.use_deterministic_algorithms(previous)
     record = make_record(experiment, result, command)
-    path = atomic_write_json(result_path(config), record)
+    path = result_path(config)
+    if distributed.is_main():
+        atomic_write_json(path, record)
     return RunResult(record, path, experiment, result)
+
+
+def check_distributed(config: RunConfig) -> None:
+    """Refuse, before building anything, what a data-parallel run does not support."""
+    distributed.check_batch_size(config.training.batch_size)
+    if issubclass(METHODS[config.method_name].strategy, ReplayBaseline):
+        raise ConfigError(
+            f"{config.strategy!r} cannot run under torchrun: its replay buffer is mixed in by "
+            "its own data loader, which does not shard like the others; run it in one process"
+        )
 
 
 def make_record(
@@ -515,6 +541,7 @@ def make_record(
 ) -> dict[str, Any]:
     """The results JSON of a run."""
     config, spec = experiment.config, experiment.spec
+    device = distributed.local_device(config.device)
     report = getattr(experiment.strategy, "adapter_report", None)
     adapters = report() if report else {}
     aligners = [p for p in experiment.strategy.plugins if isinstance(p, ClassifierAlignment)]
@@ -525,7 +552,9 @@ def make_record(
         "seed": config.seed,
         "backbone": experiment.backbone.name,
         "commit": git_commit(),
-        "device": device_name(torch.device(config.device)),
+        "device": device_name(device),
+        # data-parallel ranks; training.batch_size is the global batch, split over them
+        "world_size": distributed.world_size(),
         "command": list(command),
         "config": config.model_dump(mode="json"),
         "experience_names": list(spec.experience_names),
@@ -536,7 +565,9 @@ def make_record(
         "stored_state_params": adapters.get("stored_state_params"),
         "alignment_stored_params": aligners[0].stored_state_params() if aligners else None,
         "train_seconds": result.train_seconds,
-        "peak_memory_mb": peak_memory_mb(torch.device(config.device)),
+        # training samples in one pass over the stream (the joint run's pass included)
+        "train_samples": sum(len(e.dataset) for e in spec.benchmark.train_stream),
+        "peak_memory_mb": peak_memory_mb(device),
         "notes": _jsonable(spec.notes),
     }
 

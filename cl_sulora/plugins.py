@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 Schedule = Literal["constant", "cosine"]
 
 
-class LRSchedule(SupervisedPlugin):
+class LRSchedule(SupervisedPlugin, supports_distributed=True):
     """Sets the learning rate of ``strategy.optimizer`` before every training iteration:
     ``constant``, or ``cosine`` from ``lr`` towards 0 over each experience's iterations.
 
@@ -43,7 +43,7 @@ class LRSchedule(SupervisedPlugin):
         self.step += 1
 
 
-class Autocast(SupervisedPlugin):
+class Autocast(SupervisedPlugin, supports_distributed=True):
     """Runs the forward passes (training and evaluation) under ``torch.autocast``; the logits
     are cast back to float32 for the loss and the metrics."""
 
@@ -76,7 +76,7 @@ class Autocast(SupervisedPlugin):
         self._exit(strategy)
 
 
-class Progress(SupervisedPlugin):
+class Progress(SupervisedPlugin, supports_distributed=True):
     """tqdm bars: training iterations of each experience (with the loss), and evaluation
     iterations over the evaluated stream; both vanish when done."""
 

@@ -110,7 +110,8 @@ def targets(summary: dict[str, dict[str, Any]], backbones: list[str]) -> list[st
                      *[_num(by.get(b), 4) for b in backbones], entry.get("note", "")])
     return ["## Targets", "",
             "Value: the worst (largest) over the measured backbones; all targets are upper "
-            "bounds.", "",
+            "bounds but `ddp_2gpu_speedup`'s, a lower bound (the DDP entries come from "
+            "`python -m benchmarks.perf.ddp`).", "",
             *_table(["Key", "Value", "Target", "Result", *backbones, "What"], rows)]
 
 

@@ -18,6 +18,7 @@ REF, LAST = REFERENCE_EXPERIENCE, max(CHECKPOINTS)
 ENTRY_KEYS = ("value", "device", "commit", "target", "pass")
 DDP_KEYS = ("ddp_2gpu_speedup", "ddp_2gpu_a_last_delta")
 DDP_NOTE = "measured by the DDP run"
+DDP_FILE = "ddp.json"  # written by ``python -m benchmarks.perf.ddp --out``
 
 
 def _records(groups: Groups, group: str) -> list[dict[str, Any]]:
@@ -135,6 +136,10 @@ def ddp_entries(path: Path | None) -> dict[str, dict[str, Any]]:
 
 
 def build_summary(directory: Path, ddp: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The headlines of ``directory``; the DDP entries from ``ddp``, else from the
+    ``benchmarks.perf.ddp`` output ``directory/ddp.json`` when present."""
+    if ddp is None and (directory / DDP_FILE).exists():
+        ddp = directory / DDP_FILE
     groups_by_backbone = read_groups(directory)
     summary = {key: headline(key, groups_by_backbone) for key in HEADLINES}
     return {**summary, **ddp_entries(ddp)}

@@ -82,7 +82,7 @@ class ReplayClassMask(CurrentClassMask):
             self._allowed = torch.unique(torch.cat([self._allowed, replayed]))
 
 
-class UnmaskedLogitsForDistillation(SupervisedPlugin):
+class UnmaskedLogitsForDistillation(SupervisedPlugin, supports_distributed=True):
     """Hands LwF the unmasked logits: the class mask applies to the cross-entropy (computed
     before the ``before_backward`` hooks) but not to LwF's distillation of the old classes'
     logits; the masked logits are back after the backward pass. Must precede the mask and the
@@ -113,7 +113,7 @@ class _PlainForward(nn.Module):
         return self.model(x)
 
 
-class CheckpointedEWCPlugin(EWCPlugin):
+class CheckpointedEWCPlugin(EWCPlugin, supports_distributed=True):
     """``EWCPlugin`` whose saved parameters and importances go into checkpoints as tensors."""
 
     def state_dict(self) -> dict:
@@ -136,7 +136,7 @@ class CheckpointedEWCPlugin(EWCPlugin):
         self.importances = params(state["importances"])
 
 
-class SingleHeadLwFPlugin(LwFPlugin):
+class SingleHeadLwFPlugin(LwFPlugin, supports_distributed=True):
     """``LwFPlugin`` for the single-head :class:`~cl_sulora.models.ContinualClassifier`.
 
     Avalanche's LwF asks any ``MultiTaskModule`` for every head's output (``task_labels=None``),

@@ -6,12 +6,20 @@ import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
+from avalanche.benchmarks.utils.data_loader import (
+    SingleDatasetDataLoader,
+    collate_from_data_or_kwargs,
+)
 from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .. import distributed
 
 MASK_VALUE = -1e4  # finite, so a masked logit never turns the loss into inf or nan in fp16
 
@@ -51,7 +59,7 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class CurrentClassMask(SupervisedPlugin):
+class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
     """During training, mask the logits of classes absent from the experience's dataset.
 
     With a growing head this is the usual class-incremental regime: old classes are masked while
@@ -84,7 +92,7 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became inf or nan."""
 
 
-class NonFiniteLossGuard(SupervisedPlugin):
+class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
     """Stop training with a clear message as soon as the loss is not finite."""
 
     def before_backward(self, strategy, **kwargs):
@@ -100,7 +108,13 @@ class NonFiniteLossGuard(SupervisedPlugin):
 class AdapterTemplate(SupervisedTemplate):
     """``SupervisedTemplate`` that rebuilds its optimizer over the trainable parameters of each
     experience, applies the class-incremental training mask and stops on a non-finite loss.
-    Keyword-only arguments."""
+    Keyword-only arguments.
+
+    Under ``torchrun`` (see :mod:`cl_sulora.distributed`) it trains data-parallel:
+    ``train_mb_size`` is the global batch, each rank trains on its shard of it, and the
+    experience's training forward passes go through a DistributedDataParallel wrapper built once
+    the experience's adapters are allocated (``self.model`` stays the plain model, so plugins,
+    checkpoints and evaluation see it unchanged). Every rank evaluates the whole stream."""
 
     def __init__(
         self,
@@ -134,6 +148,74 @@ class AdapterTemplate(SupervisedTemplate):
             eval_every=eval_every,
             **kwargs,
         )
+        self._ddp: nn.Module | None = None
 
     def make_optimizer(self, **kwargs):
         self.optimizer = rebuild_optimizer(self.optimizer, self.model)
+
+    # ------------------------------------------------------------------ data parallel
+    def _before_training_exp(self, **kwargs):
+        # boundary decisions drawn from the global RNG (by plugins) must agree on every rank
+        distributed.align_rng()
+        super()._before_training_exp(**kwargs)
+        if distributed.is_distributed():
+            # the trainable set is final now (plugins allocated this experience's adapters);
+            # wrapping broadcasts rank 0's parameters and buffers to every rank
+            self._ddp = distributed.wrap(self.model, self.device, self._has_unused_parameters())
+
+    def _after_training_exp(self, **kwargs):
+        self._ddp = None
+        distributed.align_rng()
+        super()._after_training_exp(**kwargs)
+
+    def _has_unused_parameters(self) -> bool:
+        """Task-aware heads leave the other tasks' heads unused in a forward pass."""
+        return any(isinstance(m, MultiTaskModule) and m is not self.model
+                   for m in self.model.modules())
+
+    def forward(self):
+        if self._ddp is None or not self.is_training:
+            return super().forward()
+        if isinstance(self.model, MultiTaskModule):
+            return self._ddp(self.mb_x, self.mb_task_id)
+        return self._ddp(self.mb_x)
+
+    def backward(self):
+        loss = self.loss
+        sampler = getattr(self.dataloader, "batch_sampler", None)
+        if self._ddp is not None and isinstance(sampler, distributed.ShardedBatchSampler):
+            size = sampler.global_sizes[self.clock.train_epoch_iterations]
+            loss = loss * distributed.loss_weight(len(self.mb_y), size)
+        loss.backward(retain_graph=self.retain_graph)
+
+    def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
+                              persistent_workers=False, drop_last=False, **kwargs):
+        if not distributed.is_distributed():
+            return super().make_train_dataloader(
+                num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+                persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
+        distributed.check_batch_size(self.train_mb_size)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # the same on every rank (align_rng)
+        sampler = distributed.ShardedBatchSampler(
+            len(self.adapted_dataset), self.train_mb_size, rank=distributed.rank(),
+            world=distributed.world_size(), seed=seed)
+        args = {"num_workers": num_workers, "pin_memory": self.device.type == "cuda"
+                if pin_memory is None else pin_memory}
+        if num_workers > 0:
+            args["persistent_workers"] = persistent_workers
+        collate_from_data_or_kwargs(self.adapted_dataset, args)
+        self.dataloader = DataLoader(self.adapted_dataset, batch_sampler=sampler, **args)
+
+    def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
+                             persistent_workers=False, **kwargs):
+        if not distributed.is_distributed():
+            return super().make_eval_dataloader(
+                num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
+                persistent_workers=persistent_workers, **kwargs)
+        # every rank evaluates the whole stream: metrics equal a single process's
+        args = self._obtain_common_dataloader_parameters(
+            batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=shuffle,
+            pin_memory=pin_memory, persistent_workers=persistent_workers)
+        collate_from_data_or_kwargs(self.adapted_dataset, args)
+        self.dataloader = SingleDatasetDataLoader(
+            self.adapted_dataset, distributed_sampling=False, **args)

@@ -75,7 +75,7 @@ def _complement(rows: Tensor, d: int) -> Tensor:
     return vectors[values > 0.5]
 
 
-class InfLoRAPlugin(IncLoRAPlugin):
+class InfLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
     """Designs each new branch's ``A`` from the experience's inputs before training; grows the
     DualGPM subspace with the experience's inputs (through the trained model) after it."""
 

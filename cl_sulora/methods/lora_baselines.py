@@ -50,7 +50,7 @@ def lora_branch(config: BranchLoRAConfig, layer_name: str, layer: BranchLoRALine
     return LoRABranch(A, torch.zeros(layer.n_out, config.rank), scale=config.scaling)
 
 
-class BranchLoRAPlugin(SupervisedPlugin):
+class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     """Skeleton of a branch-LoRA method: :meth:`prepare` the layers before each training
     experience, train the branch tensors flagged trainable plus ``config.trainable_modules``,
     and :meth:`finish` after the experience."""
@@ -111,7 +111,7 @@ class BranchLoRAPlugin(SupervisedPlugin):
         """Update the method's state once ``experience`` is trained."""
 
 
-class IncLoRAPlugin(BranchLoRAPlugin):
+class IncLoRAPlugin(BranchLoRAPlugin, supports_distributed=True):
     """A new LoRA branch per experience; earlier branches frozen, no constraint."""
 
     def prepare(self, strategy, layers, experience):
@@ -124,7 +124,7 @@ class IncLoRAPlugin(BranchLoRAPlugin):
         return lora_branch(self.config, layer_name, layer, experience)
 
 
-class SeqLoRAPlugin(BranchLoRAPlugin):
+class SeqLoRAPlugin(BranchLoRAPlugin, supports_distributed=True):
     """One LoRA branch, created before the first experience and fine-tuned on every one."""
 
     def prepare(self, strategy, layers, experience):

@@ -38,7 +38,7 @@ class OLoRAConfig(BranchLoRAConfig):
         return self
 
 
-class OLoRAPlugin(IncLoRAPlugin):
+class OLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
     """IncLoRA plus O-LoRA's penalty, added to the loss before the backward pass."""
 
     config: OLoRAConfig

@@ -76,7 +76,7 @@ class SDLoRAConfig(BranchLoRAConfig):
         return REFERENCE_MAGNITUDE if self.reference_code_behaviour else 0.0
 
 
-class SDLoRAPlugin(IncLoRAPlugin):
+class SDLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
     """Before each experience: freeze the earlier directions, keep (paper) or reset (reference
     code) their magnitudes trainable, add a new direction; after it: SD-LoRA-KD if enabled."""
 

@@ -38,7 +38,7 @@ def check_capacity(config: SubspaceLoRAConfig, num_experiences: int) -> None:
         )
 
 
-class SuLoRAPlugin(SupervisedPlugin):
+class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     """Allocates a slot before each training experience, trains only it (and the head), tracks
     SRLoRA importance, and applies the fusion policy after the experience.
 

@@ -1,0 +1,114 @@
+"""Data-parallel speedup and accuracy: the same ``cl-sulora run`` on one GPU, then under
+``torchrun`` on ``--nproc`` GPUs of this machine.
+
+    python -m benchmarks.perf.ddp --out benchmarks/perf/results/ddp.json \\
+        --backbone-weights DIR --precision bf16 --batch-size 256 --epochs 2
+
+Arguments it does not know are passed to both runs (``training.batch_size`` is the global batch
+in both). Writes ``--out``: both runs' training throughput (training samples x epochs /
+``train_seconds`` of the results record), the speedup, A_last of each and its delta, plus the
+summary entries ``ddp_2gpu_speedup`` and ``ddp_2gpu_a_last_delta`` that
+``benchmarks.perf.summary`` takes (from ``<run dir>/ddp.json`` or ``suite.py --ddp-summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .results import ROOT, resolve_commit
+
+SPEEDUP_TARGET = 1.8  # lower bound
+A_LAST_DELTA_TARGET = 0.5  # percentage points, upper bound on |delta|
+
+
+def run(command: list[str], out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``command`` (a ``cl-sulora run`` writing to ``out``); its results record."""
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    records = sorted(out.glob("*.json"))
+    if len(records) != 1:
+        raise SystemExit(f"expected one results record in {out}, found {records}")
+    return json.loads(records[0].read_text(encoding="utf-8"))
+
+
+def throughput(record: dict[str, Any]) -> float:
+    """Training samples per second over the whole stream."""
+    epochs = record["config"]["training"]["epochs"]
+    return record["train_samples"] * epochs / record["train_seconds"]
+
+
+def summarize(single: dict[str, Any], parallel: dict[str, Any], commands: dict[str, list[str]],
+              nproc: int) -> dict[str, Any]:
+    speedup = throughput(parallel) / throughput(single)
+    delta = 100 * (parallel["A_last"] - single["A_last"])
+    sha = (parallel.get("commit") or {}).get("sha") or resolve_commit(None)
+    device = f"{nproc} x {parallel['device']}"
+    return {
+        f"ddp_{nproc}gpu_speedup": {
+            "value": speedup, "device": device, "commit": sha, "target": SPEEDUP_TARGET,
+            "pass": speedup >= SPEEDUP_TARGET,
+            "note": f"training samples/s on {nproc} GPUs (torchrun, DDP) / on one GPU "
+                    "(a lower bound)"},
+        f"ddp_{nproc}gpu_a_last_delta": {
+            "value": delta, "device": device, "commit": sha, "target": A_LAST_DELTA_TARGET,
+            "pass": abs(delta) <= A_LAST_DELTA_TARGET,
+            "note": f"A_last on {nproc} GPUs - A_last on one GPU, percentage points "
+                    "(target on the absolute value)"},
+        "benchmark": parallel["benchmark"],
+        "strategy": parallel["strategy"],
+        "world_size": parallel["world_size"],
+        "commit": sha,
+        "devices": {"single": single["device"], "parallel": device},
+        "commands": commands,
+        "runs": {
+            name: {"train_samples_per_s": throughput(r), "train_seconds": r["train_seconds"],
+                   "train_samples": r["train_samples"], "A_last": r["A_last"],
+                   "world_size": r["world_size"], "peak_memory_mb": r["peak_memory_mb"]}
+            for name, r in (("single", single), ("parallel", parallel))},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write")
+    parser.add_argument("--nproc", type=int, default=2, help="GPUs of the DDP run")
+    parser.add_argument("--benchmark", default="split-cifar100-10")
+    parser.add_argument("--strategy", default="sulora")
+    args, extra = parser.parse_known_args(argv)
+    import torch
+
+    if torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"needs {args.nproc} GPUs, {torch.cuda.device_count()} visible")
+    common = ["-m", "cl_sulora.cli", "run", "--benchmark", args.benchmark,
+              "--strategy", args.strategy, "--device", "cuda", *extra]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    with tempfile.TemporaryDirectory(prefix="ddp-bench-") as tmp:
+        single_out, parallel_out = Path(tmp, "single"), Path(tmp, "parallel")
+        commands = {
+            "single": [sys.executable, *common, "--out", str(single_out)],
+            "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", str(args.nproc), *common, "--out",
+                         str(parallel_out)],
+        }
+        single = run(commands["single"], single_out, env)
+        parallel = run(commands["parallel"], parallel_out, env)
+    result = summarize(single, parallel, commands, args.nproc)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    for key in (f"ddp_{args.nproc}gpu_speedup", f"ddp_{args.nproc}gpu_a_last_delta"):
+        entry = result[key]
+        print(f"{key}: {entry['value']:.3f} (target {entry['target']}, "
+              f"{'pass' if entry['pass'] else 'FAIL'})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
