@@ -573,11 +573,14 @@ def make_record(
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
-    """``{"sha", "dirty"}`` of the project checkout; outside a git checkout (a copied tree),
-    the commit named by ``CL_SULORA_COMMIT`` (``{"sha", "dirty": None}``), else None."""
+    """``{"sha", "dirty"}`` of the project checkout. ``CL_SULORA_COMMIT`` names the commit
+    instead (``{"sha", "dirty": None}``) where the tree was copied without, or with a stale,
+    git directory."""
+    sha = os.environ.get("CL_SULORA_COMMIT")
+    if sha:
+        return {"sha": sha, "dirty": None}
     if not (root / ".git").exists():
-        sha = os.environ.get("CL_SULORA_COMMIT")
-        return {"sha": sha, "dirty": None} if sha else None
+        return None
     try:
         sha = _git(root, "rev-parse", "HEAD")
         dirty = bool(_git(root, "status", "--porcelain"))

@@ -516,3 +516,12 @@ def test_real_cifar_run(tmp_path):
     )
     record = run(config).record
     assert len(record["accuracy_matrix"]) == 2 and record["notes"]["class_order"]
+
+
+def test_commit_named_by_the_environment_wins(monkeypatch):
+    from cl_sulora.experiment import git_commit
+
+    monkeypatch.setenv("CL_SULORA_COMMIT", "abc123")
+    assert git_commit() == {"sha": "abc123", "dirty": None}
+    monkeypatch.delenv("CL_SULORA_COMMIT")
+    assert git_commit()["sha"] != "abc123"

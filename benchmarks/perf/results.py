@@ -19,7 +19,10 @@ SUMMARY = "summary.json"
 
 
 def resolve_commit(fallback: str | None) -> str:
-    """``git rev-parse HEAD`` of the checkout when git has it, else ``fallback``."""
+    """``CL_SULORA_COMMIT`` when set, else ``git rev-parse HEAD`` of the checkout when git has
+    it, else ``fallback``."""
+    if os.environ.get("CL_SULORA_COMMIT"):
+        return os.environ["CL_SULORA_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True, timeout=10)
