@@ -349,6 +349,68 @@ def backbone_section(key: str, groups: Groups, plots: Path, output_dir: Path) ->
     return lines + boundary(groups) + profile(groups)
 
 
+def long_stream(directory: Path, output_dir: Path) -> list[str]:
+    """The 100-experience run of ``benchmarks.perf.long_stream`` (``long_stream/``), if any."""
+    path = directory / "long_stream" / "long_stream.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text(encoding="utf-8"))
+    cfg, records = run["settings"], run["results"]["records"]
+    data = "generated images, random-weight ViT" if cfg["synthetic"] else "split-cifar100-100"
+    lines = ["## Long stream: 100 experiences end to end", "",
+             f"`python -m benchmarks.perf.long_stream` on {run['device']}, commit "
+             f"`{run['commit']}`: {cfg['experiences']} experiences of {data} "
+             f"(size {cfg['size']}), {cfg['samples']} samples each, {cfg['epochs']} epoch, "
+             f"batch {cfg['batch_size']}, {cfg['precision']}; SuLoRA has {cfg['num_slots']} "
+             "slots and fuses when full.", ""]
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in records):
+        mine = {r["experience"]: r for r in records if r["method"] == method}
+        for exp in (1, 10, 50, 100):
+            if exp in mine:
+                r = mine[exp]
+                rows.append([_label(method), str(exp), f"{r['live_adapter_values']:,}",
+                             f"{r['adapter_bytes'] / 2**20:.1f}",
+                             f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+                             f"{r['peak_bytes'] / 2**20:.0f}", _num(r["train_ms"], 0),
+                             _num(r["boundary_ms"], 0)])
+    lines += _table(["Method", "Experience", "live adapter values", "adapter MiB",
+                     "optimizer state MiB", "peak MiB", "train ms", "boundary ms"], rows)
+    ratios = run["results"]["adapter_memory_last_vs_10"]
+    lines += ["Adapter memory at experience 100 / at 10: " + ", ".join(
+        f"{_label(m)} {v:.2f}x" for m, v in ratios.items()) + ".", ""]
+    plot = path.with_suffix(".png")
+    if plot.exists():
+        where = plot.resolve().relative_to(output_dir.resolve())
+        lines += [f"![Adapter memory over the long stream]({where})", ""]
+    return lines
+
+
+def data_parallel(directory: Path) -> list[str]:
+    """The one-GPU vs torchrun comparison of ``benchmarks.perf.ddp`` (``ddp.json``), if any."""
+    path = directory / "ddp.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text(encoding="utf-8"))
+    lines = ["## Data-parallel training", "",
+             f"`python -m benchmarks.perf.ddp`: {run['strategy']} on {run['benchmark']}, the "
+             f"same run on one GPU ({run['devices']['single']}) and under torchrun on "
+             f"{run['world_size']} ({run['devices']['parallel']}), commit `{run['commit']}`.", ""]
+    rows = [[name, str(r["world_size"]), _num(r["train_samples_per_s"], 0),
+             _num(r["train_seconds"], 1), f"{100 * r['A_last']:.2f}", _num(r["peak_memory_mb"], 0),
+             "`" + " ".join(run["commands"][name][2:]) + "`"]
+            for name, r in run["runs"].items()]
+    lines += _table(["Run", "GPUs", "train samples/s", "train s", "A_last %", "peak MiB/GPU",
+                     "Command (after `python -m`)"], rows)
+    for key in (f"ddp_{run['world_size']}gpu_speedup", f"ddp_{run['world_size']}gpu_a_last_delta"):
+        entry = run[key]
+        lines.append(f"- `{key}`: {entry['value']:.3f} (target {entry['target']}, "
+                     f"{'pass' if entry['pass'] else 'fail'}): {entry['note']}")
+    if run.get("commit_note"):
+        lines.append(f"- Commit: {run['commit_note']}.")
+    return lines + [""]
+
+
 def render(directory: Path, output: Path, plots: Path) -> str:
     by_backbone = read_groups(directory)
     if not by_backbone:
@@ -359,6 +421,7 @@ def render(directory: Path, output: Path, plots: Path) -> str:
     lines = header(by_backbone) + targets(summary, list(by_backbone))
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
+    lines += long_stream(directory, output.parent) + data_parallel(directory)
     return "\n".join(lines).rstrip() + "\n"
 
 
