@@ -4,7 +4,9 @@ Each (benchmark, strategy, seed) is one process writing its result JSON and log 
 ``--parallel`` processes share the device. Extra arguments after ``--`` go to every run. A
 strategy is a preset name or a preset file (e.g. a variant under ``benchmarks/accuracy/variants``).
 With ``--checkpoint-root`` every run checkpoints after each experience and, when the campaign is
-started again, finished runs are skipped and unfinished ones resume.
+started again, finished runs are skipped and unfinished ones resume. Each run gets
+``cpu_count // parallel`` CPU threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, unless set), so
+side-by-side runs do not oversubscribe the cores in their CPU linear algebra.
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
         --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
@@ -13,6 +15,7 @@ started again, finished runs are skipped and unfinished ones resume.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
                       [int(s) for s in args.seeds.split(",")]))
+    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
     running: list[tuple[subprocess.Popen, str, float]] = []
     failed = []
     start = time.time()
@@ -61,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 if directory.is_dir() and any(directory.iterdir()):
                     cmd.append("--resume-fallback")
             log = open(args.out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
-            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), name,
-                            time.time()))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, name, time.time()))
         time.sleep(2)
         for entry in list(running):
             proc, name, began = entry

@@ -1,0 +1,40 @@
+"""The accuracy campaign driver: per-run commands, skipping finished runs, resuming the rest."""
+
+from __future__ import annotations
+
+from benchmarks.accuracy import campaign
+
+
+class FakeProcess:
+    def __init__(self, cmd, stdout, stderr, env):
+        self.cmd, self.env, self.returncode = cmd, env, 0
+        FakeProcess.started.append(self)
+
+    def poll(self):
+        return 0
+
+
+def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
+        tmp_path, monkeypatch):
+    FakeProcess.started = []
+    monkeypatch.setattr(campaign.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(campaign.os, "cpu_count", lambda: 16)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    (out / "pacs-dil__sdlora__seed0.done").touch()
+    (ckpt / "pacs-dil__sulora-r10__seed0").mkdir(parents=True)
+    (ckpt / "pacs-dil__sulora-r10__seed0" / "exp-0000").mkdir()
+    variant = "benchmarks/accuracy/variants/sulora-r10.yaml"
+    code = campaign.main(["--benchmarks", "pacs-dil", "--strategies", f"sdlora,sulora,{variant}",
+                          "--seeds", "0", "--parallel", "4", "--out", str(out),
+                          "--checkpoint-root", str(ckpt), "--", "--epochs", "1"])
+    assert code == 0
+    runs = {p.cmd[p.cmd.index("--strategy") + 1]: p for p in FakeProcess.started}
+    assert set(runs) == {"sulora", variant}  # sdlora was done
+    assert "--resume-fallback" in runs[variant].cmd
+    assert "--resume-fallback" not in runs["sulora"].cmd
+    assert runs["sulora"].cmd[-4:-2] == ["--epochs", "1"]
+    assert all(p.env["OMP_NUM_THREADS"] == "4" for p in FakeProcess.started)
+    assert (out / "pacs-dil__sulora-r10__seed0.done").exists()
