@@ -665,3 +665,22 @@ def test_real_image_counts():
     ]  # fmt: skip
     cifar = build_benchmark("split-cifar100-10", limit_per_class=20)
     assert cifar.notes["train_sizes"] == [200] * 10 and cifar.notes["test_sizes"] == [200] * 10
+
+
+def test_array_image_transforms_equal_torchvision_pil_pipeline_bit_for_bit():
+    from PIL import Image
+
+    from cl_sulora.benchmarks._common import image_transforms
+    from cl_sulora.benchmarks.array_images import array_image_transforms, chw_tensor
+
+    images = np.random.RandomState(0).randint(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    for augment in (True, False):
+        pil_train, pil_eval = image_transforms(32, mean, std, augment, resize=False)
+        arr_train, arr_eval = array_image_transforms(32, mean, std, augment)
+        for pil_tf, arr_tf in ((pil_train, arr_train), (pil_eval, arr_eval)):
+            torch.manual_seed(3)
+            expected = [pil_tf(Image.fromarray(a)) for a in images]
+            torch.manual_seed(3)
+            got = [arr_tf(chw_tensor(a)) for a in images]
+            assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
