@@ -411,6 +411,24 @@ def data_parallel(directory: Path) -> list[str]:
     return lines + [""]
 
 
+def data_loading(directory: Path) -> list[str]:
+    """Loader throughput of ``benchmarks.perf.data_loading`` (``data_loading/``), if any."""
+    path = directory / "data_loading" / "data_loading.json"
+    if not path.exists():
+        return []
+    run = json.loads(path.read_text(encoding="utf-8"))
+    cfg = run["settings"]
+    lines = ["## Data loading", "",
+             f"`python -m benchmarks.perf.data_loading` on {run['device']} "
+             f"({cfg['torch_threads']} torch threads), commit `{run['commit']}`: the training "
+             f"loader of {cfg['benchmark']}'s first experience, batch {cfg['batch_size']}, "
+             f"{cfg['samples']:,} samples timed. `pil` is torchvision's pipeline on PIL images, "
+             "`array` the uint8-tensor one the benchmark uses (bit-identical outputs).", ""]
+    rows = [[r["pipeline"], r["split"], str(r["num_workers"]), _num(r["samples_per_s"], 0)]
+            for r in run["results"]]
+    return lines + _table(["Pipeline", "Split", "workers", "samples/s"], rows)
+
+
 def render(directory: Path, output: Path, plots: Path) -> str:
     by_backbone = read_groups(directory)
     if not by_backbone:
@@ -422,6 +440,7 @@ def render(directory: Path, output: Path, plots: Path) -> str:
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
     lines += long_stream(directory, output.parent) + data_parallel(directory)
+    lines += data_loading(directory)
     return "\n".join(lines).rstrip() + "\n"
 
 
