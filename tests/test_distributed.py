@@ -203,3 +203,24 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="only 1 CUDA device"):
         with distributed.process_group("cuda"):
             pass
+
+
+def test_two_gloo_ranks_resume_from_a_checkpoint_as_if_never_stopped(tmp_path):
+    argv = [*tiny_flags(tmp_path, "sulora"), "--batch-size", "4"]
+    for rank, process in enumerate(launch(argv, tmp_path / "whole")):
+        assert process.returncode == 0, f"rank {rank}:\n{process.stderr[-3000:]}"
+    whole = json.loads((tmp_path / "whole" / "rank0.json").read_text())
+    record = json.loads((tmp_path / "results" / "tiny-images__sulora__seed0.json").read_text())
+
+    # drop the newest checkpoint (experience 3 of 3) and resume from the one before
+    checkpoints = sorted((tmp_path / "ckpt").iterdir())
+    for f in checkpoints[-1].iterdir():
+        f.unlink()
+    checkpoints[-1].rmdir()
+    resumed_ranks = launch([*argv, "--resume"], tmp_path / "resumed")
+    for rank, process in enumerate(resumed_ranks):
+        assert process.returncode == 0, f"rank {rank}:\n{process.stderr[-3000:]}"
+    probes = [json.loads((tmp_path / "resumed" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert probes[0]["digest"] == probes[1]["digest"] == whole["digest"][-1:]
+    again = json.loads((tmp_path / "results" / "tiny-images__sulora__seed0.json").read_text())
+    assert again["accuracy_matrix"] == record["accuracy_matrix"]
