@@ -92,8 +92,8 @@ class InfLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
 
     def new_branch(self, strategy, layer_name, layer, experience):
         rank = self.config.rank
-        old = old_input_basis(layer).cpu()
-        cov = self._covariances[layer_name].cpu()
+        old = old_input_basis(layer)
+        cov = self._covariances[layer_name].to(old.device)
         proj = projector_outside(old, layer.in_features)
         _, candidates = top_eigvecs(proj @ cov @ proj)
         gen = branch_generator(self.config.seed, layer_name, experience)
@@ -106,8 +106,8 @@ class InfLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
         energy = self.config.energy_at(experience)
         for name, layer in layers.items():
             room = layer.in_features - self.config.rank  # keep room for the next branch
-            old = old_input_basis(layer).cpu()
-            grown = extend_basis(old, covariances[name].cpu(), energy, room)
+            old = old_input_basis(layer)
+            grown = extend_basis(old, covariances[name].to(old.device), energy, room)
             store_input_basis(layer, grown)
 
 
