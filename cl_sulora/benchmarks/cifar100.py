@@ -122,7 +122,7 @@ def build_split_cifar100(
     order = class_order(class_order_seed)
     kept_classes = order[: kept_exps * per_exp]
 
-    if image_size == IMAGE_SIZE:  # tensors all the way: same outputs as PIL, 5x faster
+    if image_size == IMAGE_SIZE:  # uint8 tensors: the same outputs as PIL, loaded ~3x faster
         load, (train_tf, eval_tf) = chw_tensor, array_image_transforms(image_size, mean, std,
                                                                       augment)
     else:
