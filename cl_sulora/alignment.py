@@ -31,6 +31,13 @@ class AlignmentConfig(BaseModel):
         batch_size: pseudo-features per step.
         covariance: ``full`` (d x d per class) or ``diagonal`` (d per class).
         shrinkage: added to the covariance diagonal, relative to its mean variance.
+        drift_compensation: before storing a new experience's statistics, move every stored
+            class mean by the drift the experience's training caused nearby (semantic drift
+            compensation, Yu et al., CVPR 2020): the kernel-weighted mean displacement of the
+            experience's own features, before vs after training. Costs one more forward pass
+            over the experience.
+        drift_bandwidth: the Gaussian kernel's width; ``None``: per class, the median distance
+            of the experience's features (before training) to the class mean.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +49,8 @@ class AlignmentConfig(BaseModel):
     batch_size: PositiveInt = 128
     covariance: Literal["full", "diagonal"] = "full"
     shrinkage: NonNegativeFloat = 0.01
+    drift_compensation: bool = False
+    drift_bandwidth: PositiveFloat | None = None
 
 
 class ClassStatistics:
@@ -64,6 +73,17 @@ class ClassStatistics:
                 self.square[label] += sq
             else:
                 self.count[label], self.total[label], self.square[label] = len(f), f.sum(0), sq
+
+    def shift(self, label: int, by: Tensor) -> None:
+        """Move class ``label``'s mean by ``by``, keeping its covariance."""
+        n, mean = self.count[label], self.total[label] / self.count[label]
+        by = by.double()
+        if self.diagonal:
+            self.square[label] += n * (2 * mean * by + by * by)
+        else:
+            self.square[label] += n * (torch.outer(mean, by) + torch.outer(by, mean)
+                                       + torch.outer(by, by))
+        self.total[label] += n * by
 
     def state_dict(self) -> dict:
         labels = sorted(self.count)
@@ -118,6 +138,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         self.seed = seed
         self.autocast_dtype = autocast_dtype
         self.stats = ClassStatistics(diagonal=config.covariance == "diagonal")
+        self._before: Tensor | None = None
 
     def stored_state_params(self) -> int:
         """Values stored: a mean and a covariance (or variances) per class."""
@@ -129,28 +150,54 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict, strategy) -> None:
         self.stats.load_state_dict(state, strategy.device)
 
+    def _applies(self, strategy) -> bool:
+        head = getattr(strategy.model, "head", None)
+        return head is not None and not isinstance(head, MultiTaskModule)
+
+    def before_training_exp(self, strategy, **kwargs):
+        if self.config.drift_compensation and self.stats.count and self._applies(strategy):
+            self._before = self._features(strategy)[0]
+
     def after_training_exp(self, strategy, **kwargs):
-        model = strategy.model
-        head = getattr(model, "head", None)
-        if head is None or isinstance(head, MultiTaskModule):
+        if not self._applies(strategy):
             return
+        features, labels = self._features(strategy)
+        if self._before is not None:
+            self.compensate_drift(self._before, features)
+            self._before = None
+        self.stats.add(features, labels)
         experience = int(strategy.experience.current_experience)
-        self._collect(strategy, model)
-        self._align(head, strategy.device, experience)
+        self._align(strategy.model.head, strategy.device, experience)
+
+    def compensate_drift(self, before: Tensor, after: Tensor) -> None:
+        """Move each stored class mean by the kernel-weighted displacement ``after - before``
+        of the features near it (rows: the same samples before and after training)."""
+        before, moved = before.double(), (after - before).double()
+        for label in list(self.stats.count):
+            mean = self.stats.total[label] / self.stats.count[label]
+            dist = (before - mean).norm(dim=1)
+            width = self.config.drift_bandwidth or float(dist.median().clamp_min(1e-12))
+            weights = torch.exp(-0.5 * (dist / width) ** 2)
+            if float(weights.sum()) > 0:
+                self.stats.shift(label, (weights[:, None] * moved).sum(0) / weights.sum())
 
     @torch.no_grad()
-    def _collect(self, strategy, model: nn.Module) -> None:
+    def _features(self, strategy) -> tuple[Tensor, Tensor]:
+        """Backbone features (float32) and labels of the experience, in dataset order."""
+        model = strategy.model
         was_training = model.training
         model.eval()
         loader = DataLoader(strategy.experience.dataset.eval(), batch_size=strategy.eval_mb_size)
         device = strategy.device
+        features, labels = [], []
         for batch in loader:
-            x, y = batch[0].to(device), batch[1].to(device)
+            x = batch[0].to(device)
             with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                features = model.backbone(x)
-            self.stats.add(features.float(), y)
+                features.append(model.backbone(x).float())
+            labels.append(batch[1].to(device))
         model.train(was_training)
+        return torch.cat(features), torch.cat(labels)
 
     def _align(self, head: nn.Module, device: torch.device, experience: int) -> None:
         cfg = self.config

@@ -89,3 +89,48 @@ def test_aligned_run_records_statistics_and_resumes_identically(tiny, tmp_path):
     a = whole.experiment.model.state_dict()
     b = resumed.experiment.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_drift_compensation_moves_means_and_keeps_covariances(diagonal):
+    g = torch.Generator().manual_seed(1)
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, drift_compensation=True,
+                                                 covariance="diagonal" if diagonal else "full"))
+    x, y = torch.randn(40, 6, generator=g), torch.arange(2).repeat(20)
+    plugin.stats.add(x, y)
+    old = plugin.stats.gaussians(0.0)
+    before = torch.randn(30, 6, generator=g)
+    step = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 0.25])
+    plugin.compensate_drift(before, before + step)  # the whole space translated
+    new = plugin.stats.gaussians(0.0)
+    for c in (0, 1):
+        assert torch.allclose(new[c][0], old[c][0] + step.double())
+        assert torch.allclose(new[c][1], old[c][1], atol=1e-9)
+
+
+def test_drift_compensation_weights_nearby_samples_more():
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, drift_compensation=True,
+                                                 drift_bandwidth=1.0))
+    plugin.stats.add(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))  # class 0 at the origin
+    before = torch.tensor([[0.1, 0.0], [10.0, 0.0]])
+    after = before + torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # near moves right, far moves up
+    plugin.compensate_drift(before, after)
+    mean = plugin.stats.gaussians(0.0)[0][0]
+    assert mean[0] > 0.99 and abs(float(mean[1])) < 1e-6
+
+
+def test_drift_compensated_run_moves_the_first_classes_statistics(tiny, tmp_path):  # noqa: F811
+    base = {"alignment.enabled": True, "alignment.epochs": 1, "deterministic": True}
+    plain = run(tiny_config(tmp_path / "a", **base))
+    drift = run(tiny_config(tmp_path / "b", **base, **{"alignment.drift_compensation": True}))
+
+    def stats(result):
+        plugin = next(p for p in result.experiment.strategy.plugins
+                      if isinstance(p, ClassifierAlignment))
+        return plugin.stats
+
+    a, b = stats(plain), stats(drift)
+    assert a.count == b.count and len(a.count) == 6
+    # experience 1's classes are identical until experience 2 trains, then only b moves them
+    assert not torch.allclose(a.total[0], b.total[0])
+    assert len(drift.record["accuracy_matrix"]) == 3
