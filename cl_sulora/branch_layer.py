@@ -13,6 +13,7 @@ from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
+from .adapted_linear import AdaptedLinear
 from .config import DEFAULT_TARGETS, STRICT, check_targets
 from .injection import wrap_linears
 
@@ -143,7 +144,7 @@ class LoRABranch(nn.Module):
         return f"rank={self.rank}, normalise={self.normalise}, trains={flags or '-'}"
 
 
-class BranchLoRALinear(nn.Module):
+class BranchLoRALinear(AdaptedLinear):
     """``y = W0 x + sum over branches t of c_t B_t A_t x``, ``c_t`` the branch coefficient.
 
     When ``out_index`` is given only those output features of ``W0`` are adapted (e.g. the q and
@@ -160,18 +161,11 @@ class BranchLoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, *, out_index: Tensor | None = None) -> None:
-        super().__init__()
-        self.base = base
-        base.requires_grad_(False)
+        super().__init__(base, out_index=out_index)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        if out_index is not None:
-            out_index = torch.as_tensor(out_index, dtype=torch.long, device=base.weight.device)
-        self.register_buffer("out_index", out_index)
         self.branches = nn.ModuleList()
         self.register_buffer("input_basis", torch.zeros(0, base.in_features, **factory))
         self.register_buffer("basis_is_complement", torch.zeros((), dtype=torch.bool))
-        self.merged = False
-        self._weight_backup: Tensor | None = None
         self._has_magnitudes = False
         self._frozen: list[LoRABranch] = []
         self._training: list[LoRABranch] = []
@@ -185,23 +179,6 @@ class BranchLoRALinear(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
     # ------------------------------------------------------------------ properties
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def n_out(self) -> int:
-        """Number of adapted output features (rows of every ``B``)."""
-        return self.out_features if self.out_index is None else self.out_index.numel()
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
     def live_adapter_params(self) -> int:
         """Values of ``A``, ``B`` and magnitudes held by the branches."""
         return sum(branch.num_values() for branch in self.branches)
@@ -243,7 +220,7 @@ class BranchLoRALinear(nn.Module):
             self._A_frozen = torch.cat([b.A for b in self._frozen]).to(ref)
             # the constant part of each coefficient (scale / norm) is folded into B
             B = torch.cat([b.B * (b.scale / b.norm()) for b in self._frozen], dim=1)
-            self._B_frozen = self._embed(B.to(ref))
+            self._B_frozen = self._place(B.to(ref))
         else:
             self._A_frozen = ref.new_zeros(0, self.in_features)
             self._B_frozen = ref.new_zeros(self.out_features, 0)
@@ -271,24 +248,6 @@ class BranchLoRALinear(nn.Module):
         with torch.autocast(weight.device.type, enabled=False):
             return torch.addmm(weight, (B * coef).to(weight.dtype), A.to(weight.dtype))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every branch into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
-        if self.merged:
-            return
-        self._weight_backup = self.base.weight.detach().clone()
-        self.base.weight.copy_(self.effective_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore ``W0`` bit-exactly as it was before :meth:`merge`."""
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._weight_backup)
-        self._weight_backup = None
-        self.merged = False
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or not len(self.branches):
@@ -301,10 +260,6 @@ class BranchLoRALinear(nn.Module):
         """``W0 x + B (coef * A x)``: the path that gives the branches their gradients."""
         A, coef, B = self._stacked()
         return self.base(x) + F.linear(F.linear(x, A) * coef, B)
-
-    def _forward_weight(self, x: Tensor) -> Tensor:
-        """``(W0 + B diag(coef) A) x``: one matmul over the activations."""
-        return F.linear(x, self.effective_weight(), self.base.bias)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -330,19 +285,9 @@ class BranchLoRALinear(nn.Module):
         for branch in self._training:
             A_parts.append(branch.A)
             coef_parts.append(branch.coefficient().expand(branch.rank))
-            B_parts.append(self._embed(branch.B))
+            B_parts.append(self._place(branch.B))
         coef = torch.cat(coef_parts) if coef_parts else self._A_frozen.new_zeros(0)
         return torch.cat(A_parts), coef, torch.cat(B_parts, dim=1)
-
-    def _embed(self, B: Tensor) -> Tensor:
-        """Place ``B`` (rows = adapted outputs) in ``W0``'s output rows."""
-        if self.out_index is None:
-            return B
-        return B.new_zeros(self.out_features, B.shape[1]).index_copy(0, self.out_index, B)
-
-    def _check_not_merged(self, action: str) -> None:
-        if self.merged:
-            raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, adapted_out={self.n_out}, "

@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapted_linear import AdaptedLinear
+
 FREE = -1  # owner id of a free row
 
 
-class SubspaceLoRALinear(nn.Module):
+class SubspaceLoRALinear(AdaptedLinear):
     """``y = W0 x + (alpha / rank) * sum over live rows j of b_j a_j^T x``.
 
     ``A`` (``R x d_in``, ``R = num_slots * rank``) holds orthonormal, frozen rows. Each row is
@@ -39,7 +41,6 @@ class SubspaceLoRALinear(nn.Module):
         alpha: float,
         out_index: Tensor | None = None,
     ) -> None:
-        super().__init__()
         d_out, d_in = base.weight.shape
         total = rank * num_slots
         if total > d_in:
@@ -48,16 +49,12 @@ class SubspaceLoRALinear(nn.Module):
                 f"{d_in} of the adapted layer: orthonormal rows cannot be disjoint. Lower rank or "
                 "num_slots, or enable fusion so fewer slots are needed."
             )
-        self.base = base
-        base.requires_grad_(False)
+        super().__init__(base, out_index=out_index)
         self.rank = rank
         self.num_slots = num_slots
         self.scaling = alpha / rank
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        if out_index is not None:
-            out_index = torch.as_tensor(out_index, dtype=torch.long, device=base.weight.device)
-        self.register_buffer("out_index", out_index)
-        n_out = d_out if out_index is None else out_index.numel()
+        n_out = self.n_out
         self.register_buffer("lora_A", torch.zeros(total, d_in, **factory))
         self.register_buffer("lora_B", torch.zeros(n_out, total, **factory))
         device = base.weight.device
@@ -72,26 +69,12 @@ class SubspaceLoRALinear(nn.Module):
         # input subspace of earlier experiences, kept by the ``data`` allocator (rows)
         self.register_buffer("input_basis", torch.zeros(0, d_in, **factory))
         self.lora_B_train: nn.Parameter | None = None
-        self.merged = False
-        self._weight_backup: Tensor | None = None
         self._owner_filter: frozenset[int] | None = None
         # caches of the live rows (frozen owners first, training rows last)
         self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
 
     # ------------------------------------------------------------------ properties
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
     @property
     def training_owner(self) -> int | None:
         """Owner id of the slot in training, or ``None``."""
@@ -116,8 +99,7 @@ class SubspaceLoRALinear(nn.Module):
 
     def live_adapter_params(self) -> int:
         """Values of ``A`` and ``B`` held for live (non-free) rows."""
-        n_out = self.lora_B.shape[0]
-        return int(self.used_rows().numel()) * (self.in_features + n_out)
+        return int(self.used_rows().numel()) * (self.in_features + self.n_out)
 
     # ------------------------------------------------------------------ slot lifecycle
     @torch.no_grad()
@@ -197,24 +179,6 @@ class SubspaceLoRALinear(nn.Module):
         self._refresh()
 
     # ------------------------------------------------------------------ inference modes
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every live pair into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
-        if self.merged:
-            return
-        self._weight_backup = self.base.weight.detach().clone()
-        self.base.weight.copy_(self.effective_weight())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore ``W0`` bit-exactly as it was before :meth:`merge`."""
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._weight_backup)
-        self._weight_backup = None
-        self.merged = False
-
     def set_owner_filter(self, owners: Iterable[int] | None) -> None:
         """Use only the rows of ``owners`` in the forward pass (``None``: every live row)."""
         self._check_not_merged("filter owners")
@@ -251,10 +215,6 @@ class SubspaceLoRALinear(nn.Module):
         h = F.linear(x, self._A_live)
         return self.base(x) + F.linear(h, self._live_B())
 
-    def _forward_weight(self, x: Tensor) -> Tensor:
-        """``(W0 + B_live A_live) x``: one matmul over the activations."""
-        return F.linear(x, self.effective_weight(), self.base.bias)
-
     # ------------------------------------------------------------------ state
     _VARIABLE = ("train_rows", "input_basis")
 
@@ -272,17 +232,9 @@ class SubspaceLoRALinear(nn.Module):
         self._refresh()
 
     # ------------------------------------------------------------------ internals
-    def _check_not_merged(self, action: str) -> None:
-        if self.merged:
-            raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
-
     def _embed(self, B: Tensor) -> Tensor:
         """Scale ``B`` (rows = adapted outputs) and place it in ``W0``'s output rows."""
-        B = B * self.scaling
-        if self.out_index is None:
-            return B
-        full = B.new_zeros(self.out_features, B.shape[1])
-        return full.index_copy(0, self.out_index, B)
+        return self._place(B * self.scaling)
 
     def _full_B(self) -> Tensor:
         """``B`` over all rows, the training slot's columns taken from the parameter."""

@@ -1,0 +1,79 @@
+"""What every adapter layer shares: a frozen ``nn.Linear`` whose output rows (all, or those in
+``out_index``) an adapter updates, and exact merging of that update into its weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen ``base`` linear layer plus an adapter update given by :meth:`effective_weight`.
+
+    :meth:`merge` writes ``effective_weight()`` into ``W0`` (restorable bit-exactly by
+    :meth:`unmerge`); ``_forward_weight`` applies it without merging.
+    """
+
+    def __init__(self, base: nn.Linear, *, out_index: Tensor | None = None) -> None:
+        super().__init__()
+        self.base = base
+        base.requires_grad_(False)
+        if out_index is not None:
+            out_index = torch.as_tensor(out_index, dtype=torch.long, device=base.weight.device)
+        self.register_buffer("out_index", out_index)
+        self.merged = False
+        self._weight_backup: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def n_out(self) -> int:
+        """Number of adapted output features (rows of the adapter's ``B``)."""
+        return self.out_features if self.out_index is None else self.out_index.numel()
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    def effective_weight(self) -> Tensor:
+        """``W0`` plus the adapter's update, in ``W0``'s dtype; ``W0`` untouched."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter's update into ``W0`` (kept exactly restorable by :meth:`unmerge`)."""
+        if self.merged:
+            return
+        self._weight_backup = self.base.weight.detach().clone()
+        self.base.weight.copy_(self.effective_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore ``W0`` bit-exactly as it was before :meth:`merge`."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._weight_backup)
+        self._weight_backup = None
+        self.merged = False
+
+    def _forward_weight(self, x: Tensor) -> Tensor:
+        """``effective_weight() x``: one matmul over the activations."""
+        return F.linear(x, self.effective_weight(), self.base.bias)
+
+    def _check_not_merged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
+
+    def _place(self, B: Tensor) -> Tensor:
+        """``B`` (rows = adapted outputs) placed in ``W0``'s output rows."""
+        if self.out_index is None:
+            return B
+        return B.new_zeros(self.out_features, B.shape[1]).index_copy(0, self.out_index, B)
