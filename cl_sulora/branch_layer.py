@@ -4,7 +4,7 @@ and the configuration shared by the branch-LoRA methods (SD-LoRA, InfLoRA, O-LoR
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, field
+from dataclasses import field
 from typing import Literal
 
 import torch
@@ -14,7 +14,7 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from .adapted_linear import AdaptedLinear
-from .config import DEFAULT_TARGETS, STRICT, check_targets
+from .config import STRICT, AdapterTargets, check_targets
 from .injection import wrap_linears
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ Normalisation = Literal["none", "product", "factors"]
 
 
 @dataclass(config=STRICT)
-class BranchLoRAConfig:
+class BranchLoRAConfig(AdapterTargets):
     """Where branch LoRA goes and how large each experience's branch is.
 
     Args:
@@ -55,17 +55,6 @@ class BranchLoRAConfig:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         check_targets(self.target_modules, self.qkv_parts)
         return self
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def targets(self) -> list[str]:
-        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class LoRABranch(nn.Module):

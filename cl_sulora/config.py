@@ -19,8 +19,27 @@ DEFAULT_TARGETS = ("attn.qkv", "attention.self.query", "attention.self.value")
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AdapterTargets:
+    """What LoRA configs with ``target_modules``, ``rank`` and ``alpha`` fields derive alike."""
+
+    target_modules: list[str] | None
+    rank: int
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(config=STRICT)
-class SubspaceLoRAConfig:
+class SubspaceLoRAConfig(AdapterTargets):
     """Frozen-``A`` LoRA whose rank space is split into per-experience slots.
 
     Each target ``nn.Linear`` gets ``num_slots * rank`` orthonormal, frozen rows of ``A``; every new
@@ -88,19 +107,8 @@ class SubspaceLoRAConfig:
         return self
 
     @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @property
     def total_rank(self) -> int:
         return self.rank * self.num_slots
-
-    @property
-    def targets(self) -> list[str]:
-        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def check_targets(target_modules: list[str] | None, qkv_parts: list[str]) -> None:
