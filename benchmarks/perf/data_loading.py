@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from cl_sulora.benchmarks._common import (
     DEFAULT_MEAN,
     DEFAULT_STD,
+    LabelledData,
     image_transforms,
     resolve_data_root,
 )
@@ -36,19 +37,6 @@ def samples_per_second(dataset, batch_size: int, workers: int, limit: int) -> fl
         if seen >= limit:
             break
     return seen / (time.perf_counter() - start)
-
-
-class Transformed(torch.utils.data.Dataset):
-    """``transform(load(image))`` and the label of each image of an array."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, load, transform) -> None:
-        self.images, self.labels, self.load, self.transform = images, labels, load, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.load(self.images[i])), int(self.labels[i])
 
 
 def first_experience(data_root: Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -69,11 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--commit", help="commit to record when git cannot tell")
     args = parser.parse_args(argv)
     images, labels = first_experience(args.data_root)
+    array_tf = array_image_transforms(32, DEFAULT_MEAN, DEFAULT_STD, True)[0]
+    pil_tf = image_transforms(32, DEFAULT_MEAN, DEFAULT_STD, True, False)[0]
     pipelines = {
-        "array": Transformed(images, labels, chw_tensor,
-                             array_image_transforms(32, DEFAULT_MEAN, DEFAULT_STD, True)[0]),
-        "pil": Transformed(images, labels, Image.fromarray,
-                           image_transforms(32, DEFAULT_MEAN, DEFAULT_STD, True, False)[0]),
+        "array": LabelledData(images, labels, lambda image: array_tf(chw_tensor(image))),
+        "pil": LabelledData(images, labels, lambda image: pil_tf(Image.fromarray(image))),
     }
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):
