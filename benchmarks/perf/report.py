@@ -349,12 +349,17 @@ def backbone_section(key: str, groups: Groups, plots: Path, output_dir: Path) ->
     return lines + boundary(groups) + profile(groups)
 
 
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    """The JSON at ``path``, or None when that run was not made."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def long_stream(directory: Path, output_dir: Path) -> list[str]:
     """The 100-experience run of ``benchmarks.perf.long_stream`` (``long_stream/``), if any."""
     path = directory / "long_stream" / "long_stream.json"
-    if not path.exists():
+    run = _optional_json(path)
+    if run is None:
         return []
-    run = json.loads(path.read_text(encoding="utf-8"))
     cfg, records = run["settings"], run["results"]["records"]
     data = "generated images, random-weight ViT" if cfg["synthetic"] else "split-cifar100-100"
     lines = ["## Long stream: 100 experiences end to end", "",
@@ -389,9 +394,9 @@ def long_stream(directory: Path, output_dir: Path) -> list[str]:
 def data_parallel(directory: Path) -> list[str]:
     """The one-GPU vs torchrun comparison of ``benchmarks.perf.ddp`` (``ddp.json``), if any."""
     path = directory / "ddp.json"
-    if not path.exists():
+    run = _optional_json(path)
+    if run is None:
         return []
-    run = json.loads(path.read_text(encoding="utf-8"))
     lines = ["## Data-parallel training", "",
              f"`python -m benchmarks.perf.ddp`: {run['strategy']} on {run['benchmark']}, the "
              f"same run on one GPU ({run['devices']['single']}) and under torchrun on "
@@ -414,9 +419,9 @@ def data_parallel(directory: Path) -> list[str]:
 def data_loading(directory: Path) -> list[str]:
     """Loader throughput of ``benchmarks.perf.data_loading`` (``data_loading/``), if any."""
     path = directory / "data_loading" / "data_loading.json"
-    if not path.exists():
+    run = _optional_json(path)
+    if run is None:
         return []
-    run = json.loads(path.read_text(encoding="utf-8"))
     cfg = run["settings"]
     lines = ["## Data loading", "",
              f"`python -m benchmarks.perf.data_loading` on {run['device']} "
