@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapted_linear import AdaptedLinear
+from .row_span_linear import row_span_linear
 
 FREE = -1  # owner id of a free row
 
@@ -25,11 +25,13 @@ class SubspaceLoRALinear(AdaptedLinear):
     When ``out_index`` is given, only those output features of ``W0`` are adapted (e.g. the q and
     v parts of a fused ``qkv``); ``B`` then has ``len(out_index)`` rows.
 
-    With gradients for the training slot, all live pairs are applied to the activations with one
-    pair of matmuls. Without (evaluation, ``torch.no_grad``, or no trainable slot), they are
-    applied to the weight instead: one ``F.linear`` with ``W0 + scale * B_live A_live``, built per
-    call at ``O(d_out r d_in)`` cost (nothing is merged into ``W0``). The live rows are gathered
-    into caches whenever ownership changes, never in the forward pass.
+    Every forward applies all live pairs to the weight: one ``F.linear`` with
+    ``W0 + scale * B_live A_live``, built per call at ``O(d_out r d_in)`` cost (nothing is merged
+    into ``W0``). While the training slot needs gradients, its ``B`` gets them through
+    :func:`~cl_sulora.row_span_linear.row_span_linear`: exact because ``A``'s rows are
+    orthonormal, and costing a rank-``rank`` projection of the input instead of a full weight
+    gradient. The live rows are gathered into caches whenever ownership changes, never in the
+    forward pass.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         # caches of the live rows (frozen owners first, training rows last)
         self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
+        self.register_buffer("_A_train", torch.zeros(0, d_in, **factory), persistent=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -190,7 +193,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         if self.merged or self._A_live.shape[0] == 0:
             return self.base(x)
         if self._needs_adapter_grad():
-            return self._forward_activations(x)
+            return row_span_linear(x, self.effective_weight(), self.base.bias, self._A_train)
         return self._forward_weight(x)
 
     def effective_weight(self) -> Tensor:
@@ -209,11 +212,6 @@ class SubspaceLoRALinear(AdaptedLinear):
     def _needs_adapter_grad(self) -> bool:
         return (torch.is_grad_enabled() and self.lora_B_train is not None
                 and self.lora_B_train.requires_grad)
-
-    def _forward_activations(self, x: Tensor) -> Tensor:
-        """``W0 x + B_live (A_live x)``: the path that gives the training slot its gradient."""
-        h = F.linear(x, self._A_live)
-        return self.base(x) + F.linear(h, self._live_B())
 
     # ------------------------------------------------------------------ state
     _VARIABLE = ("train_rows", "input_basis")
@@ -269,6 +267,7 @@ class SubspaceLoRALinear(AdaptedLinear):
             raise RuntimeError("an owner filter must keep all or none of the training slot")
         self._A_live = torch.cat([self.lora_A[frozen], self.lora_A[active_training]]).detach()
         self._B_frozen = self._embed(self.lora_B[:, frozen]).detach()
+        self._A_train = self.lora_A[active_training].detach()
 
     def extra_repr(self) -> str:
         return (

@@ -27,12 +27,16 @@ def fill_slot(layer: SubspaceLoRALinear, owner: int, seed: int) -> None:
     layer.end_slot(torch.rand(layer.rank, generator=g))
 
 
-def by_hand(layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    live = layer.used_rows()
+def full_B(layer: SubspaceLoRALinear) -> torch.Tensor:
     B = layer.lora_B.clone()
     if layer.lora_B_train is not None:
         B[:, layer.train_rows] = layer.lora_B_train.detach()
-    delta = layer.scaling * (x @ layer.lora_A[live].T) @ B[:, live].T
+    return B
+
+
+def by_hand(layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    live = layer.used_rows()
+    delta = layer.scaling * (x @ layer.lora_A[live].T) @ full_B(layer)[:, live].T
     out = layer.base(x)
     if layer.out_index is None:
         return out + delta
@@ -159,7 +163,7 @@ def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
     x = torch.randn(6, 5, 16, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     with torch.no_grad():
-        activations = layer._forward_activations(x)
+        activations = by_hand(layer, x)
         no_grad = layer(x)  # no gradient needed: the weight path
         torch.testing.assert_close(no_grad, layer._forward_weight(x), rtol=0, atol=0)
         torch.testing.assert_close(no_grad, activations, rtol=tol, atol=tol)
@@ -167,8 +171,12 @@ def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
             assert torch.equal(no_grad[..., 4:8], layer.base(x)[..., 4:8])
         for owners in ([1], [0, 2]) if not training_slot else ([0, 1, 2, 3],):
             layer.set_owner_filter(owners)
-            torch.testing.assert_close(layer(x), layer._forward_activations(x), rtol=tol,
-                                       atol=tol)
+            rows = layer.used_rows()[torch.isin(layer.row_owner[layer.used_rows()],
+                                                torch.tensor(owners))]
+            delta = layer.scaling * (x @ layer.lora_A[rows].T) @ full_B(layer)[:, rows].T
+            expected = layer.base(x)
+            expected[..., index if qkv else slice(None)] += delta
+            torch.testing.assert_close(layer(x), expected, rtol=tol, atol=tol)
             layer.set_owner_filter(None)
         # merging leaves in W0 exactly the weight the weight path uses
         effective = layer.effective_weight().clone()
@@ -181,9 +189,9 @@ def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
         assert torch.equal(layer(x), no_grad)
     with torch.inference_mode():
         assert torch.equal(layer(x), no_grad)
-    if training_slot:  # with gradients: the activation path, the slot gets its gradient
+    if training_slot:  # with gradients: the same weight path, and the slot gets its gradient
         y = layer(x)
-        torch.testing.assert_close(y.detach(), activations, rtol=0, atol=0)
+        torch.testing.assert_close(y.detach(), no_grad, rtol=0, atol=0)
         y.float().sum().backward()
         assert layer.lora_B_train.grad is not None and layer.weight.grad is None
     else:  # nothing to train: the weight path even with gradients enabled
@@ -277,3 +285,27 @@ def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
                 explained = dynamo.explain(lambda inputs, m=model: m(inputs).sum())(x)
             assert explained.graph_break_count == 0, explained.break_reasons
     dynamo.reset()
+
+
+@pytest.mark.parametrize("qkv", [False, True])
+def test_training_slot_gets_the_activation_path_gradient(qkv):
+    index = torch.cat([torch.arange(0, 4), torch.arange(8, 12)]) if qkv else None
+    layer = make_layer(out_index=index)
+    fill_slot(layer, 0, 60)
+    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    with torch.no_grad():
+        layer.lora_B_train.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    dy = torch.randn(3, 5, 12)
+    (layer(x) * dy).sum().backward()
+    got = (layer.lora_B_train.grad.clone(), x.grad.clone())
+    layer.lora_B_train.grad = x.grad = None
+    rows = layer.train_rows  # the same output, written with the slot on the activations
+    delta = layer.scaling * (x @ layer.lora_A[rows].T) @ layer.lora_B_train.T
+    frozen = layer.frozen_rows()
+    delta = delta + layer.scaling * (x @ layer.lora_A[frozen].T) @ layer.lora_B[:, frozen].T
+    out = layer.base(x)
+    out = out.index_add(-1, index, delta) if qkv else out + delta
+    (out * dy).sum().backward()
+    torch.testing.assert_close(got[0], layer.lora_B_train.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-5)
