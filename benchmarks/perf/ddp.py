@@ -2,13 +2,14 @@
 ``torchrun`` on ``--nproc`` GPUs of this machine.
 
     python -m benchmarks.perf.ddp --out benchmarks/perf/results/ddp.json \\
-        --backbone-weights DIR --precision bf16 --batch-size 256 --epochs 2
+        --backbone-weights DIR --precision bf16 --batch-size 256 --epochs 2 --seeds 0,1,2
 
 Arguments it does not know are passed to both runs (``training.batch_size`` is the global batch
-in both). Writes ``--out``: both runs' training throughput (training samples x epochs /
-``train_seconds`` of the results record), the speedup, A_last of each and its delta, plus the
-summary entries ``ddp_2gpu_speedup`` and ``ddp_2gpu_a_last_delta`` that
-``benchmarks.perf.summary`` takes (from ``<run dir>/ddp.json`` or ``suite.py --ddp-summary``).
+in both). One pair of runs per seed, one after the other. Writes ``--out``: every run's training
+throughput (training samples x epochs / ``train_seconds`` of the results record), the speedup
+and A_last delta averaged over seeds, plus the summary entries ``ddp_2gpu_speedup`` and
+``ddp_2gpu_a_last_delta`` that ``benchmarks.perf.summary`` takes (from ``<run dir>/ddp.json``
+or ``suite.py --ddp-summary``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,34 +46,41 @@ def throughput(record: dict[str, Any]) -> float:
     return record["train_samples"] * epochs / record["train_seconds"]
 
 
-def summarize(single: dict[str, Any], parallel: dict[str, Any], commands: dict[str, list[str]],
-              nproc: int) -> dict[str, Any]:
-    speedup = throughput(parallel) / throughput(single)
-    delta = 100 * (parallel["A_last"] - single["A_last"])
-    sha = (parallel.get("commit") or {}).get("sha") or resolve_commit(None)
-    device = f"{nproc} x {parallel['device']}"
+def summarize(single: list[dict[str, Any]], parallel: list[dict[str, Any]],
+              commands: dict[str, list[str]], nproc: int) -> dict[str, Any]:
+    """Speedup (mean over seeds of the per-seed throughput ratio) and A_last delta (mean over
+    seeds of parallel - single, percentage points) of paired runs, one pair per seed."""
+    speedups = [throughput(p) / throughput(s) for s, p in zip(single, parallel, strict=True)]
+    deltas = [100 * (p["A_last"] - s["A_last"]) for s, p in zip(single, parallel, strict=True)]
+    speedup, delta = statistics.mean(speedups), statistics.mean(deltas)
+    last = parallel[-1]
+    sha = (last.get("commit") or {}).get("sha") or resolve_commit(None)
+    device = f"{nproc} x {last['device']}"
+    seeds = [r["seed"] for r in parallel]
     return {
         f"ddp_{nproc}gpu_speedup": {
             "value": speedup, "device": device, "commit": sha, "target": SPEEDUP_TARGET,
             "pass": speedup >= SPEEDUP_TARGET,
-            "note": f"training samples/s on {nproc} GPUs (torchrun, DDP) / on one GPU "
-                    "(a lower bound)"},
+            "note": f"training samples/s on {nproc} GPUs (torchrun, DDP) / on one GPU, mean over "
+                    f"seeds {seeds} (a lower bound)"},
         f"ddp_{nproc}gpu_a_last_delta": {
             "value": delta, "device": device, "commit": sha, "target": A_LAST_DELTA_TARGET,
             "pass": abs(delta) <= A_LAST_DELTA_TARGET,
-            "note": f"A_last on {nproc} GPUs - A_last on one GPU, percentage points "
-                    "(target on the absolute value)"},
-        "benchmark": parallel["benchmark"],
-        "strategy": parallel["strategy"],
-        "world_size": parallel["world_size"],
+            "note": f"A_last on {nproc} GPUs - A_last on one GPU, percentage points, mean over "
+                    f"seeds {seeds} (target on the absolute value)"},
+        "benchmark": last["benchmark"],
+        "strategy": last["strategy"],
+        "world_size": last["world_size"],
         "commit": sha,
-        "devices": {"single": single["device"], "parallel": device},
+        "devices": {"single": single[-1]["device"], "parallel": device},
         "commands": commands,
-        "runs": {
-            name: {"train_samples_per_s": throughput(r), "train_seconds": r["train_seconds"],
-                   "train_samples": r["train_samples"], "A_last": r["A_last"],
-                   "world_size": r["world_size"], "peak_memory_mb": r["peak_memory_mb"]}
-            for name, r in (("single", single), ("parallel", parallel))},
+        "runs": [
+            {"seed": r["seed"], "mode": name, "train_samples_per_s": throughput(r),
+             "train_seconds": r["train_seconds"], "train_samples": r["train_samples"],
+             "A_last": r["A_last"], "world_size": r["world_size"],
+             "peak_memory_mb": r["peak_memory_mb"]}
+            for s, p in zip(single, parallel, strict=True)
+            for name, r in (("single", s), ("parallel", p))],
     }
 
 
@@ -81,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="GPUs of the DDP run")
     parser.add_argument("--benchmark", default="split-cifar100-10")
     parser.add_argument("--strategy", default="sulora")
+    parser.add_argument("--seeds", default="0", help="comma-separated; one pair of runs each")
     args, extra = parser.parse_known_args(argv)
     import torch
 
@@ -90,16 +100,19 @@ def main(argv: list[str] | None = None) -> None:
               "--strategy", args.strategy, "--device", "cuda", *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    single, parallel = [], []
     with tempfile.TemporaryDirectory(prefix="ddp-bench-") as tmp:
-        single_out, parallel_out = Path(tmp, "single"), Path(tmp, "parallel")
-        commands = {
-            "single": [sys.executable, *common, "--out", str(single_out)],
-            "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc_per_node", str(args.nproc), *common, "--out",
-                         str(parallel_out)],
-        }
-        single = run(commands["single"], single_out, env)
-        parallel = run(commands["parallel"], parallel_out, env)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            single_out, parallel_out = Path(tmp, f"single{seed}"), Path(tmp, f"parallel{seed}")
+            seeded = [*common, "--seed", str(seed)]
+            commands = {
+                "single": [sys.executable, *seeded, "--out", str(single_out)],
+                "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", str(args.nproc), *seeded, "--out",
+                             str(parallel_out)],
+            }
+            single.append(run(commands["single"], single_out, env))
+            parallel.append(run(commands["parallel"], parallel_out, env))
     result = summarize(single, parallel, commands, args.nproc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
