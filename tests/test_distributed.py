@@ -98,7 +98,7 @@ def launch(argv: list[str], probe: Path, world: int = 2) -> list[subprocess.Comp
 
 @pytest.mark.parametrize("strategy, extra", [
     ("sulora", ["--set", "method.allocator=data", "method.recompose_every=2"]),
-    ("sdlora", []),
+    ("sdlora", ["--set", "alignment.enabled=true", "training.num_workers=1"]),
 ])
 def test_two_gloo_ranks_keep_identical_adapters_and_shard_the_data(strategy, extra, tmp_path):
     argv = [*tiny_flags(tmp_path, strategy), "--num-experiences", "2", "--epochs", "2",
