@@ -77,7 +77,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     qkv_parts: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "v"])
     rank: int = 4
     num_slots: int = 10
-    alpha: float = 4.0
+    alpha: float = 1.0
     allocator: Literal["orthogonal", "principal", "data"] = "orthogonal"
     fusion: Literal["never", "when_full", "fraction"] = "when_full"
     fusion_gamma: float = 0.25
