@@ -23,19 +23,20 @@ def orthonormal_basis(rows: Tensor, tol: float = 1e-6) -> Tensor:
     return vh[keep]
 
 
-def span_rows(rows: Tensor, tol: float = 1e-6, floor: float = 1.0) -> Tensor:
+def span_rows(rows: Tensor, tol: float = 1e-6, floor: float = 1.0, passes: int = 2) -> Tensor:
     """Orthonormal rows spanning ``rows`` (``... x r x d``), float64, as many rows as given:
     directions beyond the numerical rank come out as zero rows, so the shape (and the batch)
     never depends on the data and nothing is synchronised with the host.
 
-    Through the eigendecomposition of the small Gram matrix ``rows rows^T``, twice for accuracy;
-    singular values below ``tol * max(s_max, floor)`` are dropped. ``r <= 32`` is decomposed on
-    the rows' device (one batched call on CUDA), larger ``r`` on the host.
+    Through the eigendecomposition of the small Gram matrix ``rows rows^T``, ``passes`` times
+    (twice: orthonormal to working precision); singular values below
+    ``tol * max(s_max, floor)`` are dropped. ``r <= 32`` is decomposed on the rows' device (one
+    batched call on CUDA), larger ``r`` on the host.
     """
     rows = rows.double()
     if rows.shape[-2] == 0:
         return rows
-    for _ in range(2):
+    for _ in range(passes):
         gram = rows @ rows.mT
         host = gram.shape[-1] > _DEVICE_EIGH_MAX
         values, vectors = torch.linalg.eigh(gram.cpu() if host else gram)
@@ -180,7 +181,8 @@ def top_eigvecs(sym: Tensor) -> tuple[Tensor, Tensor]:
 def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tuple[Tensor, Tensor]:
     """Approximate top eigenpairs of symmetric positive semi-definite matrices (``... x d x d``)
     by block subspace iteration from the ``... x b x d`` rows ``start``: ``iters`` products with
-    ``sym``, each followed by :func:`span_rows`, then Rayleigh-Ritz on the ``b x b`` problem.
+    ``sym``, each followed by :func:`span_rows` (one pass but after the last product), then
+    Rayleigh-Ritz on the ``b x b`` problem.
 
     Returns ``b`` Ritz values (descending) and orthonormal Ritz vectors as rows, on ``sym``'s
     device, with batched matrix products only (no ``d x d`` eigendecomposition). The values are
@@ -191,8 +193,8 @@ def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tu
     """
     sym = sym.double()
     block = span_rows(start.to(sym), floor=0.0)
-    for _ in range(iters):
-        block = span_rows(block @ sym, tol=1e-12, floor=0.0)
+    for i in range(iters):
+        block = span_rows(block @ sym, tol=1e-12, floor=0.0, passes=1 if i < iters - 1 else 2)
     values, vectors = torch.linalg.eigh(block @ sym @ block.mT)
     return values.flip(-1), vectors.flip(-1).mT @ block
 
