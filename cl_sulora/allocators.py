@@ -8,21 +8,25 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .layer import SubspaceLoRALinear
+from .layer import FREE, SubspaceLoRALinear
 from .subspace import (
-    batched_top_eigvecs,
-    directions_outside,
+    BLOCK,
+    directions_outside_batch,
     extend_bases,
-    extend_orthonormal,
     project_matrix,
+    project_out,
+    span_rows,
+    top_eigvecs_block,
 )
 
 
 class Allocator:
     """Base class: ``directions`` returns orthonormal rows orthogonal to the layer's rows in use.
 
-    ``needs_data`` allocators receive the new experience's input covariances in ``prepare`` and
-    the trained experience's in ``update``.
+    Layers of one shape and device are allocated together, with batched linear algebra. The rows
+    in use of ``A`` are orthonormal by construction, so ``A`` with its free rows zeroed serves
+    as the basis of their span. ``needs_data`` allocators receive the new experience's input
+    covariances in ``prepare`` and the trained experience's in ``update``.
     """
 
     name: ClassVar[str]
@@ -36,14 +40,17 @@ class Allocator:
         key = zlib.crc32(f"{self.seed}/{layer_name}/{owner}".encode())
         return torch.Generator().manual_seed(key)
 
-    def candidates(self, layer_name: str, layer: SubspaceLoRALinear, n: int, owner: int) -> Tensor:
-        raise NotImplementedError
+    def random_rows(self, names: list[str], owner: int, rows: int, d: int,
+                    device: torch.device) -> Tensor:
+        """``L x rows x d`` Gaussian rows, those of each layer from its own generator."""
+        return torch.stack([torch.randn(rows, d, generator=self.generator(name, owner),
+                                        dtype=torch.float64) for name in names]).to(device)
 
-    def candidates_for(self, layers: dict[str, SubspaceLoRALinear], n: dict[str, int],
-                       owner: int) -> dict[str, Tensor]:
-        """Candidates of several layers (subclasses batch their linear algebra here)."""
-        return {name: self.candidates(name, layer, n[name], owner)
-                for name, layer in layers.items()}
+    def candidates(self, names: list[str], layers: list[SubspaceLoRALinear], used: Tensor,
+                   n: int, owner: int) -> Tensor:
+        """``L x m x d`` candidate rows of layers of one shape, best first; ``used`` is the
+        ``L x R x d`` basis of the rows in use."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def directions(
@@ -56,13 +63,18 @@ class Allocator:
                        n: dict[str, int] | None = None) -> dict[str, Tensor]:
         """Each layer's new rows (``n[name]``, default its rank), on the layer's device."""
         n = n or {name: layer.rank for name, layer in layers.items()}
-        cands = self.candidates_for(layers, n, owner)
-        found = {}
+        groups: dict[tuple, list[str]] = {}
         for name, layer in layers.items():
-            used = layer.lora_A[layer.used_rows()]
-            gen = self.generator(name, owner)
-            found[name] = directions_outside(cands[name].to(used.device), used, n[name],
-                                             generator=gen)
+            key = (tuple(layer.lora_A.shape), layer.lora_A.device, n[name])
+            groups.setdefault(key, []).append(name)
+        found = {}
+        for (_, _, count), names in groups.items():
+            members = [layers[name] for name in names]
+            used = used_basis(members)
+            cands = self.candidates(names, members, used, count, owner)
+            gens = [self.generator(name, owner) for name in names]
+            rows = directions_outside_batch(cands, used, count, gens)
+            found.update(zip(names, rows.unbind(), strict=True))
         return found
 
     def prepare(self, covariances: dict[str, Tensor]) -> None:
@@ -72,44 +84,52 @@ class Allocator:
         """Receive the trained experience's input covariances (``needs_data`` only)."""
 
 
+def used_basis(layers: list[SubspaceLoRALinear]) -> Tensor:
+    """``L x R x d`` float64 stack of the layers' ``A`` with the free rows zeroed: an orthonormal
+    basis (with zero rows) of each layer's rows in use."""
+    A = torch.stack([layer.lora_A for layer in layers]).double()
+    owners = torch.stack([layer.row_owner for layer in layers])
+    return A * (owners != FREE).unsqueeze(-1)
+
+
 class OrthogonalAllocator(Allocator):
     """Random directions orthogonal to every row in use."""
 
     name = "orthogonal"
 
-    def candidates(self, layer_name, layer, n, owner):
-        gen = self.generator(layer_name, owner)
-        return torch.randn(2 * n, layer.in_features, generator=gen, dtype=torch.float64)
+    def candidates(self, names, layers, used, n, owner):
+        return self.random_rows(names, owner, 2 * n, used.shape[-1], used.device)
 
 
 class PrincipalAllocator(Allocator):
-    """The next unused right-singular directions of the current weight (SRLoRA's re-init)."""
+    """The next unused right-singular directions of the current weight (SRLoRA's re-init).
+
+    They are the top eigenvectors of ``P W^T W P``, ``P`` the projector outside the rows in use,
+    found by block subspace iteration (:func:`top_eigvecs_block`) from each layer's seeded
+    generator: when the rows in use are right-singular directions of ``W``, these are the next
+    ones.
+    """
 
     name = "principal"
 
-    def candidates(self, layer_name, layer, n, owner):
-        return self.candidates_for({layer_name: layer}, {layer_name: n}, owner)[layer_name]
-
-    def candidates_for(self, layers, n, owner):
-        """Eigenvectors of ``W^T W`` (the right-singular vectors of ``W``, by decreasing
-        singular value), on the layers' device, one batched eigendecomposition per shape."""
-        grams = []
-        for layer in layers.values():
+    def candidates(self, names, layers, used, n, owner):
+        weights = []
+        for layer in layers:
             weight = layer.weight.detach()
             if layer.out_index is not None:
                 weight = weight[layer.out_index]
-            weight = weight.double()
-            grams.append(weight.T @ weight)
-        eig = batched_top_eigvecs(grams)
-        return {name: vectors for name, (_, vectors) in zip(layers, eig, strict=True)}
+            weights.append(weight)
+        weight = project_out(torch.stack(weights).double(), used)  # W P
+        return _top_block(self, names, owner, weight.mT @ weight)
 
 
 class DataAllocator(Allocator):
     """Top input directions of the new experience outside the input subspace of earlier ones.
 
     Each layer keeps a basis of earlier experiences' inputs (``layer.input_basis``), grown after
-    every experience with GPM's energy rule; the new slot takes the top eigenvectors of the new
-    experience's input covariance with that basis and the rows in use projected out.
+    every experience with GPM's energy rule (:func:`extend_bases`); the new slot takes the top
+    eigenvectors (by block subspace iteration) of the new experience's input covariance with
+    that basis and the rows in use projected out.
     """
 
     name = "data"
@@ -123,22 +143,20 @@ class DataAllocator(Allocator):
     def prepare(self, covariances):
         self._covariances = covariances
 
-    def candidates_for(self, layers, n, owner):
-        """Eigenvectors of the new experience's input covariance with the kept input basis and
-        the rows in use projected out, on the layers' device, batched per shape."""
-        missing = [name for name in layers if name not in self._covariances]
+    def candidates(self, names, layers, used, n, owner):
+        missing = [name for name in names if name not in self._covariances]
         if missing:
             raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
-        projected = []
-        for name, layer in layers.items():
-            cov = self._covariances[name].to(layer.lora_A.device)
-            used = layer.lora_A[layer.used_rows()]
-            # the kept basis is orthonormal (up to its storage dtype): only the rows in use
-            # are orthonormalised against it
-            basis = extend_orthonormal(layer.input_basis.double(), used)
-            projected.append(project_matrix(cov, basis))
-        return {name: vectors
-                for name, (_, vectors) in zip(layers, batched_top_eigvecs(projected), strict=True)}
+        device = used.device
+        kept = [layer.input_basis.double().to(device) for layer in layers]
+        rows = max(basis.shape[0] for basis in kept)
+        basis = torch.stack([torch.cat([b, b.new_zeros(rows - b.shape[0], b.shape[1])])
+                             for b in kept])
+        # the kept basis is orthonormal (up to its storage dtype): only the rows in use are
+        # orthonormalised against it
+        span = torch.cat([basis, span_rows(project_out(used, basis))], dim=-2)
+        cov = torch.stack([self._covariances[name].to(device) for name in names])
+        return _top_block(self, names, owner, project_matrix(cov, span))
 
     def update(self, layers, covariances):
         names = list(layers)
@@ -151,6 +169,13 @@ class DataAllocator(Allocator):
         for name, basis in zip(names, grown, strict=True):
             layers[name].input_basis = basis.to(layers[name].input_basis)
         self._covariances = {}
+
+
+def _top_block(allocator: Allocator, names: list[str], owner: int, sym: Tensor) -> Tensor:
+    """Ritz vectors of ``sym`` (``L x d x d``), best first, from the layers' seeded blocks."""
+    d = sym.shape[-1]
+    start = allocator.random_rows(names, owner, min(BLOCK, d), d, sym.device)
+    return top_eigvecs_block(sym, start)[1]
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {

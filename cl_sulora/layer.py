@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,9 @@ class SubspaceLoRALinear(AdaptedLinear):
     into ``W0``). While the training slot needs gradients, its ``B`` gets them through
     :func:`~cl_sulora.row_span_linear.row_span_linear`: exact because ``A``'s rows are
     orthonormal, and costing a rank-``rank`` projection of the input instead of a full weight
-    gradient. The live rows are gathered into caches whenever ownership changes, never in the
-    forward pass.
+    gradient. The live rows are gathered into caches after every change of ownership, never in
+    the forward pass; within :func:`deferred_refresh` only once, on leaving it (or at a forward
+    pass inside it).
     """
 
     def __init__(
@@ -76,6 +78,8 @@ class SubspaceLoRALinear(AdaptedLinear):
         self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
         self.register_buffer("_A_train", torch.zeros(0, d_in, **factory), persistent=False)
+        self._stale = False
+        self._deferred = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -155,12 +159,14 @@ class SubspaceLoRALinear(AdaptedLinear):
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.row_owner.device)
         if rows.numel() == 0:
             return
-        if bool((self.row_owner[rows] == FREE).any()):
+        training = torch.isin(rows, self.train_rows)
+        free, any_training = torch.stack([(self.row_owner[rows] == FREE).any(),
+                                          training.any()]).tolist()
+        if free:
             raise ValueError("cannot fuse free rows")
         B = self._full_B()[:, rows]
         self._add_to_weight(B @ self.lora_A[rows])
-        training = torch.isin(rows, self.train_rows)
-        if self.lora_B_train is not None and bool(training.any()):
+        if self.lora_B_train is not None and any_training:
             local = torch.nonzero(torch.isin(self.train_rows, rows[training])).flatten()
             self.lora_B_train[:, local] = 0
         frozen = rows[~training]
@@ -186,10 +192,11 @@ class SubspaceLoRALinear(AdaptedLinear):
         """Use only the rows of ``owners`` in the forward pass (``None``: every live row)."""
         self._check_not_merged("filter owners")
         self._owner_filter = None if owners is None else frozenset(int(o) for o in owners)
-        self._refresh()
+        self._rebuild()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        self.refresh()
         if self.merged or self._A_live.shape[0] == 0:
             return self.base(x)
         if self._needs_adapter_grad():
@@ -202,6 +209,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         Computed outside autocast, so under bf16 autocast the forward casts the same sum that
         :meth:`merge` would leave in ``W0``.
         """
+        self.refresh()
         weight = self.base.weight
         if self.merged or self._A_live.shape[0] == 0:
             return weight
@@ -253,8 +261,22 @@ class SubspaceLoRALinear(AdaptedLinear):
         else:
             self.base.weight.index_add_(0, self.out_index, delta)
 
+    def refresh(self) -> None:
+        """Rebuild the live-row caches if a change within :func:`deferred_refresh` left them
+        stale."""
+        if self._stale:
+            self._rebuild()
+
     def _refresh(self) -> None:
-        """Rebuild the live-row caches after any change of ownership or directions."""
+        """Rebuild the live-row caches after a change of ownership or directions (only mark
+        them stale within :func:`deferred_refresh`)."""
+        self._stale = True
+        if not self._deferred:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Gather the live rows into the caches."""
+        self._stale = False
         live = self.row_owner != FREE
         if self._owner_filter is not None:
             allowed = torch.tensor(sorted(self._owner_filter), device=self.row_owner.device)
@@ -275,3 +297,17 @@ class SubspaceLoRALinear(AdaptedLinear):
             f"slots={self.num_slots}, adapted_out={self.lora_B.shape[0]}, "
             f"live_rows={int((self.row_owner != FREE).sum())}"
         )
+
+
+@contextmanager
+def deferred_refresh(layers: Iterable[SubspaceLoRALinear]) -> Iterator[None]:
+    """Rebuild each layer's live-row caches once, on exit, rather than after every change."""
+    layers = list(layers)
+    for layer in layers:
+        layer._deferred = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._deferred = False
+            layer.refresh()

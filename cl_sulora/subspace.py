@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 _ACCEPT = 0.5  # a candidate is kept when this fraction of its norm lies outside the span
+_DEVICE_EIGH_MAX = 32  # CUDA decomposes batches of symmetric matrices up to this size at once
+BLOCK = 32  # rows of the block subspace iteration
+OVERSAMPLE = 8  # trailing rows of a block never added to a basis before the energy is reached
+ITERATIONS = 8  # products of the block subspace iteration
 
 
 def orthonormal_basis(rows: Tensor, tol: float = 1e-6) -> Tensor:
@@ -19,33 +23,47 @@ def orthonormal_basis(rows: Tensor, tol: float = 1e-6) -> Tensor:
     return vh[keep]
 
 
-def orthonormal_rows(rows: Tensor, tol: float = 1e-6) -> Tensor:
-    """Orthonormal rows (float64, on ``rows``' device) spanning ``rows``, for few rows.
+def span_rows(rows: Tensor, tol: float = 1e-6, floor: float = 1.0, passes: int = 2) -> Tensor:
+    """Orthonormal rows spanning ``rows`` (``... x r x d``), float64, as many rows as given:
+    directions beyond the numerical rank come out as zero rows, so the shape (and the batch)
+    never depends on the data and nothing is synchronised with the host.
 
-    Through the eigendecomposition of the small Gram matrix ``rows rows^T`` (on the CPU: a
-    ``k x k`` problem), twice for accuracy; singular values below ``tol * max(s_max, 1)`` are
-    dropped, as in :func:`orthonormal_basis`.
+    Through the eigendecomposition of the small Gram matrix ``rows rows^T``, ``passes`` times
+    (twice: orthonormal to working precision); singular values below
+    ``tol * max(s_max, floor)`` are dropped. ``r <= 32`` is decomposed on the rows' device (one
+    batched call on CUDA), larger ``r`` on the host.
     """
     rows = rows.double()
-    if rows.shape[0] == 0:
+    if rows.shape[-2] == 0:
         return rows
-    for _ in range(2):
-        if rows.shape[0] == 0:
-            break
-        values, vectors = torch.linalg.eigh((rows @ rows.T).cpu())
-        cut = (tol * max(float(values[-1].clamp_min(0).sqrt()), 1.0)) ** 2
-        keep = values > cut
-        vectors = vectors[:, keep].to(rows.device)
-        rows = (vectors.T @ rows) / values[keep].sqrt().to(rows.device)[:, None]
+    for _ in range(passes):
+        gram = rows @ rows.mT
+        host = gram.shape[-1] > _DEVICE_EIGH_MAX
+        values, vectors = torch.linalg.eigh(gram.cpu() if host else gram)
+        if host:
+            values, vectors = values.to(rows.device), vectors.to(rows.device)
+        cut = (tol * values[..., -1:].clamp_min(0).sqrt().clamp_min(floor)) ** 2
+        scale = torch.where(values > cut, values.clamp_min(1e-300).rsqrt(), 0.0)
+        rows = (vectors * scale.unsqueeze(-2)).mT @ rows
     return rows
 
 
+def orthonormal_rows(rows: Tensor, tol: float = 1e-6) -> Tensor:
+    """Orthonormal rows (float64, on ``rows``' device) spanning the rows of ``rows``, without
+    the zero rows that :func:`span_rows` keeps for directions beyond the rank."""
+    spanned = span_rows(rows, tol)
+    return spanned[spanned.norm(dim=-1) > 0.5]
+
+
 def project_out(rows: Tensor, basis: Tensor) -> Tensor:
-    """``rows`` minus their components in the span of the orthonormal ``basis`` (two passes)."""
-    if basis.shape[0] == 0:
+    """``rows`` minus their components in the span of the orthonormal ``basis`` (two passes).
+
+    Batched over leading dimensions; zero rows of ``basis`` are ignored.
+    """
+    if basis.shape[-2] == 0:
         return rows
     for _ in range(2):
-        rows = rows - (rows @ basis.T) @ basis
+        rows = rows - (rows @ basis.mT) @ basis
     return rows
 
 
@@ -64,38 +82,70 @@ def directions_outside(
 
     A candidate is accepted when at least half its norm lies outside the span of ``used`` and of
     the rows accepted before it. If the candidates run out, random directions fill the rest.
-    ``basis``, when given, is an orthonormal basis of the span of ``used`` (then ``used`` is only
-    read for its device).
-
-    The projection out of ``used`` runs on ``used``'s device, for all candidates at once; only the
-    greedy choice among the few projected candidates runs on the CPU. Returns float64 rows on
-    ``used``'s device.
+    ``basis``, when given, is an orthonormal basis of the span of ``used`` (zero rows allowed;
+    then ``used`` is only read for its device). Returns float64 rows on ``used``'s device.
     """
     device = used.device
-    d = candidates.shape[-1]
     if basis is None:
         basis = orthonormal_rows(used.to(device))
     basis = basis.to(device, torch.float64)
-    if basis.shape[0] + n > d:
-        raise ValueError(f"no room for {n} new directions: {basis.shape[0]} of {d} are in use")
-    chunk = basis.shape[0] + 2 * n
+    return directions_outside_batch(candidates.to(device)[None], basis[None], n,
+                                    [generator])[0]
+
+
+def directions_outside_batch(
+    candidates: Tensor, basis: Tensor, n: int,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> Tensor:
+    """:func:`directions_outside` of a batch (``L x m x d`` candidates, ``L x k x d``
+    orthonormal bases with zero rows allowed): ``L x n x d`` float64 rows.
+
+    The greedy choice is vectorised: all candidates are projected out of the basis at once and
+    the first ``n`` are orthonormalised in order (Gram-Schmidt, twice), which is the greedy
+    result when each of them keeps half its norm, as random or eigen- candidates almost always
+    do. That is checked with one host synchronisation; the layers where it fails take the
+    sequential greedy choice (``generators[i]`` fills their rows when candidates run out).
+    """
+    batch, m, d = candidates.shape
+    candidates = candidates.double()
+    outside = project_out(candidates, basis)
+    norms = candidates.norm(dim=-1)
+    chosen = outside.new_zeros(batch, n, d)
+    ok = outside.new_full((batch,), m >= n, dtype=torch.bool)
+    for j in range(min(n, m)):
+        v = outside[:, j:j + 1]
+        for _ in range(2):
+            v = v - (v @ chosen.mT) @ chosen
+        norm = v.norm(dim=-1)
+        ok &= ((norm > _ACCEPT * norms[:, j:j + 1]) & (norm > 1e-8)).squeeze(-1)
+        chosen[:, j:j + 1] = v / norm.clamp_min(1e-300).unsqueeze(-1)
+    rank = (basis.norm(dim=-1) > 0.5).sum(-1)
+    passed, rank = torch.stack([ok.long(), rank]).cpu().tolist()  # the one synchronisation
+    if max(rank) + n > d:
+        raise ValueError(f"no room for {n} new directions: {max(rank)} of {d} are in use")
+    generators = generators or [None] * batch
+    for i, good in enumerate(passed):
+        if not good:
+            chosen[i] = _greedy(outside[i], norms[i], basis[i], n, generators[i])
+    return chosen
+
+
+def _greedy(outside: Tensor, norms: Tensor, basis: Tensor, n: int,
+            generator: torch.Generator | None) -> Tensor:
+    """The sequential greedy choice among candidates already projected out of ``basis``, on the
+    host; random directions (projected likewise) fill the rest."""
+    device, d = outside.device, outside.shape[-1]
     chosen: list[Tensor] = []
-    pools = [candidates.to(device, torch.float64)]
+    pools = [(norms.cpu(), outside.cpu())]
     while len(chosen) < n:
         if not pools:
-            pools.append(torch.randn(2 * n, d, generator=generator, dtype=torch.float64)
-                         .to(device))
-        pool = pools.pop(0)
-        if pool.shape[0] > chunk:  # most candidates are never looked at: project a few
-            pools.insert(0, pool[chunk:])
-            pool = pool[:chunk]
-        norms = pool.norm(dim=1).cpu()
-        outside = project_out(pool, basis).cpu()  # the one transfer of this pool
-        for c_norm, v in zip(norms, outside, strict=True):
-            for u in chosen:
-                v = v - (u @ v) * u
-            for u in chosen:  # second pass for stability
-                v = v - (u @ v) * u
+            fresh = torch.randn(2 * n, d, generator=generator, dtype=torch.float64)
+            pools.append((fresh.norm(dim=1), project_out(fresh.to(device), basis).cpu()))
+        pool_norms, pool = pools.pop(0)
+        for c_norm, v in zip(pool_norms, pool, strict=True):
+            for _ in range(2):
+                for u in chosen:
+                    v = v - (u @ v) * u
             norm = v.norm()
             if norm > _ACCEPT * c_norm and norm > 1e-8:
                 chosen.append(v / norm)
@@ -111,11 +161,13 @@ def projector_outside(rows: Tensor, d: int) -> Tensor:
 
 
 def project_matrix(sym: Tensor, basis: Tensor) -> Tensor:
-    """``P sym P`` with ``P`` the projector outside the orthonormal ``basis`` (float64)."""
+    """``P sym P`` with ``P`` the projector outside the orthonormal ``basis`` (float64; batched
+    over leading dimensions, zero rows of ``basis`` ignored)."""
     sym = sym.double()
-    if basis.shape[0] == 0:
+    if basis.shape[-2] == 0:
         return sym
-    proj = torch.eye(sym.shape[-1], dtype=torch.float64, device=sym.device) - basis.T @ basis
+    eye = torch.eye(sym.shape[-1], dtype=torch.float64, device=sym.device)
+    proj = eye - basis.mT @ basis
     return proj @ sym @ proj
 
 
@@ -126,17 +178,25 @@ def top_eigvecs(sym: Tensor) -> tuple[Tensor, Tensor]:
     return values.flip(-1), vectors.flip(-1).transpose(-1, -2)
 
 
-def batched_top_eigvecs(matrices: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """:func:`top_eigvecs` of each matrix, with one batched call per distinct shape and device."""
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault((tuple(m.shape), m.device), []).append(i)
-    results: list[tuple[Tensor, Tensor] | None] = [None] * len(matrices)
-    for members in groups.values():
-        values, vectors = top_eigvecs(torch.stack([matrices[i] for i in members]))
-        for j, i in enumerate(members):
-            results[i] = (values[j], vectors[j])
-    return results  # type: ignore[return-value]
+def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tuple[Tensor, Tensor]:
+    """Approximate top eigenpairs of symmetric positive semi-definite matrices (``... x d x d``)
+    by block subspace iteration from the ``... x b x d`` rows ``start``: ``iters`` products with
+    ``sym``, each followed by :func:`span_rows` (one pass but after the last product), then
+    Rayleigh-Ritz on the ``b x b`` problem.
+
+    Returns ``b`` Ritz values (descending) and orthonormal Ritz vectors as rows, on ``sym``'s
+    device, with batched matrix products only (no ``d x d`` eigendecomposition). The values are
+    the exact Rayleigh quotients of the returned vectors; the vectors converge to the top
+    eigenvectors at the rate of ``lambda_{b+1} / lambda_i`` per iteration, so with a clear
+    spectral gap after the wanted ones they are the top eigenvectors to working precision.
+    Directions of (numerically) zero eigenvalue may come out as zero rows with value 0.
+    """
+    sym = sym.double()
+    block = span_rows(start.to(sym), floor=0.0)
+    for i in range(iters):
+        block = span_rows(block @ sym, tol=1e-12, floor=0.0, passes=1 if i < iters - 1 else 2)
+    values, vectors = torch.linalg.eigh(block @ sym @ block.mT)
+    return values.flip(-1), vectors.flip(-1).mT @ block
 
 
 def extend_basis(basis: Tensor, cov: Tensor, energy: float, max_rows: int) -> Tensor:
@@ -151,29 +211,80 @@ def extend_basis(basis: Tensor, cov: Tensor, energy: float, max_rows: int) -> Te
 def extend_bases(bases: list[Tensor], covs: list[Tensor], energy: float,
                  max_rows: list[int]) -> list[Tensor]:
     """:func:`extend_basis` of several (orthonormal basis, covariance) pairs, on their device,
-    with the eigendecompositions batched and one transfer of their small results."""
-    bases = [b.double().to(c.device) for b, c in zip(bases, covs, strict=True)]
-    covs = [c.double() for c in covs]
-    todo = [i for i, b in enumerate(bases) if b.shape[0] < max_rows[i]]
-    if not todo:
-        return bases
-    # traces (total, and kept by the basis): one transfer for all
-    stats = torch.stack([torch.stack([torch.trace(covs[i]),
-                                      torch.trace(bases[i] @ covs[i] @ bases[i].T)])
-                         for i in todo]).cpu().tolist()
-    need = {i: energy * total - kept for i, (total, kept) in zip(todo, stats, strict=True)
-            if total > 0 and kept < energy * total}
-    todo = list(need)
-    if not todo:
-        return bases
-    eig = batched_top_eigvecs([project_matrix(covs[i], bases[i]) for i in todo])
-    cumulative = [torch.cumsum(values.clamp_min(0), 0) for values, _ in eig]
-    cumulative = torch.cat(cumulative).cpu().split([c.numel() for c in cumulative])
-    for i, energies, (_, vectors) in zip(todo, cumulative, eig, strict=True):
-        count = int(torch.searchsorted(energies, torch.tensor(need[i], dtype=energies.dtype)))
-        count = min(count + 1, max_rows[i] - bases[i].shape[0], vectors.shape[0])
-        bases[i] = extend_orthonormal(bases[i], vectors[:count])
-    return bases
+    batched over the pairs of one dimension and device.
+
+    The new directions are found in rounds of :func:`top_eigvecs_block` (blocks of
+    ``BLOCK`` rows from a fixed seed) on the covariance with the basis and the directions of
+    earlier rounds projected out; a round adds the fewest of its Ritz directions that reach the
+    energy, or its best ``BLOCK - OVERSAMPLE`` and another round follows. Ritz values are the
+    exact energies of the added directions, so the rule holds exactly; the count may exceed
+    the exact eigendecomposition's by the few directions the iteration has not converged on.
+    Rounds stop when a round finds no energy left. One host synchronisation per round.
+    """
+    out = [b.double().to(c.device) for b, c in zip(bases, covs, strict=True)]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(covs):
+        groups.setdefault((c.shape[-1], c.device), []).append(i)
+    for members in groups.values():
+        grown = _extend_group([out[i] for i in members],
+                              torch.stack([covs[i].double() for i in members]), energy,
+                              [max_rows[i] for i in members])
+        for i, basis in zip(members, grown, strict=True):
+            out[i] = basis
+    return out
+
+
+def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
+                  max_rows: list[int]) -> list[Tensor]:
+    """:func:`extend_bases` of pairs of one dimension, ``cov`` stacked (``L x d x d``)."""
+    d = cov.shape[-1]
+    stacked = _pad_stack(bases, d, cov.device)
+    total = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+    kept = ((stacked @ cov) * stacked).sum((-2, -1))
+    totals, kept = torch.stack([total, kept]).cpu().tolist()
+    need = [energy * t - k if t > 0 and bases[i].shape[0] < max_rows[i] else 0.0
+            for i, (t, k) in enumerate(zip(totals, kept, strict=True))]
+    room = [m - b.shape[0] for m, b in zip(max_rows, bases, strict=True)]
+    added: list[list[Tensor]] = [[] for _ in bases]
+    block = min(BLOCK, d)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(block, d, generator=gen, dtype=torch.float64).to(cov.device)
+    while any(n > 0 and r > 0 for n, r in zip(need, room, strict=True)):
+        values, vectors = top_eigvecs_block(project_matrix(cov, stacked), start.expand(
+            len(bases), -1, -1))
+        vectors = project_out(vectors, stacked)
+        vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        energies = values.clamp_min(0).cpu()
+        found = False
+        for i, n in enumerate(need):
+            if n <= 0 or room[i] <= 0:
+                continue
+            cumulative = torch.cumsum(energies[i], 0)
+            live = int((energies[i] > 1e-12 * max(totals[i], 1e-300)).sum())
+            reach = int(torch.searchsorted(cumulative, torch.tensor(n, dtype=torch.float64)))
+            count = reach + 1 if reach < block else block - OVERSAMPLE
+            count = min(count, live, room[i])
+            if count == 0:
+                need[i] = 0.0
+                continue
+            found = True
+            added[i].append(vectors[i, :count])
+            need[i] = n - float(cumulative[count - 1]) if reach >= block else 0.0
+            room[i] -= count
+        if not found:
+            break
+        stacked = _pad_stack([torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)],
+                             d, cov.device)
+    return [torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)]
+
+
+def _pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
+    """``L x k x d`` stack of row sets padded with zero rows to the longest."""
+    k = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), k, d, dtype=torch.float64, device=device)
+    for i, r in enumerate(rows):
+        out[i, :r.shape[0]] = r
+    return out
 
 
 @torch.no_grad()

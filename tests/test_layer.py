@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cl_sulora.layer import FREE, SubspaceLoRALinear
+from cl_sulora.layer import FREE, SubspaceLoRALinear, deferred_refresh
 from cl_sulora.subspace import directions_outside
 
 
@@ -42,6 +42,24 @@ def by_hand(layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
         return out + delta
     out[..., layer.out_index] += delta
     return out
+
+
+def test_deferred_refresh_rebuilds_the_caches_once_and_forwards_stay_exact():
+    eager, deferred = make_layer(), make_layer()
+    x = torch.randn(3, 16)
+    with deferred_refresh([deferred]):
+        for owner in range(3):
+            fill_slot(deferred, owner, owner + 10)
+            assert deferred._stale
+            torch.testing.assert_close(deferred(x), by_hand(deferred, x))  # refreshed on use
+            fill_slot(eager, owner, owner + 10)
+            assert not eager._stale
+        deferred.fuse(deferred.rows_of(1))
+        assert deferred._stale and deferred._A_live.shape[0] == 6
+    eager.fuse(eager.rows_of(1))
+    assert not deferred._stale and deferred._A_live.shape[0] == 4
+    torch.testing.assert_close(deferred._A_live, eager._A_live, rtol=0, atol=0)
+    torch.testing.assert_close(deferred(x), eager(x), rtol=0, atol=0)
 
 
 def test_forward_matches_formula_with_frozen_and_training_slots():

@@ -17,7 +17,7 @@ from ..config import SubspaceLoRAConfig
 from ..fusion import rows_fraction, rows_to_make_room
 from ..importance import pair_scores, update_importance
 from ..injection import add_subspace_lora, subspace_lora_config, subspace_lora_layers
-from ..layer import SubspaceLoRALinear
+from ..layer import FREE, SubspaceLoRALinear, deferred_refresh
 from ..subspace import input_covariances
 from .base import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
 
@@ -60,17 +60,19 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self._principal = PrincipalAllocator(config.seed)
         self.owner_task: dict[int, int] = {}
         self.steps = 0
+        self._found: tuple[nn.Module, dict[str, SubspaceLoRALinear]] | None = None
 
     # ------------------------------------------------------------------ training hooks
     def before_training_exp(self, strategy, **kwargs):
         layers = self._layers(strategy.model)
         owner = int(strategy.experience.current_experience)
-        self._make_room(layers, owner)
-        if self.allocator.needs_data:
-            self.allocator.prepare(self._covariances(strategy, layers, owner))
-        directions = self.allocator.directions_for(layers, owner)
-        for name, layer in layers.items():
-            layer.start_slot(owner, directions[name])
+        with deferred_refresh(layers.values()):
+            self._make_room(layers, owner)
+            if self.allocator.needs_data:
+                self.allocator.prepare(self._covariances(strategy, layers, owner))
+            directions = self.allocator.directions_for(layers, owner)
+            for name, layer in layers.items():
+                layer.start_slot(owner, directions[name])
         self.owner_task[owner] = task_label(strategy.experience)
         freeze_except(
             strategy.model,
@@ -92,14 +94,15 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_exp(self, strategy, **kwargs):
         layers = self._layers(strategy.model)
-        for layer in layers.values():
-            layer.end_slot(pair_scores(layer))
-        if self.allocator.needs_data:
-            owner = int(strategy.experience.current_experience)
-            self.allocator.update(layers, self._covariances(strategy, layers, owner))
-        if self.config.fusion == "fraction":
+        with deferred_refresh(layers.values()):
             for layer in layers.values():
-                layer.fuse(rows_fraction(layer, self.config.fusion_gamma))
+                layer.end_slot(pair_scores(layer))
+            if self.allocator.needs_data:
+                owner = int(strategy.experience.current_experience)
+                self.allocator.update(layers, self._covariances(strategy, layers, owner))
+            if self.config.fusion == "fraction":
+                for layer in layers.values():
+                    layer.fuse(rows_fraction(layer, self.config.fusion_gamma))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -133,21 +136,31 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             if layer.lora_B_train is None:
                 continue
             local = torch.argsort(pair_scores(layer), stable=True)[:count].to(layer.train_rows)
-            layer.fuse(layer.train_rows[local])
-            owner = layer.training_owner
-            layer.reset_training_rows(local, self._principal.directions(name, layer, count, owner))
+            with deferred_refresh([layer]):
+                layer.fuse(layer.train_rows[local])
+                owner = layer.training_owner
+                directions = self._principal.directions(name, layer, count, owner)
+                layer.reset_training_rows(local, directions)
             _reset_optimizer_columns(strategy.optimizer, layer.lora_B_train, local)
 
     # ------------------------------------------------------------------ helpers
     def _layers(self, model: nn.Module) -> dict[str, SubspaceLoRALinear]:
+        """The model's layers, found once per model object (and again if one was replaced)."""
+        if self._found is not None and self._found[0] is model:
+            layers = self._found[1]
+            if all(model.get_submodule(name) is layer for name, layer in layers.items()):
+                return layers
         layers = subspace_lora_layers(model)
         if not layers:
             raise RuntimeError("the model has no subspace LoRA layers: call add_subspace_lora")
+        self._found = (model, layers)
         return layers
 
     def _make_room(self, layers: dict[str, SubspaceLoRALinear], owner: int) -> None:
-        for name, layer in layers.items():
-            if layer.free_rows().numel() >= layer.rank:
+        free = [(layer.row_owner == FREE).sum() for layer in layers.values()]
+        free = torch.stack([count.to(free[0].device) for count in free]).tolist()
+        for (name, layer), count in zip(layers.items(), free, strict=True):
+            if count >= layer.rank:
                 continue
             if self.config.fusion == "never":
                 raise CapacityError(
