@@ -102,9 +102,13 @@ def test_ddp_entries_are_taken_from_the_ddp_run(run_dir, tmp_path):
 
 
 def test_report(run_dir, tmp_path):
-    output = tmp_path / "PERFORMANCE.md"
-    report.main([str(run_dir), "--output", str(output), "--plots", str(tmp_path / "plots")])
+    output, published = tmp_path / "PERFORMANCE.md", tmp_path / "summary.json"
+    (run_dir / "notes.md").write_text("A hand-written observation.")
+    report.main([str(run_dir), "--output", str(output), "--plots", str(tmp_path / "plots"),
+                 "--summary", str(published)])
     text = output.read_text()
+    assert json.loads(published.read_text()) == json.loads((run_dir / "summary.json").read_text())
+    assert "## Notes\n\nA hand-written observation." in text
     meta = read_groups(run_dir)["vit-s4"]["floor"]
     assert "Tiny CPU check run" in text
     assert meta["commit"] in text and meta["device"] in text

@@ -1,5 +1,6 @@
-"""Write ``benchmarks/PERFORMANCE.md`` and its figures from a suite run:
-``python -m benchmarks.perf.report DIR [--output PATH] [--plots DIR]``.
+"""Write ``benchmarks/PERFORMANCE.md`` and its figures from a suite run, and publish its headline
+ratios as ``benchmarks/perf/summary.json``:
+``python -m benchmarks.perf.report DIR [--output PATH] [--plots DIR] [--summary PATH]``.
 
 Every number in the report is read from the run's JSON files.
 """
@@ -21,6 +22,7 @@ Groups = dict[str, dict[str, Any]]
 GIB = 2**30
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "PERFORMANCE.md"
 DEFAULT_PLOTS = ROOT / "benchmarks" / "perf" / "plots"
+DEFAULT_SUMMARY = ROOT / "benchmarks" / "perf" / "summary.json"
 
 
 def _num(value: float | None, digits: int = 2) -> str:
@@ -435,18 +437,32 @@ def data_loading(directory: Path) -> list[str]:
     return lines + _table(["Pipeline", "Split", "workers", "samples/s"], rows)
 
 
+def notes(directory: Path) -> list[str]:
+    """Observations that no measurement file holds (``notes.md`` beside them), verbatim."""
+    path = directory / "notes.md"
+    if not path.exists():
+        return []
+    return ["## Notes", "", path.read_text(encoding="utf-8").strip(), ""]
+
+
+def load_summary(directory: Path) -> dict[str, Any]:
+    """The run's ``summary.json``, or the summary built from its files when it has none."""
+    path = directory / SUMMARY
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return build_summary(directory)
+
+
 def render(directory: Path, output: Path, plots: Path) -> str:
     by_backbone = read_groups(directory)
     if not by_backbone:
         raise SystemExit(f"no measurement files in {directory}")
-    summary_path = directory / SUMMARY
-    summary = (json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists()
-               else build_summary(directory))
+    summary = load_summary(directory)
     lines = header(by_backbone) + targets(summary, list(by_backbone))
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
     lines += long_stream(directory, output.parent) + data_parallel(directory)
-    lines += data_loading(directory)
+    lines += data_loading(directory) + notes(directory)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -457,11 +473,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--plots", type=Path, default=DEFAULT_PLOTS,
                         help="directory of the PNG figures")
+    parser.add_argument("--summary", type=Path, default=DEFAULT_SUMMARY,
+                        help="where to publish the headline ratios")
     args = parser.parse_args(argv)
     text = render(args.directory, args.output, args.plots)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
+    args.summary.parent.mkdir(parents=True, exist_ok=True)
+    args.summary.write_text(json.dumps(load_summary(args.directory), indent=2) + "\n",
+                            encoding="utf-8")
+    print(f"wrote {args.output} and {args.summary}")
 
 
 if __name__ == "__main__":
