@@ -67,13 +67,6 @@ def project_out(rows: Tensor, basis: Tensor) -> Tensor:
     return rows
 
 
-def extend_orthonormal(basis: Tensor, rows: Tensor) -> Tensor:
-    """The orthonormal ``basis`` followed by an orthonormal basis of what ``rows`` add to it."""
-    basis = basis.double()
-    extra = orthonormal_rows(project_out(rows.double().to(basis.device), basis))
-    return torch.cat([basis, extra])
-
-
 def directions_outside(
     candidates: Tensor, used: Tensor, n: int, *, generator: torch.Generator | None = None,
     basis: Tensor | None = None,
