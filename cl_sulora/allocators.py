@@ -13,6 +13,7 @@ from .subspace import (
     BLOCK,
     directions_outside_batch,
     extend_bases,
+    pad_stack,
     project_matrix,
     project_out,
     span_rows,
@@ -148,10 +149,7 @@ class DataAllocator(Allocator):
         if missing:
             raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
         device = used.device
-        kept = [layer.input_basis.double().to(device) for layer in layers]
-        rows = max(basis.shape[0] for basis in kept)
-        basis = torch.stack([torch.cat([b, b.new_zeros(rows - b.shape[0], b.shape[1])])
-                             for b in kept])
+        basis = pad_stack([layer.input_basis for layer in layers], used.shape[-1], device)
         # the kept basis is orthonormal (up to its storage dtype): only the rows in use are
         # orthonormalised against it
         span = torch.cat([basis, span_rows(project_out(used, basis))], dim=-2)

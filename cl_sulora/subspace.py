@@ -231,7 +231,7 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
                   max_rows: list[int]) -> list[Tensor]:
     """:func:`extend_bases` of pairs of one dimension, ``cov`` stacked (``L x d x d``)."""
     d = cov.shape[-1]
-    stacked = _pad_stack(bases, d, cov.device)
+    stacked = pad_stack(bases, d, cov.device)
     total = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
     kept = ((stacked @ cov) * stacked).sum((-2, -1))
     totals, kept = torch.stack([total, kept]).cpu().tolist()
@@ -266,13 +266,13 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
             room[i] -= count
         if not found:
             break
-        stacked = _pad_stack([torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)],
+        stacked = pad_stack([torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)],
                              d, cov.device)
     return [torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)]
 
 
-def _pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
-    """``L x k x d`` stack of row sets padded with zero rows to the longest."""
+def pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
+    """``L x k x d`` float64 stack of row sets padded with zero rows to the longest."""
     k = max(r.shape[0] for r in rows)
     out = torch.zeros(len(rows), k, d, dtype=torch.float64, device=device)
     for i, r in enumerate(rows):
