@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, Pos
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .plugins import strategy_autocast
+
 
 class AlignmentConfig(BaseModel):
     """Settings of :class:`ClassifierAlignment`; ``enabled`` is off by default.
@@ -131,12 +133,10 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     incremental) is left unchanged, since its heads never compete. Under data-parallel training
     every rank collects the whole experience and draws the same samples, so heads stay equal."""
 
-    def __init__(self, config: AlignmentConfig, *, seed: int = 0,
-                 autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, config: AlignmentConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         self.seed = seed
-        self.autocast_dtype = autocast_dtype
         self.stats = ClassStatistics(diagonal=config.covariance == "diagonal")
         self._before: Tensor | None = None
 
@@ -183,7 +183,8 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
 
     @torch.no_grad()
     def _features(self, strategy) -> tuple[Tensor, Tensor]:
-        """Backbone features (float32) and labels of the experience, in dataset order."""
+        """Backbone features (float32) and labels of the experience, in dataset order, under
+        the strategy's autocast."""
         model = strategy.model
         was_training = model.training
         model.eval()
@@ -192,8 +193,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         features, labels = [], []
         for batch in loader:
             x = batch[0].to(device)
-            with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with strategy_autocast(strategy):
                 features.append(model.backbone(x).float())
             labels.append(batch[1].to(device))
         model.train(was_training)

@@ -281,8 +281,7 @@ def build_experiment(
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
     if config.alignment.enabled:
-        dtype = torch.bfloat16 if config.precision == "bf16" else None
-        extra.append(ClassifierAlignment(config.alignment, seed=config.seed, autocast_dtype=dtype))
+        extra.append(ClassifierAlignment(config.alignment, seed=config.seed))
     if progress and distributed.is_main():
         extra.append(Progress(len(spec.benchmark.train_stream), f"{config.strategy} "))
     kwargs: dict[str, Any] = dict(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -78,6 +78,10 @@ class SubspaceLoRALinear(AdaptedLinear):
         self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
         self.register_buffer("_A_train", torch.zeros(0, d_in, **factory), persistent=False)
+        # host copies of ``row_owner`` and ``train_rows``: ownership decisions never read the
+        # device
+        self._owner: list[int] = [FREE] * total
+        self._train: list[int] = []
         self._stale = False
         self._deferred = False
 
@@ -87,26 +91,34 @@ class SubspaceLoRALinear(AdaptedLinear):
         """Owner id of the slot in training, or ``None``."""
         if self.lora_B_train is None:
             return None
-        return int(self.row_owner[self.train_rows[0]])
+        return self._owner[self._train[0]]
 
-    def free_rows(self) -> Tensor:
-        return torch.nonzero(self.row_owner == FREE).flatten()
+    def row_owners(self) -> list[int]:
+        """Owner of every row (``FREE`` for free rows). This and the row lists below are read
+        from a host copy of ``row_owner``: they never synchronise with the device."""
+        return list(self._owner)
 
-    def frozen_rows(self) -> Tensor:
+    def free_rows(self) -> list[int]:
+        return self._rows(lambda row, owner: owner == FREE)
+
+    def frozen_rows(self) -> list[int]:
         """Live rows of experiences that are no longer training."""
-        live = self.row_owner != FREE
-        live[self.train_rows] = False
-        return torch.nonzero(live).flatten()
+        return self._rows(lambda row, owner: owner != FREE and row not in self._train)
 
-    def used_rows(self) -> Tensor:
-        return torch.nonzero(self.row_owner != FREE).flatten()
+    def used_rows(self) -> list[int]:
+        return self._rows(lambda row, owner: owner != FREE)
 
-    def rows_of(self, owner: int) -> Tensor:
-        return torch.nonzero(self.row_owner == owner).flatten()
+    def rows_of(self, owner: int) -> list[int]:
+        return self._rows(lambda row, o: o == owner)
+
+    def training_rows(self) -> list[int]:
+        """Rows of the slot in training, in the column order of ``lora_B_train``."""
+        return list(self._train)
 
     def live_adapter_params(self) -> int:
         """Values of ``A`` and ``B`` held for live (non-free) rows."""
-        return int(self.used_rows().numel()) * (self.in_features + self.n_out)
+        live = sum(owner != FREE for owner in self._owner)
+        return live * (self.in_features + self.n_out)
 
     # ------------------------------------------------------------------ slot lifecycle
     @torch.no_grad()
@@ -120,19 +132,23 @@ class SubspaceLoRALinear(AdaptedLinear):
         if self.lora_B_train is not None:
             raise RuntimeError("a slot is already training: call end_slot() first")
         free = self.free_rows()
-        if free.numel() < self.rank:
+        if len(free) < self.rank:
             raise RuntimeError(
-                f"only {free.numel()} free rows, a slot needs {self.rank}: fuse old pairs first"
+                f"only {len(free)} free rows, a slot needs {self.rank}: fuse old pairs first"
             )
-        rows = free[: self.rank]
-        self.lora_A[rows] = directions.to(self.lora_A)
-        self.lora_B[:, rows] = 0
-        self.row_owner[rows] = owner
-        self.row_importance[rows] = 0
+        chosen = free[: self.rank]
+        rows = self._index(chosen)
+        self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
+        self.lora_B.index_fill_(1, rows, 0)
+        self.row_owner.index_fill_(0, rows, owner)
+        self.row_importance.index_fill_(0, rows, 0)
         self.train_rows = rows
+        for row in chosen:
+            self._owner[row] = owner
+        self._train = chosen
         self.importance_ema.zero_()
         self.importance_unc.zero_()
-        self.lora_B_train = nn.Parameter(torch.zeros_like(self.lora_B[:, rows]))
+        self.lora_B_train = nn.Parameter(self.lora_B.new_zeros(self.n_out, self.rank))
         self._refresh()
         return rows
 
@@ -141,47 +157,53 @@ class SubspaceLoRALinear(AdaptedLinear):
         """Freeze the training slot: its ``B`` becomes a buffer, its importance is recorded."""
         if self.lora_B_train is None:
             return
-        self.lora_B[:, self.train_rows] = self.lora_B_train.detach()
+        self.lora_B.index_copy_(1, self.train_rows, self.lora_B_train.detach())
         if importance is not None:
-            self.row_importance[self.train_rows] = importance.to(self.row_importance)
+            self.row_importance.index_copy_(0, self.train_rows,
+                                            importance.to(self.row_importance))
         self.lora_B_train = None
         self.train_rows = self.train_rows[:0]
+        self._train = []
         self._refresh()
 
     @torch.no_grad()
-    def fuse(self, rows: Tensor) -> None:
+    def fuse(self, rows: Tensor | Sequence[int]) -> None:
         """Fold the rank-1 pairs of ``rows`` into ``W0`` and free the rows.
 
         Frozen rows are freed; rows of the training slot are re-zeroed in ``B`` and stay owned by
-        it (the caller gives them new directions with :meth:`reset_training_rows`).
+        it (the caller gives them new directions with :meth:`reset_training_rows`). ``rows``
+        given as a list (or a CPU tensor) costs no synchronisation with the device.
         """
         self._check_not_merged("fuse")
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.row_owner.device)
-        if rows.numel() == 0:
+        rows = _host_list(rows)
+        if not rows:
             return
-        training = torch.isin(rows, self.train_rows)
-        free, any_training = torch.stack([(self.row_owner[rows] == FREE).any(),
-                                          training.any()]).tolist()
-        if free:
+        if any(self._owner[row] == FREE for row in rows):
             raise ValueError("cannot fuse free rows")
-        B = self._full_B()[:, rows]
-        self._add_to_weight(B @ self.lora_A[rows])
-        if self.lora_B_train is not None and any_training:
-            local = torch.nonzero(torch.isin(self.train_rows, rows[training])).flatten()
+        index = self._index(rows)
+        local = [self._train.index(row) for row in rows if row in self._train]
+        B = self._full_B() if local else self.lora_B
+        self._add_to_weight(B.index_select(1, index) @ self.lora_A.index_select(0, index))
+        if local:
             self.lora_B_train[:, local] = 0
-        frozen = rows[~training]
-        self.lora_A[frozen] = 0
-        self.lora_B[:, frozen] = 0
-        self.row_owner[frozen] = FREE
-        self.row_importance[frozen] = 0
-        self.num_fused += rows.numel()
+        frozen = [row for row in rows if row not in self._train]
+        if frozen:
+            freed = self._index(frozen)
+            self.lora_A.index_fill_(0, freed, 0)
+            self.lora_B.index_fill_(1, freed, 0)
+            self.row_owner.index_fill_(0, freed, FREE)
+            self.row_importance.index_fill_(0, freed, 0)
+            for row in frozen:
+                self._owner[row] = FREE
+        self.num_fused += len(rows)
         self._refresh()
 
     @torch.no_grad()
-    def reset_training_rows(self, local: Tensor, directions: Tensor) -> None:
+    def reset_training_rows(self, local: Tensor | Sequence[int], directions: Tensor) -> None:
         """Point training-slot columns ``local`` (indices into the slot) at new directions."""
-        rows = self.train_rows[local]
-        self.lora_A[rows] = directions.to(self.lora_A)
+        local = _host_list(local)
+        rows = self._index([self._train[i] for i in local])
+        self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
         self.lora_B_train[:, local] = 0
         self.importance_ema[:, local] = 0
         self.importance_unc[:, local] = 0
@@ -235,7 +257,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         if train is not None and self.lora_B_train is None:
             self.lora_B_train = nn.Parameter(self.lora_B.new_empty(train.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._refresh()
+        self.reload_buffers()
 
     # ------------------------------------------------------------------ internals
     def _embed(self, B: Tensor) -> Tensor:
@@ -275,27 +297,41 @@ class SubspaceLoRALinear(AdaptedLinear):
             self._rebuild()
 
     def _rebuild(self) -> None:
-        """Gather the live rows into the caches."""
+        """Gather the live rows into the caches (frozen owners first, the training slot's rows
+        last, in its column order)."""
         self._stale = False
-        live = self.row_owner != FREE
-        if self._owner_filter is not None:
-            allowed = torch.tensor(sorted(self._owner_filter), device=self.row_owner.device)
-            live &= torch.isin(self.row_owner, allowed)
-        training = torch.zeros_like(live)
-        training[self.train_rows] = True
-        frozen = torch.nonzero(live & ~training).flatten()
-        active_training = torch.nonzero(live & training).flatten()
-        if active_training.numel() and active_training.numel() != self.train_rows.numel():
+        allowed = self._owner_filter
+        frozen = [row for row in self.frozen_rows()
+                  if allowed is None or self._owner[row] in allowed]
+        training = [row for row in self._train if allowed is None or self._owner[row] in allowed]
+        if training and len(training) != len(self._train):
             raise RuntimeError("an owner filter must keep all or none of the training slot")
-        self._A_live = torch.cat([self.lora_A[frozen], self.lora_A[active_training]]).detach()
-        self._B_frozen = self._embed(self.lora_B[:, frozen]).detach()
-        self._A_train = self.lora_A[active_training].detach()
+        order = self._index(frozen + training)
+        A = self.lora_A.index_select(0, order).detach()
+        self._A_live = A
+        self._B_frozen = self._embed(self.lora_B.index_select(1, order[:len(frozen)])).detach()
+        self._A_train = A[len(frozen):]
+
+    def _rows(self, keep: Callable[[int, int], bool]) -> list[int]:
+        """Rows (ascending) whose ``(row, owner)`` pass ``keep``, from the host copy of the
+        owners."""
+        return [row for row, owner in enumerate(self._owner) if keep(row, owner)]
+
+    def _index(self, rows: list[int]) -> Tensor:
+        return torch.tensor(rows, dtype=torch.long).to(self.row_owner.device, non_blocking=True)
+
+    def reload_buffers(self) -> None:
+        """Take the ownership from the ``row_owner`` and ``train_rows`` buffers (after they were
+        assigned directly, e.g. by a loader) and rebuild the live-row caches."""
+        self._owner = self.row_owner.tolist()
+        self._train = self.train_rows.tolist()
+        self._refresh()
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"slots={self.num_slots}, adapted_out={self.lora_B.shape[0]}, "
-            f"live_rows={int((self.row_owner != FREE).sum())}"
+            f"live_rows={sum(owner != FREE for owner in self._owner)}"
         )
 
 
@@ -311,3 +347,10 @@ def deferred_refresh(layers: Iterable[SubspaceLoRALinear]) -> Iterator[None]:
         for layer in layers:
             layer._deferred = False
             layer.refresh()
+
+
+def _host_list(rows: Tensor | Sequence[int]) -> list[int]:
+    """Row indices as a Python list (a device tensor is copied to the host)."""
+    if torch.is_tensor(rows):
+        return rows.flatten().tolist()
+    return [int(row) for row in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import torch
@@ -53,8 +54,12 @@ class Autocast(SupervisedPlugin, supports_distributed=True):
         self.dtype = dtype
         self._context: torch.autocast | None = None
 
+    def context(self) -> torch.autocast:
+        """A fresh autocast context of this precision, for forward passes other plugins run."""
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
     def _enter(self) -> None:
-        self._context = torch.autocast(self.device_type, dtype=self.dtype)
+        self._context = self.context()
         self._context.__enter__()
 
     def _exit(self, strategy) -> None:
@@ -123,3 +128,12 @@ class Progress(SupervisedPlugin, supports_distributed=True):
 
     def after_eval(self, strategy, **kwargs):
         self._close()
+
+
+def strategy_autocast(strategy) -> AbstractContextManager:
+    """The autocast of ``strategy``'s :class:`Autocast` plugin (a null context without one):
+    plugins that run forward passes of their own use it to match the training precision."""
+    for plugin in getattr(strategy, "plugins", ()):
+        if isinstance(plugin, Autocast):
+            return plugin.context()
+    return nullcontext()

@@ -99,4 +99,4 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
                 layer.weight.copy_(fused)
             else:
                 layer.weight[layer.out_index] = fused
-        layer._refresh()
+        layer.reload_buffers()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 _ACCEPT = 0.5  # a candidate is kept when this fraction of its norm lies outside the span
-_DEVICE_EIGH_MAX = 32  # CUDA decomposes batches of symmetric matrices up to this size at once
+_EIGH_BLOCK = 32  # CUDA decomposes batches of symmetric matrices up to this size at once
 BLOCK = 32  # rows of the block subspace iteration
 OVERSAMPLE = 8  # trailing rows of a block never added to a basis before the energy is reached
 ITERATIONS = 8  # products of the block subspace iteration
@@ -30,18 +30,22 @@ def span_rows(rows: Tensor, tol: float = 1e-6, floor: float = 1.0, passes: int =
 
     Through the eigendecomposition of the small Gram matrix ``rows rows^T``, ``passes`` times
     (twice: orthonormal to working precision); singular values below
-    ``tol * max(s_max, floor)`` are dropped. ``r <= 32`` is decomposed on the rows' device (one
-    batched call on CUDA), larger ``r`` on the host.
+    ``tol * max(s_max, floor)`` are dropped. Rows are taken in blocks of at most 32 (the size
+    CUDA decomposes in one batched call), each block with the earlier ones projected out.
     """
     rows = rows.double()
+    if rows.shape[-2] > _EIGH_BLOCK:
+        done: list[Tensor] = []
+        for start in range(0, rows.shape[-2], _EIGH_BLOCK):
+            block = rows[..., start:start + _EIGH_BLOCK, :]
+            if done:
+                block = project_out(block, torch.cat(done, dim=-2))
+            done.append(span_rows(block, tol, floor, passes))
+        return torch.cat(done, dim=-2)
     if rows.shape[-2] == 0:
         return rows
     for _ in range(passes):
-        gram = rows @ rows.mT
-        host = gram.shape[-1] > _DEVICE_EIGH_MAX
-        values, vectors = torch.linalg.eigh(gram.cpu() if host else gram)
-        if host:
-            values, vectors = values.to(rows.device), vectors.to(rows.device)
+        values, vectors = torch.linalg.eigh(rows @ rows.mT)
         cut = (tol * values[..., -1:].clamp_min(0).sqrt().clamp_min(floor)) ** 2
         scale = torch.where(values > cut, values.clamp_min(1e-300).rsqrt(), 0.0)
         rows = (vectors * scale.unsqueeze(-2)).mT @ rows
@@ -292,16 +296,19 @@ def input_covariances(
     ``max_samples`` samples of ``batches`` (the last batch is cut to fit).
 
     ``forward(batch)`` runs the model on one batch; its first dimension counts samples. Token
-    dimensions are flattened, so every token of a sample contributes. The sums stay on the
-    layers' device; nothing is synchronised with the host.
+    dimensions are flattened, so every token of a sample contributes. Products are taken in
+    float32 whatever autocast the forward runs under. The sums stay on the layers' device;
+    nothing is synchronised with the host.
     """
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str):
         def record(_module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            acc = x.T @ x
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.float()
+                acc = x.T @ x
             sums[name] = sums[name] + acc.double() if name in sums else acc.double()
             counts[name] = counts.get(name, 0) + x.shape[0]
 

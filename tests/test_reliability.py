@@ -255,13 +255,13 @@ def test_save_load_round_trips_exactly(d_in, d_out, rank, slots, ops, open_slot)
     layer = subspace_lora_layers(model)["fc"]
     owner = 0
     for op, pick in ops:
-        if op == "add" and layer.free_rows().numel() >= rank:
+        if op == "add" and len(layer.free_rows()) >= rank:
             fill_slot(layer, owner, pick)
             owner += 1
-        elif op == "fuse" and layer.frozen_rows().numel():
+        elif op == "fuse" and layer.frozen_rows():
             frozen = layer.frozen_rows()
-            layer.fuse(frozen[: 1 + pick % frozen.numel()])
-    if open_slot and layer.free_rows().numel() >= rank:
+            layer.fuse(frozen[: 1 + pick % len(frozen)])
+    if open_slot and len(layer.free_rows()) >= rank:
         used = layer.lora_A[layer.used_rows()]
         layer.start_slot(owner, directions_outside(torch.randn(8, d_in), used, rank))
     x = torch.randn(3, d_in)

@@ -5,7 +5,7 @@ through a strategy stand-in, and random values take the place of trained ones.""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +33,7 @@ from cl_sulora.methods.lora_baselines import BranchLoRAPlugin, IncLoRAPlugin, br
 from cl_sulora.methods.olora import OLoRAConfig, OLoRAPlugin
 from cl_sulora.methods.sdlora import SDLoRAConfig, SDLoRAPlugin
 from cl_sulora.methods.sulora import SuLoRAPlugin
+from cl_sulora.plugins import Autocast
 
 from .settings import Settings
 
@@ -76,6 +77,7 @@ class StrategyStub:
     eval_mb_size: int
     experience: ExperienceStub | None = None
     loss: Tensor | None = None
+    plugins: list[SupervisedPlugin] = field(default_factory=list)
 
 
 class Adapted:
@@ -181,11 +183,13 @@ class Continual(Adapted):
 
     def __init__(self, name: str, model: nn.Module, plugin: SupervisedPlugin,
                  device: torch.device,
-                 batch_size: int, dataset: ImageDataset | None = None) -> None:
+                 batch_size: int, dataset: ImageDataset | None = None,
+                 plugins: Iterable[SupervisedPlugin] = ()) -> None:
         super().__init__(name, model, adamw(model.head.parameters()))
         self.plugin = plugin
         self.dataset = dataset
-        self.stub = StrategyStub(model, self.optimizer, device, batch_size)
+        self.stub = StrategyStub(model, self.optimizer, device, batch_size,
+                                 plugins=list(plugins))
 
     def begin(self, experience: int) -> None:
         """Start 1-based ``experience``: the plugin's ``before_training_exp`` (allocation or new
@@ -308,9 +312,12 @@ def continual_state(method: str, model: nn.Module, settings: Settings, device: t
                     data_max_samples: int | None = None) -> Continual:
     """``model`` adapted for ``method``, before its first experience."""
     config = method_config(method, settings, allocator, data_max_samples)
+    # the runner's precision plugin: forward passes of the methods' own run under it
+    plugins = [Autocast(device.type)] if settings.precision == "bf16" else []
     if isinstance(config, SubspaceLoRAConfig):
         add_subspace_lora(model, config)
-        return SuLoRAState(method, model, SuLoRAPlugin(config), device, batch_size, dataset)
+        return SuLoRAState(method, model, SuLoRAPlugin(config), device, batch_size, dataset,
+                           plugins)
     add_branch_lora(model, config)
     plugin = BRANCH_PLUGINS[method](config)
-    return BranchState(method, model, plugin, device, batch_size, dataset)
+    return BranchState(method, model, plugin, device, batch_size, dataset, plugins)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -17,7 +17,8 @@ from ..config import SubspaceLoRAConfig
 from ..fusion import rows_fraction, rows_to_make_room
 from ..importance import pair_scores, update_importance
 from ..injection import add_subspace_lora, subspace_lora_config, subspace_lora_layers
-from ..layer import FREE, SubspaceLoRALinear, deferred_refresh
+from ..layer import SubspaceLoRALinear, deferred_refresh
+from ..plugins import strategy_autocast
 from ..subspace import input_covariances
 from .base import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
 
@@ -61,6 +62,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.owner_task: dict[int, int] = {}
         self.steps = 0
         self._found: tuple[nn.Module, dict[str, SubspaceLoRALinear]] | None = None
+        self._inputs: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # ------------------------------------------------------------------ training hooks
     def before_training_exp(self, strategy, **kwargs):
@@ -100,9 +102,11 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             if self.allocator.needs_data:
                 owner = int(strategy.experience.current_experience)
                 self.allocator.update(layers, self._covariances(strategy, layers, owner))
+                self._inputs = None
             if self.config.fusion == "fraction":
-                for layer in layers.values():
-                    layer.fuse(rows_fraction(layer, self.config.fusion_gamma))
+                for layer, importance in zip(layers.values(), _importances(layers.values()),
+                                             strict=True):
+                    layer.fuse(rows_fraction(layer, self.config.fusion_gamma, importance))
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -132,12 +136,16 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         """Fuse the lowest ``recompose_gamma`` of the training slot's pairs into ``W0`` and point
         them at the next unused principal directions, with fresh optimizer state."""
         count = math.ceil(self.config.recompose_gamma * self.config.rank)
-        for name, layer in self._layers(strategy.model).items():
-            if layer.lora_B_train is None:
-                continue
-            local = torch.argsort(pair_scores(layer), stable=True)[:count].to(layer.train_rows)
+        training = {name: layer for name, layer in self._layers(strategy.model).items()
+                    if layer.lora_B_train is not None}
+        if not training:
+            return
+        scores = torch.stack([pair_scores(layer) for layer in training.values()]).tolist()
+        for (name, layer), score in zip(training.items(), scores, strict=True):
+            local = sorted(range(len(score)), key=lambda i: (score[i], i))[:count]
+            rows = layer.training_rows()
             with deferred_refresh([layer]):
-                layer.fuse(layer.train_rows[local])
+                layer.fuse([rows[i] for i in local])
                 owner = layer.training_owner
                 directions = self._principal.directions(name, layer, count, owner)
                 layer.reset_training_rows(local, directions)
@@ -157,32 +165,55 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         return layers
 
     def _make_room(self, layers: dict[str, SubspaceLoRALinear], owner: int) -> None:
-        free = [(layer.row_owner == FREE).sum() for layer in layers.values()]
-        free = torch.stack([count.to(free[0].device) for count in free]).tolist()
-        for (name, layer), count in zip(layers.items(), free, strict=True):
-            if count >= layer.rank:
-                continue
-            if self.config.fusion == "never":
-                raise CapacityError(
-                    f"experience {owner}: layer {name} has no free slot ({layer.num_slots} slots "
-                    "in use) and fusion='never'. Raise num_slots or use fusion='when_full'."
-                )
-            layer.fuse(rows_to_make_room(layer, layer.rank))
+        full = {name: layer for name, layer in layers.items()
+                if len(layer.free_rows()) < layer.rank}
+        if full and self.config.fusion == "never":
+            name, layer = next(iter(full.items()))
+            raise CapacityError(
+                f"experience {owner}: layer {name} has no free slot ({layer.num_slots} slots "
+                "in use) and fusion='never'. Raise num_slots or use fusion='when_full'."
+            )
+        for layer, importance in zip(full.values(), _importances(full.values()), strict=True):
+            layer.fuse(rows_to_make_room(layer, layer.rank, importance))
 
     def _covariances(self, strategy, layers, owner: int) -> dict[str, torch.Tensor]:
+        """Input covariances of ``layers`` over up to ``data_max_samples`` inputs of the current
+        experience, drawn by a generator seeded with (seed, owner) and kept on the device for
+        the rest of the experience: the covariances before and after training see the same
+        inputs, loaded once. The forward passes run under the strategy's autocast."""
+        if self._inputs is None or self._inputs[0] != owner:
+            self._inputs = (owner, self._sample_inputs(strategy, owner))
+        model = strategy.model
+
+        def forward(batch):
+            return avalanche_forward(model, batch[0], batch[-1])
+
+        with strategy_autocast(strategy):
+            return input_covariances(model, layers, self._inputs[1], forward,
+                                     self.config.data_max_samples)
+
+    def _sample_inputs(self, strategy, owner: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         dataset = strategy.experience.dataset.eval()
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + owner)
         batch = min(strategy.eval_mb_size, self.config.data_max_samples)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen)
-        device = strategy.device
+        device, left, batches = strategy.device, self.config.data_max_samples, []
+        for batch in loader:
+            x, t = batch[0][:left], batch[-1][:left]
+            batches.append((x.to(device, non_blocking=True), t.to(device, non_blocking=True)))
+            left -= len(x)
+            if left <= 0:
+                break
+        return batches
 
-        def forward(batch):
-            x, t = batch[0].to(device), batch[-1].to(device)
-            return avalanche_forward(strategy.model, x, t)
 
-        return input_covariances(
-            strategy.model, layers, loader, forward, self.config.data_max_samples
-        )
+def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
+    """Each layer's recorded row importance, fetched from the device at once."""
+    layers = list(layers)
+    if not layers:
+        return []
+    rows = [layer.row_importance for layer in layers]
+    return torch.stack([r.to(rows[0].device) for r in rows]).tolist()
 
 
 def _reset_optimizer_columns(optimizer, param: nn.Parameter, columns: torch.Tensor) -> None:
