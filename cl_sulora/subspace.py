@@ -296,9 +296,9 @@ def input_covariances(
     ``max_samples`` samples of ``batches`` (the last batch is cut to fit).
 
     ``forward(batch)`` runs the model on one batch; its first dimension counts samples. Token
-    dimensions are flattened, so every token of a sample contributes. Products are taken in
-    float32 whatever autocast the forward runs under. The sums stay on the layers' device;
-    nothing is synchronised with the host.
+    dimensions are flattened, so every token of a sample contributes. Products accumulate in
+    float32 (see :func:`_gram`). The sums stay on the layers' device; nothing is synchronised
+    with the host.
     """
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -306,9 +306,7 @@ def input_covariances(
     def hook(name: str):
         def record(_module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            with torch.autocast(x.device.type, enabled=False):
-                x = x.float()
-                acc = x.T @ x
+            acc = _gram(x)
             sums[name] = sums[name] + acc.double() if name in sums else acc.double()
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -334,3 +332,15 @@ def input_covariances(
     if not sums:
         raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
     return {name: sums[name] / counts[name] for name in sums}
+
+
+def _gram(x: Tensor) -> Tensor:
+    """``x^T x`` in float32. Under CUDA autocast, of ``x`` cast to the autocast dtype (the values
+    the layer's own matmul reads) with float32 accumulation and output; otherwise of ``x`` in
+    float32."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        low = x.to(torch.get_autocast_dtype("cuda"))
+        return torch.mm(low.T, low, out_dtype=torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        return x.T @ x
