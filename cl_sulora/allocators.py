@@ -10,12 +10,12 @@ from torch import Tensor
 
 from .layer import FREE, SubspaceLoRALinear
 from .subspace import (
-    BLOCK,
     directions_outside_batch,
     extend_bases,
     pad_stack,
     project_matrix,
     project_out,
+    random_block,
     span_rows,
     top_eigvecs_block,
 )
@@ -106,9 +106,8 @@ class PrincipalAllocator(Allocator):
     """The next unused right-singular directions of the current weight (SRLoRA's re-init).
 
     They are the top eigenvectors of ``P W^T W P``, ``P`` the projector outside the rows in use,
-    found by block subspace iteration (:func:`top_eigvecs_block`) from each layer's seeded
-    generator: when the rows in use are right-singular directions of ``W``, these are the next
-    ones.
+    found by block subspace iteration (:func:`top_eigvecs_block`): when the rows in use are
+    right-singular directions of ``W``, these are the next ones.
     """
 
     name = "principal"
@@ -121,7 +120,7 @@ class PrincipalAllocator(Allocator):
                 weight = weight[layer.out_index]
             weights.append(weight)
         weight = project_out(torch.stack(weights).double(), used)  # W P
-        return _top_block(self, names, owner, weight.mT @ weight)
+        return _top_block(weight.mT @ weight)
 
 
 class DataAllocator(Allocator):
@@ -154,7 +153,7 @@ class DataAllocator(Allocator):
         # orthonormalised against it
         span = torch.cat([basis, span_rows(project_out(used, basis))], dim=-2)
         cov = torch.stack([self._covariances[name].to(device) for name in names])
-        return _top_block(self, names, owner, project_matrix(cov, span))
+        return _top_block(project_matrix(cov, span))
 
     def update(self, layers, covariances):
         names = list(layers)
@@ -169,11 +168,10 @@ class DataAllocator(Allocator):
         self._covariances = {}
 
 
-def _top_block(allocator: Allocator, names: list[str], owner: int, sym: Tensor) -> Tensor:
-    """Ritz vectors of ``sym`` (``L x d x d``), best first, from the layers' seeded blocks."""
-    d = sym.shape[-1]
-    start = allocator.random_rows(names, owner, min(BLOCK, d), d, sym.device)
-    return top_eigvecs_block(sym, start)[1]
+def _top_block(sym: Tensor) -> Tensor:
+    """Ritz vectors of ``sym`` (``L x d x d``), best first, from the fixed random start."""
+    start = random_block(sym.shape[-1], sym.device)
+    return top_eigvecs_block(sym, start.expand(sym.shape[0], -1, -1))[1]
 
 
 ALLOCATORS: dict[str, type[Allocator]] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -243,9 +244,8 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
             for i, (t, k) in enumerate(zip(totals, kept, strict=True))]
     room = [m - b.shape[0] for m, b in zip(max_rows, bases, strict=True)]
     added: list[list[Tensor]] = [[] for _ in bases]
-    block = min(BLOCK, d)
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(block, d, generator=gen, dtype=torch.float64).to(cov.device)
+    start = random_block(d, cov.device)
+    block = start.shape[0]
     while any(n > 0 and r > 0 for n, r in zip(need, room, strict=True)):
         values, vectors = top_eigvecs_block(project_matrix(cov, stacked), start.expand(
             len(bases), -1, -1))
@@ -273,6 +273,14 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
         stacked = pad_stack([torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)],
                              d, cov.device)
     return [torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)]
+
+
+@functools.lru_cache(maxsize=16)
+def random_block(d: int, device: torch.device) -> Tensor:
+    """The fixed start of every block subspace iteration on ``d`` dimensions: ``min(BLOCK, d)``
+    Gaussian rows (float64, seed 0), drawn once per dimension and device. Do not modify it."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(min(BLOCK, d), d, generator=gen, dtype=torch.float64).to(device)
 
 
 def pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
