@@ -295,6 +295,14 @@ def sample_sweep(results: dict[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- profile
+def _idle(step: float | None, busy: float, clock: str) -> str:
+    if step is None or busy > step:
+        return (f"the profiled steps ran longer than the timed median ({_num(step)} ms): the "
+                "profiler's own overhead, so no idle time can be read from them.")
+    return (f"the remaining {_num(step - busy)} ms the {clock} waits (kernel launches, Python "
+            "and host work between kernels).")
+
+
 def profile(groups: Groups) -> list[str]:
     prof = groups.get("profile", {}).get("results") or {}
     if not prof:
@@ -310,8 +318,7 @@ def profile(groups: Groups) -> list[str]:
              f"{prof['experience']}, PyTorch profiler over {prof['steps']} steps)", "",
              f"Step {_num(step)} ms against a floor of {_num(floor['floor_ms'])} ms "
              f"({_ratio(step, floor['floor_ms'])}). The operators keep the {clock} busy "
-             f"{_num(busy)} ms per step; the remaining {_num(step and step - busy)} ms the "
-             f"{clock} waits (kernel launches, Python and host work between kernels)."]
+             f"{_num(busy)} ms per step; " + _idle(step, busy, clock)]
     if matmul_ms and record.get("flops"):
         rate = record["flops"] / (matmul_ms * 1e-3) / 1e12
         lines[-1] += (f" Matmul-class operators take {_num(matmul_ms)} ms for the step's "
