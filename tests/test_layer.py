@@ -263,6 +263,9 @@ def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
         assert free >= 0 and used >= 0 and free + used == rank * slots
         A = layer.lora_A[layer.used_rows()]
         torch.testing.assert_close(A @ A.T, torch.eye(used), rtol=0, atol=1e-5)
+        # the host copy of the ownership never drifts from the buffers
+        assert layer.row_owners() == layer.row_owner.tolist()
+        assert layer.training_rows() == layer.train_rows.tolist()
 
 
 def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):

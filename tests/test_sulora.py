@@ -195,3 +195,35 @@ def test_model_already_adapted_is_used_as_is(vit_model):
     assert strategy.config == config
     with pytest.raises(ValueError, match="different SubspaceLoRAConfig"):
         make_strategy(vit_model, SubspaceLoRAConfig(rank=1, num_slots=2))
+
+
+def test_data_allocator_reads_each_experience_once_under_the_training_autocast(vit_model,
+                                                                                monkeypatch):
+    """The covariances before and after training use one sample of the experience, drawn once,
+    and the forward passes run under the strategy's autocast plugin."""
+    from cl_sulora.methods.sulora import SuLoRAPlugin
+    from cl_sulora.plugins import Autocast
+
+    config = SubspaceLoRAConfig(rank=2, num_slots=3, allocator="data", data_max_samples=6)
+    bm = image_stream(n_classes=4, n_experiences=2)
+    strategy = make_strategy(vit_model, config, epochs=1,
+                             plugins=[Autocast("cpu", torch.bfloat16)])
+    drawn, dtypes = [], []
+    sample = SuLoRAPlugin._sample_inputs
+
+    def counting(self, strategy, owner):
+        drawn.append(owner)
+        return sample(self, strategy, owner)
+
+    monkeypatch.setattr(SuLoRAPlugin, "_sample_inputs", counting)
+    layer = next(iter(subspace_lora_layers(vit_model).values()))
+    handle = layer.register_forward_pre_hook(
+        lambda module, inputs: dtypes.append(torch.get_autocast_dtype("cpu")
+                                             if torch.is_autocast_enabled("cpu") else None))
+    for experience in bm.train_stream:
+        strategy.train(experience)
+    handle.remove()
+    assert drawn == [0, 1]
+    assert strategy.sulora._inputs is None  # released after the experience
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert all(layer.input_basis.shape[0] > 0 for layer in subspace_lora_layers(vit_model).values())
