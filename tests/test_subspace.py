@@ -59,6 +59,18 @@ def test_top_eigvecs_block_finds_the_top_directions_behind_a_gap():
                                rtol=0, atol=1e-8)
 
 
+def test_top_eigvecs_block_of_a_low_rank_matrix_is_finite_and_exact_on_its_range():
+    g = torch.Generator().manual_seed(4)
+    q = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64)).Q.T
+    sym = q[:3].T @ torch.diag(torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64)) @ q[:3]
+    values, vectors = top_eigvecs_block(sym[None], torch.randn(1, 8, 40, generator=g))
+    assert torch.isfinite(values).all() and torch.isfinite(vectors).all()
+    torch.testing.assert_close(values[0, :3], torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64))
+    assert values[0, 3:].abs().max() < 1e-10
+    overlap = (vectors[0, :3] @ q[:3].T).abs()
+    torch.testing.assert_close(overlap, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
 def test_directions_outside_batch_equals_one_at_a_time_and_falls_back_to_the_greedy_choice():
     g = torch.Generator().manual_seed(4)
     used = torch.linalg.qr(torch.randn(2, 30, 7, generator=g, dtype=torch.float64)).Q.mT
