@@ -117,8 +117,7 @@ class SubspaceLoRALinear(AdaptedLinear):
 
     def live_adapter_params(self) -> int:
         """Values of ``A`` and ``B`` held for live (non-free) rows."""
-        live = sum(owner != FREE for owner in self._owner)
-        return live * (self.in_features + self.n_out)
+        return len(self.used_rows()) * (self.in_features + self.n_out)
 
     # ------------------------------------------------------------------ slot lifecycle
     @torch.no_grad()
@@ -259,6 +258,13 @@ class SubspaceLoRALinear(AdaptedLinear):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.reload_buffers()
 
+    def reload_buffers(self) -> None:
+        """Take the ownership from the ``row_owner`` and ``train_rows`` buffers (after they were
+        assigned directly, e.g. by a loader) and rebuild the live-row caches."""
+        self._owner = self.row_owner.tolist()
+        self._train = self.train_rows.tolist()
+        self._refresh()
+
     # ------------------------------------------------------------------ internals
     def _embed(self, B: Tensor) -> Tensor:
         """Scale ``B`` (rows = adapted outputs) and place it in ``W0``'s output rows."""
@@ -320,18 +326,11 @@ class SubspaceLoRALinear(AdaptedLinear):
     def _index(self, rows: list[int]) -> Tensor:
         return torch.tensor(rows, dtype=torch.long).to(self.row_owner.device, non_blocking=True)
 
-    def reload_buffers(self) -> None:
-        """Take the ownership from the ``row_owner`` and ``train_rows`` buffers (after they were
-        assigned directly, e.g. by a loader) and rebuild the live-row caches."""
-        self._owner = self.row_owner.tolist()
-        self._train = self.train_rows.tolist()
-        self._refresh()
-
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
             f"slots={self.num_slots}, adapted_out={self.lora_B.shape[0]}, "
-            f"live_rows={sum(owner != FREE for owner in self._owner)}"
+            f"live_rows={len(self.used_rows())}"
         )
 
 
