@@ -33,7 +33,8 @@ class SubspaceLoRALinear(AdaptedLinear):
     orthonormal, and costing a rank-``rank`` projection of the input instead of a full weight
     gradient. The live rows are gathered into caches after every change of ownership, never in
     the forward pass; within :func:`deferred_refresh` only once, on leaving it (or at a forward
-    pass inside it).
+    pass inside it). The ownership (``row_owner``, ``train_rows``) is mirrored on the host, so
+    choosing rows never waits for the device.
     """
 
     def __init__(
