@@ -460,11 +460,10 @@ def load_summary(directory: Path) -> dict[str, Any]:
     return build_summary(directory)
 
 
-def render(directory: Path, output: Path, plots: Path) -> str:
+def render(directory: Path, output: Path, plots: Path, summary: dict[str, Any]) -> str:
     by_backbone = read_groups(directory)
     if not by_backbone:
         raise SystemExit(f"no measurement files in {directory}")
-    summary = load_summary(directory)
     lines = header(by_backbone) + targets(summary, list(by_backbone))
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
@@ -483,12 +482,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", type=Path, default=DEFAULT_SUMMARY,
                         help="where to publish the headline ratios")
     args = parser.parse_args(argv)
-    text = render(args.directory, args.output, args.plots)
+    summary = load_summary(args.directory)
+    text = render(args.directory, args.output, args.plots, summary)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text, encoding="utf-8")
     args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps(load_summary(args.directory), indent=2) + "\n",
-                            encoding="utf-8")
+    args.summary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.output} and {args.summary}")
 
 
