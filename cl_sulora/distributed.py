@@ -190,6 +190,17 @@ def loss_weight(local: int, global_size: int) -> float:
     return local * world_size() / global_size
 
 
+def first_flagged(record: torch.Tensor) -> torch.Tensor:
+    """``record`` is ``(iteration, value)``, with iteration -1 when nothing was flagged; the
+    record with the earliest flagged iteration over all ranks (this rank's outside torchrun)."""
+    if not is_distributed():
+        return record
+    records: list[list[float] | None] = [None] * world_size()
+    dist.all_gather_object(records, record.tolist())
+    flagged = [r for r in records if r is not None and r[0] >= 0]
+    return torch.tensor(min(flagged) if flagged else [-1.0, 0.0])
+
+
 def wrap(model: nn.Module, device: torch.device, varying_graph: bool) -> DistributedDataParallel:
     """DDP over ``model``'s currently trainable parameters. Building it broadcasts rank 0's
     parameters and buffers (all adapter state included); buffers are not re-broadcast on every

@@ -349,7 +349,7 @@ def test_replay_keeps_buffered_classes_unmasked():
 
     def record(strategy):
         mask = next(p for p in strategy.plugins if isinstance(p, ReplayClassMask))
-        allowed.append(mask._allowed.tolist())
+        allowed.append(list(mask._allowed))
 
     model = vit_classifier()
     bm = image_stream()

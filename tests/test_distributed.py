@@ -72,8 +72,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(argv: list[str], probe: Path, world: int = 2) -> list[subprocess.CompletedProcess]:
-    """Start ``world`` ranks with torchrun's environment; wait for all of them."""
+def launch(argv: list[str], probe: Path, world: int = 2,
+           script: str = SCRIPT) -> list[subprocess.CompletedProcess]:
+    """Start ``world`` ranks of ``script`` with torchrun's environment; wait for all of them."""
     probe.mkdir(parents=True, exist_ok=True)
     port = free_port()
     processes = []
@@ -82,7 +83,7 @@ def launch(argv: list[str], probe: Path, world: int = 2) -> list[subprocess.Comp
                "WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "PROBE": str(probe), "OMP_NUM_THREADS": "1"}
         processes.append(subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, *argv], cwd=ROOT, env=env,
+            [sys.executable, "-c", script, *argv], cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     done = []
     for process in processes:
@@ -94,6 +95,25 @@ def launch(argv: list[str], probe: Path, world: int = 2) -> list[subprocess.Comp
             raise
         done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     return done
+
+
+#: Each rank flags (iteration, value) records; every rank must get the earliest flagged one:
+#: first when one rank flagged step 7, then when both flagged (steps 9 and 7).
+FLAGS = """
+import os, torch, torch.distributed as dist
+from cl_sulora import distributed
+dist.init_process_group("gloo")
+rank = int(os.environ["RANK"])
+for mine in ([[-1.0, 0.0], [7.0, float("nan")]][rank], [[9.0, 1.0], [7.0, 2.0]][rank]):
+    print(distributed.first_flagged(torch.tensor(mine)).tolist())
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_agree_on_the_first_flagged_step(tmp_path):
+    for process in launch([], tmp_path, script=FLAGS):
+        assert process.returncode == 0, process.stderr[-2000:]
+        assert process.stdout.split("\n")[:2] == ["[7.0, nan]", "[7.0, 2.0]"]
 
 
 @pytest.mark.parametrize("strategy, extra", [

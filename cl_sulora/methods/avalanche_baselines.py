@@ -78,8 +78,7 @@ class ReplayClassMask(CurrentClassMask):
         super().before_training_exp(strategy, **kwargs)
         buffer = self.replay.storage_policy.buffer
         if len(buffer):
-            replayed = torch.as_tensor(sorted(set(int(t) for t in buffer.targets)))
-            self._allowed = torch.unique(torch.cat([self._allowed, replayed]))
+            self._allowed = sorted(set(self._allowed) | {int(t) for t in buffer.targets})
 
 
 class UnmaskedLogitsForDistillation(SupervisedPlugin, supports_distributed=True):

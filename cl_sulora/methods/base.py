@@ -69,23 +69,27 @@ class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
 
     def __init__(self) -> None:
         super().__init__()
-        self._allowed: torch.Tensor | None = None
+        self._allowed: list[int] | None = None
+        self._keep: torch.Tensor | None = None  # on the logits' device, built once per size
 
     def before_training_exp(self, strategy, **kwargs):
         targets = strategy.adapted_dataset.targets
-        self._allowed = torch.as_tensor(sorted(set(int(t) for t in targets)))
+        self._allowed = sorted(set(int(t) for t in targets))
+        self._keep = None
 
     def after_forward(self, strategy, **kwargs):
         logits = strategy.mb_output
         if self._allowed is None or logits.dim() != 2:
             return
-        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-        allowed = self._allowed[self._allowed < logits.shape[1]].to(logits.device)
-        keep[allowed] = True
-        strategy.mb_output = logits.masked_fill(~keep, MASK_VALUE)
+        if (self._keep is None or self._keep.shape[0] != logits.shape[1]
+                or self._keep.device != logits.device):
+            keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+            keep[[c for c in self._allowed if c < logits.shape[1]]] = True
+            self._keep = keep.to(logits.device)
+        strategy.mb_output = logits.masked_fill(~self._keep, MASK_VALUE)
 
     def after_training_exp(self, strategy, **kwargs):
-        self._allowed = None
+        self._allowed = self._keep = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,15 +97,47 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
-    """Stop training with a clear message as soon as the loss is not finite."""
+    """Stop training with a clear message when the loss is not finite.
+
+    The check stays on the device and is read every ``check_every`` iterations and at the end
+    of each epoch, so the training loop does not wait for the GPU at every step. Under
+    data-parallel training the ranks agree on the outcome, so they stop together.
+    """
+
+    def __init__(self, check_every: int = 32) -> None:
+        super().__init__()
+        self.check_every = check_every
+        self._first: torch.Tensor | None = None  # (iteration, loss) of the first bad step
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self._first = None
 
     def before_backward(self, strategy, **kwargs):
-        if not torch.isfinite(strategy.loss).all():
+        loss = strategy.loss.detach().float().reshape(-1)[:1]
+        iteration = torch.full_like(loss, strategy.clock.train_epoch_iterations)
+        bad = ~torch.isfinite(loss)
+        if self._first is None:
+            self._first = torch.where(bad, torch.cat([iteration, loss]), -1.0)
+        else:
+            fresh = bad & (self._first[:1] < 0)
+            self._first = torch.where(fresh, torch.cat([iteration, loss]), self._first)
+        if (strategy.clock.train_epoch_iterations + 1) % self.check_every == 0:
+            self._check(strategy)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self._check(strategy)
+
+    def _check(self, strategy) -> None:
+        if self._first is None:
+            return
+        first = distributed.first_flagged(self._first)
+        iteration, loss = first.tolist()
+        if iteration >= 0:
             raise NonFiniteLossError(
-                f"non-finite loss ({float(strategy.loss.detach())}) at experience "
+                f"non-finite loss ({loss}) at experience "
                 f"{strategy.experience.current_experience}, epoch {strategy.clock.train_exp_epochs}"
-                f", iteration {strategy.clock.train_epoch_iterations}: lower the learning rate or "
-                "use fp32; the last checkpoint is left as it was"
+                f", iteration {int(iteration)}: lower the learning rate or use fp32; the last "
+                "checkpoint is left as it was"
             )
 
 
