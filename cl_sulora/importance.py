@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor
 
@@ -9,19 +11,28 @@ from .layer import SubspaceLoRALinear
 
 
 @torch.no_grad()
-def update_importance(layer: SubspaceLoRALinear, beta1: float, beta2: float) -> None:
-    """Accumulate one step of importance for the training slot from ``lora_B_train.grad``.
+def update_importance(layers: Iterable[SubspaceLoRALinear], beta1: float, beta2: float) -> None:
+    """Accumulate one step of importance for each layer's training slot from
+    ``lora_B_train.grad`` (layers without a training slot or gradient are skipped).
 
     ``I = |w * grad|``; ``I_ema = b1 I_ema + (1 - b1) I``; ``U = b2 U + (1 - b2) |I - I_ema|``
     (AdaLoRA, Zhang et al. 2023). ``A`` is frozen, so a pair's score is that of its ``B`` column.
+    All layers are updated together by multi-tensor (``_foreach``) kernels.
     """
-    param = layer.lora_B_train
-    if param is None or param.grad is None:
+    layers = [layer for layer in layers
+              if layer.lora_B_train is not None and layer.lora_B_train.grad is not None]
+    if not layers:
         return
-    sensitivity = (param * param.grad).abs().float()
-    layer.importance_ema.mul_(beta1).add_(sensitivity, alpha=1 - beta1)
-    deviation = (sensitivity - layer.importance_ema).abs()
-    layer.importance_unc.mul_(beta2).add_(deviation, alpha=1 - beta2)
+    params = [layer.lora_B_train for layer in layers]
+    ema = [layer.importance_ema for layer in layers]
+    unc = [layer.importance_unc for layer in layers]
+    sensitivity = torch._foreach_mul(params, [p.grad for p in params])
+    torch._foreach_abs_(sensitivity)
+    sensitivity = [s.to(e.dtype) for s, e in zip(sensitivity, ema, strict=True)]
+    torch._foreach_lerp_(ema, sensitivity, 1 - beta1)
+    deviation = torch._foreach_sub(sensitivity, ema)
+    torch._foreach_abs_(deviation)
+    torch._foreach_lerp_(unc, deviation, 1 - beta2)
 
 
 def pair_scores(layer: SubspaceLoRALinear) -> Tensor:

@@ -329,3 +329,29 @@ def test_training_slot_gets_the_activation_path_gradient(qkv):
     (out * dy).sum().backward()
     torch.testing.assert_close(got[0], layer.lora_B_train.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_importance_update_follows_the_adalora_formula_for_every_layer():
+    from cl_sulora.importance import pair_scores, update_importance
+
+    layers = [make_layer(seed=s) for s in range(3)]
+    for i, layer in enumerate(layers[:2]):
+        fill_slot(layer, 0, seed=i)
+        layer.start_slot(1, directions_outside(torch.randn(8, 16), layer.lora_A[layer.used_rows()],
+                                               layer.rank))
+        with torch.no_grad():
+            layer.lora_B_train.normal_()
+    ema = [layer.importance_ema.clone() for layer in layers[:2]]
+    unc = [layer.importance_unc.clone() for layer in layers[:2]]
+    for _ in range(3):
+        for layer in layers[:2]:
+            layer.lora_B_train.grad = torch.randn_like(layer.lora_B_train)
+        update_importance(layers, 0.85, 0.7)  # the third layer has no training slot: skipped
+        for i, layer in enumerate(layers[:2]):
+            sensitivity = (layer.lora_B_train * layer.lora_B_train.grad).abs().detach()
+            ema[i] = 0.85 * ema[i] + 0.15 * sensitivity
+            unc[i] = 0.7 * unc[i] + 0.3 * (sensitivity - ema[i]).abs()
+            torch.testing.assert_close(layer.importance_ema, ema[i])
+            torch.testing.assert_close(layer.importance_unc, unc[i])
+    assert (pair_scores(layers[0]) > 0).all()
+    assert layers[2].lora_B_train is None

@@ -85,8 +85,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.steps = 0
 
     def after_backward(self, strategy, **kwargs):
-        for layer in self._layers(strategy.model).values():
-            update_importance(layer, self.config.importance_beta1, self.config.importance_beta2)
+        update_importance(self._layers(strategy.model).values(), self.config.importance_beta1,
+                          self.config.importance_beta2)
 
     def after_training_iteration(self, strategy, **kwargs):
         self.steps += 1
