@@ -27,7 +27,8 @@ class Allocator:
     Layers of one shape and device are allocated together, with batched linear algebra. The rows
     in use of ``A`` are orthonormal by construction, so ``A`` with its free rows zeroed serves
     as the basis of their span. ``needs_data`` allocators receive the new experience's input
-    covariances in ``prepare`` and the trained experience's in ``update``.
+    covariances in ``prepare`` (before its training) and keep what they need of them in
+    ``update`` (after it).
     """
 
     name: ClassVar[str]
@@ -81,8 +82,8 @@ class Allocator:
     def prepare(self, covariances: dict[str, Tensor]) -> None:
         """Receive the new experience's per-layer input covariances (``needs_data`` only)."""
 
-    def update(self, layers: dict[str, SubspaceLoRALinear], covariances: dict[str, Tensor]) -> None:
-        """Receive the trained experience's input covariances (``needs_data`` only)."""
+    def update(self, layers: dict[str, SubspaceLoRALinear]) -> None:
+        """Fold the prepared experience into the layers' kept state (``needs_data`` only)."""
 
 
 def used_basis(layers: list[SubspaceLoRALinear]) -> Tensor:
@@ -129,7 +130,9 @@ class DataAllocator(Allocator):
     Each layer keeps a basis of earlier experiences' inputs (``layer.input_basis``), grown after
     every experience with GPM's energy rule (:func:`extend_bases`); the new slot takes the top
     eigenvectors (by block subspace iteration) of the new experience's input covariance with
-    that basis and the rows in use projected out.
+    that basis and the rows in use projected out. One covariance per experience serves both:
+    it is estimated before training (the inputs as the model sees them when the slot starts)
+    and kept until ``update``.
     """
 
     name = "data"
@@ -155,11 +158,14 @@ class DataAllocator(Allocator):
         cov = torch.stack([self._covariances[name].to(device) for name in names])
         return _top_block(project_matrix(cov, span))
 
-    def update(self, layers, covariances):
+    def update(self, layers):
         names = list(layers)
+        missing = [name for name in names if name not in self._covariances]
+        if missing:
+            raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
         grown = extend_bases(
             [layers[name].input_basis for name in names],
-            [covariances[name].to(layers[name].lora_A.device) for name in names],
+            [self._covariances[name].to(layers[name].lora_A.device) for name in names],
             self.energy,
             [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
         )

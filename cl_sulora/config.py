@@ -68,8 +68,8 @@ class SubspaceLoRAConfig(AdapterTargets):
         recompose_gamma: fraction of the training slot's pairs recomposed each period.
         data_energy: energy threshold of the per-layer input basis kept by the ``data`` allocator.
         data_max_samples: inputs (samples, not tokens) used to estimate an experience's input
-            covariance for the ``data`` allocator; drawn once per experience and kept on the
-            device until the experience ends (before and after training see the same inputs).
+            covariance for the ``data`` allocator; read once per experience, before its
+            training (the covariance is kept for the basis update after training).
         trainable_modules: module-name components trained alongside the slot (the head).
         seed: seed of the random directions of the ``orthogonal`` allocator.
     """

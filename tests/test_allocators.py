@@ -46,7 +46,7 @@ def test_data_allocator_rows_are_orthonormal_disjoint_and_follow_the_inputs():
         # the slot lies in the experience's own input coordinates (top two of them)
         assert dirs[:, 4 * owner: 4 * owner + 2].norm(dim=1).min() > 0.99
         layer.end_slot()
-        alloc.update({"l": layer}, {"l": cov})
+        alloc.update({"l": layer})
         # the kept input basis covers this experience's dominant directions
         basis = layer.input_basis.double()
         assert (basis @ torch.eye(d, dtype=torch.float64)[4 * owner]).norm() > 0.99

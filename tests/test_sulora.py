@@ -199,8 +199,9 @@ def test_model_already_adapted_is_used_as_is(vit_model):
 
 def test_data_allocator_reads_each_experience_once_under_the_training_autocast(vit_model,
                                                                                 monkeypatch):
-    """The covariances before and after training use one sample of the experience, drawn once,
-    and the forward passes run under the strategy's autocast plugin."""
+    """One sample of each experience is read, once, before its training; its covariance serves
+    the allocation and the basis update; the forward passes run under the strategy's autocast
+    plugin."""
     from cl_sulora.methods.sulora import SuLoRAPlugin
     from cl_sulora.plugins import Autocast
 
@@ -224,6 +225,6 @@ def test_data_allocator_reads_each_experience_once_under_the_training_autocast(v
         strategy.train(experience)
     handle.remove()
     assert drawn == [0, 1]
-    assert strategy.sulora._inputs is None  # released after the experience
+    assert strategy.sulora.allocator._covariances == {}  # released after the experience
     assert dtypes and set(dtypes) == {torch.bfloat16}
     assert all(layer.input_basis.shape[0] > 0 for layer in subspace_lora_layers(vit_model).values())

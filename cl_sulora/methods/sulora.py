@@ -62,7 +62,6 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.owner_task: dict[int, int] = {}
         self.steps = 0
         self._found: tuple[nn.Module, dict[str, SubspaceLoRALinear]] | None = None
-        self._inputs: tuple[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     # ------------------------------------------------------------------ training hooks
     def before_training_exp(self, strategy, **kwargs):
@@ -100,9 +99,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             for layer in layers.values():
                 layer.end_slot(pair_scores(layer))
             if self.allocator.needs_data:
-                owner = int(strategy.experience.current_experience)
-                self.allocator.update(layers, self._covariances(strategy, layers, owner))
-                self._inputs = None
+                self.allocator.update(layers)
             if self.config.fusion == "fraction":
                 for layer, importance in zip(layers.values(), _importances(layers.values()),
                                              strict=True):
@@ -178,19 +175,16 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     def _covariances(self, strategy, layers, owner: int) -> dict[str, torch.Tensor]:
         """Input covariances of ``layers`` over up to ``data_max_samples`` inputs of the current
-        experience, drawn by a generator seeded with (seed, owner) and kept on the device for
-        the rest of the experience: the covariances before and after training see the same
-        inputs, loaded once. The forward passes run under the strategy's autocast."""
-        if self._inputs is None or self._inputs[0] != owner:
-            self._inputs = (owner, self._sample_inputs(strategy, owner))
+        experience, drawn by a generator seeded with (seed, owner), from forward passes under
+        the strategy's autocast."""
         model = strategy.model
 
         def forward(batch):
             return avalanche_forward(model, batch[0], batch[-1])
 
         with strategy_autocast(strategy):
-            return input_covariances(model, layers, self._inputs[1], forward,
-                                     self.config.data_max_samples)
+            return input_covariances(model, layers, self._sample_inputs(strategy, owner),
+                                     forward, self.config.data_max_samples)
 
     def _sample_inputs(self, strategy, owner: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         dataset = strategy.experience.dataset.eval()
