@@ -38,7 +38,7 @@ from .methods.lora_baselines import JointLoRA, joint_experience
 from .methods.registry import METHODS
 from .methods.sulora import SuLoRA, check_capacity
 from .models import ContinualClassifier, make_head
-from .plugins import Autocast, LRSchedule, Progress
+from .plugins import Autocast, EpochTimer, LRSchedule, Progress
 from .presets import (
     ConfigError,
     TrainingConfig,
@@ -277,7 +277,7 @@ def build_experiment(
     method = METHODS[config.method_name]
     device = distributed.local_device(config.device)
     training = config.training
-    extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule)]
+    extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule), EpochTimer()]
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
     if config.alignment.enabled:
@@ -342,6 +342,7 @@ class StreamResult:
 
     accuracy_matrix: list[list[float]]
     train_seconds: float
+    train_epoch_seconds: float
     trainable_params: int
     last_metrics: dict[str, Any]
 
@@ -375,6 +376,7 @@ def run_stream(
     joint = isinstance(strategy, JointLoRA)
     matrix: list[list[float]] = []
     train_seconds, trainable, last, first = 0.0, 0, {}, 0
+    timer = next(p for p in strategy.plugins if isinstance(p, EpochTimer))
     config = experiment.config.model_dump(mode="json")
     main = distributed.is_main()
     echo = echo if main else None
@@ -390,6 +392,7 @@ def run_stream(
         restore(strategy, checkpoint, adapted, test_stream)
         saved = checkpoint.state["extra"]
         matrix, train_seconds = saved["accuracy_matrix"], saved["train_seconds"]
+        timer.seconds = saved.get("train_epoch_seconds", 0.0)
         trainable, first = saved["trainable_params"], checkpoint.position + 1
         if echo:
             echo(f"  resumed from {checkpoint.path} (experiences 1-{first} done)")
@@ -405,7 +408,7 @@ def run_stream(
         matrix.append(accuracy_row(last, count))
         if checkpointing and main:
             extra = {"accuracy_matrix": matrix, "train_seconds": train_seconds,
-                     "trainable_params": trainable}
+                     "train_epoch_seconds": timer.seconds, "trainable_params": trainable}
             save_checkpoint(checkpointing.directory, position=index, strategy=strategy,
                             extra=extra, meta={"config": config})
         if echo:
@@ -416,7 +419,7 @@ def run_stream(
                 f"  {experiment.config.strategy} step {index + 1}/{1 if joint else count} "
                 f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}]"
             )
-    return StreamResult(matrix, train_seconds, trainable, last)
+    return StreamResult(matrix, train_seconds, timer.seconds, trainable, last)
 
 
 def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
@@ -564,6 +567,8 @@ def make_record(
         "stored_state_params": adapters.get("stored_state_params"),
         "alignment_stored_params": aligners[0].stored_state_params() if aligners else None,
         "train_seconds": result.train_seconds,
+        # the part of train_seconds inside training epochs (see plugins.EpochTimer)
+        "train_epoch_seconds": result.train_epoch_seconds,
         # training samples in one pass over the stream (the joint run's pass included)
         "train_samples": sum(len(e.dataset) for e in spec.benchmark.train_stream),
         "peak_memory_mb": peak_memory_mb(device),

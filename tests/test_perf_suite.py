@@ -139,7 +139,9 @@ def test_ddp_summary_averages_paired_seeds():
     from benchmarks.perf.ddp import summarize
 
     def record(seed, world, seconds, a_last):
+        # the epochs take 80% of the training calls on one GPU, 60% on two
         return {"seed": seed, "world_size": world, "train_seconds": seconds,
+                "train_epoch_seconds": seconds * (0.8 if world == 1 else 0.6),
                 "train_samples": 1000, "A_last": a_last, "peak_memory_mb": 1.0,
                 "config": {"training": {"epochs": 2}}, "device": "GPU", "commit": {"sha": "abc"},
                 "benchmark": "b", "strategy": "s"}
@@ -147,7 +149,8 @@ def test_ddp_summary_averages_paired_seeds():
     single = [record(0, 1, 10.0, 0.30), record(1, 1, 10.0, 0.32)]
     parallel = [record(0, 2, 5.0, 0.31), record(1, 2, 10.0 / 1.5, 0.29)]
     result = summarize(single, parallel, {"single": ["p", "-m"], "parallel": ["p", "-m"]}, 2)
-    assert result["ddp_2gpu_speedup"]["value"] == pytest.approx((2.0 + 1.5) / 2)
+    assert result["stream_speedup"] == pytest.approx((2.0 + 1.5) / 2)
+    assert result["ddp_2gpu_speedup"]["value"] == pytest.approx((2.0 + 1.5) / 2 * 0.8 / 0.6)
     assert result["ddp_2gpu_a_last_delta"]["value"] == pytest.approx((1.0 - 3.0) / 2)
     assert result["ddp_2gpu_a_last_delta"]["pass"] is False
     assert [r["mode"] for r in result["runs"]] == ["single", "parallel", "single", "parallel"]

@@ -411,10 +411,11 @@ def data_parallel(directory: Path) -> list[str]:
              f"same run on one GPU ({run['devices']['single']}) and under torchrun on "
              f"{run['world_size']} ({run['devices']['parallel']}), commit `{run['commit']}`.", ""]
     rows = [[str(r["seed"]), r["mode"], str(r["world_size"]), _num(r["train_samples_per_s"], 0),
+             _num(r.get("train_epoch_seconds"), 1), _num(r.get("stream_samples_per_s"), 0),
              _num(r["train_seconds"], 1), f"{100 * r['A_last']:.2f}", _num(r["peak_memory_mb"], 0)]
             for r in run["runs"]]
-    lines += _table(["Seed", "Run", "GPUs", "train samples/s", "train s", "A_last %",
-                     "peak MiB/GPU"], rows)
+    lines += _table(["Seed", "Run", "GPUs", "epoch samples/s", "epochs s", "stream samples/s",
+                     "train calls s", "A_last %", "peak MiB/GPU"], rows)
     lines += [f"- Command ({name}, last seed, after `python -m`): "
               f"`{' '.join(command[2:])}`" for name, command in run["commands"].items()]
     for key in (f"ddp_{run['world_size']}gpu_speedup", f"ddp_{run['world_size']}gpu_a_last_delta"):
