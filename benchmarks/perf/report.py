@@ -266,9 +266,10 @@ def boundary(groups: Groups) -> list[str]:
                      f"{fraction:.2%}"])
     return ["### Experience boundary (SuLoRA)", "",
             "The plugin's work between two experiences: `after_training_exp` (end the slot; "
-            "`data`: input covariances of the finished experience) then `before_training_exp` "
-            "(fuse when full, allocate, freeze, rebuild the optimizer; `data`: input "
-            "covariances of the new experience). An experience's training time: "
+            "`data`: grow the input basis from the covariance taken before the experience's "
+            "training) then `before_training_exp` (fuse when full, allocate, freeze, rebuild "
+            "the optimizer; `data`: one covariance pass over a sample of the new experience). "
+            "An experience's training time: "
             f"{results['steps_per_experience']} steps x {results['step_ms']:.2f} ms "
             f"({results['step_source']}) = {results['experience_train_ms'] / 1e3:.2f} s"
             + (f"; {results['experience_train_basis']}." if "experience_train_basis" in results
