@@ -110,17 +110,13 @@ class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
         self._first: torch.Tensor | None = None  # (iteration, loss) of the first bad step
 
     def before_training_epoch(self, strategy, **kwargs):
-        self._first = None
+        self._first = torch.tensor([-1.0, 0.0], device=strategy.device)  # nothing flagged
 
     def before_backward(self, strategy, **kwargs):
         loss = strategy.loss.detach().float().reshape(-1)[:1]
-        iteration = torch.full_like(loss, strategy.clock.train_epoch_iterations)
-        bad = ~torch.isfinite(loss)
-        if self._first is None:
-            self._first = torch.where(bad, torch.cat([iteration, loss]), -1.0)
-        else:
-            fresh = bad & (self._first[:1] < 0)
-            self._first = torch.where(fresh, torch.cat([iteration, loss]), self._first)
+        step = torch.cat([torch.full_like(loss, strategy.clock.train_epoch_iterations), loss])
+        fresh = ~torch.isfinite(loss) & (self._first[:1] < 0)
+        self._first = torch.where(fresh, step, self._first)
         if (strategy.clock.train_epoch_iterations + 1) % self.check_every == 0:
             self._check(strategy)
 
@@ -128,8 +124,6 @@ class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
         self._check(strategy)
 
     def _check(self, strategy) -> None:
-        if self._first is None:
-            return
         first = distributed.first_flagged(self._first)
         iteration, loss = first.tolist()
         if iteration >= 0:
