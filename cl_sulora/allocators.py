@@ -146,26 +146,29 @@ class DataAllocator(Allocator):
     def prepare(self, covariances):
         self._covariances = covariances
 
-    def candidates(self, names, layers, used, n, owner):
+    def _prepared(self, names: list[str]) -> list[Tensor]:
+        """The prepared covariances of ``names``, in order."""
         missing = [name for name in names if name not in self._covariances]
         if missing:
             raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
+        return [self._covariances[name] for name in names]
+
+    def candidates(self, names, layers, used, n, owner):
+        covariances = self._prepared(names)
         device = used.device
         basis = pad_stack([layer.input_basis for layer in layers], used.shape[-1], device)
         # the kept basis is orthonormal (up to its storage dtype): only the rows in use are
         # orthonormalised against it
         span = torch.cat([basis, span_rows(project_out(used, basis))], dim=-2)
-        cov = torch.stack([self._covariances[name].to(device) for name in names])
+        cov = torch.stack([c.to(device) for c in covariances])
         return _top_block(project_matrix(cov, span))
 
     def update(self, layers):
         names = list(layers)
-        missing = [name for name in names if name not in self._covariances]
-        if missing:
-            raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
         grown = extend_bases(
             [layers[name].input_basis for name in names],
-            [self._covariances[name].to(layers[name].lora_A.device) for name in names],
+            [c.to(layers[name].lora_A.device)
+             for name, c in zip(names, self._prepared(names), strict=True)],
             self.energy,
             [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
         )

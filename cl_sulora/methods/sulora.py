@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -186,19 +186,15 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             return input_covariances(model, layers, self._sample_inputs(strategy, owner),
                                      forward, self.config.data_max_samples)
 
-    def _sample_inputs(self, strategy, owner: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _sample_inputs(self, strategy, owner: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The experience's batches in an order seeded by (seed, owner), moved to the device;
+        :func:`input_covariances` stops reading at ``data_max_samples``."""
         dataset = strategy.experience.dataset.eval()
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + owner)
         batch = min(strategy.eval_mb_size, self.config.data_max_samples)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen)
-        device, left, batches = strategy.device, self.config.data_max_samples, []
-        for batch in loader:
-            x, t = batch[0][:left], batch[-1][:left]
-            batches.append((x.to(device, non_blocking=True), t.to(device, non_blocking=True)))
-            left -= len(x)
-            if left <= 0:
-                break
-        return batches
+        for x, *_, t in loader:
+            yield x.to(strategy.device, non_blocking=True), t.to(strategy.device, non_blocking=True)
 
 
 def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
