@@ -57,7 +57,7 @@ def summarize(single: list[dict[str, Any]], parallel: list[dict[str, Any]],
     speedups = [throughput(p) / throughput(s) for s, p in pairs]
     stream = statistics.mean(throughput(p, "train_seconds") / throughput(s, "train_seconds")
                              for s, p in pairs)
-    deltas = [100 * (p["A_last"] - s["A_last"]) for s, p in zip(single, parallel, strict=True)]
+    deltas = [100 * (p["A_last"] - s["A_last"]) for s, p in pairs]
     speedup, delta = statistics.mean(speedups), statistics.mean(deltas)
     last = parallel[-1]
     sha = (last.get("commit") or {}).get("sha") or resolve_commit(None)
