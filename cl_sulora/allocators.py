@@ -11,12 +11,9 @@ from torch import Tensor
 from .layer import FREE, SubspaceLoRALinear
 from .subspace import (
     directions_outside_batch,
-    extend_bases,
-    pad_stack,
-    project_matrix,
+    grow_bases,
     project_out,
     random_block,
-    span_rows,
     top_eigvecs_block,
 )
 
@@ -27,8 +24,8 @@ class Allocator:
     Layers of one shape and device are allocated together, with batched linear algebra. The rows
     in use of ``A`` are orthonormal by construction, so ``A`` with its free rows zeroed serves
     as the basis of their span. ``needs_data`` allocators receive the new experience's input
-    covariances in ``prepare`` (before its training) and keep what they need of them in
-    ``update`` (after it).
+    covariances in ``prepare`` (recorded over its first training batches, before its slot gets
+    directions) and keep what they need of them in ``update`` (after its training).
     """
 
     name: ClassVar[str]
@@ -79,7 +76,8 @@ class Allocator:
             found.update(zip(names, rows.unbind(), strict=True))
         return found
 
-    def prepare(self, covariances: dict[str, Tensor]) -> None:
+    def prepare(self, layers: dict[str, SubspaceLoRALinear],
+                covariances: dict[str, Tensor]) -> None:
         """Receive the new experience's per-layer input covariances (``needs_data`` only)."""
 
     def update(self, layers: dict[str, SubspaceLoRALinear]) -> None:
@@ -128,11 +126,13 @@ class DataAllocator(Allocator):
     """Top input directions of the new experience outside the input subspace of earlier ones.
 
     Each layer keeps a basis of earlier experiences' inputs (``layer.input_basis``), grown after
-    every experience with GPM's energy rule (:func:`extend_bases`); the new slot takes the top
-    eigenvectors (by block subspace iteration) of the new experience's input covariance with
-    that basis and the rows in use projected out. One covariance per experience serves both:
-    it is estimated before training (the inputs as the model sees them when the slot starts)
-    and kept until ``update``.
+    every experience with GPM's energy rule. One block subspace iteration on the experience's
+    input covariance with that basis projected out serves both (:func:`grow_bases`): its Ritz
+    vectors, best first, are the new slot's candidates (each taken if at least half of it lies
+    outside the rows in use), and the fewest of them that reach the energy grow the basis
+    (further rounds when they do not). ``prepare`` computes both from the covariance recorded
+    over the experience's first training batches; ``update`` stores the grown bases after
+    its training.
     """
 
     name = "data"
@@ -141,40 +141,38 @@ class DataAllocator(Allocator):
     def __init__(self, seed: int = 0, energy: float = 0.95) -> None:
         super().__init__(seed)
         self.energy = energy
-        self._covariances: dict[str, Tensor] = {}
+        self._top: dict[str, Tensor] = {}
+        self._grown: dict[str, Tensor] = {}
 
-    def prepare(self, covariances):
-        self._covariances = covariances
-
-    def _prepared(self, names: list[str]) -> list[Tensor]:
-        """The prepared covariances of ``names``, in order."""
-        missing = [name for name in names if name not in self._covariances]
-        if missing:
-            raise RuntimeError(f"no input statistics for {missing[0]}: call prepare() first")
-        return [self._covariances[name] for name in names]
-
-    def candidates(self, names, layers, used, n, owner):
-        covariances = self._prepared(names)
-        device = used.device
-        basis = pad_stack([layer.input_basis for layer in layers], used.shape[-1], device)
-        # the kept basis is orthonormal (up to its storage dtype): only the rows in use are
-        # orthonormalised against it
-        span = torch.cat([basis, span_rows(project_out(used, basis))], dim=-2)
-        cov = torch.stack([c.to(device) for c in covariances])
-        return _top_block(project_matrix(cov, span))
-
-    def update(self, layers):
+    def prepare(self, layers, covariances):
         names = list(layers)
-        grown = extend_bases(
+        grown, top = grow_bases(
             [layers[name].input_basis for name in names],
             [c.to(layers[name].lora_A.device)
-             for name, c in zip(names, self._prepared(names), strict=True)],
+             for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)],
             self.energy,
             [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
         )
-        for name, basis in zip(names, grown, strict=True):
+        self._grown = dict(zip(names, grown, strict=True))
+        self._top = dict(zip(names, top, strict=True))
+
+    def candidates(self, names, layers, used, n, owner):
+        return torch.stack(_lookup(self._top, names, "prepared")).to(used.device)
+
+    def update(self, layers):
+        for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
+                               strict=True):
             layers[name].input_basis = basis.to(layers[name].input_basis)
-        self._covariances = {}
+        self._top, self._grown = {}, {}
+
+
+def _lookup(store: dict[str, Tensor], names: list[str], what: str) -> list[Tensor]:
+    """``store``'s tensors of ``names``, in order; a clear error for a layer without one."""
+    missing = [name for name in names if name not in store]
+    if missing:
+        raise RuntimeError(f"no {what} input statistics for layer {missing[0]!r}: the data "
+                           "allocator needs prepare() with the experience's covariances first")
+    return [store[name] for name in names]
 
 
 def _top_block(sym: Tensor) -> Tensor:

@@ -67,9 +67,11 @@ class SubspaceLoRAConfig(AdapterTargets):
             (0 disables it).
         recompose_gamma: fraction of the training slot's pairs recomposed each period.
         data_energy: energy threshold of the per-layer input basis kept by the ``data`` allocator.
-        data_max_samples: inputs (samples, not tokens) used to estimate an experience's input
-            covariance for the ``data`` allocator; read once per experience, before its
-            training (the covariance is kept for the basis update after training).
+        data_max_samples: inputs (samples, not tokens) from which the ``data`` allocator
+            estimates an experience's input covariance: the forward passes of its first
+            ``ceil(data_max_samples / batch_size)`` training batches, after which the slot's
+            rows are set (zero until then); the covariance is kept for the basis update after
+            training.
         trainable_modules: module-name components trained alongside the slot (the head).
         seed: seed of the random directions of the ``orthogonal`` allocator.
     """

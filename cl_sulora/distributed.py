@@ -190,6 +190,13 @@ def loss_weight(local: int, global_size: int) -> float:
     return local * world_size() / global_size
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks, in place (unchanged outside torchrun)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def first_flagged(record: torch.Tensor) -> torch.Tensor:
     """``record`` is ``(iteration, value)``, with iteration -1 when nothing was flagged; the
     record with the earliest flagged iteration over all ranks (this rank's outside torchrun)."""

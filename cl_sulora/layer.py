@@ -126,7 +126,8 @@ class SubspaceLoRALinear(AdaptedLinear):
         """Give ``rank`` free rows to ``owner`` with the given ``A`` directions; returns the rows.
 
         ``directions`` (``rank x d_in``) must be orthonormal and orthogonal to the rows in use
-        (the allocators guarantee it). The slot's ``B`` starts at zero and is trainable.
+        (the allocators guarantee it), or zero for a slot pointed later
+        (:meth:`reset_training_rows`). The slot's ``B`` starts at zero and is trainable.
         """
         self._check_not_merged("start a slot")
         if self.lora_B_train is not None:

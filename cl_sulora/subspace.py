@@ -179,8 +179,9 @@ def top_eigvecs(sym: Tensor) -> tuple[Tensor, Tensor]:
 def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tuple[Tensor, Tensor]:
     """Approximate top eigenpairs of symmetric positive semi-definite matrices (``... x d x d``)
     by block subspace iteration from the ``... x b x d`` rows ``start``: ``iters`` products with
-    ``sym``, each followed by a re-orthonormalisation (shifted Cholesky QR in between,
-    :func:`span_rows` after the last product), then Rayleigh-Ritz on the ``b x b`` problem.
+    ``sym``, each followed by a re-orthonormalisation (shifted Cholesky QR before and in
+    between, :func:`span_rows` after the last product), then Rayleigh-Ritz on the ``b x b``
+    problem.
 
     Returns ``b`` Ritz values (descending) and orthonormal Ritz vectors as rows, on ``sym``'s
     device, with batched matrix products only (no ``d x d`` eigendecomposition). The values are
@@ -190,7 +191,7 @@ def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tu
     Directions of (numerically) zero eigenvalue may come out as zero rows with value 0.
     """
     sym = sym.double()
-    block = span_rows(start.to(sym), floor=0.0)
+    block = _cholesky_qr(start.to(sym))
     for _ in range(iters - 1):
         block = _cholesky_qr(block @ sym)
     block = span_rows(block @ sym, tol=1e-12, floor=0.0)
@@ -223,7 +224,16 @@ def extend_basis(basis: Tensor, cov: Tensor, energy: float, max_rows: int) -> Te
 def extend_bases(bases: list[Tensor], covs: list[Tensor], energy: float,
                  max_rows: list[int]) -> list[Tensor]:
     """:func:`extend_basis` of several (orthonormal basis, covariance) pairs, on their device,
-    batched over the pairs of one dimension and device.
+    batched over the pairs of one dimension and device (see :func:`grow_bases`)."""
+    return grow_bases(bases, covs, energy, max_rows)[0]
+
+
+def grow_bases(bases: list[Tensor], covs: list[Tensor], energy: float,
+               max_rows: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    """The grown bases of :func:`extend_bases` and, for each pair, the Ritz vectors of its
+    first round: the top ``BLOCK`` directions of the covariance outside the old basis, best
+    first, as unit rows (zero rows where the covariance has nothing left). The first round
+    runs even when no basis needs to grow.
 
     The new directions are found in rounds of :func:`top_eigvecs_block` (blocks of
     ``BLOCK`` rows from a fixed seed) on the covariance with the basis and the directions of
@@ -234,21 +244,22 @@ def extend_bases(bases: list[Tensor], covs: list[Tensor], energy: float,
     Rounds stop when a round finds no energy left. One host synchronisation per round.
     """
     out = [b.double().to(c.device) for b, c in zip(bases, covs, strict=True)]
+    tops = list(out)  # replaced group by group
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(covs):
         groups.setdefault((c.shape[-1], c.device), []).append(i)
     for members in groups.values():
-        grown = _extend_group([out[i] for i in members],
-                              torch.stack([covs[i].double() for i in members]), energy,
-                              [max_rows[i] for i in members])
-        for i, basis in zip(members, grown, strict=True):
-            out[i] = basis
-    return out
+        grown, top = _extend_group([out[i] for i in members],
+                                   torch.stack([covs[i].double() for i in members]), energy,
+                                   [max_rows[i] for i in members])
+        for i, basis, vectors in zip(members, grown, top.unbind(), strict=True):
+            out[i], tops[i] = basis, vectors
+    return out, tops
 
 
 def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
-                  max_rows: list[int]) -> list[Tensor]:
-    """:func:`extend_bases` of pairs of one dimension, ``cov`` stacked (``L x d x d``)."""
+                  max_rows: list[int]) -> tuple[list[Tensor], Tensor]:
+    """:func:`grow_bases` of pairs of one dimension, ``cov`` stacked (``L x d x d``)."""
     d = cov.shape[-1]
     stacked = pad_stack(bases, d, cov.device)
     total = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -260,11 +271,13 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
     added: list[list[Tensor]] = [[] for _ in bases]
     start = random_block(d, cov.device)
     block = start.shape[0]
-    while any(n > 0 and r > 0 for n, r in zip(need, room, strict=True)):
+    first: Tensor | None = None
+    while first is None or any(n > 0 and r > 0 for n, r in zip(need, room, strict=True)):
         values, vectors = top_eigvecs_block(project_matrix(cov, stacked), start.expand(
             len(bases), -1, -1))
         vectors = project_out(vectors, stacked)
         vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        first = vectors if first is None else first
         energies = values.clamp_min(0).cpu()
         found = False
         for i, n in enumerate(need):
@@ -286,7 +299,7 @@ def _extend_group(bases: list[Tensor], cov: Tensor, energy: float,
             break
         stacked = pad_stack([torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)],
                              d, cov.device)
-    return [torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)]
+    return [torch.cat([b, *a]) for b, a in zip(bases, added, strict=True)], first
 
 
 @functools.lru_cache(maxsize=16)
@@ -306,6 +319,50 @@ def pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
     return out
 
 
+class InputRecorder:
+    """Sums ``x x^T`` (float64) of the inputs of ``layers`` over the forward passes they see
+    while attached (forward pre-hooks), tokens flattened, so every token of a sample counts;
+    with ``training_only``, passes of layers in eval mode are skipped. Products accumulate in
+    float32 (see :func:`_gram`). Nothing is synchronised with the host."""
+
+    def __init__(self, layers: dict[str, nn.Module], *, training_only: bool = False) -> None:
+        self.training_only = training_only
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._handles = [layer.register_forward_pre_hook(self._hook(name))
+                         for name, layer in layers.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def record(module: nn.Module, inputs: tuple) -> None:
+            if self.training_only and not module.training:
+                return
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            acc = _gram(x).double()
+            self.sums[name] = self.sums[name] + acc if name in self.sums else acc
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    def close(self) -> None:
+        """Detach the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def covariances(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """Uncentred covariance ``E[x x^T]`` per layer. ``reduce`` sums a tensor over processes
+        (e.g. data-parallel ranks); it gets the stacked sums, then the token counts."""
+        if not self.sums:
+            raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
+        names = list(self.sums)
+        sums = [self.sums[name] for name in names]
+        counts = torch.tensor([self.counts[name] for name in names], dtype=torch.float64)
+        if reduce is not None:
+            sums = list(reduce(torch.stack(sums)).unbind())
+            counts = reduce(counts.to(sums[0].device)).cpu()
+        return {name: s / c for name, s, c in zip(names, sums, counts.tolist(), strict=True)}
+
+
 @torch.no_grad()
 def input_covariances(
     model: nn.Module,
@@ -315,26 +372,12 @@ def input_covariances(
     max_samples: int,
 ) -> dict[str, Tensor]:
     """Uncentred covariance ``E[x x^T]`` (float64) of each layer's inputs over the first
-    ``max_samples`` samples of ``batches`` (the last batch is cut to fit).
+    ``max_samples`` samples of ``batches`` (the last batch is cut to fit), the model in eval
+    mode (see :class:`InputRecorder`).
 
-    ``forward(batch)`` runs the model on one batch; its first dimension counts samples. Token
-    dimensions are flattened, so every token of a sample contributes. Products accumulate in
-    float32 (see :func:`_gram`). The sums stay on the layers' device; nothing is synchronised
-    with the host.
+    ``forward(batch)`` runs the model on one batch; its first dimension counts samples.
     """
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str):
-        def record(_module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            acc = _gram(x)
-            sums[name] = sums[name] + acc.double() if name in sums else acc.double()
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return record
-
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    recorder = InputRecorder(layers)
     was_training = model.training
     model.eval()
     try:
@@ -348,12 +391,9 @@ def input_covariances(
             if seen >= max_samples:
                 break
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.close()
         model.train(was_training)
-    if not sums:
-        raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
-    return {name: sums[name] / counts[name] for name in sums}
+    return recorder.covariances()
 
 
 def _gram(x: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ def test_data_allocator_rows_are_orthonormal_disjoint_and_follow_the_inputs():
         x = torch.zeros(200, d)
         x[:, 4 * owner: 4 * owner + 4] = torch.randn(200, 4) * torch.tensor([5.0, 3.0, 0.5, 0.1])
         cov = (x.T @ x / 200).double()
-        alloc.prepare({"l": cov})
+        alloc.prepare({"l": layer}, {"l": cov})
         dirs = alloc.directions("l", layer, 2, owner)
         layer.start_slot(owner, dirs)
         # the slot lies in the experience's own input coordinates (top two of them)
@@ -107,8 +107,8 @@ def test_batched_allocation_equals_one_layer_at_a_time():
     for name in ("principal", "data"):
         alloc = build_allocator(name)
         if name == "data":
-            alloc.prepare({k: torch.cov(torch.randn(layer.in_features, 50)).double()
-                           for k, layer in layers.items()})
+            alloc.prepare(layers, {k: torch.cov(torch.randn(layer.in_features, 50)).double()
+                                   for k, layer in layers.items()})
         together = alloc.directions_for(layers, owner=0)
         for key, layer in layers.items():
             alone = alloc.directions(key, layer, layer.rank, 0)

@@ -197,34 +197,68 @@ def test_model_already_adapted_is_used_as_is(vit_model):
         make_strategy(vit_model, SubspaceLoRAConfig(rank=1, num_slots=2))
 
 
-def test_data_allocator_reads_each_experience_once_under_the_training_autocast(vit_model,
-                                                                                monkeypatch):
-    """One sample of each experience is read, once, before its training; its covariance serves
-    the allocation and the basis update; the forward passes run under the strategy's autocast
-    plugin."""
+def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_model,
+                                                                       monkeypatch):
+    """The ``data`` allocator makes no pass of its own over the data: the slot's rows stay zero
+    (and its ``B`` untouched) over the first ceil(data_max_samples / batch) training batches,
+    whose forward passes (under the training autocast) give the covariance the rows are then
+    drawn from; the covariance equals that of those batches' inputs."""
+    from avalanche.core import SupervisedPlugin
+
     from cl_sulora.methods.sulora import SuLoRAPlugin
     from cl_sulora.plugins import Autocast
+    from cl_sulora.subspace import input_covariances
 
-    config = SubspaceLoRAConfig(rank=2, num_slots=3, allocator="data", data_max_samples=6)
-    bm = image_stream(n_classes=4, n_experiences=2)
+    class Watch(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.b, self.batches, self.forwards = [], [], [], 0
+
+        def before_training_iteration(self, strategy, **kwargs):
+            layer = next(iter(subspace_lora_layers(strategy.model).values()))
+            self.rows.append(float(layer.lora_A[layer.train_rows].abs().sum()))
+            self.b.append(float(layer.lora_B_train.detach().abs().sum()))
+            self.batches.append(strategy.mb_x.clone())
+
+        def before_forward(self, strategy, **kwargs):
+            self.forwards += 1
+
+    config = SubspaceLoRAConfig(rank=2, num_slots=3, allocator="data", data_max_samples=12)
+    bm = image_stream(n_classes=4, n_experiences=2)  # 24 samples per experience: 3 batches
+    watch = Watch()
     strategy = make_strategy(vit_model, config, epochs=1,
-                             plugins=[Autocast("cpu", torch.bfloat16)])
-    drawn, dtypes = [], []
-    sample = SuLoRAPlugin._sample_inputs
+                             plugins=[Autocast("cpu", torch.bfloat16), watch])
+    layers = subspace_lora_layers(vit_model)
+    prepared, expected, dtypes = [], [], []
+    prepare, point = type(strategy.sulora.allocator).prepare, SuLoRAPlugin.point_slot
 
-    def counting(self, strategy, owner):
-        drawn.append(owner)
-        return sample(self, strategy, owner)
+    def checking_point(self, strategy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected.append(input_covariances(
+                strategy.model, layers, [(x,) for x in watch.batches[-2:]],
+                lambda batch: strategy.model(batch[0]), 10**6))
+        return point(self, strategy)
 
-    monkeypatch.setattr(SuLoRAPlugin, "_sample_inputs", counting)
-    layer = next(iter(subspace_lora_layers(vit_model).values()))
-    handle = layer.register_forward_pre_hook(
+    monkeypatch.setattr(type(strategy.sulora.allocator), "prepare",
+                        lambda self, found, c: (prepared.append(c), prepare(self, found, c))[1])
+    monkeypatch.setattr(SuLoRAPlugin, "point_slot", checking_point)
+    handle = next(iter(layers.values())).register_forward_pre_hook(
         lambda module, inputs: dtypes.append(torch.get_autocast_dtype("cpu")
                                              if torch.is_autocast_enabled("cpu") else None))
     for experience in bm.train_stream:
         strategy.train(experience)
     handle.remove()
-    assert drawn == [0, 1]
-    assert strategy.sulora.allocator._covariances == {}  # released after the experience
-    assert dtypes and set(dtypes) == {torch.bfloat16}
-    assert all(layer.input_basis.shape[0] > 0 for layer in subspace_lora_layers(vit_model).values())
+    assert watch.forwards == 6  # the training batches only
+    assert watch.rows[0::3] == [0.0, 0.0] and watch.rows[1::3] == [0.0, 0.0]  # 2 batches >= 12
+    assert all(r > 0 for r in watch.rows[2::3])
+    assert watch.b[:2] == [0.0, 0.0] and watch.b[2] == 0.0  # B untouched until pointed
+    assert len(prepared) == 2 and set(dtypes) == {torch.bfloat16}
+    for got, want in zip(prepared, expected, strict=True):
+        for name in layers:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert strategy.sulora.allocator._top == {}  # released after the experience
+    for layer in layers.values():
+        A = layer.lora_A[layer.used_rows()].double()
+        torch.testing.assert_close(A @ A.T, torch.eye(len(A), dtype=torch.float64), atol=1e-5,
+                                   rtol=0)
+        assert layer.input_basis.shape[0] > 0

@@ -1,5 +1,7 @@
 """Time of SuLoRA's work at an experience boundary (end of one experience, allocation and
-fusion for the next) for each allocator, against an experience's training time."""
+fusion for the next) for each allocator, against an experience's training time. For the
+``data`` allocator it includes its work inside the next experience's first training batches:
+the input covariance recorded by their forward passes, and the slot's rows set after them."""
 
 from __future__ import annotations
 
@@ -10,63 +12,74 @@ from typing import Any
 
 import torch
 
-from .models import fresh, random_images
-from .states import ImageDataset, continual_state
+from .models import fresh
+from .states import continual_state
 from .steps import Bench
-from .timing import progress, time_once
-
-
-def covariance_dataset(bench: Bench, count: int | None = None) -> ImageDataset:
-    """The random images the ``data`` allocator estimates input covariances from."""
-    count = count or bench.settings.covariance_samples
-    x = random_images(bench.spec, count, seed=bench.settings.seed + 2)
-    labels = torch.zeros(count, dtype=torch.long)
-    return ImageDataset(x, labels, labels)
+from .timing import autocast, progress, time_once
 
 
 def allocator_boundaries(bench: Bench, allocator: str, *, experiences: int | None = None,
-                         data_max_samples: int | None = None,
-                         dataset: ImageDataset | None = None) -> list[dict[str, Any]]:
+                         data_max_samples: int | None = None) -> list[dict[str, Any]]:
     """Time both plugin hooks at every boundary of a run of ``experiences`` experiences (default
-    ``boundary_experiences``: the last boundaries find every slot in use and fuse)."""
+    ``boundary_experiences``: the last boundaries find every slot in use and fuse); for the
+    ``data`` allocator also its recording (forward passes of the first training batches with
+    the recorder attached, less the same passes without) and the slot's pointing."""
     settings, device = bench.settings, bench.device
-    if allocator == "data" and dataset is None:
-        dataset = covariance_dataset(bench)
     state = continual_state("sulora", fresh(bench.template, device), settings, device,
-                            bench.spec.batch_size, allocator=allocator, dataset=dataset,
+                            bench.spec.batch_size, allocator=allocator,
                             data_max_samples=data_max_samples)
+    x = bench.batch[0]
+    batches = math.ceil(state.plugin.config.data_max_samples / bench.spec.batch_size)
+
+    @torch.no_grad()
+    def forwards() -> None:
+        with autocast(device, settings.precision):
+            for _ in range(batches):
+                state.model(x)
+
+    def in_training() -> dict[str, float]:
+        """The ``data`` allocator's work inside the experience's first batches."""
+        if not state.plugin.allocator.needs_data:
+            return {"record_ms": 0.0, "point_ms": 0.0}
+        state.model.train()
+        recording = time_once(forwards, device)
+        point_ms = time_once(state.point, device)
+        return {"record_ms": max(0.0, recording - time_once(forwards, device)),
+                "point_ms": point_ms}
 
     def fused_pairs() -> int:
         return sum(int(layer.num_fused) for layer in state.adapter_layers())
 
     state.begin(1)
+    in_training()  # also the warm-up of the forward passes
     records = []
     for experience in range(2, (experiences or settings.boundary_experiences) + 1):
         state.fake_train()
         fused = fused_pairs()
         end_ms = time_once(state.finish, device)
         start_ms = time_once(partial(state.begin, experience), device)
+        inside = in_training()
         records.append({"allocator": allocator, "experience": experience, "end_ms": end_ms,
-                        "start_ms": start_ms, "total_ms": end_ms + start_ms,
+                        "start_ms": start_ms, **inside,
+                        "total_ms": end_ms + start_ms + sum(inside.values()),
                         "fused_pairs": fused_pairs() - fused})
     return records
 
 
 def data_sample_sweep(bench: Bench) -> list[dict[str, Any]]:
     """The ``data`` allocator's boundary time for each ``data_max_samples`` of the sweep (the
-    median of ``sweep_boundaries`` boundaries that do not fuse), all from one image set."""
+    median of ``sweep_boundaries`` boundaries that do not fuse)."""
     settings = bench.settings
-    values = sorted(settings.data_sample_sweep)
-    dataset = covariance_dataset(bench, max(values))
     rows = []
-    for samples in values:
+    for samples in sorted(settings.data_sample_sweep):
         mine = allocator_boundaries(bench, "data", experiences=settings.sweep_boundaries + 1,
-                                    data_max_samples=samples, dataset=dataset)
+                                    data_max_samples=samples)
         row = {"data_max_samples": samples,
                "all_of_experience": samples >= settings.experience_images,
                "boundaries": len(mine),
+               "batches": math.ceil(samples / bench.spec.batch_size),
                **{f"median_{k}": statistics.median(r[k] for r in mine)
-                  for k in ("end_ms", "start_ms", "total_ms")}}
+                  for k in ("end_ms", "start_ms", "record_ms", "point_ms", "total_ms")}}
         rows.append(row)
         progress(f"{bench.spec.key}: data allocator, {samples} samples: "
                  f"{row['median_total_ms']:.1f} ms per boundary")

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from .models import Classifier
 from .results import environment, resolve_commit, write_json
 from .settings import make_settings
-from .states import Continual, ImageDataset, continual_state
+from .states import Continual, continual_state
 from .timing import autocast, progress, synchronize
 
 METHODS = ("sulora", "sdlora")
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------- streams
 def synthetic_stream(experiences: int, samples: int, image_size: int,
-                     seed: int = 0) -> list[ImageDataset]:
+                     seed: int = 0) -> list[TensorDataset]:
     """``experiences`` datasets of two classes each; class ``c``'s images are its mean plus
     noise. Generated one experience at a time from its own seed."""
     stream = []
@@ -71,7 +71,7 @@ def synthetic_stream(experiences: int, samples: int, image_size: int,
         local = torch.arange(samples) % 2
         x = means[local] + 0.5 * torch.randn(samples, 3, image_size, image_size, generator=gen)
         y = 2 * k + local
-        stream.append(ImageDataset(x, y, torch.zeros_like(y)))
+        stream.append(TensorDataset(x, y, torch.zeros_like(y)))
     return stream
 
 
@@ -142,13 +142,11 @@ def run_method(method: str, model: Classifier, stream: list[Any],
     """One method over the whole stream; one record per experience."""
     settings = replace(make_settings(tiny=True, device=str(device), compile=False, warmup=None,
                                      iters=None), num_slots=args.num_slots)
-    state = continual_state(method, model.to(device), settings, device, args.batch_size,
-                            dataset=stream[0])
+    state = continual_state(method, model.to(device), settings, device, args.batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
     for k, dataset in enumerate(stream, start=1):
-        state.dataset = dataset
         begin_ms = timed(lambda k=k: state.begin(k), device)
         train_start = time.perf_counter()
         steps = train_experience(state, dataset, args, device)

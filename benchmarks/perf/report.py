@@ -263,12 +263,16 @@ def boundary(groups: Groups) -> list[str]:
         rows.append([allocator, str(len(mine)), str(len(fusing)),
                      _num(median(mine, "total_ms")), _num(median(fusing, "total_ms")),
                      _num(median(fusing, "end_ms")), _num(median(fusing, "start_ms")),
+                     _num(median(fusing, "record_ms")), _num(median(fusing, "point_ms")),
                      f"{fraction:.2%}"])
     return ["### Experience boundary (SuLoRA)", "",
             "The plugin's work between two experiences: `after_training_exp` (end the slot; "
-            "`data`: grow the input basis from the covariance taken before the experience's "
-            "training) then `before_training_exp` (fuse when full, allocate, freeze, rebuild "
-            "the optimizer; `data`: one covariance pass over a sample of the new experience). "
+            "`data`: grow the input basis from the experience's recorded covariance) then "
+            "`before_training_exp` (fuse when full, allocate, freeze, rebuild the optimizer; "
+            "`data`: the slot starts with zero rows); for `data` also its work inside the "
+            "first `ceil(data_max_samples / batch)` training batches of the new experience: "
+            "recording their layer inputs' covariance (record: those forward passes with the "
+            "recorder, less the same passes without) and then setting the slot's rows (point). "
             "An experience's training time: "
             f"{results['steps_per_experience']} steps x {results['step_ms']:.2f} ms "
             f"({results['step_source']}) = {results['experience_train_ms'] / 1e3:.2f} s"
@@ -276,7 +280,7 @@ def boundary(groups: Groups) -> list[str]:
                else "."), "",
             *_table(["Allocator", "boundaries", "fusing", "median ms (all)",
                      "median ms (fusing)", "end ms (fusing)", "start ms (fusing)",
-                     "fusing / experience"], rows),
+                     "record ms (fusing)", "point ms (fusing)", "fusing / experience"], rows),
             *sample_sweep(results)]
 
 
@@ -286,12 +290,14 @@ def sample_sweep(results: dict[str, Any]) -> list[str]:
     if not sweep:
         return []
     rows = [[f"{r['data_max_samples']:,}" + (" (all)" if r["all_of_experience"] else ""),
-             str(r["boundaries"]), _num(r["median_end_ms"]), _num(r["median_start_ms"]),
-             _num(r["median_total_ms"]),
+             str(r["batches"]), str(r["boundaries"]), _num(r["median_end_ms"]),
+             _num(r["median_start_ms"]), _num(r["median_record_ms"]),
+             _num(r["median_point_ms"]), _num(r["median_total_ms"]),
              f"{r['median_total_ms'] / results['experience_train_ms']:.2%}"] for r in sweep]
-    return ["`data` allocator against `data_max_samples` (inputs per covariance estimate; "
-            "boundaries that do not fuse):", "",
-            *_table(["data_max_samples", "boundaries", "median end ms", "median start ms",
+    return ["`data` allocator against `data_max_samples` (inputs per covariance estimate, "
+            "taken as whole training batches; boundaries that do not fuse):", "",
+            *_table(["data_max_samples", "batches", "boundaries", "median end ms",
+                     "median start ms", "median record ms", "median point ms",
                      "median total ms", "total / experience"], rows)]
 
 

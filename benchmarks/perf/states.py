@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 from cl_sulora.branch_layer import (
     BranchLoRAConfig,
@@ -51,19 +50,11 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class ImageDataset(TensorDataset):
-    """Random images, labels and task labels; ``eval()`` stands for Avalanche's transform switch."""
-
-    def eval(self) -> ImageDataset:
-        return self
-
-
 @dataclass
 class ExperienceStub:
     """What the plugins read from an Avalanche experience."""
 
     current_experience: int
-    dataset: ImageDataset | None = None
     task_label: int = 0
 
 
@@ -74,6 +65,7 @@ class StrategyStub:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
+    train_mb_size: int
     eval_mb_size: int
     experience: ExperienceStub | None = None
     loss: Tensor | None = None
@@ -182,19 +174,17 @@ class Continual(Adapted):
     """A method whose adapters change at every experience, driven through its own plugin."""
 
     def __init__(self, name: str, model: nn.Module, plugin: SupervisedPlugin,
-                 device: torch.device,
-                 batch_size: int, dataset: ImageDataset | None = None,
+                 device: torch.device, batch_size: int,
                  plugins: Iterable[SupervisedPlugin] = ()) -> None:
         super().__init__(name, model, adamw(model.head.parameters()))
         self.plugin = plugin
-        self.dataset = dataset
-        self.stub = StrategyStub(model, self.optimizer, device, batch_size,
+        self.stub = StrategyStub(model, self.optimizer, device, batch_size, batch_size,
                                  plugins=list(plugins))
 
     def begin(self, experience: int) -> None:
         """Start 1-based ``experience``: the plugin's ``before_training_exp`` (allocation or new
         branch, fusion, freezing, optimizer rebuilt over the trainable parameters)."""
-        self.stub.experience = ExperienceStub(experience - 1, self.dataset)
+        self.stub.experience = ExperienceStub(experience - 1)
         self.plugin.before_training_exp(self.stub)
         self.optimizer = self.stub.optimizer
 
@@ -223,6 +213,10 @@ class SuLoRAState(Continual):
 
     def live_values(self) -> int:
         return sum(layer.live_adapter_params() for layer in self.adapter_layers())
+
+    def point(self) -> None:
+        """The ``data`` allocator's pointing of the slot after the recorded training batches."""
+        self.plugin.point_slot(self.stub)
 
     @torch.no_grad()
     def fake_train(self) -> None:
@@ -308,7 +302,6 @@ def method_configs(settings: Settings) -> dict[str, dict[str, Any]]:
 
 def continual_state(method: str, model: nn.Module, settings: Settings, device: torch.device,
                     batch_size: int, *, allocator: str = "orthogonal",
-                    dataset: ImageDataset | None = None,
                     data_max_samples: int | None = None) -> Continual:
     """``model`` adapted for ``method``, before its first experience."""
     config = method_config(method, settings, allocator, data_max_samples)
@@ -316,8 +309,7 @@ def continual_state(method: str, model: nn.Module, settings: Settings, device: t
     plugins = [Autocast(device.type)] if settings.precision == "bf16" else []
     if isinstance(config, SubspaceLoRAConfig):
         add_subspace_lora(model, config)
-        return SuLoRAState(method, model, SuLoRAPlugin(config), device, batch_size, dataset,
-                           plugins)
+        return SuLoRAState(method, model, SuLoRAPlugin(config), device, batch_size, plugins)
     add_branch_lora(model, config)
     plugin = BRANCH_PLUGINS[method](config)
-    return BranchState(method, model, plugin, device, batch_size, dataset, plugins)
+    return BranchState(method, model, plugin, device, batch_size, plugins)

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models.utils import avalanche_forward
 from torch import nn
-from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..allocators import PrincipalAllocator, build_allocator
 from ..config import SubspaceLoRAConfig
 from ..fusion import rows_fraction, rows_to_make_room
 from ..importance import pair_scores, update_importance
 from ..injection import add_subspace_lora, subspace_lora_config, subspace_lora_layers
 from ..layer import SubspaceLoRALinear, deferred_refresh
-from ..plugins import strategy_autocast
-from ..subspace import input_covariances
+from ..subspace import InputRecorder
 from .base import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
 
 Inference = Literal["agnostic", "task-aware"]
@@ -62,16 +60,18 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.owner_task: dict[int, int] = {}
         self.steps = 0
         self._found: tuple[nn.Module, dict[str, SubspaceLoRALinear]] | None = None
+        self._recorder: InputRecorder | None = None
+        self._record_steps = 0
 
     # ------------------------------------------------------------------ training hooks
     def before_training_exp(self, strategy, **kwargs):
         layers = self._layers(strategy.model)
         owner = int(strategy.experience.current_experience)
+        deferred = self.allocator.needs_data
         with deferred_refresh(layers.values()):
             self._make_room(layers, owner)
-            if self.allocator.needs_data:
-                self.allocator.prepare(self._covariances(strategy, layers, owner))
-            directions = self.allocator.directions_for(layers, owner)
+            directions = (_placeholders(layers) if deferred
+                          else self.allocator.directions_for(layers, owner))
             for name, layer in layers.items():
                 layer.start_slot(owner, directions[name])
         self.owner_task[owner] = task_label(strategy.experience)
@@ -82,6 +82,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         )
         strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
         self.steps = 0
+        if deferred:
+            self._recorder = InputRecorder(layers, training_only=True)
+            self._record_steps = math.ceil(self.config.data_max_samples / strategy.train_mb_size)
 
     def after_backward(self, strategy, **kwargs):
         update_importance(self._layers(strategy.model).values(), self.config.importance_beta1,
@@ -89,12 +92,22 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_iteration(self, strategy, **kwargs):
         self.steps += 1
+        if self._recorder is not None:
+            if self.steps >= self._record_steps:
+                self.point_slot(strategy)
+            return
         every = self.config.recompose_every
         if every and self.steps % every == 0:
             self.recompose(strategy)
 
+    def after_training_epoch(self, strategy, **kwargs):
+        if self._recorder is not None:  # an experience of fewer batches than the sample needs
+            self.point_slot(strategy)
+
     def after_training_exp(self, strategy, **kwargs):
         layers = self._layers(strategy.model)
+        if self._recorder is not None:
+            self.point_slot(strategy)
         with deferred_refresh(layers.values()):
             for layer in layers.values():
                 layer.end_slot(pair_scores(layer))
@@ -104,6 +117,26 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                 for layer, importance in zip(layers.values(), _importances(layers.values()),
                                              strict=True):
                     layer.fuse(rows_fraction(layer, self.config.fusion_gamma, importance))
+
+    @torch.no_grad()
+    def point_slot(self, strategy) -> None:
+        """Give the training slot its ``data`` directions, from the input covariances recorded
+        over the experience's first training batches (summed over data-parallel ranks).
+
+        Until then the slot's rows are zero: they add nothing to the forward pass and its ``B``
+        gets zero gradients, so those batches train the head alone. No extra pass over the
+        data is made."""
+        recorder, self._recorder = self._recorder, None
+        recorder.close()
+        layers = self._layers(strategy.model)
+        self.allocator.prepare(layers, recorder.covariances(distributed.sum_over_ranks))
+        owner = next(iter(layers.values())).training_owner
+        directions = self.allocator.directions_for(layers, owner)
+        with deferred_refresh(layers.values()):
+            for name, layer in layers.items():
+                layer.reset_training_rows(range(layer.rank), directions[name])
+        for layer in layers.values():
+            strategy.optimizer.state.pop(layer.lora_B_train, None)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -173,28 +206,10 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         for layer, importance in zip(full.values(), _importances(full.values()), strict=True):
             layer.fuse(rows_to_make_room(layer, layer.rank, importance))
 
-    def _covariances(self, strategy, layers, owner: int) -> dict[str, torch.Tensor]:
-        """Input covariances of ``layers`` over up to ``data_max_samples`` inputs of the current
-        experience, drawn by a generator seeded with (seed, owner), from forward passes under
-        the strategy's autocast."""
-        model = strategy.model
-
-        def forward(batch):
-            return avalanche_forward(model, batch[0], batch[-1])
-
-        with strategy_autocast(strategy):
-            return input_covariances(model, layers, self._sample_inputs(strategy, owner),
-                                     forward, self.config.data_max_samples)
-
-    def _sample_inputs(self, strategy, owner: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The experience's batches in an order seeded by (seed, owner), moved to the device;
-        :func:`input_covariances` stops reading at ``data_max_samples``."""
-        dataset = strategy.experience.dataset.eval()
-        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + owner)
-        batch = min(strategy.eval_mb_size, self.config.data_max_samples)
-        loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen)
-        for x, *_, t in loader:
-            yield x.to(strategy.device, non_blocking=True), t.to(strategy.device, non_blocking=True)
+def _placeholders(layers: dict[str, SubspaceLoRALinear]) -> dict[str, torch.Tensor]:
+    """Zero rows for a slot whose directions come later (:meth:`SuLoRAPlugin.point_slot`)."""
+    return {name: layer.lora_A.new_zeros(layer.rank, layer.lora_A.shape[1])
+            for name, layer in layers.items()}
 
 
 def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
