@@ -38,7 +38,7 @@ from .methods.lora_baselines import JointLoRA, joint_experience
 from .methods.registry import METHODS
 from .methods.sulora import SuLoRA, check_capacity
 from .models import ContinualClassifier, make_head
-from .plugins import Autocast, EpochTimer, LRSchedule, Progress
+from .plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
 from .presets import (
     ConfigError,
     TrainingConfig,
@@ -278,6 +278,8 @@ def build_experiment(
     device = distributed.local_device(config.device)
     training = config.training
     extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule), EpochTimer()]
+    if spec.batch_augment is not None:  # first: every other plugin sees the augmented inputs
+        extra.insert(0, BatchAugment(spec.batch_augment, seed=config.seed))
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
     if config.alignment.enabled:

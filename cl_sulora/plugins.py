@@ -1,10 +1,12 @@
-"""Small training plugins of the runner: learning-rate schedule, autocast, progress bars and the
-training-epoch timer."""
+"""Small training plugins of the runner: minibatch augmentation on the device, learning-rate
+schedule, autocast, progress bars and the training-epoch timer."""
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
@@ -12,7 +14,37 @@ import torch
 from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 
+from . import distributed
+
 Schedule = Literal["constant", "cosine"]
+
+
+class BatchAugment(SupervisedPlugin, supports_distributed=True):
+    """Replaces the inputs of every training minibatch, once on the training device, by
+    ``augment(inputs, generator)`` (evaluation and other passes over the data are left as
+    they are).
+
+    The generator is seeded at the start of each experience from ``seed``, the experience and
+    the rank: a run, and a run resumed at an experience boundary, draws the same augmentations,
+    and data-parallel ranks draw different ones."""
+
+    def __init__(
+        self, augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.augment = augment
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        experience = int(strategy.experience.current_experience)
+        key = f"batch-augment/{self.seed}/{experience}/{distributed.rank()}"
+        self.generator = torch.Generator(device=strategy.device).manual_seed(
+            zlib.crc32(key.encode())
+        )
+
+    def before_training_iteration(self, strategy, **kwargs):
+        strategy.mbatch[0] = self.augment(strategy.mbatch[0], self.generator)
 
 
 class LRSchedule(SupervisedPlugin, supports_distributed=True):

@@ -677,7 +677,8 @@ def test_array_image_transforms_equal_torchvision_pil_pipeline_bit_for_bit():
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     for augment in (True, False):
         pil_train, pil_eval = image_transforms(32, mean, std, augment, resize=False)
-        arr_train, arr_eval = array_image_transforms(32, mean, std, augment)
+        arr_train, arr_eval, batch = array_image_transforms(32, mean, std, augment)
+        assert batch is None
         for pil_tf, arr_tf in ((pil_train, arr_train), (pil_eval, arr_eval)):
             torch.manual_seed(3)
             expected = [pil_tf(Image.fromarray(a)) for a in images]

@@ -64,6 +64,9 @@ class BenchmarkSpec:
     notes: dict[str, Any] = field(default_factory=dict)
     data_root: Path | None = None
     classes_per_task: list[int] | None = None  # task-incremental only
+    #: training-time augmentation applied to each minibatch on the training device, as
+    #: ``batch_augment(inputs, generator)`` (None: done per sample by the loader)
+    batch_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:

@@ -90,6 +90,7 @@ def build_split_cifar100(
     mean: Sequence[float] = DEFAULT_MEAN,
     std: Sequence[float] = DEFAULT_STD,
     augment: bool = True,
+    augment_on_device: bool = False,
     limit_per_class: int | None = None,
     num_experiences: int | None = None,
     seed: int = 0,
@@ -101,9 +102,22 @@ def build_split_cifar100(
     i*C..(i+1)*C-1; ``notes["class_order"]`` gives the original CIFAR ids. ``validation > 0``
     evaluates on that fraction of each training experience instead of the test set
     (:func:`~cl_sulora.benchmarks._common.carve_validation`); the test file is then not read.
+    ``augment_on_device`` moves the training crop + flip from the loader to the training device,
+    a minibatch at a time (``spec.batch_augment``); it needs ``augment`` and 32x32 images.
     """
     if not isinstance(n_splits, int) or n_splits < 1 or NUM_CLASSES % n_splits:
         raise ValueError(f"n_splits must divide 100, got {n_splits!r}")
+    if augment_on_device and not augment:
+        raise ValueError(
+            "augment_on_device=True needs augment=True (there is nothing to augment): "
+            "drop data.augment_on_device or set data.augment=true"
+        )
+    if augment_on_device and image_size != IMAGE_SIZE:
+        raise ValueError(
+            f"augment_on_device=True needs {IMAGE_SIZE}x{IMAGE_SIZE} images (the uint8 array "
+            f"path), but the backbone takes image_size={image_size}: drop "
+            "data.augment_on_device (the loader then augments each image)"
+        )
     kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
     held_out = wants_validation(validation)
     root = resolve_data_root(data_root)
@@ -123,10 +137,12 @@ def build_split_cifar100(
     kept_classes = order[: kept_exps * per_exp]
 
     if image_size == IMAGE_SIZE:  # uint8 tensors: the same outputs as PIL, loaded ~3x faster
-        load, (train_tf, eval_tf) = chw_tensor, array_image_transforms(image_size, mean, std,
-                                                                      augment)
+        load = chw_tensor
+        train_tf, eval_tf, batch_augment = array_image_transforms(
+            image_size, mean, std, augment, on_device=augment_on_device
+        )
     else:
-        load = Image.fromarray
+        load, batch_augment = Image.fromarray, None
         train_tf, eval_tf = image_transforms(image_size, mean, std, augment, resize=True)
 
     def subset(x: np.ndarray, y: np.ndarray) -> LabelledData:
@@ -165,8 +181,10 @@ def build_split_cifar100(
             "mean": list(mean),
             "std": list(std),
             "augment": augment,
+            "augment_on_device": augment_on_device,
             "files": str(folder),
         },
         data_root=root,
+        batch_augment=batch_augment,
     )
     return carve_validation(spec, validation, seed)
