@@ -14,6 +14,7 @@ from .subspace import (
     grow_bases,
     project_out,
     random_block,
+    span_rows,
     top_eigvecs_block,
 )
 
@@ -127,12 +128,12 @@ class DataAllocator(Allocator):
 
     Each layer keeps a basis of earlier experiences' inputs (``layer.input_basis``), grown after
     every experience with GPM's energy rule. One block subspace iteration on the experience's
-    input covariance with that basis projected out serves both (:func:`grow_bases`): its Ritz
-    vectors, best first, are the new slot's candidates (each taken if at least half of it lies
-    outside the rows in use), and the fewest of them that reach the energy grow the basis
-    (further rounds when they do not). ``prepare`` computes both from the covariance recorded
-    over the experience's first training batches; ``update`` stores the grown bases after
-    its training.
+    input covariance with that basis projected out serves both (:func:`grow_bases`): the
+    fewest of its Ritz vectors that reach the energy grow the basis (further rounds when they
+    do not), and the new slot takes the top directions of the covariance within their span
+    with the rows in use projected out (Rayleigh-Ritz on that span). ``prepare`` computes both
+    from the covariance recorded over the experience's first training batches; ``update``
+    stores the grown bases after its training.
     """
 
     name = "data"
@@ -141,29 +142,34 @@ class DataAllocator(Allocator):
     def __init__(self, seed: int = 0, energy: float = 0.95) -> None:
         super().__init__(seed)
         self.energy = energy
+        self._covariances: dict[str, Tensor] = {}
         self._top: dict[str, Tensor] = {}
         self._grown: dict[str, Tensor] = {}
 
     def prepare(self, layers, covariances):
         names = list(layers)
+        covs = [c.to(layers[name].lora_A.device)
+                for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)]
         grown, top = grow_bases(
-            [layers[name].input_basis for name in names],
-            [c.to(layers[name].lora_A.device)
-             for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)],
-            self.energy,
+            [layers[name].input_basis for name in names], covs, self.energy,
             [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
         )
+        self._covariances = dict(zip(names, covs, strict=True))
         self._grown = dict(zip(names, grown, strict=True))
         self._top = dict(zip(names, top, strict=True))
 
     def candidates(self, names, layers, used, n, owner):
-        return torch.stack(_lookup(self._top, names, "prepared")).to(used.device)
+        span = span_rows(project_out(torch.stack(_lookup(self._top, names, "prepared")), used),
+                         passes=1)  # directions_outside_batch orthonormalises the choice again
+        cov = torch.stack(_lookup(self._covariances, names, "prepared")).double()
+        vectors = torch.linalg.eigh(span @ cov @ span.mT)[1]
+        return vectors.flip(-1).mT @ span
 
     def update(self, layers):
         for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
                                strict=True):
             layers[name].input_basis = basis.to(layers[name].input_basis)
-        self._top, self._grown = {}, {}
+        self._covariances, self._top, self._grown = {}, {}, {}
 
 
 def _lookup(store: dict[str, Tensor], names: list[str], what: str) -> list[Tensor]:

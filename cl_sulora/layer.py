@@ -200,15 +200,24 @@ class SubspaceLoRALinear(AdaptedLinear):
         self._refresh()
 
     @torch.no_grad()
-    def reset_training_rows(self, local: Tensor | Sequence[int], directions: Tensor) -> None:
-        """Point training-slot columns ``local`` (indices into the slot) at new directions."""
-        local = _host_list(local)
-        rows = self._index([self._train[i] for i in local])
-        self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
-        self.lora_B_train[:, local] = 0
-        self.importance_ema[:, local] = 0
-        self.importance_unc[:, local] = 0
-        self._refresh()
+    def reset_training_rows(self, local: Tensor | Sequence[int] | None,
+                            directions: Tensor) -> None:
+        """Point training-slot columns ``local`` (indices into the slot; ``None``: all of them)
+        at new directions, with their ``B`` columns and importance statistics zeroed."""
+        if local is None:
+            rows, columns = self.train_rows, slice(None)
+        else:
+            columns = _host_list(local)
+            rows = self._index([self._train[i] for i in columns])
+        directions = directions.to(self.lora_A)
+        self.lora_A.index_copy_(0, rows, directions)
+        self.lora_B_train[:, columns] = 0
+        self.importance_ema[:, columns] = 0
+        self.importance_unc[:, columns] = 0
+        if local is None and not self._stale and self._A_train.shape[0] == self.rank:
+            self._A_train.copy_(directions)  # the cached rows of the slot, in column order
+        else:
+            self._refresh()
 
     # ------------------------------------------------------------------ inference modes
     def set_owner_filter(self, owners: Iterable[int] | None) -> None:

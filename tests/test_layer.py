@@ -73,6 +73,29 @@ def test_forward_matches_formula_with_frozen_and_training_slots():
     torch.testing.assert_close(layer(x), by_hand(layer, x), rtol=0, atol=1e-5)
 
 
+def test_a_slot_started_with_zero_rows_and_pointed_later_forwards_like_one_started_there():
+    """``start_slot`` with zero rows, then ``reset_training_rows(None, ...)`` (the ``data``
+    allocator's order): outputs, caches and ``B`` as if the slot had started with the rows."""
+    x = torch.randn(5, 3, 16)
+    for out_index in (None, torch.tensor([0, 2, 5, 7])):
+        pointed, direct = make_layer(out_index=out_index), make_layer(out_index=out_index)
+        for layer in (pointed, direct):
+            fill_slot(layer, 0, 1)
+        dirs = directions_outside(torch.randn(4, 16), pointed.lora_A[pointed.used_rows()], 2)
+        pointed.start_slot(1, torch.zeros_like(dirs))
+        torch.testing.assert_close(pointed(x), by_hand(pointed, x), rtol=0, atol=1e-5)
+        pointed.reset_training_rows(None, dirs)
+        direct.start_slot(1, dirs)
+        assert not pointed._stale
+        torch.testing.assert_close(pointed._A_live, direct._A_live, rtol=0, atol=0)
+        with torch.no_grad():
+            for layer in (pointed, direct):
+                layer.lora_B_train.copy_(torch.arange(layer.lora_B_train.numel()).view_as(
+                    layer.lora_B_train).float() / 10)
+        torch.testing.assert_close(pointed(x), direct(x), rtol=0, atol=0)
+        torch.testing.assert_close(pointed(x), by_hand(pointed, x), rtol=0, atol=1e-4)
+
+
 def test_training_slot_is_the_only_trainable_tensor_and_gets_gradients():
     layer = make_layer()
     fill_slot(layer, 0, 1)

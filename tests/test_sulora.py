@@ -256,7 +256,7 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
     for got, want in zip(prepared, expected, strict=True):
         for name in layers:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
-    assert strategy.sulora.allocator._top == {}  # released after the experience
+    assert strategy.sulora.allocator._covariances == {}  # released after the experience
     for layer in layers.values():
         A = layer.lora_A[layer.used_rows()].double()
         torch.testing.assert_close(A @ A.T, torch.eye(len(A), dtype=torch.float64), atol=1e-5,

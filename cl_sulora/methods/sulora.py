@@ -129,13 +129,12 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         recorder, self._recorder = self._recorder, None
         recorder.close()
         layers = self._layers(strategy.model)
-        self.allocator.prepare(layers, recorder.covariances(distributed.sum_over_ranks))
+        reduce = distributed.sum_over_ranks if distributed.is_distributed() else None
+        self.allocator.prepare(layers, recorder.covariances(reduce))
         owner = next(iter(layers.values())).training_owner
         directions = self.allocator.directions_for(layers, owner)
-        with deferred_refresh(layers.values()):
-            for name, layer in layers.items():
-                layer.reset_training_rows(range(layer.rank), directions[name])
-        for layer in layers.values():
+        for name, layer in layers.items():
+            layer.reset_training_rows(None, directions[name])
             strategy.optimizer.state.pop(layer.lora_B_train, None)
 
     # ------------------------------------------------------------------ checkpointing
