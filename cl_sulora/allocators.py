@@ -73,9 +73,15 @@ class Allocator:
             used = used_basis(members)
             cands = self.candidates(names, members, used, count, owner)
             gens = [self.generator(name, owner) for name in names]
-            rows = directions_outside_batch(cands, used, count, gens)
+            rows = self.choose(cands, used, count, gens)
             found.update(zip(names, rows.unbind(), strict=True))
         return found
+
+    def choose(self, candidates: Tensor, used: Tensor, n: int,
+               generators: list[torch.Generator]) -> Tensor:
+        """``L x n x d`` orthonormal rows outside ``used``, taken greedily from the candidates
+        in order (:func:`directions_outside_batch`)."""
+        return directions_outside_batch(candidates, used, n, generators)
 
     def prepare(self, layers: dict[str, SubspaceLoRALinear],
                 covariances: dict[str, Tensor]) -> None:
@@ -159,11 +165,19 @@ class DataAllocator(Allocator):
         self._top = dict(zip(names, top, strict=True))
 
     def candidates(self, names, layers, used, n, owner):
-        span = span_rows(project_out(torch.stack(_lookup(self._top, names, "prepared")), used),
-                         passes=1)  # directions_outside_batch orthonormalises the choice again
+        span = span_rows(project_out(torch.stack(_lookup(self._top, names, "prepared")), used))
         cov = torch.stack(_lookup(self._covariances, names, "prepared")).double()
         vectors = torch.linalg.eigh(span @ cov @ span.mT)[1]
         return vectors.flip(-1).mT @ span
+
+    def choose(self, candidates, used, n, generators):
+        """The first ``n`` candidates: orthonormal and outside ``used`` by construction (Ritz
+        vectors of an orthonormal span outside it), unless the span had fewer than ``n``
+        directions (one host synchronisation checks it), then the greedy choice."""
+        rows = candidates[:, :n]
+        if bool((rows.norm(dim=-1) > 0.5).all()):
+            return rows
+        return super().choose(candidates, used, n, generators)
 
     def update(self, layers):
         for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),

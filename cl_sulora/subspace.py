@@ -205,9 +205,8 @@ def _cholesky_qr(rows: Tensor) -> Tensor:
     trace, so rank-deficient rows stay finite. Cheaper than :func:`span_rows` on the device;
     good between the products of a subspace iteration, whose last step uses ``span_rows``."""
     gram = rows @ rows.mT
-    shift = 1e-13 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)
-    gram = gram + shift[..., None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype,
-                                                       device=gram.device)
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    diagonal.add_(1e-13 * diagonal.sum(-1, keepdim=True).clamp_min(1e-300))
     factor = torch.linalg.cholesky_ex(gram)[0]
     return torch.linalg.solve_triangular(factor, rows, upper=False)
 
@@ -320,10 +319,11 @@ def pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
 
 
 class InputRecorder:
-    """Sums ``x x^T`` (float64) of the inputs of ``layers`` over the forward passes they see
-    while attached (forward pre-hooks), tokens flattened, so every token of a sample counts;
-    with ``training_only``, passes of layers in eval mode are skipped. Products accumulate in
-    float32 (see :func:`_gram`). Nothing is synchronised with the host."""
+    """Sums ``x x^T`` of the inputs of ``layers`` over the forward passes they see while
+    attached (forward pre-hooks), tokens flattened, so every token of a sample counts; with
+    ``training_only``, passes of layers in eval mode are skipped. Products and sums are in
+    float32 (see :func:`_gram`), the covariances float64. Nothing is synchronised with the
+    host."""
 
     def __init__(self, layers: dict[str, nn.Module], *, training_only: bool = False) -> None:
         self.training_only = training_only
@@ -337,8 +337,8 @@ class InputRecorder:
             if self.training_only and not module.training:
                 return
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            acc = _gram(x).double()
-            self.sums[name] = self.sums[name] + acc if name in self.sums else acc
+            acc = _gram(x)
+            self.sums[name] = self.sums[name].add_(acc) if name in self.sums else acc
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
         return record
@@ -355,7 +355,7 @@ class InputRecorder:
         if not self.sums:
             raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
         names = list(self.sums)
-        sums = [self.sums[name] for name in names]
+        sums = [self.sums[name].double() for name in names]
         counts = torch.tensor([self.counts[name] for name in names], dtype=torch.float64)
         if reduce is not None:
             sums = list(reduce(torch.stack(sums)).unbind())

@@ -206,8 +206,14 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             layer.fuse(rows_to_make_room(layer, layer.rank, importance))
 
 def _placeholders(layers: dict[str, SubspaceLoRALinear]) -> dict[str, torch.Tensor]:
-    """Zero rows for a slot whose directions come later (:meth:`SuLoRAPlugin.point_slot`)."""
-    return {name: layer.lora_A.new_zeros(layer.rank, layer.lora_A.shape[1])
+    """Zero rows for a slot whose directions come later (:meth:`SuLoRAPlugin.point_slot`), one
+    tensor per shape and device."""
+    zeros: dict[tuple, torch.Tensor] = {}
+    for layer in layers.values():
+        key = (layer.rank, layer.lora_A.shape[1], layer.lora_A.device)
+        if key not in zeros:
+            zeros[key] = layer.lora_A.new_zeros(key[:2])
+    return {name: zeros[(layer.rank, layer.lora_A.shape[1], layer.lora_A.device)]
             for name, layer in layers.items()}
 
 
