@@ -1,9 +1,11 @@
 """Batched subspace linear algebra: orthonormal spans, block eigenvectors, the energy rule."""
 
 import torch
+from torch import nn
 
 from cl_sulora.subspace import (
     BLOCK,
+    InputRecorder,
     directions_outside,
     directions_outside_batch,
     extend_bases,
@@ -114,3 +116,23 @@ def test_extend_bases_keeps_at_most_max_rows_and_stops_when_nothing_is_left():
     assert capped.shape[0] == 2
     zero, = extend_bases([torch.zeros(0, 20)], [torch.zeros(20, 20)], 0.9, [10])
     assert zero.shape[0] == 0
+
+
+def test_input_recorder_gives_the_uncentred_covariance_of_every_token():
+    """``E[x x^T]`` over all tokens of the recorded passes, eval-mode passes skipped with
+    ``training_only``, and unchanged when the sums and counts are summed over equal ranks."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    recorder = InputRecorder({"l": layer}, training_only=True)
+    batches = [torch.randn(4, 5, 6), torch.randn(2, 5, 6) + 1.0]
+    for x in batches:
+        layer(x)
+    layer.eval()
+    layer(torch.randn(3, 5, 6) * 10)  # skipped: eval mode
+    recorder.close()
+    layer.train()
+    layer(torch.randn(3, 5, 6) * 10)  # not recorded: the hooks are gone
+    tokens = torch.cat([x.reshape(-1, 6) for x in batches]).double()
+    expected = tokens.T @ tokens / len(tokens)
+    torch.testing.assert_close(recorder.covariances()["l"], expected)
+    torch.testing.assert_close(recorder.covariances(lambda t: 2 * t)["l"], expected)
