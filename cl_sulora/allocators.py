@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from .layer import FREE, SubspaceLoRALinear
+from .seeding import keyed_generator
 from .subspace import (
     directions_outside_batch,
     grow_bases,
@@ -37,8 +37,7 @@ class Allocator:
 
     def generator(self, layer_name: str, owner: int) -> torch.Generator:
         """A generator seeded by (seed, layer, owner): allocations are reproducible on resume."""
-        key = zlib.crc32(f"{self.seed}/{layer_name}/{owner}".encode())
-        return torch.Generator().manual_seed(key)
+        return keyed_generator(self.seed, layer_name, owner)
 
     def random_rows(self, names: list[str], owner: int, rows: int, d: int,
                     device: torch.device) -> Tensor:

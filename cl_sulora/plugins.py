@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
@@ -15,6 +14,7 @@ from avalanche.core import SupervisedPlugin
 from tqdm.auto import tqdm
 
 from . import distributed
+from .seeding import keyed_generator
 
 Schedule = Literal["constant", "cosine"]
 
@@ -38,10 +38,8 @@ class BatchAugment(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, **kwargs):
         experience = int(strategy.experience.current_experience)
-        key = f"batch-augment/{self.seed}/{experience}/{distributed.rank()}"
-        self.generator = torch.Generator(device=strategy.device).manual_seed(
-            zlib.crc32(key.encode())
-        )
+        self.generator = keyed_generator("batch-augment", self.seed, experience,
+                                         distributed.rank(), device=strategy.device)
 
     def before_training_iteration(self, strategy, **kwargs):
         strategy.mbatch[0] = self.augment(strategy.mbatch[0], self.generator)

@@ -4,7 +4,6 @@ branch-LoRA method builds on."""
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -26,6 +25,7 @@ from ..branch_layer import (
     live_adapter_params,
     stored_state_params,
 )
+from ..seeding import keyed_generator
 from .base import AdapterTemplate, freeze_except, rebuild_optimizer
 
 Layers = dict[str, BranchLoRALinear]
@@ -33,7 +33,7 @@ Layers = dict[str, BranchLoRALinear]
 
 def branch_generator(seed: int, layer_name: str, experience: int) -> torch.Generator:
     """A generator seeded by (seed, layer, experience): initialisations are reproducible."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer_name}/{experience}".encode()))
+    return keyed_generator(seed, layer_name, experience)
 
 
 def kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
