@@ -122,12 +122,12 @@ class SubspaceLoRALinear(AdaptedLinear):
 
     # ------------------------------------------------------------------ slot lifecycle
     @torch.no_grad()
-    def start_slot(self, owner: int, directions: Tensor) -> Tensor:
+    def start_slot(self, owner: int, directions: Tensor | None) -> Tensor:
         """Give ``rank`` free rows to ``owner`` with the given ``A`` directions; returns the rows.
 
         ``directions`` (``rank x d_in``) must be orthonormal and orthogonal to the rows in use
-        (the allocators guarantee it), or zero for a slot pointed later
-        (:meth:`reset_training_rows`). The slot's ``B`` starts at zero and is trainable.
+        (the allocators guarantee it); ``None`` starts the rows at zero, for a slot pointed
+        later (:meth:`reset_training_rows`). The slot's ``B`` starts at zero and is trainable.
         """
         self._check_not_merged("start a slot")
         if self.lora_B_train is not None:
@@ -139,7 +139,10 @@ class SubspaceLoRALinear(AdaptedLinear):
             )
         chosen = free[: self.rank]
         rows = self._index(chosen)
-        self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
+        if directions is None:
+            self.lora_A.index_fill_(0, rows, 0)
+        else:
+            self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
         self.lora_B.index_fill_(1, rows, 0)
         self.row_owner.index_fill_(0, rows, owner)
         self.row_importance.index_fill_(0, rows, 0)

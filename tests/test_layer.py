@@ -74,15 +74,16 @@ def test_forward_matches_formula_with_frozen_and_training_slots():
 
 
 def test_a_slot_started_with_zero_rows_and_pointed_later_forwards_like_one_started_there():
-    """``start_slot`` with zero rows, then ``reset_training_rows(None, ...)`` (the ``data``
-    allocator's order): outputs, caches and ``B`` as if the slot had started with the rows."""
+    """``start_slot`` without directions (zero rows), then ``reset_training_rows(None, ...)``
+    (the ``data`` allocator's order): outputs, caches and ``B`` as if the slot had started
+    with the rows."""
     x = torch.randn(5, 3, 16)
     for out_index in (None, torch.tensor([0, 2, 5, 7])):
         pointed, direct = make_layer(out_index=out_index), make_layer(out_index=out_index)
         for layer in (pointed, direct):
             fill_slot(layer, 0, 1)
         dirs = directions_outside(torch.randn(4, 16), pointed.lora_A[pointed.used_rows()], 2)
-        pointed.start_slot(1, torch.zeros_like(dirs))
+        pointed.start_slot(1, None)
         torch.testing.assert_close(pointed(x), by_hand(pointed, x), rtol=0, atol=1e-5)
         pointed.reset_training_rows(None, dirs)
         direct.start_slot(1, dirs)

@@ -70,10 +70,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         deferred = self.allocator.needs_data
         with deferred_refresh(layers.values()):
             self._make_room(layers, owner)
-            directions = (_placeholders(layers) if deferred
-                          else self.allocator.directions_for(layers, owner))
+            directions = {} if deferred else self.allocator.directions_for(layers, owner)
             for name, layer in layers.items():
-                layer.start_slot(owner, directions[name])
+                layer.start_slot(owner, directions.get(name))
         self.owner_task[owner] = task_label(strategy.experience)
         freeze_except(
             strategy.model,
@@ -204,18 +203,6 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             )
         for layer, importance in zip(full.values(), _importances(full.values()), strict=True):
             layer.fuse(rows_to_make_room(layer, layer.rank, importance))
-
-def _placeholders(layers: dict[str, SubspaceLoRALinear]) -> dict[str, torch.Tensor]:
-    """Zero rows for a slot whose directions come later (:meth:`SuLoRAPlugin.point_slot`), one
-    tensor per shape and device."""
-    zeros: dict[tuple, torch.Tensor] = {}
-    for layer in layers.values():
-        key = (layer.rank, layer.lora_A.shape[1], layer.lora_A.device)
-        if key not in zeros:
-            zeros[key] = layer.lora_A.new_zeros(key[:2])
-    return {name: zeros[(layer.rank, layer.lora_A.shape[1], layer.lora_A.device)]
-            for name, layer in layers.items()}
-
 
 def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
     """Each layer's recorded row importance, fetched from the device at once."""
