@@ -321,9 +321,9 @@ def pad_stack(rows: list[Tensor], d: int, device: torch.device) -> Tensor:
 class InputRecorder:
     """Sums ``x x^T`` of the inputs of ``layers`` over the forward passes they see while
     attached (forward pre-hooks), tokens flattened, so every token of a sample counts; with
-    ``training_only``, passes of layers in eval mode are skipped. Products and sums are in
-    float32 (see :func:`_gram`), the covariances float64. Nothing is synchronised with the
-    host."""
+    ``training_only``, passes of layers in eval mode are skipped. Each pass's products
+    accumulate in float32 (see :func:`_gram`), the sums over passes in float64. Nothing is
+    synchronised with the host."""
 
     def __init__(self, layers: dict[str, nn.Module], *, training_only: bool = False) -> None:
         self.training_only = training_only
@@ -337,7 +337,7 @@ class InputRecorder:
             if self.training_only and not module.training:
                 return
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            acc = _gram(x)
+            acc = _gram(x).double()
             self.sums[name] = self.sums[name].add_(acc) if name in self.sums else acc
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
@@ -355,7 +355,7 @@ class InputRecorder:
         if not self.sums:
             raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
         names = list(self.sums)
-        sums = [self.sums[name].double() for name in names]
+        sums = [self.sums[name] for name in names]
         counts = torch.tensor([self.counts[name] for name in names], dtype=torch.float64)
         if reduce is not None:
             sums = list(reduce(torch.stack(sums)).unbind())
