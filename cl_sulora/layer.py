@@ -8,10 +8,10 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from . import slots
 from .adapted_linear import AdaptedLinear
 from .row_span_linear import row_span_linear
-
-FREE = -1  # owner id of a free row
+from .slots import FREE
 
 
 class SubspaceLoRALinear(AdaptedLinear):
@@ -58,6 +58,9 @@ class SubspaceLoRALinear(AdaptedLinear):
         self.rank = rank
         self.num_slots = num_slots
         self.scaling = alpha / rank
+        # what layers must share for their slots to be changed together (:mod:`.slots`)
+        self._stack_key = (rank, total, d_in, self.n_out, d_out, self.scaling,
+                           None if out_index is None else tuple(self.out_index.tolist()))
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         n_out = self.n_out
         self.register_buffer("lora_A", torch.zeros(total, d_in, **factory))
@@ -121,7 +124,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         return len(self.used_rows()) * (self.in_features + self.n_out)
 
     # ------------------------------------------------------------------ slot lifecycle
-    @torch.no_grad()
+    # one layer's case of the batched functions in :mod:`cl_sulora.slots`
     def start_slot(self, owner: int, directions: Tensor | None) -> Tensor:
         """Give ``rank`` free rows to ``owner`` with the given ``A`` directions; returns the rows.
 
@@ -129,48 +132,13 @@ class SubspaceLoRALinear(AdaptedLinear):
         (the allocators guarantee it); ``None`` starts the rows at zero, for a slot pointed
         later (:meth:`reset_training_rows`). The slot's ``B`` starts at zero and is trainable.
         """
-        self._check_not_merged("start a slot")
-        if self.lora_B_train is not None:
-            raise RuntimeError("a slot is already training: call end_slot() first")
-        free = self.free_rows()
-        if len(free) < self.rank:
-            raise RuntimeError(
-                f"only {len(free)} free rows, a slot needs {self.rank}: fuse old pairs first"
-            )
-        chosen = free[: self.rank]
-        rows = self._index(chosen)
-        if directions is None:
-            self.lora_A.index_fill_(0, rows, 0)
-        else:
-            self.lora_A.index_copy_(0, rows, directions.to(self.lora_A))
-        self.lora_B.index_fill_(1, rows, 0)
-        self.row_owner.index_fill_(0, rows, owner)
-        self.row_importance.index_fill_(0, rows, 0)
-        self.train_rows = rows
-        for row in chosen:
-            self._owner[row] = owner
-        self._train = chosen
-        self.importance_ema.zero_()
-        self.importance_unc.zero_()
-        self.lora_B_train = nn.Parameter(self.lora_B.new_zeros(self.n_out, self.rank))
-        self._refresh()
-        return rows
+        slots.start_slots([self], owner, None if directions is None else [directions])
+        return self.train_rows
 
-    @torch.no_grad()
     def end_slot(self, importance: Tensor | None = None) -> None:
         """Freeze the training slot: its ``B`` becomes a buffer, its importance is recorded."""
-        if self.lora_B_train is None:
-            return
-        self.lora_B.index_copy_(1, self.train_rows, self.lora_B_train.detach())
-        if importance is not None:
-            self.row_importance.index_copy_(0, self.train_rows,
-                                            importance.to(self.row_importance))
-        self.lora_B_train = None
-        self.train_rows = self.train_rows[:0]
-        self._train = []
-        self._refresh()
+        slots.end_slots([self], None if importance is None else [importance])
 
-    @torch.no_grad()
     def fuse(self, rows: Tensor | Sequence[int]) -> None:
         """Fold the rank-1 pairs of ``rows`` into ``W0`` and free the rows.
 
@@ -178,49 +146,14 @@ class SubspaceLoRALinear(AdaptedLinear):
         it (the caller gives them new directions with :meth:`reset_training_rows`). ``rows``
         given as a list (or a CPU tensor) costs no synchronisation with the device.
         """
-        self._check_not_merged("fuse")
-        rows = _host_list(rows)
-        if not rows:
-            return
-        if any(self._owner[row] == FREE for row in rows):
-            raise ValueError("cannot fuse free rows")
-        index = self._index(rows)
-        local = [self._train.index(row) for row in rows if row in self._train]
-        B = self._full_B() if local else self.lora_B
-        self._add_to_weight(B.index_select(1, index) @ self.lora_A.index_select(0, index))
-        if local:
-            self.lora_B_train[:, local] = 0
-        frozen = [row for row in rows if row not in self._train]
-        if frozen:
-            freed = self._index(frozen)
-            self.lora_A.index_fill_(0, freed, 0)
-            self.lora_B.index_fill_(1, freed, 0)
-            self.row_owner.index_fill_(0, freed, FREE)
-            self.row_importance.index_fill_(0, freed, 0)
-            for row in frozen:
-                self._owner[row] = FREE
-        self.num_fused += len(rows)
-        self._refresh()
+        slots.fuse_rows([self], [rows])
 
-    @torch.no_grad()
     def reset_training_rows(self, local: Tensor | Sequence[int] | None,
                             directions: Tensor) -> None:
         """Point training-slot columns ``local`` (indices into the slot; ``None``: all of them)
         at new directions, with their ``B`` columns and importance statistics zeroed."""
-        if local is None:
-            rows, columns = self.train_rows, slice(None)
-        else:
-            columns = _host_list(local)
-            rows = self._index([self._train[i] for i in columns])
-        directions = directions.to(self.lora_A)
-        self.lora_A.index_copy_(0, rows, directions)
-        self.lora_B_train[:, columns] = 0
-        self.importance_ema[:, columns] = 0
-        self.importance_unc[:, columns] = 0
-        if local is None and not self._stale and self._A_train.shape[0] == self.rank:
-            self._A_train.copy_(directions)  # the cached rows of the slot, in column order
-        else:
-            self._refresh()
+        columns = None if local is None else [slots._host_list(local)]
+        slots.point_slots([self], [directions], columns)
 
     # ------------------------------------------------------------------ inference modes
     def set_owner_filter(self, owners: Iterable[int] | None) -> None:
@@ -277,7 +210,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         assigned directly, e.g. by a loader) and rebuild the live-row caches."""
         self._owner = self.row_owner.tolist()
         self._train = self.train_rows.tolist()
-        self._refresh()
+        self._rebuild()
 
     # ------------------------------------------------------------------ internals
     def _embed(self, B: Tensor) -> Tensor:
@@ -295,50 +228,20 @@ class SubspaceLoRALinear(AdaptedLinear):
             return self._B_frozen
         return torch.cat([self._B_frozen, self._embed(self.lora_B_train)], dim=1)
 
-    def _add_to_weight(self, delta: Tensor) -> None:
-        """Add ``scaling * delta`` (rows = adapted outputs) to ``W0``."""
-        delta = delta * self.scaling
-        if self.out_index is None:
-            self.base.weight.add_(delta)
-        else:
-            self.base.weight.index_add_(0, self.out_index, delta)
-
     def refresh(self) -> None:
         """Rebuild the live-row caches if a change within :func:`deferred_refresh` left them
         stale."""
         if self._stale:
             self._rebuild()
 
-    def _refresh(self) -> None:
-        """Rebuild the live-row caches after a change of ownership or directions (only mark
-        them stale within :func:`deferred_refresh`)."""
-        self._stale = True
-        if not self._deferred:
-            self._rebuild()
-
     def _rebuild(self) -> None:
-        """Gather the live rows into the caches (frozen owners first, the training slot's rows
-        last, in its column order)."""
-        self._stale = False
-        allowed = self._owner_filter
-        frozen = [row for row in self.frozen_rows()
-                  if allowed is None or self._owner[row] in allowed]
-        training = [row for row in self._train if allowed is None or self._owner[row] in allowed]
-        if training and len(training) != len(self._train):
-            raise RuntimeError("an owner filter must keep all or none of the training slot")
-        order = self._index(frozen + training)
-        A = self.lora_A.index_select(0, order).detach()
-        self._A_live = A
-        self._B_frozen = self._embed(self.lora_B.index_select(1, order[:len(frozen)])).detach()
-        self._A_train = A[len(frozen):]
+        """Gather the live rows into the caches (:func:`cl_sulora.slots.rebuild_caches`)."""
+        slots.rebuild_caches([self])
 
     def _rows(self, keep: Callable[[int, int], bool]) -> list[int]:
         """Rows (ascending) whose ``(row, owner)`` pass ``keep``, from the host copy of the
         owners."""
         return [row for row, owner in enumerate(self._owner) if keep(row, owner)]
-
-    def _index(self, rows: list[int]) -> Tensor:
-        return torch.tensor(rows, dtype=torch.long).to(self.row_owner.device, non_blocking=True)
 
     def extra_repr(self) -> str:
         return (
@@ -359,11 +262,4 @@ def deferred_refresh(layers: Iterable[SubspaceLoRALinear]) -> Iterator[None]:
     finally:
         for layer in layers:
             layer._deferred = False
-            layer.refresh()
-
-
-def _host_list(rows: Tensor | Sequence[int]) -> list[int]:
-    """Row indices as a Python list (a device tensor is copied to the host)."""
-    if torch.is_tensor(rows):
-        return rows.flatten().tolist()
-    return [int(row) for row in rows]
+        slots.rebuild_caches([layer for layer in layers if layer._stale])

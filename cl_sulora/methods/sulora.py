@@ -17,6 +17,7 @@ from ..fusion import rows_fraction, rows_to_make_room
 from ..importance import pair_scores, update_importance
 from ..injection import add_subspace_lora, subspace_lora_config, subspace_lora_layers
 from ..layer import SubspaceLoRALinear, deferred_refresh
+from ..slots import end_slots, fuse_rows, point_slots, start_slots
 from ..subspace import InputRecorder
 from .base import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
 
@@ -70,9 +71,11 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         deferred = self.allocator.needs_data
         with deferred_refresh(layers.values()):
             self._make_room(layers, owner)
-            directions = {} if deferred else self.allocator.directions_for(layers, owner)
-            for name, layer in layers.items():
-                layer.start_slot(owner, directions.get(name))
+            directions = None
+            if not deferred:
+                found = self.allocator.directions_for(layers, owner)
+                directions = [found[name] for name in layers]
+            start_slots(list(layers.values()), owner, directions)
         self.owner_task[owner] = task_label(strategy.experience)
         freeze_except(
             strategy.model,
@@ -107,15 +110,15 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         layers = self._layers(strategy.model)
         if self._recorder is not None:
             self.point_slot(strategy)
-        with deferred_refresh(layers.values()):
-            for layer in layers.values():
-                layer.end_slot(pair_scores(layer))
+        members = list(layers.values())
+        with deferred_refresh(members):
+            end_slots(members, [pair_scores(layer) for layer in members])
             if self.allocator.needs_data:
                 self.allocator.update(layers)
             if self.config.fusion == "fraction":
-                for layer, importance in zip(layers.values(), _importances(layers.values()),
-                                             strict=True):
-                    layer.fuse(rows_fraction(layer, self.config.fusion_gamma, importance))
+                fuse_rows(members, [rows_fraction(layer, self.config.fusion_gamma, importance)
+                                    for layer, importance in zip(members, _importances(members),
+                                                                 strict=True)])
 
     @torch.no_grad()
     def point_slot(self, strategy) -> None:
@@ -132,8 +135,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.allocator.prepare(layers, recorder.covariances(reduce))
         owner = next(iter(layers.values())).training_owner
         directions = self.allocator.directions_for(layers, owner)
-        for name, layer in layers.items():
-            layer.reset_training_rows(None, directions[name])
+        point_slots(list(layers.values()), [directions[name] for name in layers])
+        for layer in layers.values():
             strategy.optimizer.state.pop(layer.lora_B_train, None)
 
     # ------------------------------------------------------------------ checkpointing
@@ -201,8 +204,10 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                 f"experience {owner}: layer {name} has no free slot ({layer.num_slots} slots "
                 "in use) and fusion='never'. Raise num_slots or use fusion='when_full'."
             )
-        for layer, importance in zip(full.values(), _importances(full.values()), strict=True):
-            layer.fuse(rows_to_make_room(layer, layer.rank, importance))
+        fuse_rows(list(full.values()),
+                  [rows_to_make_room(layer, layer.rank, importance)
+                   for layer, importance in zip(full.values(), _importances(full.values()),
+                                                strict=True)])
 
 def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
     """Each layer's recorded row importance, fetched from the device at once."""
