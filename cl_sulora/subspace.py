@@ -179,9 +179,9 @@ def top_eigvecs(sym: Tensor) -> tuple[Tensor, Tensor]:
 def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tuple[Tensor, Tensor]:
     """Approximate top eigenpairs of symmetric positive semi-definite matrices (``... x d x d``)
     by block subspace iteration from the ``... x b x d`` rows ``start``: ``iters`` products with
-    ``sym``, each followed by a re-orthonormalisation (shifted Cholesky QR before and in
-    between, :func:`span_rows` after the last product), then Rayleigh-Ritz on the ``b x b``
-    problem.
+    ``sym``, taken in pairs as products with ``sym^2``, each followed by a re-orthonormalisation
+    (shifted Cholesky QR before and in between, :func:`span_rows` after the last product), then
+    Rayleigh-Ritz on the ``b x b`` problem.
 
     Returns ``b`` Ritz values (descending) and orthonormal Ritz vectors as rows, on ``sym``'s
     device, with batched matrix products only (no ``d x d`` eigendecomposition). The values are
@@ -191,10 +191,12 @@ def top_eigvecs_block(sym: Tensor, start: Tensor, iters: int = ITERATIONS) -> tu
     Directions of (numerically) zero eigenvalue may come out as zero rows with value 0.
     """
     sym = sym.double()
+    # the products in pairs, with ``sym^2``: half the re-orthonormalisations, the same subspace
+    products = [sym @ sym] * (iters // 2) + [sym] * (iters % 2)
     block = _cholesky_qr(start.to(sym))
-    for _ in range(iters - 1):
-        block = _cholesky_qr(block @ sym)
-    block = span_rows(block @ sym, tol=1e-12, floor=0.0)
+    for matrix in products[:-1]:
+        block = _cholesky_qr(block @ matrix)
+    block = span_rows(block @ products[-1], tol=1e-12, floor=0.0)
     values, vectors = torch.linalg.eigh(block @ sym @ block.mT)
     return values.flip(-1), vectors.flip(-1).mT @ block
 

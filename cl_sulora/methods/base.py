@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterable, Sequence
 
@@ -29,22 +30,30 @@ def rebuild_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: nothing to optimize")
-    accepted = inspect.signature(type(optimizer)).parameters
+    accepted = _constructor_arguments(type(optimizer))
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     return type(optimizer)(params, **defaults)
+
+
+@functools.cache
+def _constructor_arguments(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls).parameters)
 
 
 def freeze_except(
     model: nn.Module, params: Iterable[nn.Parameter], module_names: Sequence[str] = ()
 ) -> None:
     """Freeze ``model`` but ``params`` and the modules whose dotted name has a component in
-    ``module_names`` (e.g. ``"head"``)."""
-    model.requires_grad_(False)
-    for name, module in model.named_modules():
-        if module_names and set(name.split(".")) & set(module_names):
-            module.requires_grad_(True)
-    for p in params:
-        p.requires_grad_(True)
+    ``module_names`` (e.g. ``"head"``). Only the flags that change are written."""
+    wanted = set(module_names)
+    trainable = {id(p) for p in params}
+    named = list(model.named_parameters(remove_duplicate=False))
+    for name, p in named:
+        if wanted.intersection(name.split(".")[:-1]):
+            trainable.add(id(p))
+    for _, p in named:
+        if p.requires_grad != (id(p) in trainable):
+            p.requires_grad_(id(p) in trainable)
 
 
 def task_label(experience) -> int:
