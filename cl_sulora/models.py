@@ -44,15 +44,23 @@ class ContinualClassifier(MultiTaskModule):
     def adaptation(self, experience) -> None:
         """Nothing to adapt here; Avalanche adapts the head (a child module) itself."""
 
-    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor | dict:
+        """Logits. In the multi-head regime ``task_labels`` picks each sample's head; ``None``
+        gives every known task's logits, by task (as Avalanche's ``MultiTaskModule`` does)."""
         features = self.backbone(x)
         if isinstance(self.head, MultiTaskModule):
-            if task_labels is None:
-                raise ValueError("a multi-head model needs task labels")
             # Avalanche gathers the heads' outputs into an fp32 tensor: keep them fp32
             with torch.autocast(features.device.type, enabled=False):
+                if task_labels is None:
+                    return self.head.forward_all_tasks(features.float())
                 return self.head(features.float(), task_labels)
         return self.head(features)
+
+    def forward_all_tasks(self, x: Tensor) -> dict:
+        """Every known task's logits (multi-head regime), from one pass of the backbone."""
+        if not isinstance(self.head, MultiTaskModule):
+            return {0: self.forward(x)}
+        return self.forward(x, None)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         return self.forward(x, task_label)

@@ -383,6 +383,34 @@ def test_lwf_distils_unmasked_logits():
     assert masked_after and all(masked_after)  # the cross-entropy's view is the masked one
 
 
+def test_lwf_distils_every_earlier_head_of_a_multi_head_model():
+    """Task-incremental: the previous model answers for every task it has seen; its state
+    survives a checkpoint round trip."""
+    penalties = []
+
+    def distilled(strategy):
+        if strategy.experience.current_experience == 1:
+            penalties.append(float(lwf.lwf(strategy.mb_x, strategy.mb_output, strategy.model)))
+
+    torch.manual_seed(0)
+    model = ContinualClassifier(tiny_vit(), make_head("task-incremental", 32))
+    bm = image_stream(task_labels=True)
+    strategy = build("lwf", model, plugins=[Hook("before_backward", distilled)])
+    lwf = strategy.lwf
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert penalties and all(p > 0 for p in penalties)
+    x = bm.train_stream[0].dataset[0][0][None]
+    previous = lwf.lwf.prev_model
+    assert set(previous(x, None)) == {0, 1}  # both tasks' heads
+    before = lwf.lwf(x, None, strategy.model)
+    lwf.load_state_dict(lwf.state_dict(), strategy)
+    assert lwf.lwf.prev_model is not previous
+    torch.testing.assert_close(lwf.lwf(x, None, strategy.model), before)
+    results = strategy.eval(bm.test_stream)
+    assert 0.0 <= results["Top1_Acc_Stream/eval_phase/test_stream/Task001"] <= 1.0
+
+
 # ---------------------------------------------------------------------- every method, end to end
 def test_registry_holds_every_method():
     expected = {"sdlora", "sdlora-rr", "sdlora-kd", "inflora", "olora", "seqlora", "inclora",

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
 from avalanche.training.utils import ParamData
 from pydantic import model_validator
@@ -112,6 +113,16 @@ class _PlainForward(nn.Module):
         return self.model(x)
 
 
+def _previous(model: nn.Module) -> nn.Module:
+    """The model LwF distils from: as it is when multi-head, else behind a plain forward."""
+    head = getattr(model, "head", None)
+    return model if isinstance(head, MultiTaskModule) else _PlainForward(model)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, _PlainForward) else model
+
+
 class CheckpointedEWCPlugin(EWCPlugin, supports_distributed=True):
     """``EWCPlugin`` whose saved parameters and importances go into checkpoints as tensors."""
 
@@ -135,17 +146,18 @@ class CheckpointedEWCPlugin(EWCPlugin, supports_distributed=True):
         self.importances = params(state["importances"])
 
 
-class SingleHeadLwFPlugin(LwFPlugin, supports_distributed=True):
-    """``LwFPlugin`` for the single-head :class:`~cl_sulora.models.ContinualClassifier`.
+class ClassifierLwFPlugin(LwFPlugin, supports_distributed=True):
+    """``LwFPlugin`` for :class:`~cl_sulora.models.ContinualClassifier`, in every head regime.
 
-    Avalanche's LwF asks any ``MultiTaskModule`` for every head's output (``task_labels=None``),
-    which a single-head ``ContinualClassifier`` does not give; the previous model is therefore
-    kept behind a plain forward, so LwF distils the one head on its previously seen classes.
+    Avalanche's LwF asks any ``MultiTaskModule`` for every head's output (``task_labels=None``).
+    A multi-head classifier gives them (LwF distils each earlier task's head on its classes); a
+    single-head one has only one head, so its previous model is kept behind a plain forward and
+    LwF distils that head on its previously seen classes.
     """
 
     def after_training_exp(self, strategy, **kwargs):
         super().after_training_exp(strategy, **kwargs)
-        self.lwf.prev_model = _PlainForward(self.lwf.prev_model)
+        self.lwf.prev_model = _previous(self.lwf.prev_model)
 
     def state_dict(self) -> dict:
         """The previous model's tensors, the classes seen per task and the experience count."""
@@ -153,7 +165,7 @@ class SingleHeadLwFPlugin(LwFPlugin, supports_distributed=True):
         return {
             "expcount": self.lwf.expcount,
             "prev_classes": {t: sorted(c) for t, c in self.lwf.prev_classes_by_task.items()},
-            "prev_model": None if previous is None else previous.model.state_dict(),
+            "prev_model": None if previous is None else _unwrapped(previous).state_dict(),
         }
 
     def load_state_dict(self, state: dict, strategy) -> None:
@@ -165,7 +177,7 @@ class SingleHeadLwFPlugin(LwFPlugin, supports_distributed=True):
         if state["prev_model"] is not None:
             previous = copy.deepcopy(strategy.model)
             previous.load_state_dict(state["prev_model"], strict=True)
-            self.lwf.prev_model = _PlainForward(previous)
+            self.lwf.prev_model = _previous(previous)
 
 
 class FullFineTuning(AdapterTemplate):
@@ -243,7 +255,7 @@ class LwFBaseline(FullFineTuning):
     config_cls = LwFConfig
 
     def method_plugins(self, mask_logits):
-        self.lwf = SingleHeadLwFPlugin(self.config.alpha, self.config.temperature)
+        self.lwf = ClassifierLwFPlugin(self.config.alpha, self.config.temperature)
         return [UnmaskedLogitsForDistillation(), self.lwf] if mask_logits else [self.lwf]
 
     def stored_state_params(self):
