@@ -137,15 +137,40 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class LatestValue:
+    """The latest value of a scalar tensor that has reached the host, without waiting for the
+    device: :meth:`push` starts copying a new value (asynchronously from a CUDA device) and
+    returns the value of an earlier push once its copy is done (``None`` until then)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def push(self, value: torch.Tensor) -> float | None:
+        value = value.detach().reshape(-1)[:1]
+        if not value.is_cuda:
+            return float(value)
+        ready = None
+        if self._pending is not None and self._pending[1].query():
+            ready, self._pending = float(self._pending[0]), None
+        if self._pending is None:
+            host = value.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        return ready
+
+
 class Progress(SupervisedPlugin, supports_distributed=True):
-    """tqdm bars: training iterations of each experience (with the loss), and evaluation
-    iterations over the evaluated stream; both vanish when done."""
+    """tqdm bars: training iterations of each experience (with the loss, as the host receives
+    it: the bar never waits for the device), and evaluation iterations over the evaluated
+    stream; both vanish when done."""
 
     def __init__(self, num_experiences: int, label: str = "") -> None:
         super().__init__()
         self.num_experiences = num_experiences
         self.label = label
         self._bar: tqdm | None = None
+        self._loss = LatestValue()
 
     def _open(self, total: int, desc: str) -> None:
         self._close()
@@ -167,7 +192,9 @@ class Progress(SupervisedPlugin, supports_distributed=True):
 
     def after_training_iteration(self, strategy, **kwargs):
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
+            loss = self._loss.push(strategy.loss)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self._bar.update()
 
     def after_training_exp(self, strategy, **kwargs):

@@ -21,7 +21,7 @@ from cl_sulora.experiment import (
     run,
 )
 from cl_sulora.methods.registry import METHODS
-from cl_sulora.plugins import Autocast, LRSchedule
+from cl_sulora.plugins import Autocast, LatestValue, LRSchedule
 from cl_sulora.presets import ConfigError, available_presets, load_preset
 from cl_sulora.report import markdown_table, write_report
 from tests.conftest import image_stream
@@ -319,6 +319,21 @@ def test_cosine_schedule_follows_rebuilt_optimizers():
         strategy.optimizer = torch.optim.SGD([param], lr=0.1)  # rebuilt by a strategy
     assert seen == pytest.approx([0.1, 0.1 * (1 + 2**-0.5) / 2, 0.05, 0.1 * (1 - 2**-0.5) / 2])
     assert LRSchedule(0.1, "constant").lr_at(3) == 0.1
+
+
+def test_latest_value_reads_host_scalars_at_once():
+    latest = LatestValue()
+    assert latest.push(torch.tensor([2.5, 7.0])) == 2.5
+    assert latest.push(torch.tensor(1.25, requires_grad=True) * 2) == 2.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_latest_value_of_device_scalars_arrives_without_waiting():
+    latest = LatestValue()
+    seen = [latest.push(torch.tensor(float(i), device="cuda")) for i in range(3)]
+    torch.cuda.synchronize()
+    seen.append(latest.push(torch.tensor(3.0, device="cuda")))
+    assert seen[0] is None and [v for v in seen if v is not None][-1] in (0.0, 1.0, 2.0)
 
 
 def test_autocast_wraps_forward_and_returns_float_logits():
