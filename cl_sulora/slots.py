@@ -30,6 +30,7 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
     (``rank x d_in``, orthonormal and orthogonal to its rows in use) or, when ``None``, zero
     rows for slots pointed later (:func:`point_slots`). Each slot's ``B`` starts at zero and
     is trainable."""
+    chosen = []
     for layer in layers:
         layer._check_not_merged("start a slot")
         if layer.lora_B_train is not None:
@@ -39,7 +40,7 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
             raise RuntimeError(
                 f"only {len(free)} free rows, a slot needs {layer.rank}: fuse old pairs first"
             )
-    chosen = [layer.free_rows()[: layer.rank] for layer in layers]
+        chosen.append(free[: layer.rank])
     for members in _batches(layers):
         group = [layers[i] for i in members]
         index = _device_index([chosen[i] for i in members], group[0])
