@@ -152,8 +152,7 @@ class SubspaceLoRALinear(AdaptedLinear):
                             directions: Tensor) -> None:
         """Point training-slot columns ``local`` (indices into the slot; ``None``: all of them)
         at new directions, with their ``B`` columns and importance statistics zeroed."""
-        columns = None if local is None else [slots._host_list(local)]
-        slots.point_slots([self], [directions], columns)
+        slots.point_slots([self], [directions], None if local is None else [local])
 
     # ------------------------------------------------------------------ inference modes
     def set_owner_filter(self, owners: Iterable[int] | None) -> None:

@@ -63,12 +63,12 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
 
 @torch.no_grad()
 def point_slots(layers: Sequence[SubspaceLoRALinear], directions: Sequence[Tensor],
-                columns: Sequence[Sequence[int]] | None = None) -> None:
+                columns: Sequence[Tensor | Sequence[int]] | None = None) -> None:
     """Point training-slot columns (``columns[i]`` of layer ``i``; ``None``: all of every
     slot) at new ``directions``, their ``B`` columns and importance statistics zeroed."""
     if columns is not None:
         for layer, local, rows in zip(layers, columns, directions, strict=True):
-            _point_columns(layer, [int(c) for c in local], rows)
+            _point_columns(layer, _host_list(local), rows)
     else:
         for members in _batches(layers):
             group = [layers[i] for i in members]
