@@ -73,7 +73,9 @@ class AdaptedLinear(nn.Module):
             raise RuntimeError(f"cannot {action} while merged: call unmerge() first")
 
     def _place(self, B: Tensor) -> Tensor:
-        """``B`` (rows = adapted outputs) placed in ``W0``'s output rows."""
+        """``B`` (rows = adapted outputs; a stack of them allowed) placed in ``W0``'s output
+        rows."""
         if self.out_index is None:
             return B
-        return B.new_zeros(self.out_features, B.shape[1]).index_copy(0, self.out_index, B)
+        placed = B.new_zeros(*B.shape[:-2], self.out_features, B.shape[-1])
+        return placed.index_copy(-2, self.out_index, B)

@@ -45,10 +45,7 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
         group = [layers[i] for i in members]
         index = _device_index([chosen[i] for i in members], group[0])
         rows = 0.0 if directions is None else torch.stack([directions[i] for i in members])
-        _scatter([layer.lora_A for layer in group], 0, index, rows)
-        _scatter([layer.lora_B for layer in group], 1, index, 0.0)
-        _scatter([layer.row_owner for layer in group], 0, index, owner)
-        _scatter([layer.row_importance for layer in group], 0, index, 0.0)
+        _assign(group, index, owner, rows)
         torch._foreach_zero_([t for layer in group
                               for t in (layer.importance_ema, layer.importance_unc)])
         for layer, rows_i, index_i in zip(group, (chosen[i] for i in members), index,
@@ -166,7 +163,7 @@ def rebuild_caches(layers: Sequence[SubspaceLoRALinear]) -> None:
         index = _device_index([plans[i][1] for i in members], group[0])
         A = _take(torch.stack([layer.lora_A for layer in group]), 1, index)
         B = _take(torch.stack([layer.lora_B for layer in group]), 2, index[:, :frozen])
-        B = _place(group[0], B * group[0].scaling)
+        B = group[0]._place(B * group[0].scaling)
         for layer, A_i, B_i in zip(group, A.unbind(), B.unbind(), strict=True):
             layer._A_live = A_i
             layer._B_frozen = B_i
@@ -228,28 +225,26 @@ def _scatter(tensors: list[Tensor], dim: int, index: Tensor, values: Tensor | fl
     torch._foreach_copy_(tensors, list(stacked.unbind()))
 
 
+def _assign(group: Sequence[SubspaceLoRALinear], index: Tensor, owner: int,
+            rows: Tensor | float) -> None:
+    """Give rows ``index[l]`` of each stacked layer ``l`` to ``owner`` with ``A`` rows ``rows``,
+    their ``B`` columns and importance zeroed."""
+    _scatter([layer.lora_A for layer in group], 0, index, rows)
+    _scatter([layer.lora_B for layer in group], 1, index, 0.0)
+    _scatter([layer.row_owner for layer in group], 0, index, owner)
+    _scatter([layer.row_importance for layer in group], 0, index, 0.0)
+
+
 def _free(pairs: list[tuple[SubspaceLoRALinear, list[int]]]) -> None:
     """Free the given frozen rows of each layer: zero ``A``, ``B`` and importance, no owner."""
     pairs = [(layer, rows) for layer, rows in pairs if rows]
     for members in _batches([p[0] for p in pairs], key=lambda i: len(pairs[i][1])):
         group = [pairs[i][0] for i in members]
-        index = _device_index([pairs[i][1] for i in members], group[0])
-        _scatter([layer.lora_A for layer in group], 0, index, 0.0)
-        _scatter([layer.lora_B for layer in group], 1, index, 0.0)
-        _scatter([layer.row_owner for layer in group], 0, index, FREE)
-        _scatter([layer.row_importance for layer in group], 0, index, 0.0)
+        _assign(group, _device_index([pairs[i][1] for i in members], group[0]), FREE, 0.0)
         for i in members:
             layer, rows = pairs[i]
             for row in rows:
                 layer._owner[row] = FREE
-
-
-def _place(layer: SubspaceLoRALinear, B: Tensor) -> Tensor:
-    """Stacked ``B`` (rows = adapted outputs) placed in ``W0``'s output rows."""
-    if layer.out_index is None:
-        return B
-    out = B.new_zeros(B.shape[0], layer.out_features, B.shape[2])
-    return out.index_copy_(1, layer.out_index, B)
 
 
 def _add_to_weights(layers: Sequence[SubspaceLoRALinear], delta: Tensor) -> None:

@@ -209,6 +209,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                    for layer, importance in zip(full.values(), _importances(full.values()),
                                                 strict=True)])
 
+
 def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
     """Each layer's recorded row importance, fetched from the device at once."""
     layers = list(layers)
