@@ -143,7 +143,8 @@ def test_ddp_summary_averages_paired_seeds():
         return {"seed": seed, "world_size": world, "train_seconds": seconds,
                 "train_epoch_seconds": seconds * (0.8 if world == 1 else 0.6),
                 "train_samples": 1000, "A_last": a_last, "peak_memory_mb": 1.0,
-                "config": {"training": {"epochs": 2}}, "device": "GPU", "commit": {"sha": "abc"},
+                "config": {"training": {"epochs": 2, "batch_size": 64}}, "device": "GPU",
+                "commit": {"sha": "abc"},
                 "benchmark": "b", "strategy": "s"}
 
     single = [record(0, 1, 10.0, 0.30), record(1, 1, 10.0, 0.32)]
@@ -154,3 +155,4 @@ def test_ddp_summary_averages_paired_seeds():
     assert result["ddp_2gpu_a_last_delta"]["value"] == pytest.approx((1.0 - 3.0) / 2)
     assert result["ddp_2gpu_a_last_delta"]["pass"] is False
     assert [r["mode"] for r in result["runs"]] == ["single", "parallel", "single", "parallel"]
+    assert "global batch 64 (32 per GPU)" in result["ddp_2gpu_speedup"]["note"]

@@ -63,12 +63,15 @@ def summarize(single: list[dict[str, Any]], parallel: list[dict[str, Any]],
     sha = (last.get("commit") or {}).get("sha") or resolve_commit(None)
     device = f"{nproc} x {last['device']}"
     seeds = [r["seed"] for r in parallel]
+    batch = last["config"]["training"]["batch_size"]
+    setting = f"global batch {batch} ({batch // nproc} per GPU), one GPU {batch}"
     return {
         f"ddp_{nproc}gpu_speedup": {
             "value": speedup, "device": device, "commit": sha, "target": SPEEDUP_TARGET,
             "pass": speedup >= SPEEDUP_TARGET,
             "note": f"training samples/s inside the training epochs on {nproc} GPUs (torchrun, "
-                    f"DDP) / on one GPU, mean over seeds {seeds}; over the whole training calls "
+                    f"DDP) / on one GPU, {setting}, mean over seeds {seeds}; over the whole "
+                    f"training calls "
                     f"(with each experience's boundary work and classifier alignment): "
                     f"{stream:.2f}x"},
         f"ddp_{nproc}gpu_a_last_delta": {
@@ -78,6 +81,7 @@ def summarize(single: list[dict[str, Any]], parallel: list[dict[str, Any]],
                     f"seeds {seeds} (target on the absolute value)"},
         "stream_speedup": stream,
         "benchmark": last["benchmark"],
+        "batch_size": batch,
         "strategy": last["strategy"],
         "world_size": last["world_size"],
         "commit": sha,
