@@ -135,18 +135,20 @@ def test_long_stream_keeps_sulora_adapters_bounded(tmp_path):
     assert (tmp_path / "long_stream.json").is_file()
 
 
+def ddp_record(seed, world, seconds, a_last, batch=64):
+    """A results record of one run of the DDP benchmark: the epochs take 80% of the training
+    calls on one GPU, 60% on two."""
+    return {"seed": seed, "world_size": world, "train_seconds": seconds,
+            "train_epoch_seconds": seconds * (0.8 if world == 1 else 0.6),
+            "train_samples": 1000, "A_last": a_last, "peak_memory_mb": 1.0,
+            "config": {"training": {"epochs": 2, "batch_size": batch}}, "device": "GPU",
+            "commit": {"sha": "abc"}, "benchmark": "b", "strategy": "s"}
+
+
 def test_ddp_summary_averages_paired_seeds():
     from benchmarks.perf.ddp import summarize
 
-    def record(seed, world, seconds, a_last):
-        # the epochs take 80% of the training calls on one GPU, 60% on two
-        return {"seed": seed, "world_size": world, "train_seconds": seconds,
-                "train_epoch_seconds": seconds * (0.8 if world == 1 else 0.6),
-                "train_samples": 1000, "A_last": a_last, "peak_memory_mb": 1.0,
-                "config": {"training": {"epochs": 2, "batch_size": 64}}, "device": "GPU",
-                "commit": {"sha": "abc"},
-                "benchmark": "b", "strategy": "s"}
-
+    record = ddp_record
     single = [record(0, 1, 10.0, 0.30), record(1, 1, 10.0, 0.32)]
     parallel = [record(0, 2, 5.0, 0.31), record(1, 2, 10.0 / 1.5, 0.29)]
     result = summarize(single, parallel, {"single": ["p", "-m"], "parallel": ["p", "-m"]}, 2)
@@ -156,3 +158,17 @@ def test_ddp_summary_averages_paired_seeds():
     assert result["ddp_2gpu_a_last_delta"]["pass"] is False
     assert [r["mode"] for r in result["runs"]] == ["single", "parallel", "single", "parallel"]
     assert "global batch 64 (32 per GPU)" in result["ddp_2gpu_speedup"]["note"]
+
+
+def test_report_lists_every_ddp_run(tmp_path):
+    from benchmarks.perf.ddp import summarize
+
+    commands = {"single": ["p", "-m", "single"], "parallel": ["p", "-m", "parallel"]}
+    for name, batch in (("ddp.json", 128), ("ddp_batch64.json", 64)):
+        runs = summarize([ddp_record(0, 1, 10.0, 0.3, batch)],
+                         [ddp_record(0, 2, 6.0, 0.3, batch)], commands, 2)
+        (tmp_path / name).write_text(json.dumps(runs))
+    text = "\n".join(report.data_parallel(tmp_path))
+    headline = text.index("### `ddp.json`: global batch 128 (the summary's entries)")
+    assert headline < text.index("### `ddp_batch64.json`: global batch 64 (not in the summary)")
+    assert text.count("`ddp_2gpu_speedup`: 2.222") == 2

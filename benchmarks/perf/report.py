@@ -408,12 +408,22 @@ def long_stream(directory: Path, output_dir: Path) -> list[str]:
 
 
 def data_parallel(directory: Path) -> list[str]:
-    """The one-GPU vs torchrun comparison of ``benchmarks.perf.ddp`` (``ddp.json``), if any."""
-    path = directory / "ddp.json"
-    run = _optional_json(path)
-    if run is None:
+    """The one-GPU vs torchrun comparisons of ``benchmarks.perf.ddp``: ``ddp.json`` (the
+    summary's entries) first, then any other ``ddp_*.json`` (e.g. another batch size)."""
+    paths = [directory / "ddp.json", *sorted(directory.glob("ddp_*.json"))]
+    runs = [(path, run) for path in paths if (run := _optional_json(path)) is not None]
+    if not runs:
         return []
-    lines = ["## Data-parallel training", "",
+    lines = ["## Data-parallel training", ""]
+    for path, run in runs:
+        lines += _data_parallel_run(path.name, run)
+    return lines
+
+
+def _data_parallel_run(file_name: str, run: dict[str, Any]) -> list[str]:
+    batch = run.get("batch_size")
+    role = "the summary's entries" if file_name == "ddp.json" else "not in the summary"
+    lines = [f"### `{file_name}`" + (f": global batch {batch}" if batch else "") + f" ({role})", "",
              f"`python -m benchmarks.perf.ddp`: {run['strategy']} on {run['benchmark']}, the "
              f"same run on one GPU ({run['devices']['single']}) and under torchrun on "
              f"{run['world_size']} ({run['devices']['parallel']}), commit `{run['commit']}`.", ""]
