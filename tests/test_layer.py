@@ -355,6 +355,21 @@ def test_training_slot_gets_the_activation_path_gradient(qkv):
     torch.testing.assert_close(got[1], x.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_training_slot_filtered_out_gets_no_gradient():
+    layer = make_layer()
+    fill_slot(layer, 0, 61)
+    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    with torch.no_grad():
+        layer.lora_B_train.normal_()
+    layer.set_owner_filter([0])  # the training slot is not in the forward pass
+    x = torch.randn(3, 5, 16)
+    y = layer(x)
+    with torch.no_grad():
+        expected = layer(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert not y.requires_grad and layer.lora_B_train.grad is None
+
+
 def test_importance_update_follows_the_adalora_formula_for_every_layer():
     from cl_sulora.importance import pair_scores, update_importance
 
