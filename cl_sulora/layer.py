@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from . import slots
 from .adapted_linear import AdaptedLinear
-from .slot_linear import slot_linear
+from .row_span_linear import row_span_linear
 from .slots import FREE
 
 
@@ -28,10 +28,10 @@ class SubspaceLoRALinear(AdaptedLinear):
 
     Every forward applies all live pairs to the weight: one ``F.linear`` with
     ``W0 + scale * B_live A_live``, built per call at ``O(d_out r d_in)`` cost (nothing is merged
-    into ``W0``). While the training slot needs gradients, the weight is built without a graph
-    and its ``B`` gets them directly from :func:`~cl_sulora.slot_linear.slot_linear`, at the
-    cost of a rank-``rank`` projection of the input instead of a full weight gradient. The live
-    rows are gathered into caches after every change of ownership, never in
+    into ``W0``). While the training slot needs gradients, its ``B`` gets them through
+    :func:`~cl_sulora.row_span_linear.row_span_linear`: exact because ``A``'s rows are
+    orthonormal, and costing a rank-``rank`` projection of the input instead of a full weight
+    gradient. The live rows are gathered into caches after every change of ownership, never in
     the forward pass; within :func:`deferred_refresh` only once, on leaving it (or at a forward
     pass inside it). The ownership (``row_owner``, ``train_rows``) is mirrored on the host, so
     choosing rows never waits for the device.
@@ -167,10 +167,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         if self.merged or self._A_live.shape[0] == 0:
             return self.base(x)
         if self._needs_adapter_grad():
-            with torch.no_grad():
-                weight = self.effective_weight()
-            return slot_linear(x, self.lora_B_train, weight, self.base.bias, self._A_train,
-                               self.out_index, self.scaling)
+            return row_span_linear(x, self.effective_weight(), self.base.bias, self._A_train)
         return self._forward_weight(x)
 
     def effective_weight(self) -> Tensor:
@@ -188,10 +185,8 @@ class SubspaceLoRALinear(AdaptedLinear):
                                self._A_live.to(weight.dtype))
 
     def _needs_adapter_grad(self) -> bool:
-        """Whether the training slot needs a gradient from this forward pass (and is in it)."""
         return (torch.is_grad_enabled() and self.lora_B_train is not None
-                and self.lora_B_train.requires_grad
-                and self._A_live.shape[0] > self._B_frozen.shape[1])
+                and self.lora_B_train.requires_grad)
 
     # ------------------------------------------------------------------ state
     _VARIABLE = ("train_rows", "input_basis")
