@@ -148,9 +148,8 @@ def ddp_record(seed, world, seconds, a_last, batch=64):
 def test_ddp_summary_averages_paired_seeds():
     from benchmarks.perf.ddp import summarize
 
-    record = ddp_record
-    single = [record(0, 1, 10.0, 0.30), record(1, 1, 10.0, 0.32)]
-    parallel = [record(0, 2, 5.0, 0.31), record(1, 2, 10.0 / 1.5, 0.29)]
+    single = [ddp_record(0, 1, 10.0, 0.30), ddp_record(1, 1, 10.0, 0.32)]
+    parallel = [ddp_record(0, 2, 5.0, 0.31), ddp_record(1, 2, 10.0 / 1.5, 0.29)]
     result = summarize(single, parallel, {"single": ["p", "-m"], "parallel": ["p", "-m"]}, 2)
     assert result["stream_speedup"] == pytest.approx((2.0 + 1.5) / 2)
     assert result["ddp_2gpu_speedup"]["value"] == pytest.approx((2.0 + 1.5) / 2 * 0.8 / 0.6)

@@ -71,9 +71,8 @@ def summarize(single: list[dict[str, Any]], parallel: list[dict[str, Any]],
             "pass": speedup >= SPEEDUP_TARGET,
             "note": f"training samples/s inside the training epochs on {nproc} GPUs (torchrun, "
                     f"DDP) / on one GPU, {setting}, mean over seeds {seeds}; over the whole "
-                    f"training calls "
-                    f"(with each experience's boundary work and classifier alignment): "
-                    f"{stream:.2f}x"},
+                    "training calls (with each experience's boundary work and classifier "
+                    f"alignment): {stream:.2f}x"},
         f"ddp_{nproc}gpu_a_last_delta": {
             "value": delta, "device": device, "commit": sha, "target": A_LAST_DELTA_TARGET,
             "pass": abs(delta) <= A_LAST_DELTA_TARGET,
