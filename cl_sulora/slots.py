@@ -63,9 +63,11 @@ def point_slots(layers: Sequence[SubspaceLoRALinear], directions: Sequence[Tenso
                 columns: Sequence[Tensor | Sequence[int]] | None = None) -> None:
     """Point training-slot columns (``columns[i]`` of layer ``i``; ``None``: all of every
     slot) at new ``directions``, their ``B`` columns and importance statistics zeroed."""
+    changed: list[SubspaceLoRALinear] = []
     if columns is not None:
         for layer, local, rows in zip(layers, columns, directions, strict=True):
             _point_columns(layer, _host_list(local), rows)
+            changed.append(layer)
     else:
         for members in _batches(layers):
             group = [layers[i] for i in members]
@@ -78,9 +80,8 @@ def point_slots(layers: Sequence[SubspaceLoRALinear], directions: Sequence[Tenso
                    for layer in group):  # the slots' cached rows, in column order
                 torch._foreach_copy_([layer._A_train for layer in group], list(rows.unbind()))
             else:
-                for layer in group:
-                    layer._stale = True
-    rebuild_caches([layer for layer in layers if layer._stale and not layer._deferred])
+                changed += group
+    _changed(changed)
 
 
 @torch.no_grad()
@@ -264,7 +265,6 @@ def _point_columns(layer: SubspaceLoRALinear, columns: list[int], directions: Te
     layer.lora_B_train[:, columns] = 0
     layer.importance_ema[:, columns] = 0
     layer.importance_unc[:, columns] = 0
-    layer._stale = True
 
 
 def _host_list(rows: Tensor | Sequence[int]) -> list[int]:
