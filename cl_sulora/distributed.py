@@ -199,13 +199,17 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 
 def first_flagged(record: torch.Tensor) -> torch.Tensor:
     """``record`` is ``(iteration, value)``, with iteration -1 when nothing was flagged; the
-    record with the earliest flagged iteration over all ranks (this rank's outside torchrun)."""
+    record with the earliest flagged iteration over all ranks (this rank's outside torchrun).
+    One collective on ``record``'s device: nothing is pickled."""
     if not is_distributed():
         return record
-    records: list[list[float] | None] = [None] * world_size()
-    dist.all_gather_object(records, record.tolist())
-    flagged = [r for r in records if r is not None and r[0] >= 0]
-    return torch.tensor(min(flagged) if flagged else [-1.0, 0.0])
+    records = [torch.empty_like(record) for _ in range(world_size())]
+    dist.all_gather(records, record)
+    stacked = torch.stack(records)
+    iterations = stacked[:, 0]
+    # unflagged ranks hold (-1, 0): the argmin lands on one of them only when none is flagged
+    key = torch.where(iterations >= 0, iterations, torch.full_like(iterations, float("inf")))
+    return stacked[key.argmin()]
 
 
 def wrap(model: nn.Module, device: torch.device, varying_graph: bool) -> DistributedDataParallel:

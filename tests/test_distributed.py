@@ -98,13 +98,14 @@ def launch(argv: list[str], probe: Path, world: int = 2,
 
 
 #: Each rank flags (iteration, value) records; every rank must get the earliest flagged one:
-#: first when one rank flagged step 7, then when both flagged (steps 9 and 7).
+#: first when one rank flagged step 7, then when both flagged (steps 9 and 7), then when neither did.
 FLAGS = """
 import os, torch, torch.distributed as dist
 from cl_sulora import distributed
 dist.init_process_group("gloo")
 rank = int(os.environ["RANK"])
-for mine in ([[-1.0, 0.0], [7.0, float("nan")]][rank], [[9.0, 1.0], [7.0, 2.0]][rank]):
+for mine in ([[-1.0, 0.0], [7.0, float("nan")]][rank], [[9.0, 1.0], [7.0, 2.0]][rank],
+             [-1.0, 0.0]):
     print(distributed.first_flagged(torch.tensor(mine)).tolist())
 dist.destroy_process_group()
 """
@@ -113,7 +114,7 @@ dist.destroy_process_group()
 def test_ranks_agree_on_the_first_flagged_step(tmp_path):
     for process in launch([], tmp_path, script=FLAGS):
         assert process.returncode == 0, process.stderr[-2000:]
-        assert process.stdout.split("\n")[:2] == ["[7.0, nan]", "[7.0, 2.0]"]
+        assert process.stdout.split("\n")[:3] == ["[7.0, nan]", "[7.0, 2.0]", "[-1.0, 0.0]"]
 
 
 @pytest.mark.parametrize("strategy, extra", [
