@@ -148,22 +148,27 @@ def align_rng() -> None:
 
 class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of ``batch_size`` over a permutation shared by all ranks, each split into
-    ``world`` contiguous, disjoint shards; this rank yields its shard.
+    ``world`` contiguous, disjoint shards; this rank yields its shard (the whole batch when
+    ``world`` is 1).
 
     Every rank yields the same number of batches as a single process with ``batch_size`` would
-    (``ceil(n / batch_size)``) and together the ranks see every sample exactly once per epoch, with
-    no padding. A last global batch smaller than the number of ranks is merged into the one
-    before (one iteration fewer than a single process), so no rank gets an empty shard. Each pass
-    (epoch) draws a new permutation from ``seed`` and the pass number.
+    (``ceil(n / batch_size)``, ``floor`` with ``drop_last``) and together the ranks see every
+    sample exactly once per epoch, with no padding. A last global batch smaller than the number
+    of ranks is merged into the one before (one iteration fewer than a single process), so no
+    rank gets an empty shard. Each pass (epoch) draws a new permutation from ``seed`` and the
+    pass number (the identity order without ``shuffle``).
     """
 
-    def __init__(self, n: int, batch_size: int, *, rank: int, world: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, *, rank: int, world: int, seed: int,
+                 shuffle: bool = True, drop_last: bool = False) -> None:
         if n < world:
             raise _config_error(
                 f"an experience has {n} training samples, fewer than the {world} ranks"
             )
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        bounds = list(range(0, n, batch_size)) + [n]
+        self.shuffle = shuffle
+        end = n - n % batch_size if drop_last and n >= batch_size else n
+        bounds = list(range(0, end, batch_size)) + [end]
         if len(bounds) > 2 and bounds[-1] - bounds[-2] < world:
             del bounds[-2]
         self.bounds = bounds
@@ -179,7 +184,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
-        order = torch.randperm(self.n, generator=gen)
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         for start, stop in zip(self.bounds, self.bounds[1:], strict=False):
             yield order[start:stop].tensor_split(self.world)[self.rank].tolist()
 

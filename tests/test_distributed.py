@@ -98,7 +98,8 @@ def launch(argv: list[str], probe: Path, world: int = 2,
 
 
 #: Each rank flags (iteration, value) records; every rank must get the earliest flagged one:
-#: first when one rank flagged step 7, then when both flagged (steps 9 and 7), then when neither did.
+#: first when one rank flagged step 7, then when both flagged (steps 9 and 7), then when
+#: neither did.
 FLAGS = """
 import os, torch, torch.distributed as dist
 from cl_sulora import distributed

@@ -18,9 +18,9 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from .. import distributed
+from ..loading import EpochSpanningLoader
 
 MASK_VALUE = -1e4  # finite, so a masked logit never turns the loss into inf or nan in fp16
 
@@ -229,21 +229,21 @@ class AdapterTemplate(SupervisedTemplate):
 
     def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None,
                               persistent_workers=False, drop_last=False, **kwargs):
-        if not distributed.is_distributed():
-            return super().make_train_dataloader(
-                num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
-                persistent_workers=persistent_workers, drop_last=drop_last, **kwargs)
-        distributed.check_batch_size(self.train_mb_size)
+        """One loader over all of the experience's epochs, its workers started now
+        (:class:`~cl_sulora.loading.EpochSpanningLoader`). Under ``torchrun`` each rank loads its
+        shard of every global batch; batches are drawn from the whole experience (no task
+        balancing). ``persistent_workers`` is implied: the workers live for the experience."""
+        if distributed.is_distributed():
+            distributed.check_batch_size(self.train_mb_size)
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # the same on every rank (align_rng)
         sampler = distributed.ShardedBatchSampler(
             len(self.adapted_dataset), self.train_mb_size, rank=distributed.rank(),
-            world=distributed.world_size(), seed=seed)
+            world=distributed.world_size(), seed=seed, shuffle=shuffle, drop_last=drop_last)
         args = {"num_workers": num_workers, "pin_memory": self.device.type == "cuda"
                 if pin_memory is None else pin_memory}
-        if num_workers > 0:
-            args["persistent_workers"] = persistent_workers
         collate_from_data_or_kwargs(self.adapted_dataset, args)
-        self.dataloader = DataLoader(self.adapted_dataset, batch_sampler=sampler, **args)
+        self.dataloader = EpochSpanningLoader(self.adapted_dataset, sampler,
+                                              epochs=self.train_epochs, **args)
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
                              persistent_workers=False, **kwargs):
