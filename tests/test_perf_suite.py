@@ -159,6 +159,30 @@ def test_ddp_summary_averages_paired_seeds():
     assert "global batch 64 (32 per GPU)" in result["ddp_2gpu_speedup"]["note"]
 
 
+def test_ddp_benchmark_discards_a_warm_up_pair_before_the_measured_seeds(monkeypatch, tmp_path):
+    import torch
+
+    from benchmarks.perf import ddp
+
+    calls = []
+
+    def fake_run(command, out, env):
+        calls.append(command)
+        seed = int(command[command.index("--seed") + 1])
+        world = 2 if "torch.distributed.run" in command else 1
+        return ddp_record(seed, world, 10.0 / world, 0.3)
+
+    monkeypatch.setattr(ddp, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ddp.main(["--out", str(tmp_path / "ddp.json"), "--seeds", "3,4", "--epochs", "1"])
+    assert len(calls) == 6
+    assert all(c[c.index("--num-experiences") + 1] == "2" for c in calls[:2])
+    assert not any("--num-experiences" in c for c in calls[2:])
+    result = json.loads((tmp_path / "ddp.json").read_text())
+    assert [r["seed"] for r in result["runs"]] == [3, 3, 4, 4]
+    assert result["warmup_experiences"] == 2
+
+
 def test_report_lists_every_ddp_run(tmp_path):
     from benchmarks.perf.ddp import summarize
 

@@ -5,7 +5,8 @@
         --backbone-weights DIR --precision bf16 --batch-size 256 --epochs 2 --seeds 0,1,2
 
 Arguments it does not know are passed to both runs (``training.batch_size`` is the global batch
-in both). One pair of runs per seed, one after the other. Writes ``--out``: every run's training
+in both). One pair of runs per seed, one after the other, after a discarded warm-up pair
+(``--warmup-experiences``). Writes ``--out``: every run's training
 throughput (training samples x epochs / ``train_epoch_seconds`` of the results record: the time
 inside the training epochs) and its stream throughput (the same samples / ``train_seconds``,
 which adds each experience's allocation, fusion, classifier alignment and loader start), the
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmark", default="split-cifar100-10")
     parser.add_argument("--strategy", default="sulora")
     parser.add_argument("--seeds", default="0", help="comma-separated; one pair of runs each")
+    parser.add_argument("--warmup-experiences", type=int, default=2,
+                        help="first a discarded pair of runs of this many experiences, so that "
+                             "the measured runs start on a warm machine (0: none)")
     args, extra = parser.parse_known_args(argv)
     import torch
 
@@ -114,20 +118,30 @@ def main(argv: list[str] | None = None) -> None:
               "--strategy", args.strategy, "--device", "cuda", *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+
+    def pair(tag: str, flags: list[str], tmp: str) -> tuple[dict[str, list[str]], list[dict]]:
+        """The single-GPU and the DDP run of ``flags``; their commands and records."""
+        outs = {mode: Path(tmp, f"{mode}{tag}") for mode in ("single", "parallel")}
+        commands = {
+            "single": [sys.executable, *common, *flags, "--out", str(outs["single"])],
+            "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", str(args.nproc), *common, *flags, "--out",
+                         str(outs["parallel"])],
+        }
+        return commands, [run(commands[mode], outs[mode], env) for mode in outs]
+
+    seeds = [int(s) for s in args.seeds.split(",")]
     single, parallel = [], []
     with tempfile.TemporaryDirectory(prefix="ddp-bench-") as tmp:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            single_out, parallel_out = Path(tmp, f"single{seed}"), Path(tmp, f"parallel{seed}")
-            seeded = [*common, "--seed", str(seed)]
-            commands = {
-                "single": [sys.executable, *seeded, "--out", str(single_out)],
-                "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", str(args.nproc), *seeded, "--out",
-                             str(parallel_out)],
-            }
-            single.append(run(commands["single"], single_out, env))
-            parallel.append(run(commands["parallel"], parallel_out, env))
+        if args.warmup_experiences > 0:
+            pair("-warmup", ["--seed", str(seeds[0]),
+                             "--num-experiences", str(args.warmup_experiences)], tmp)
+        for seed in seeds:
+            commands, (one, two) = pair(str(seed), ["--seed", str(seed)], tmp)
+            single.append(one)
+            parallel.append(two)
     result = summarize(single, parallel, commands, args.nproc)
+    result["warmup_experiences"] = args.warmup_experiences
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for key in (f"ddp_{args.nproc}gpu_speedup", f"ddp_{args.nproc}gpu_a_last_delta"):
