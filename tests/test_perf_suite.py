@@ -195,3 +195,4 @@ def test_report_lists_every_ddp_run(tmp_path):
     headline = text.index("### `ddp.json`: global batch 128 (the summary's entries)")
     assert headline < text.index("### `ddp_batch64.json`: global batch 64 (not in the summary)")
     assert text.count("`ddp_2gpu_speedup`: 2.222") == 2
+    assert text.count("- Warm-up before the measured runs: none") == 2

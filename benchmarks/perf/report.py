@@ -435,6 +435,9 @@ def _data_parallel_run(file_name: str, run: dict[str, Any]) -> list[str]:
                      "train calls s", "A_last %", "peak MiB/GPU"], rows)
     lines += [f"- Command ({name}, last seed, after `python -m`): "
               f"`{' '.join(command[2:])}`" for name, command in run["commands"].items()]
+    warmup = run.get("warmup_experiences")
+    lines.append("- Warm-up before the measured runs: " + (
+        f"a discarded pair of {warmup}-experience runs" if warmup else "none"))
     for key in (f"ddp_{run['world_size']}gpu_speedup", f"ddp_{run['world_size']}gpu_a_last_delta"):
         entry = run[key]
         lines.append(f"- `{key}`: {entry['value']:.3f} (target {entry['target']}, "
