@@ -196,3 +196,31 @@ def test_report_lists_every_ddp_run(tmp_path):
     assert headline < text.index("### `ddp_batch64.json`: global batch 64 (not in the summary)")
     assert text.count("`ddp_2gpu_speedup`: 2.222") == 2
     assert text.count("- Warm-up before the measured runs: none") == 2
+
+
+def test_epoch_loading_times_every_epoch_and_is_reported(tmp_path):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from benchmarks.perf.epoch_loading import time_epochs
+    from cl_sulora.distributed import ShardedBatchSampler
+    from cl_sulora.loading import EpochSpanningLoader
+
+    loader = EpochSpanningLoader(TensorDataset(torch.arange(10)),
+                                 ShardedBatchSampler(10, 4, rank=0, world=1, seed=0), epochs=3)
+    epochs = time_epochs(loader, 3, 0.0)
+    assert len(epochs) == 3
+    assert all(0 <= e["first_batch_s"] <= e["epoch_s"] for e in epochs)
+
+    rows = [{"loader": name, "first_epoch_s": 0.4, "later_epoch_s": later,
+             "later_first_batch_s": wait, "total_s": 2.0, "epochs": []}
+            for name, later, wait in (("restarted every epoch", 0.3, 0.08),
+                                      ("epoch-spanning", 0.23, 0.005))]
+    run = {"device": "cpu", "commit": "abc1234", "results": rows,
+           "settings": {"benchmark": "split-cifar100-10", "samples": 5000, "steps_per_epoch": 5,
+                        "batch_size": 1024, "num_workers": 2, "epochs": 6, "step_ms": 40.0}}
+    (tmp_path / "epoch_loading").mkdir()
+    (tmp_path / "epoch_loading" / "epoch_loading.json").write_text(json.dumps(run))
+    text = "\n".join(report.epoch_loading(tmp_path))
+    assert "## Loading across epochs" in text and "`abc1234`" in text
+    assert "| epoch-spanning | 400 | 230 | 5 | 2.00 |" in text

@@ -465,6 +465,27 @@ def data_loading(directory: Path) -> list[str]:
     return lines + _table(["Pipeline", "Split", "workers", "samples/s"], rows)
 
 
+def epoch_loading(directory: Path) -> list[str]:
+    """Epoch times of ``benchmarks.perf.epoch_loading`` (``epoch_loading/``), if any."""
+    run = _optional_json(directory / "epoch_loading" / "epoch_loading.json")
+    if run is None:
+        return []
+    cfg = run["settings"]
+    lines = ["## Loading across epochs", "",
+             f"`python -m benchmarks.perf.epoch_loading` on {run['device']}, commit "
+             f"`{run['commit']}`: {cfg['benchmark']}'s first experience ({cfg['samples']:,} "
+             f"images, {cfg['steps_per_epoch']} batches of {cfg['batch_size']}), "
+             f"{cfg['num_workers']} workers, {cfg['epochs']} epochs, a simulated "
+             f"{cfg['step_ms']:g} ms training step per batch (the host sleeps). The first epoch "
+             "counts from the loop's start: the epoch-spanning loader's workers start when it "
+             "is made, just before.", ""]
+    rows = [[r["loader"], _num(r["first_epoch_s"] * 1e3, 0), _num(r["later_epoch_s"] * 1e3, 0),
+             _num(r["later_first_batch_s"] * 1e3, 0), _num(r["total_s"], 2)]
+            for r in run["results"]]
+    return lines + _table(["Loader", "first epoch ms", "later epochs ms (median)",
+                           "of which first-batch wait ms", "all epochs s"], rows)
+
+
 def notes(directory: Path) -> list[str]:
     """Observations that no measurement file holds (``notes.md`` beside them), verbatim."""
     path = directory / "notes.md"
@@ -489,7 +510,7 @@ def render(directory: Path, output: Path, plots: Path, summary: dict[str, Any]) 
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
     lines += long_stream(directory, output.parent) + data_parallel(directory)
-    lines += data_loading(directory) + notes(directory)
+    lines += data_loading(directory) + epoch_loading(directory) + notes(directory)
     return "\n".join(lines).rstrip() + "\n"
 
 
