@@ -131,15 +131,12 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     """Re-trains the head after each experience on features sampled from stored class
     Gaussians. Works with a single head (growing or fixed); a multi-head model (task-
     incremental) is left unchanged, since its heads never compete. Under data-parallel training
-    every rank collects the whole experience and draws the same samples, so heads stay equal.
-    ``num_workers`` loader processes read the experience for its statistics (e.g. the training
-    loader's count)."""
+    every rank collects the whole experience and draws the same samples, so heads stay equal."""
 
-    def __init__(self, config: AlignmentConfig, *, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, config: AlignmentConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         self.seed = seed
-        self.num_workers = num_workers
         self.stats = ClassStatistics(diagonal=config.covariance == "diagonal")
         self._before: Tensor | None = None
 
@@ -191,12 +188,11 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         model = strategy.model
         was_training = model.training
         model.eval()
+        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=strategy.eval_mb_size)
         device = strategy.device
-        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=strategy.eval_mb_size,
-                            num_workers=self.num_workers, pin_memory=device.type == "cuda")
         features, labels = [], []
         for batch in loader:
-            x = batch[0].to(device, non_blocking=True)
+            x = batch[0].to(device)
             with strategy_autocast(strategy):
                 features.append(model.backbone(x).float())
             labels.append(batch[1].to(device))

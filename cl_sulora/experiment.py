@@ -283,8 +283,7 @@ def build_experiment(
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
     if config.alignment.enabled:
-        extra.append(ClassifierAlignment(config.alignment, seed=config.seed,
-                                         num_workers=training.num_workers))
+        extra.append(ClassifierAlignment(config.alignment, seed=config.seed))
     if progress and distributed.is_main():
         extra.append(Progress(len(spec.benchmark.train_stream), f"{config.strategy} "))
     kwargs: dict[str, Any] = dict(

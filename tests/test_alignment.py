@@ -134,24 +134,3 @@ def test_drift_compensated_run_moves_the_first_classes_statistics(tiny, tmp_path
     # experience 1's classes are identical until experience 2 trains, then only b moves them
     assert not torch.allclose(a.total[0], b.total[0])
     assert len(drift.record["accuracy_matrix"]) == 3
-
-
-def test_statistics_pass_reads_in_dataset_order_with_loader_workers():
-    from types import SimpleNamespace
-
-    from torch.utils.data import TensorDataset
-
-    x, y = torch.randn(37, 4), torch.arange(37) % 3
-    model = torch.nn.Module()
-    model.backbone = torch.nn.Linear(4, 5)
-    dataset = SimpleNamespace(eval=lambda: TensorDataset(x, y))  # the experience's eval view
-    strategy = SimpleNamespace(model=model, eval_mb_size=8, device=torch.device("cpu"),
-                               plugins=[], experience=SimpleNamespace(dataset=dataset))
-    features = {}
-    for workers in (0, 2):
-        plugin = ClassifierAlignment(AlignmentConfig(enabled=True), num_workers=workers)
-        features[workers] = plugin._features(strategy)
-    with torch.no_grad():
-        expected = model.backbone(x)
-    for got, labels in features.values():
-        assert torch.allclose(got, expected) and torch.equal(labels, y)
