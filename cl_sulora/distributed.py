@@ -152,11 +152,12 @@ class ShardedBatchSampler(Sampler[list[int]]):
     ``world`` is 1).
 
     Every rank yields the same number of batches as a single process with ``batch_size`` would
-    (``ceil(n / batch_size)``, ``floor`` with ``drop_last``) and together the ranks see every
-    sample exactly once per epoch, with no padding. A last global batch smaller than the number
-    of ranks is merged into the one before (one iteration fewer than a single process), so no
-    rank gets an empty shard. Each pass (epoch) draws a new permutation from ``seed`` and the
-    pass number (the identity order without ``shuffle``).
+    (``ceil(n / batch_size)``) and together the ranks see every sample exactly once per epoch,
+    with no padding; ``drop_last`` drops the short last batch (``floor``, but at least one
+    batch). A last global batch smaller than the number of ranks is merged into the one before
+    (one iteration fewer than a single process), so no rank gets an empty shard. Each pass
+    (epoch) draws a new permutation from ``seed`` and the pass number (the identity order
+    without ``shuffle``).
     """
 
     def __init__(self, n: int, batch_size: int, *, rank: int, world: int, seed: int,
