@@ -114,22 +114,38 @@ class Autocast(SupervisedPlugin, supports_distributed=True):
 
 
 class EpochTimer(SupervisedPlugin, supports_distributed=True):
-    """Wall time inside the training epochs, the device synchronised at both ends of each: the
-    training loop alone, without the per-experience work (allocation, fusion, alignment,
-    data-loader start) that ``train_seconds`` also counts."""
+    """Wall time inside the training epochs: for each experience, from the start of its first
+    epoch to the end of its last, the device synchronised at both ends. The training loop
+    alone, without the per-experience work (allocation, fusion, alignment, data-loader start)
+    that ``train_seconds`` also counts; nothing waits for the device between the epochs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seconds = 0.0
-        self._start = 0.0
+        self._start: float | None = None
+        self._epochs = 0
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._start, self._epochs = None, 0
 
     def before_training_epoch(self, strategy, **kwargs):
-        _synchronize(strategy.device)
-        self._start = time.perf_counter()
+        if self._start is None:
+            _synchronize(strategy.device)
+            self._start = time.perf_counter()
 
     def after_training_epoch(self, strategy, **kwargs):
-        _synchronize(strategy.device)
-        self.seconds += time.perf_counter() - self._start
+        self._epochs += 1
+        if self._epochs >= strategy.train_epochs:
+            self._stop(strategy)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._stop(strategy)  # training stopped before its last epoch
+
+    def _stop(self, strategy) -> None:
+        if self._start is not None:
+            _synchronize(strategy.device)
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
 
 
 def _synchronize(device: torch.device) -> None:

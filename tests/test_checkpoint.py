@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
 
 from cl_sulora import SubspaceLoRAConfig, SuLoRA
 from cl_sulora.checkpoint import (
@@ -78,8 +79,40 @@ def test_non_finite_loss_stops_training_with_a_clear_message():
         def after_forward(self, strategy, **kwargs):
             strategy.mb_output = strategy.mb_output * float("nan")
 
-    from avalanche.core import SupervisedPlugin
-
     strategy.plugins.insert(0, type("PoisonPlugin", (Poison, SupervisedPlugin), {})())
     with pytest.raises(NonFiniteLossError, match="non-finite loss .* at experience 0"):
         strategy.train(bm.train_stream[0])
+
+
+class PoisonStep(SupervisedPlugin):
+    """Makes the loss nan at one step of the experience; counts the hooks reached."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.epochs_ended, self.experience_ended = step, 0, False
+
+    def after_forward(self, strategy, **kwargs):
+        if strategy.clock.train_exp_iterations == self.step:
+            strategy.mb_output = strategy.mb_output * float("nan")
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self.epochs_ended += 1
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.experience_ended = True
+
+
+@pytest.mark.parametrize("step, epochs_ended", [(4, 3), (10, 4)])
+def test_non_finite_loss_is_reported_one_check_late_but_before_the_experience_ends(
+        step, epochs_ended):
+    # 24 samples in batches of 8: 3 iterations per epoch, 4 epochs, checks at epoch ends. A
+    # check raises on the record of the check before it, except at the last epoch's end.
+    strategy = fresh_strategy()
+    strategy.train_epochs = 4
+    poison = PoisonStep(step)
+    strategy.plugins.insert(0, poison)
+    epoch, iteration = divmod(step, 3)
+    with pytest.raises(NonFiniteLossError,
+                       match=f"at experience 0, epoch {epoch}, iteration {iteration}:"):
+        strategy.train(image_stream().train_stream[0])
+    assert poison.epochs_ended == epochs_ended and not poison.experience_ended

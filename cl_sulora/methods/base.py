@@ -108,40 +108,73 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
     """Stop training with a clear message when the loss is not finite.
 
-    The check stays on the device and is read every ``check_every`` iterations and at the end
-    of each epoch, so the training loop does not wait for the GPU at every step. Under
-    data-parallel training the ranks agree on the outcome, so they stop together.
+    The first non-finite step of an experience is recorded on the device. Every
+    ``check_every`` iterations and at every epoch end the record is gathered over the
+    data-parallel ranks and copied to the host without waiting; each such check raises on the
+    copy of the check before it, which is done by then, so the training loop does not wait for
+    the device in mid-experience. The end of the last epoch waits for its own record, so an
+    experience with a non-finite loss stops before its end-of-experience work (fusion,
+    checkpoint). All ranks read the same record at the same iteration, so they stop together.
     """
 
     def __init__(self, check_every: int = 32) -> None:
         super().__init__()
         self.check_every = check_every
-        self._first: torch.Tensor | None = None  # (iteration, loss) of the first bad step
+        self._first: torch.Tensor | None = None  # (step in the experience, loss), -1: none
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._epochs = 0
 
-    def before_training_epoch(self, strategy, **kwargs):
+    def before_training_exp(self, strategy, **kwargs):
         self._first = torch.tensor([-1.0, 0.0], device=strategy.device)  # nothing flagged
+        self._pending = None
+        self._epochs = 0
 
     def before_backward(self, strategy, **kwargs):
         loss = strategy.loss.detach().float().reshape(-1)[:1]
-        step = torch.cat([torch.full_like(loss, strategy.clock.train_epoch_iterations), loss])
+        step = torch.cat([torch.full_like(loss, strategy.clock.train_exp_iterations), loss])
         fresh = ~torch.isfinite(loss) & (self._first[:1] < 0)
         self._first = torch.where(fresh, step, self._first)
         if (strategy.clock.train_epoch_iterations + 1) % self.check_every == 0:
-            self._check(strategy)
+            self._check(strategy, wait=False)
 
     def after_training_epoch(self, strategy, **kwargs):
-        self._check(strategy)
+        self._epochs += 1
+        self._check(strategy, wait=self._epochs >= strategy.train_epochs)
 
-    def _check(self, strategy) -> None:
-        first = distributed.first_flagged(self._first)
-        iteration, loss = first.tolist()
-        if iteration >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at experience "
-                f"{strategy.experience.current_experience}, epoch {strategy.clock.train_exp_epochs}"
-                f", iteration {int(iteration)}: lower the learning rate or use fp32; the last "
-                "checkpoint is left as it was"
-            )
+    def after_training_exp(self, strategy, **kwargs):
+        if self._pending is not None:  # training stopped before its last epoch
+            self._check(strategy, wait=True)
+
+    def _check(self, strategy, *, wait: bool) -> None:
+        """Raise on the previous check's record; gather this one, and raise on it at once if
+        ``wait``."""
+        if self._pending is not None:
+            record, copied = self._pending
+            self._pending = None
+            if copied is not None:
+                copied.synchronize()
+            self._raise_if_flagged(record, strategy)
+        record = distributed.first_flagged(self._first)
+        if wait:
+            self._raise_if_flagged(record.cpu(), strategy)
+        elif record.is_cuda:
+            copied = torch.cuda.Event()
+            self._pending = (record.to("cpu", non_blocking=True), copied)
+            copied.record()
+        else:
+            self._pending = (record.clone(), None)
+
+    @staticmethod
+    def _raise_if_flagged(record: torch.Tensor, strategy) -> None:
+        step, loss = record.tolist()
+        if step < 0:
+            return
+        epoch, iteration = divmod(int(step), max(1, len(strategy.dataloader)))
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at experience {strategy.experience.current_experience}, "
+            f"epoch {epoch}, iteration {iteration}: lower the learning rate or use fp32; the "
+            "last checkpoint is left as it was"
+        )
 
 
 class AdapterTemplate(SupervisedTemplate):
