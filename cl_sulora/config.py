@@ -72,6 +72,9 @@ class SubspaceLoRAConfig(AdapterTargets):
             ``ceil(data_max_samples / batch_size)`` training batches, after which the slot's
             rows are set (zero until then); the covariance is kept for the basis update after
             training.
+        slot_magnitudes: also train, in every experience, one scale per earlier slot and layer
+            (SD-LoRA's learned magnitudes of frozen directions), folded into those slots' ``B``
+            when the experience ends: the directions stay fixed, their weights adapt.
         trainable_modules: module-name components trained alongside the slot (the head).
         seed: seed of the random directions of the ``orthogonal`` allocator.
     """
@@ -90,6 +93,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     recompose_gamma: float = 0.25
     data_energy: float = 0.95
     data_max_samples: int = 256
+    slot_magnitudes: bool = False
     trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
     seed: int = 0
 

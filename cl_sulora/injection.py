@@ -78,7 +78,7 @@ def add_subspace_lora(model: nn.Module, config: SubspaceLoRAConfig) -> nn.Module
         config.qkv_parts,
         lambda linear, out_index: SubspaceLoRALinear(
             linear, rank=config.rank, num_slots=config.num_slots, alpha=config.alpha,
-            out_index=out_index,
+            out_index=out_index, slot_magnitudes=config.slot_magnitudes,
         ),
     )
     setattr(model, CONFIG_ATTR, config)

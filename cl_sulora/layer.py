@@ -35,6 +35,10 @@ class SubspaceLoRALinear(AdaptedLinear):
     the forward pass; within :func:`deferred_refresh` only once, on leaving it (or at a forward
     pass inside it). The ownership (``row_owner``, ``train_rows``) is mirrored on the host, so
     choosing rows never waits for the device.
+
+    With ``slot_magnitudes``, the training experience also learns one scale per earlier slot
+    (:attr:`lora_magnitude`, in the order of :meth:`magnitude_owners`; SD-LoRA's magnitudes on
+    frozen directions), folded into those slots' ``B`` when the training slot ends.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         num_slots: int,
         alpha: float,
         out_index: Tensor | None = None,
+        slot_magnitudes: bool = False,
     ) -> None:
         d_out, d_in = base.weight.shape
         total = rank * num_slots
@@ -58,6 +63,7 @@ class SubspaceLoRALinear(AdaptedLinear):
         self.rank = rank
         self.num_slots = num_slots
         self.scaling = alpha / rank
+        self.slot_magnitudes = slot_magnitudes
         # what layers must share for their slots to be changed together (:mod:`.slots`)
         self._stack_key = (rank, total, d_in, self.n_out, d_out, self.scaling,
                            None if out_index is None else tuple(self.out_index.tolist()))
@@ -77,11 +83,15 @@ class SubspaceLoRALinear(AdaptedLinear):
         # input subspace of earlier experiences, kept by the ``data`` allocator (rows)
         self.register_buffer("input_basis", torch.zeros(0, d_in, **factory))
         self.lora_B_train: nn.Parameter | None = None
+        self.lora_magnitude: nn.Parameter | None = None
         self._owner_filter: frozenset[int] | None = None
         # caches of the live rows (frozen owners first, training rows last)
         self.register_buffer("_A_live", torch.zeros(0, d_in, **factory), persistent=False)
         self.register_buffer("_B_frozen", torch.zeros(d_out, 0, **factory), persistent=False)
         self.register_buffer("_A_train", torch.zeros(0, d_in, **factory), persistent=False)
+        # position in ``lora_magnitude`` of each cached frozen row
+        self.register_buffer("_magnitude_index", torch.zeros(0, dtype=torch.long, device=device),
+                             persistent=False)
         # host copies of ``row_owner`` and ``train_rows``: ownership decisions never read the
         # device
         self._owner: list[int] = [FREE] * total
@@ -118,6 +128,10 @@ class SubspaceLoRALinear(AdaptedLinear):
     def training_rows(self) -> list[int]:
         """Rows of the slot in training, in the column order of ``lora_B_train``."""
         return list(self._train)
+
+    def magnitude_owners(self) -> list[int]:
+        """Owners of the frozen slots (ascending): the entries of :attr:`lora_magnitude`."""
+        return sorted({self._owner[row] for row in self.frozen_rows()})
 
     def live_adapter_params(self) -> int:
         """Values of ``A`` and ``B`` held for live (non-free) rows."""
@@ -167,7 +181,9 @@ class SubspaceLoRALinear(AdaptedLinear):
         if self.merged or self._A_live.shape[0] == 0:
             return self.base(x)
         if self._needs_adapter_grad():
-            return row_span_linear(x, self.effective_weight(), self.base.bias, self._A_train)
+            # the magnitudes reach the weight through the frozen rows: their span is needed too
+            rows = self._A_train if self.lora_magnitude is None else self._A_live
+            return row_span_linear(x, self.effective_weight(), self.base.bias, rows)
         return self._forward_weight(x)
 
     def effective_weight(self) -> Tensor:
@@ -201,6 +217,9 @@ class SubspaceLoRALinear(AdaptedLinear):
         train = state_dict.get(prefix + "lora_B_train")
         if train is not None and self.lora_B_train is None:
             self.lora_B_train = nn.Parameter(self.lora_B.new_empty(train.shape))
+        magnitude = state_dict.get(prefix + "lora_magnitude")
+        if magnitude is not None and self.lora_magnitude is None:
+            self.lora_magnitude = nn.Parameter(self.lora_B.new_empty(magnitude.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.reload_buffers()
 
@@ -223,9 +242,12 @@ class SubspaceLoRALinear(AdaptedLinear):
         return self.lora_B.index_copy(1, self.train_rows, self.lora_B_train.detach())
 
     def _live_B(self) -> Tensor:
-        if self.lora_B_train is None or self._A_live.shape[0] == self._B_frozen.shape[1]:
-            return self._B_frozen
-        return torch.cat([self._B_frozen, self._embed(self.lora_B_train)], dim=1)
+        frozen = self._B_frozen
+        if self.lora_magnitude is not None:
+            frozen = frozen * self.lora_magnitude[self._magnitude_index]
+        if self.lora_B_train is None or self._A_live.shape[0] == frozen.shape[1]:
+            return frozen
+        return torch.cat([frozen, self._embed(self.lora_B_train)], dim=1)
 
     def refresh(self) -> None:
         """Rebuild the live-row caches if a change within :func:`deferred_refresh` left them

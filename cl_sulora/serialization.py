@@ -30,8 +30,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in subspace_lora_layers(model).items():
         for key in _STATE:
             tensors[f"{name}.{key}"] = getattr(layer, key)
-        if layer.lora_B_train is not None:
-            tensors[f"{name}.lora_B_train"] = layer.lora_B_train.detach()
+        for key in ("lora_B_train", "lora_magnitude"):
+            if getattr(layer, key) is not None:
+                tensors[f"{name}.{key}"] = getattr(layer, key).detach()
         if int(layer.num_fused):
             weight = layer.weight.detach()
             if layer.merged:
@@ -90,8 +91,9 @@ def load_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             saved = tensors[f"{name}.{key}"]
             current = getattr(layer, key)
             setattr(layer, key, saved.to(device=current.device, dtype=current.dtype))
-        train = tensors.get(f"{name}.lora_B_train")
-        layer.lora_B_train = None if train is None else nn.Parameter(train.to(layer.lora_A))
+        for key in ("lora_B_train", "lora_magnitude"):
+            saved = tensors.get(f"{name}.{key}")
+            setattr(layer, key, None if saved is None else nn.Parameter(saved.to(layer.lora_A)))
         fused = tensors.get(f"{name}.fused_weight")
         if fused is not None:
             fused = fused.to(layer.weight)

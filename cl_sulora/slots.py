@@ -29,7 +29,8 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
     """Give ``rank`` free rows of each layer to ``owner``, with the layer's ``directions``
     (``rank x d_in``, orthonormal and orthogonal to its rows in use) or, when ``None``, zero
     rows for slots pointed later (:func:`point_slots`). Each slot's ``B`` starts at zero and
-    is trainable."""
+    is trainable; so are, at one, the magnitudes of the earlier slots of layers with
+    ``slot_magnitudes``."""
     chosen = []
     for layer in layers:
         layer._check_not_merged("start a slot")
@@ -55,6 +56,9 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
                 layer._owner[row] = owner
             layer._train = rows_i
             layer.lora_B_train = nn.Parameter(layer.lora_B.new_zeros(layer.n_out, layer.rank))
+            owners = layer.magnitude_owners() if layer.slot_magnitudes else []
+            if owners:
+                layer.lora_magnitude = nn.Parameter(layer.lora_B.new_ones(len(owners)))
     _changed(layers)
 
 
@@ -88,9 +92,13 @@ def point_slots(layers: Sequence[SubspaceLoRALinear], directions: Sequence[Tenso
 def end_slots(layers: Sequence[SubspaceLoRALinear],
               importances: Sequence[Tensor] | None = None) -> None:
     """Freeze each layer's training slot: its ``B`` becomes part of the buffer ``lora_B``, its
-    pair importance (``importances[i]``, one value per column) is recorded."""
+    pair importance (``importances[i]``, one value per column) is recorded, and the learned
+    magnitudes of earlier slots are folded into their ``B``."""
     position = {id(layer): i for i, layer in enumerate(layers)}
     active = [layer for layer in layers if layer.lora_B_train is not None]
+    for layer in active:
+        if layer.lora_magnitude is not None:
+            _fold_magnitudes(layer)
     for members in _batches(active):
         group = [active[i] for i in members]
         index = torch.stack([layer.train_rows for layer in group])
@@ -121,6 +129,9 @@ def fuse_rows(layers: Sequence[SubspaceLoRALinear],
             layer._check_not_merged("fuse")
             if any(layer._owner[row] == FREE for row in chosen):
                 raise ValueError("cannot fuse free rows")
+            if layer.lora_magnitude is not None and any(row not in layer._train for row in chosen):
+                raise RuntimeError("cannot fuse earlier slots while their magnitudes train: "
+                                   "end the training slot first")
     pairs = [(layer, chosen) for layer, chosen in zip(layers, rows, strict=True) if chosen]
     for members in _batches([p[0] for p in pairs], key=lambda i: len(pairs[i][1])):
         group = [pairs[i][0] for i in members]
@@ -169,6 +180,9 @@ def rebuild_caches(layers: Sequence[SubspaceLoRALinear]) -> None:
             layer._A_live = A_i
             layer._B_frozen = B_i
             layer._A_train = A_i[frozen:]
+    for layer, (frozen, rows) in zip(layers, plans, strict=True):
+        if layer.lora_magnitude is not None:
+            layer._magnitude_index = _magnitude_positions(layer, rows[:frozen])
 
 
 def _changed(layers: Sequence[SubspaceLoRALinear]) -> None:
@@ -256,6 +270,21 @@ def _add_to_weights(layers: Sequence[SubspaceLoRALinear], delta: Tensor) -> None
         return
     for weight, layer, rows in zip(weights, layers, delta.unbind(), strict=True):
         weight.index_add_(0, layer.out_index, rows)
+
+
+def _magnitude_positions(layer: SubspaceLoRALinear, rows: Sequence[int]) -> Tensor:
+    """Position in ``layer.lora_magnitude`` of the owner of each of the frozen ``rows``."""
+    position = {owner: i for i, owner in enumerate(layer.magnitude_owners())}
+    return _device_index([[position[layer._owner[row]] for row in rows]], layer)[0]
+
+
+def _fold_magnitudes(layer: SubspaceLoRALinear) -> None:
+    """Scale the frozen rows' ``B`` columns by their slots' magnitudes; drop the parameter."""
+    rows = layer.frozen_rows()
+    columns = _device_index([rows], layer)[0]
+    scale = layer.lora_magnitude.detach()[_magnitude_positions(layer, rows)]
+    layer.lora_B.index_copy_(1, columns, layer.lora_B.index_select(1, columns) * scale)
+    layer.lora_magnitude = None
 
 
 def _point_columns(layer: SubspaceLoRALinear, columns: list[int], directions: Tensor) -> None:

@@ -77,11 +77,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                 directions = [found[name] for name in layers]
             start_slots(list(layers.values()), owner, directions)
         self.owner_task[owner] = task_label(strategy.experience)
-        freeze_except(
-            strategy.model,
-            [layer.lora_B_train for layer in layers.values()],
-            self.config.trainable_modules,
-        )
+        trained = [p for layer in layers.values()
+                   for p in (layer.lora_B_train, layer.lora_magnitude) if p is not None]
+        freeze_except(strategy.model, trained, self.config.trainable_modules)
         strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
         self.steps = 0
         if deferred:
