@@ -119,7 +119,8 @@ def test_ranks_agree_on_the_first_flagged_step(tmp_path):
 
 
 @pytest.mark.parametrize("strategy, extra", [
-    ("sulora", ["--set", "method.allocator=data", "method.recompose_every=2"]),
+    ("sulora", ["--set", "method.allocator=data", "method.recompose_every=2",
+                "method.slot_magnitudes=true"]),
     ("sdlora", ["--set", "alignment.enabled=true", "training.num_workers=1"]),
 ])
 def test_two_gloo_ranks_keep_identical_adapters_and_shard_the_data(strategy, extra, tmp_path):
