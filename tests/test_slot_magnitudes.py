@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from cl_sulora import SubspaceLoRAConfig, subspace_lora_layers
@@ -151,3 +153,46 @@ def test_sulora_trains_the_earlier_slots_magnitudes_and_folds_them(vit_model):
         scale = layer.lora_B[:, layer.rows_of(0)] / B0[name]
         assert torch.allclose(scale, scale.flatten()[0])  # one magnitude for the whole slot
         assert not torch.allclose(scale, torch.ones_like(scale))  # and it was trained
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rank=st.integers(1, 3),
+    slots=st.integers(1, 4),
+    ops=st.lists(st.tuples(st.sampled_from(["add", "fuse"]), st.integers(0, 99)), max_size=10),
+)
+def test_any_sequence_of_slots_and_fusions_keeps_the_function_through_folding(rank, slots, ops):
+    """Training a slot with random magnitudes matches the formula; ending it (folding) and
+    fusing earlier slots leave the function unchanged."""
+    torch.manual_seed(0)
+    d_in = max(12, rank * slots)
+    layer = SubspaceLoRALinear(nn.Linear(d_in, 6), rank=rank, num_slots=slots, alpha=2.0,
+                               slot_magnitudes=True)
+    x = torch.randn(4, d_in)
+    owner = 0
+    for op, pick in ops:
+        if op == "add" and len(layer.free_rows()) >= rank:
+            g = torch.Generator().manual_seed(pick)
+            used = layer.lora_A[layer.used_rows()]
+            layer.start_slot(owner, directions_outside(torch.randn(2 * d_in, d_in, generator=g),
+                                                       used, rank))
+            assert (layer.lora_magnitude is None) == (owner == 0 or not layer.frozen_rows())
+            with torch.no_grad():
+                layer.lora_B_train.copy_(torch.randn(layer.lora_B_train.shape, generator=g))
+                if layer.lora_magnitude is not None:
+                    layer.lora_magnitude.copy_(
+                        torch.rand(layer.lora_magnitude.shape, generator=g) * 2)
+                    live = [o for o in range(owner + 1) if layer.rows_of(o)]
+                    torch.testing.assert_close(layer(x), by_hand(layer, x, live),
+                                               rtol=1e-5, atol=1e-5)
+                before = layer(x)
+            layer.end_slot(torch.rand(rank, generator=g))
+            owner += 1
+        elif op == "fuse" and layer.frozen_rows():
+            before = layer(x)
+            frozen = layer.frozen_rows()
+            layer.fuse(frozen[: 1 + pick % len(frozen)])
+        else:
+            continue
+        assert layer.lora_magnitude is None
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
