@@ -214,12 +214,10 @@ class SubspaceLoRALinear(AdaptedLinear):
             if saved is not None:
                 current = getattr(self, key)
                 setattr(self, key, current.new_empty(saved.shape))
-        train = state_dict.get(prefix + "lora_B_train")
-        if train is not None and self.lora_B_train is None:
-            self.lora_B_train = nn.Parameter(self.lora_B.new_empty(train.shape))
-        magnitude = state_dict.get(prefix + "lora_magnitude")
-        if magnitude is not None and self.lora_magnitude is None:
-            self.lora_magnitude = nn.Parameter(self.lora_B.new_empty(magnitude.shape))
+        for key in ("lora_B_train", "lora_magnitude"):  # parameters that exist mid-experience
+            saved = state_dict.get(prefix + key)
+            if saved is not None and getattr(self, key) is None:
+                setattr(self, key, nn.Parameter(self.lora_B.new_empty(saved.shape)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.reload_buffers()
 
