@@ -1,41 +1,75 @@
-"""cl-sulora: continual learning with subspace LoRA adapters for Avalanche."""
+"""cl-sulora: continual learning with subspace LoRA adapters for Avalanche.
 
-from .branch_layer import (
+Areas: :mod:`cl_sulora.adapters` (adapter layers and injection), :mod:`cl_sulora.methods`
+(SuLoRA and the baselines), :mod:`cl_sulora.training` (the template and its plugins),
+:mod:`cl_sulora.models` (backbones and heads), :mod:`cl_sulora.benchmarks` and
+:mod:`cl_sulora.runner` (configs, the experience loop, records, the command line).
+"""
+
+from .adapters import (
     BranchLoRAConfig,
     BranchLoRALinear,
+    SubspaceLoRAConfig,
+    SubspaceLoRALinear,
     add_branch_lora,
-    branch_lora_layers,
-)
-from .config import SubspaceLoRAConfig
-from .injection import (
     add_subspace_lora,
-    merge_subspace_lora,
+    branch_lora_layers,
+    load_subspace_lora,
+    merge_adapters,
+    merge_and_unload,
+    save_subspace_lora,
     subspace_lora_layers,
-    unmerge_subspace_lora,
+    unmerge_adapters,
 )
-from .layer import SubspaceLoRALinear
+from .errors import (
+    BackboneError,
+    CapacityError,
+    CheckpointError,
+    CLSuLoRAError,
+    ConfigError,
+    DataError,
+    DivergenceError,
+)
 from .methods import (
+    EWCConfig,
     IncLoRA,
     InfLoRA,
+    InfLoRAConfig,
     JointLoRA,
+    LwFConfig,
     OLoRA,
+    OLoRAConfig,
+    ReplayConfig,
     SDLoRA,
+    SDLoRAConfig,
     SeqLoRA,
     SuLoRA,
     SuLoRAPlugin,
 )
-from .serialization import load_subspace_lora, save_subspace_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackboneError",
     "BranchLoRAConfig",
     "BranchLoRALinear",
+    "CLSuLoRAError",
+    "CapacityError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DivergenceError",
+    "EWCConfig",
     "IncLoRA",
     "InfLoRA",
+    "InfLoRAConfig",
     "JointLoRA",
+    "LwFConfig",
     "OLoRA",
+    "OLoRAConfig",
+    "ReplayConfig",
     "SDLoRA",
+    "SDLoRAConfig",
     "SeqLoRA",
     "SubspaceLoRAConfig",
     "SubspaceLoRALinear",
@@ -45,8 +79,9 @@ __all__ = [
     "add_subspace_lora",
     "branch_lora_layers",
     "load_subspace_lora",
-    "merge_subspace_lora",
+    "merge_adapters",
+    "merge_and_unload",
     "save_subspace_lora",
     "subspace_lora_layers",
-    "unmerge_subspace_lora",
+    "unmerge_adapters",
 ]

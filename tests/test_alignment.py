@@ -6,10 +6,10 @@ import pytest
 import torch
 from avalanche.models import IncrementalClassifier
 
-from cl_sulora.alignment import AlignmentConfig, ClassifierAlignment, ClassStatistics
-from cl_sulora.checkpoint import latest_checkpoint
-from cl_sulora.experiment import Checkpointing, run
-from cl_sulora.presets import ConfigError
+from cl_sulora.errors import ConfigError
+from cl_sulora.runner.checkpoint import latest_checkpoint
+from cl_sulora.runner.loop import Checkpointing, run
+from cl_sulora.training.alignment import AlignmentConfig, ClassifierAlignment, ClassStatistics
 from tests.test_runner import tiny, tiny_config  # noqa: F401 - fixture
 
 

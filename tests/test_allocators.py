@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from cl_sulora.allocators import DataAllocator, build_allocator
-from cl_sulora.layer import SubspaceLoRALinear
+from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
+from cl_sulora.methods.sulora.allocators import DataAllocator, build_allocator
 
 
 def allocate_all(layer, allocator, name="layer"):
@@ -15,7 +15,7 @@ def allocate_all(layer, allocator, name="layer"):
 
 
 def assert_orthonormal_and_disjoint(layer):
-    slots = [layer.lora_A[layer.rows_of(o)] for o in range(layer.num_slots)]
+    slots = [layer.lora_A[layer.slots.rows_of(o)] for o in range(layer.num_slots)]
     for i, a in enumerate(slots):
         torch.testing.assert_close(a @ a.T, torch.eye(layer.rank), rtol=0, atol=1e-5)
         for b in slots[i + 1:]:
@@ -87,7 +87,7 @@ def reference_directions(candidates, used, n):
 
 
 def test_directions_outside_matches_the_plain_greedy_choice():
-    from cl_sulora.subspace import directions_outside
+    from cl_sulora.linalg import directions_outside
 
     g = torch.Generator().manual_seed(3)
     used = torch.linalg.qr(torch.randn(30, 7, generator=g)).Q.T  # 7 orthonormal rows
@@ -116,7 +116,7 @@ def test_batched_allocation_equals_one_layer_at_a_time():
 
 
 def test_extend_basis_follows_the_energy_rule():
-    from cl_sulora.subspace import extend_basis
+    from cl_sulora.linalg import extend_basis
 
     d = 10
     scales = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0])

@@ -13,13 +13,14 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_sulora import IncLoRA, InfLoRA, JointLoRA, OLoRA, SDLoRA, SeqLoRA
-from cl_sulora.branch_layer import BranchLoRALinear, LoRABranch, branch_lora_layers
-from cl_sulora.methods.avalanche_baselines import ReplayClassMask
-from cl_sulora.methods.base import MASK_VALUE
+from cl_sulora.adapters.branch_layer import BranchLoRALinear, LoRABranch
+from cl_sulora.adapters.injection import branch_lora_layers
+from cl_sulora.methods.full_finetuning import ReplayClassMask
 from cl_sulora.methods.inflora import old_input_basis, store_input_basis
 from cl_sulora.methods.registry import METHODS
 from cl_sulora.methods.sdlora import SDLoRAConfig, distil_new_direction
 from cl_sulora.models import ContinualClassifier, make_head
+from cl_sulora.training.plugins import MASK_VALUE
 
 from .conftest import TinyBert, image_stream, text_stream, tiny_vit
 
@@ -128,9 +129,9 @@ def test_branch_layer_weight_path_matches_activation_path(out_index, dtype):
     layer = random_layer(out_index).to(dtype)
     x = torch.randn(5, 4, 8, dtype=dtype)
     with torch.no_grad():
-        activations = layer._forward_activations(x)
+        activations = layer.forward_activations(x)
         no_grad = layer(x)  # no gradient needed: the weight path
-    torch.testing.assert_close(no_grad, layer._forward_weight(x), rtol=0, atol=0)
+    torch.testing.assert_close(no_grad, layer.forward_weight(x), rtol=0, atol=0)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(no_grad, activations, rtol=tol, atol=tol)
     with torch.inference_mode():

@@ -19,8 +19,9 @@ from cl_sulora.benchmarks.array_images import (
     array_image_transforms,
     chw_tensor,
 )
-from cl_sulora.experiment import build_experiment, resolve_config
-from cl_sulora.plugins import BatchAugment, EpochTimer, LRSchedule
+from cl_sulora.runner.build import build_experiment
+from cl_sulora.runner.config import resolve_config
+from cl_sulora.training.plugins import BatchAugment, EpochTimer, LRSchedule
 from tests.test_benchmarks import write_cifar
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -172,7 +173,7 @@ def test_plugin_draws_are_seeded_by_seed_experience_and_rank(monkeypatch):
     assert torch.equal(first, plugin_draw(0, 1))
     assert not torch.equal(first, plugin_draw(1, 1))
     assert not torch.equal(first, plugin_draw(0, 2))
-    monkeypatch.setattr("cl_sulora.distributed.rank", lambda: 1)
+    monkeypatch.setattr("cl_sulora.training.distributed.rank", lambda: 1)
     assert not torch.equal(first, plugin_draw(0, 1))
 
 

@@ -17,8 +17,8 @@ from avalanche.models import IncrementalClassifier
 from PIL import Image
 
 from cl_sulora.benchmarks import BENCHMARKS, benchmark_options, build_benchmark
-from cl_sulora.benchmarks._common import read_text_task, stratified_split, validation_split
 from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
+from cl_sulora.benchmarks.common import read_text_task, stratified_split, validation_split
 from cl_sulora.benchmarks.glue import TASK_PATHS
 
 REAL_ROOT = os.environ.get("CL_SULORA_DATA")
@@ -571,7 +571,7 @@ def test_validation_on_every_builder(data_root, tok, tmp_path):
 def test_validation_run_end_to_end(tmp_path):
     """A run on pacs-dil with a validation split: no test folder at all, a -val result file
     whose notes say what was evaluated."""
-    from cl_sulora.experiment import resolve_config, run
+    from cl_sulora.runner import resolve_config, run
 
     write_pacs(tmp_path / "pacs-64")
     (tmp_path / "pacs-64" / "test").rename(tmp_path / "moved-away")
@@ -670,8 +670,8 @@ def test_real_image_counts():
 def test_array_image_transforms_equal_torchvision_pil_pipeline_bit_for_bit():
     from PIL import Image
 
-    from cl_sulora.benchmarks._common import image_transforms
     from cl_sulora.benchmarks.array_images import array_image_transforms, chw_tensor
+    from cl_sulora.benchmarks.common import image_transforms
 
     images = np.random.RandomState(0).randint(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

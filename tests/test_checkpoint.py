@@ -5,15 +5,15 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from cl_sulora import SubspaceLoRAConfig, SuLoRA
-from cl_sulora.checkpoint import (
+from cl_sulora.errors import DivergenceError as NonFiniteLossError
+from cl_sulora.models import ContinualClassifier, make_head
+from cl_sulora.runner.checkpoint import (
     CheckpointError,
     checkpoints,
     latest_checkpoint,
     restore,
     save_checkpoint,
 )
-from cl_sulora.methods.base import NonFiniteLossError
-from cl_sulora.models import ContinualClassifier, make_head
 from tests.conftest import image_stream, tiny_vit
 
 CONFIG = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="fraction", allocator="data")
@@ -46,7 +46,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
     resumed = fresh_strategy(seed=99)  # different init: everything must come from the checkpoint
     checkpoint = latest_checkpoint(tmp_path)
     assert checkpoint.position == 0 and checkpoint.state["extra"] == {"rows": [[1.0]]}
-    restore(resumed, checkpoint, bm.train_stream)
+    restore(resumed, checkpoint, list(bm.train_stream)[: checkpoint.position + 1])
     for exp in list(bm.train_stream)[1:]:
         resumed.train(exp)
     assert torch.equal(outputs(resumed, x), expected)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cl_sulora import distributed
-from cl_sulora.presets import ConfigError
+from cl_sulora.errors import ConfigError
+from cl_sulora.training import distributed
 from tests.test_reliability import tiny_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ SCRIPT = """
 import functools, hashlib, json, os, sys
 from pathlib import Path
 from avalanche.core import SupervisedPlugin
-from cl_sulora import cli, distributed, experiment
+from cl_sulora.runner import cli, loop
+from cl_sulora.training import distributed
 from cl_sulora.benchmarks import BENCHMARKS
 from tests.test_runner import tiny_images
 
@@ -48,7 +49,7 @@ class Probe(SupervisedPlugin, supports_distributed=True):
 
     def after_eval(self, strategy, **kwargs):
         metrics = strategy.evaluator.get_last_metrics()
-        probe["rows"].append(experiment.accuracy_row(metrics, 2))
+        probe["rows"].append(loop.accuracy_row(metrics, 2))
 
 def logged(function, what):
     def write(*args, **kwargs):
@@ -56,10 +57,10 @@ def logged(function, what):
         return function(*args, **kwargs)
     return write
 
-experiment.atomic_write_json = logged(experiment.atomic_write_json, "results")
-experiment.save_checkpoint = logged(experiment.save_checkpoint, "checkpoint")
+loop.atomic_write_json = logged(loop.atomic_write_json, "results")
+loop.save_checkpoint = logged(loop.save_checkpoint, "checkpoint")
 BENCHMARKS["tiny-images"] = tiny_images
-cli.run = functools.partial(experiment.run, plugins=[Probe()])
+cli.run = functools.partial(loop.run, plugins=[Probe()])
 status = cli.main(sys.argv[1:])
 Path(os.environ["PROBE"], f"rank{os.environ['RANK']}.json").write_text(json.dumps(probe))
 sys.exit(status)
@@ -102,7 +103,7 @@ def launch(argv: list[str], probe: Path, world: int = 2,
 #: neither did.
 FLAGS = """
 import os, torch, torch.distributed as dist
-from cl_sulora import distributed
+from cl_sulora.training import distributed
 dist.init_process_group("gloo")
 rank = int(os.environ["RANK"])
 for mine in ([[-1.0, 0.0], [7.0, float("nan")]][rank], [[9.0, 1.0], [7.0, 2.0]][rank],
@@ -166,7 +167,8 @@ def test_two_gloo_ranks_keep_identical_adapters_and_shard_the_data(strategy, ext
 
 def test_replay_and_indivisible_batches_are_refused(monkeypatch):
     from cl_sulora.benchmarks import BENCHMARKS
-    from cl_sulora.experiment import check_distributed, resolve_config
+    from cl_sulora.runner.config import resolve_config
+    from cl_sulora.runner.loop import check_distributed
     from tests.test_runner import tiny_images
 
     monkeypatch.setitem(BENCHMARKS, "tiny-images", tiny_images)

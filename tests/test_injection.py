@@ -14,7 +14,7 @@ def test_timm_vit_gets_qkv_adapted_on_q_and_v_only():
     assert sorted(layers) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     index = layers["blocks.0.attn.qkv"].out_index
     assert index.tolist() == list(range(0, 32)) + list(range(64, 96))
-    assert model.subspace_lora_targets == sorted(layers)
+    assert model.adapter_targets == sorted(layers)
 
 
 def test_bert_gets_query_and_value_adapted():

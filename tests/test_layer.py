@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cl_sulora.layer import FREE, SubspaceLoRALinear, deferred_refresh
-from cl_sulora.subspace import directions_outside
+from cl_sulora.adapters.slot_table import FREE
+from cl_sulora.adapters.slots import deferred_refresh
+from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
+from cl_sulora.linalg import directions_outside
 
 
 def make_layer(d_in=16, d_out=12, rank=2, slots=4, out_index=None, seed=0, dtype=torch.float32):
@@ -19,7 +21,7 @@ def make_layer(d_in=16, d_out=12, rank=2, slots=4, out_index=None, seed=0, dtype
 def fill_slot(layer: SubspaceLoRALinear, owner: int, seed: int) -> None:
     """Start a slot with orthogonal directions, give it a random B, and freeze it."""
     g = torch.Generator().manual_seed(seed)
-    used = layer.lora_A[layer.used_rows()]
+    used = layer.lora_A[layer.slots.used_rows()]
     dirs = directions_outside(torch.randn(8, layer.in_features, generator=g), used, layer.rank)
     layer.start_slot(owner, dirs)
     with torch.no_grad():
@@ -30,12 +32,12 @@ def fill_slot(layer: SubspaceLoRALinear, owner: int, seed: int) -> None:
 def full_B(layer: SubspaceLoRALinear) -> torch.Tensor:
     B = layer.lora_B.clone()
     if layer.lora_B_train is not None:
-        B[:, layer.train_rows] = layer.lora_B_train.detach()
+        B[:, layer.slots.train_rows] = layer.lora_B_train.detach()
     return B
 
 
 def by_hand(layer: SubspaceLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    live = layer.used_rows()
+    live = layer.slots.used_rows()
     delta = layer.scaling * (x @ layer.lora_A[live].T) @ full_B(layer)[:, live].T
     out = layer.base(x)
     if layer.out_index is None:
@@ -50,15 +52,15 @@ def test_deferred_refresh_rebuilds_the_caches_once_and_forwards_stay_exact():
     with deferred_refresh([deferred]):
         for owner in range(3):
             fill_slot(deferred, owner, owner + 10)
-            assert deferred._stale
+            assert deferred.slots.stale
             torch.testing.assert_close(deferred(x), by_hand(deferred, x))  # refreshed on use
             fill_slot(eager, owner, owner + 10)
-            assert not eager._stale
-        deferred.fuse(deferred.rows_of(1))
-        assert deferred._stale and deferred._A_live.shape[0] == 6
-    eager.fuse(eager.rows_of(1))
-    assert not deferred._stale and deferred._A_live.shape[0] == 4
-    torch.testing.assert_close(deferred._A_live, eager._A_live, rtol=0, atol=0)
+            assert not eager.slots.stale
+        deferred.fuse(deferred.slots.rows_of(1))
+        assert deferred.slots.stale and deferred.slots.A_live.shape[0] == 6
+    eager.fuse(eager.slots.rows_of(1))
+    assert not deferred.slots.stale and deferred.slots.A_live.shape[0] == 4
+    torch.testing.assert_close(deferred.slots.A_live, eager.slots.A_live, rtol=0, atol=0)
     torch.testing.assert_close(deferred(x), eager(x), rtol=0, atol=0)
 
 
@@ -66,7 +68,8 @@ def test_forward_matches_formula_with_frozen_and_training_slots():
     layer = make_layer()
     fill_slot(layer, 0, 1)
     fill_slot(layer, 1, 2)
-    layer.start_slot(2, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    layer.start_slot(2, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
     with torch.no_grad():
         layer.lora_B_train.normal_()
     x = torch.randn(5, 3, 16)
@@ -82,13 +85,13 @@ def test_a_slot_started_with_zero_rows_and_pointed_later_forwards_like_one_start
         pointed, direct = make_layer(out_index=out_index), make_layer(out_index=out_index)
         for layer in (pointed, direct):
             fill_slot(layer, 0, 1)
-        dirs = directions_outside(torch.randn(4, 16), pointed.lora_A[pointed.used_rows()], 2)
+        dirs = directions_outside(torch.randn(4, 16), pointed.lora_A[pointed.slots.used_rows()], 2)
         pointed.start_slot(1, None)
         torch.testing.assert_close(pointed(x), by_hand(pointed, x), rtol=0, atol=1e-5)
         pointed.reset_training_rows(None, dirs)
         direct.start_slot(1, dirs)
-        assert not pointed._stale
-        torch.testing.assert_close(pointed._A_live, direct._A_live, rtol=0, atol=0)
+        assert not pointed.slots.stale
+        torch.testing.assert_close(pointed.slots.A_live, direct.slots.A_live, rtol=0, atol=0)
         with torch.no_grad():
             for layer in (pointed, direct):
                 layer.lora_B_train.copy_(torch.arange(layer.lora_B_train.numel()).view_as(
@@ -100,7 +103,8 @@ def test_a_slot_started_with_zero_rows_and_pointed_later_forwards_like_one_start
 def test_training_slot_is_the_only_trainable_tensor_and_gets_gradients():
     layer = make_layer()
     fill_slot(layer, 0, 1)
-    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    layer.start_slot(1, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
     trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
     assert trainable == ["lora_B_train"]
     layer(torch.randn(4, 16)).sum().backward()
@@ -139,12 +143,12 @@ def test_fusion_keeps_outputs_and_frees_exactly_the_fused_rows():
         fill_slot(layer, owner, owner + 20)
     x = torch.randn(9, 16)
     before = layer(x)
-    used = set(layer.used_rows())
+    used = set(layer.slots.used_rows())
     fused = torch.tensor([0, 3])
     layer.fuse(fused)
     assert (layer(x) - before).abs().max() < 1e-5
-    assert set(layer.used_rows()) == used - {0, 3}
-    assert (layer.row_owner[fused] == FREE).all()
+    assert set(layer.slots.used_rows()) == used - {0, 3}
+    assert (layer.slots.row_owner[fused] == FREE).all()
     assert int(layer.num_fused) == 2
     with pytest.raises(ValueError, match="free rows"):
         layer.fuse(fused)
@@ -157,9 +161,9 @@ def test_fusing_training_rows_keeps_them_owned_and_outputs_unchanged():
         layer.lora_B_train.normal_()
     x = torch.randn(4, 16)
     before = layer(x)
-    layer.fuse(layer.train_rows[:1])
+    layer.fuse(layer.slots.train_rows[:1])
     assert (layer(x) - before).abs().max() < 1e-5
-    assert (layer.row_owner[layer.train_rows] == 0).all()
+    assert (layer.slots.row_owner[layer.slots.train_rows] == 0).all()
     assert layer.lora_B_train[:, 0].abs().max() == 0
 
 
@@ -182,7 +186,7 @@ def test_owner_filter_uses_only_that_owners_rows():
     x = torch.randn(3, 16)
     layer.set_owner_filter([1])
     only_one = layer(x)
-    rows = layer.rows_of(1)
+    rows = layer.slots.rows_of(1)
     expected = layer.base(x) + layer.scaling * (x @ layer.lora_A[rows].T) @ layer.lora_B[:, rows].T
     torch.testing.assert_close(only_one, expected, rtol=0, atol=1e-5)
     layer.set_owner_filter(None)
@@ -199,7 +203,7 @@ def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
         fill_slot(layer, owner, owner + 40)
     if training_slot:
         layer.start_slot(3, directions_outside(torch.randn(4, 16),
-                                               layer.lora_A[layer.used_rows()], 2))
+                                               layer.lora_A[layer.slots.used_rows()], 2))
         with torch.no_grad():
             layer.lora_B_train.normal_()
     x = torch.randn(6, 5, 16, dtype=dtype)
@@ -207,13 +211,13 @@ def test_weight_path_matches_activation_path(dtype, qkv, training_slot):
     with torch.no_grad():
         activations = by_hand(layer, x)
         no_grad = layer(x)  # no gradient needed: the weight path
-        torch.testing.assert_close(no_grad, layer._forward_weight(x), rtol=0, atol=0)
+        torch.testing.assert_close(no_grad, layer.forward_weight(x), rtol=0, atol=0)
         torch.testing.assert_close(no_grad, activations, rtol=tol, atol=tol)
         if qkv:  # k rows are exactly the base layer's
             assert torch.equal(no_grad[..., 4:8], layer.base(x)[..., 4:8])
         for owners in ([1], [0, 2]) if not training_slot else ([0, 1, 2, 3],):
             layer.set_owner_filter(owners)
-            rows = [row for row in layer.used_rows() if layer.row_owners()[row] in owners]
+            rows = [row for row in layer.slots.used_rows() if layer.slots.owners[row] in owners]
             delta = layer.scaling * (x @ layer.lora_A[rows].T) @ full_B(layer)[:, rows].T
             expected = layer.base(x)
             expected[..., index if qkv else slice(None)] += delta
@@ -271,25 +275,25 @@ def test_any_sequence_of_slots_and_fusions_keeps_function_and_accounting(
     for op, pick in ops:
         before = layer(x)
         if op == "add":
-            if len(layer.free_rows()) < rank:
+            if len(layer.slots.free_rows()) < rank:
                 continue
             fill_slot(layer, owner, pick)
             owner += 1
         else:
-            frozen = torch.tensor(layer.frozen_rows(), dtype=torch.long)
+            frozen = torch.tensor(layer.slots.frozen_rows(), dtype=torch.long)
             if frozen.numel() == 0:
                 continue
             order = torch.randperm(frozen.numel(), generator=torch.Generator().manual_seed(pick))
             chosen = frozen[order]
             layer.fuse(chosen[: 1 + pick % frozen.numel()])
             assert (layer(x) - before).abs().max() < 1e-5
-        free, used = len(layer.free_rows()), len(layer.used_rows())
+        free, used = len(layer.slots.free_rows()), len(layer.slots.used_rows())
         assert free >= 0 and used >= 0 and free + used == rank * slots
-        A = layer.lora_A[layer.used_rows()]
+        A = layer.lora_A[layer.slots.used_rows()]
         torch.testing.assert_close(A @ A.T, torch.eye(used), rtol=0, atol=1e-5)
         # the host copy of the ownership never drifts from the buffers
-        assert layer.row_owners() == layer.row_owner.tolist()
-        assert layer.training_rows() == layer.train_rows.tolist()
+        assert layer.slots.owners == layer.slots.row_owner.tolist()
+        assert layer.slots.training_rows == layer.slots.train_rows.tolist()
 
 
 def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
@@ -297,21 +301,21 @@ def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
     training slots (branches with magnitudes, as SD-LoRA's), have no graph break."""
     import torch._dynamo as dynamo
 
-    from cl_sulora.branch_layer import (
-        BranchLoRAConfig,
-        LoRABranch,
+    from cl_sulora.adapters.branch_layer import LoRABranch
+    from cl_sulora.adapters.config import BranchLoRAConfig, SubspaceLoRAConfig
+    from cl_sulora.adapters.injection import (
         add_branch_lora,
+        add_subspace_lora,
         branch_lora_layers,
+        subspace_lora_layers,
     )
-    from cl_sulora.config import SubspaceLoRAConfig
-    from cl_sulora.injection import add_subspace_lora, subspace_lora_layers
     from tests.conftest import tiny_vit
 
     add_subspace_lora(vit_model, SubspaceLoRAConfig(rank=2, num_slots=4))
     for owner in range(3):
         for layer in subspace_lora_layers(vit_model).values():
             layer.start_slot(owner, directions_outside(
-                torch.randn(4, layer.in_features), layer.lora_A[layer.used_rows()], 2))
+                torch.randn(4, layer.in_features), layer.lora_A[layer.slots.used_rows()], 2))
             if owner < 2:
                 layer.end_slot(torch.rand(2))
     branchy = tiny_vit()
@@ -336,7 +340,8 @@ def test_training_slot_gets_the_activation_path_gradient(qkv):
     index = torch.cat([torch.arange(0, 4), torch.arange(8, 12)]) if qkv else None
     layer = make_layer(out_index=index)
     fill_slot(layer, 0, 60)
-    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    layer.start_slot(1, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
     with torch.no_grad():
         layer.lora_B_train.normal_()
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -344,9 +349,9 @@ def test_training_slot_gets_the_activation_path_gradient(qkv):
     (layer(x) * dy).sum().backward()
     got = (layer.lora_B_train.grad.clone(), x.grad.clone())
     layer.lora_B_train.grad = x.grad = None
-    rows = layer.train_rows  # the same output, written with the slot on the activations
+    rows = layer.slots.train_rows  # the same output, written with the slot on the activations
     delta = layer.scaling * (x @ layer.lora_A[rows].T) @ layer.lora_B_train.T
-    frozen = layer.frozen_rows()
+    frozen = layer.slots.frozen_rows()
     delta = delta + layer.scaling * (x @ layer.lora_A[frozen].T) @ layer.lora_B[:, frozen].T
     out = layer.base(x)
     out = out.index_add(-1, index, delta) if qkv else out + delta
@@ -358,7 +363,8 @@ def test_training_slot_gets_the_activation_path_gradient(qkv):
 def test_training_slot_filtered_out_gets_no_gradient():
     layer = make_layer()
     fill_slot(layer, 0, 61)
-    layer.start_slot(1, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    layer.start_slot(1, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
     with torch.no_grad():
         layer.lora_B_train.normal_()
     layer.set_owner_filter([0])  # the training slot is not in the forward pass
@@ -371,13 +377,13 @@ def test_training_slot_filtered_out_gets_no_gradient():
 
 
 def test_importance_update_follows_the_adalora_formula_for_every_layer():
-    from cl_sulora.importance import pair_scores, update_importance
+    from cl_sulora.methods.sulora.importance import pair_scores, update_importance
 
     layers = [make_layer(seed=s) for s in range(3)]
     for i, layer in enumerate(layers[:2]):
         fill_slot(layer, 0, seed=i)
-        layer.start_slot(1, directions_outside(torch.randn(8, 16), layer.lora_A[layer.used_rows()],
-                                               layer.rank))
+        layer.start_slot(1, directions_outside(
+            torch.randn(8, 16), layer.lora_A[layer.slots.used_rows()], layer.rank))
         with torch.no_grad():
             layer.lora_B_train.normal_()
     ema = [layer.importance_ema.clone() for layer in layers[:2]]

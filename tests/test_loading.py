@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cl_sulora.distributed import ShardedBatchSampler
-from cl_sulora.loading import EpochSpanningLoader
+from cl_sulora.training.distributed import ShardedBatchSampler
+from cl_sulora.training.loading import EpochSpanningLoader
 
 
 def epoch_batches(loader: EpochSpanningLoader) -> list[list[int]]:

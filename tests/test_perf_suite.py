@@ -203,8 +203,8 @@ def test_epoch_loading_times_every_epoch_and_is_reported(tmp_path):
     from torch.utils.data import TensorDataset
 
     from benchmarks.perf.epoch_loading import time_epochs
-    from cl_sulora.distributed import ShardedBatchSampler
-    from cl_sulora.loading import EpochSpanningLoader
+    from cl_sulora.training.distributed import ShardedBatchSampler
+    from cl_sulora.training.loading import EpochSpanningLoader
 
     loader = EpochSpanningLoader(TensorDataset(torch.arange(10)),
                                  ShardedBatchSampler(10, 4, rank=0, world=1, seed=0), epochs=3)

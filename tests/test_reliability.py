@@ -24,16 +24,20 @@ from torch import nn
 from cl_sulora import (
     SubspaceLoRAConfig,
     add_subspace_lora,
-    cli,
-    experiment,
     load_subspace_lora,
     save_subspace_lora,
     subspace_lora_layers,
 )
+from cl_sulora.adapters.serialization import adapter_state
 from cl_sulora.benchmarks import BENCHMARKS
-from cl_sulora.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from cl_sulora.serialization import adapter_state
-from cl_sulora.subspace import directions_outside
+from cl_sulora.linalg import directions_outside
+from cl_sulora.runner import cli, loop
+from cl_sulora.runner.checkpoint import (
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.test_layer import fill_slot
 from tests.test_runner import TINY_VIT, tiny_images
 
@@ -45,7 +49,7 @@ SCRIPT = """
 import functools, os, sys, time
 from pathlib import Path
 from avalanche.core import SupervisedPlugin
-from cl_sulora import cli, experiment
+from cl_sulora.runner import cli, loop
 from cl_sulora.benchmarks import BENCHMARKS
 from tests.test_runner import tiny_images
 
@@ -56,7 +60,7 @@ class Stall(SupervisedPlugin):
             time.sleep(120)
 
 BENCHMARKS["tiny-images"] = tiny_images
-cli.run = functools.partial(experiment.run, plugins=[Stall()])
+cli.run = functools.partial(loop.run, plugins=[Stall()])
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -141,7 +145,7 @@ def test_truncated_checkpoint_is_named_and_fallback_only_when_asked(
     newest = checkpoints(tmp_path / "ckpt")[-1] / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:500])
     capsys.readouterr()
-    assert cli.main([*argv, "--resume"]) == 1
+    assert cli.main([*argv, "--resume"]) == 3  # a checkpoint problem
     err = capsys.readouterr().err
     assert f"{newest}: truncated or corrupted" in err and "Traceback" not in err
     assert cli.main([*argv, "--resume-fallback"]) == 0  # redoes the last experience
@@ -191,7 +195,7 @@ def test_invalid_configs_fail_before_training(tiny, tmp_path, capsys, monkeypatc
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(experiment, "run_stream", no_training)
+    monkeypatch.setattr(loop, "run_stream", no_training)
     assert cli.main([*tiny_flags(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
@@ -215,9 +219,9 @@ class PoisonExperience1(SupervisedPlugin):
 
 def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny, tmp_path, capsys,
                                                               monkeypatch):
-    monkeypatch.setattr(cli, "run", functools.partial(experiment.run,
+    monkeypatch.setattr(cli, "run", functools.partial(loop.run,
                                                       plugins=[PoisonExperience1()]))
-    assert cli.main(tiny_flags(tmp_path)) == 1
+    assert cli.main(tiny_flags(tmp_path)) == 4
     err = capsys.readouterr().err
     assert "error: non-finite loss (nan) at experience 1" in err and "Traceback" not in err
     assert [p.name for p in checkpoints(tmp_path / "ckpt")] == ["exp-0000"]
@@ -255,14 +259,14 @@ def test_save_load_round_trips_exactly(d_in, d_out, rank, slots, ops, open_slot)
     layer = subspace_lora_layers(model)["fc"]
     owner = 0
     for op, pick in ops:
-        if op == "add" and len(layer.free_rows()) >= rank:
+        if op == "add" and len(layer.slots.free_rows()) >= rank:
             fill_slot(layer, owner, pick)
             owner += 1
-        elif op == "fuse" and layer.frozen_rows():
-            frozen = layer.frozen_rows()
+        elif op == "fuse" and layer.slots.frozen_rows():
+            frozen = layer.slots.frozen_rows()
             layer.fuse(frozen[: 1 + pick % len(frozen)])
-    if open_slot and len(layer.free_rows()) >= rank:
-        used = layer.lora_A[layer.used_rows()]
+    if open_slot and len(layer.slots.free_rows()) >= rank:
+        used = layer.lora_A[layer.slots.used_rows()]
         layer.start_slot(owner, directions_outside(torch.randn(8, d_in), used, rank))
     x = torch.randn(3, d_in)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cl_sulora.row_span_linear import row_span_linear
+from cl_sulora.adapters.row_span_linear import row_span_linear
 
 
 def setup(seed=0, d_in=24, d_out=10, r=3):

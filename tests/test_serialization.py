@@ -12,7 +12,7 @@ from cl_sulora import (
     save_subspace_lora,
     subspace_lora_layers,
 )
-from cl_sulora.serialization import WEIGHTS_NAME
+from cl_sulora.adapters.serialization import WEIGHTS_NAME
 from tests.conftest import tiny_vit
 from tests.test_layer import fill_slot
 
@@ -24,7 +24,7 @@ def adapted_model(fuse: bool):
         fill_slot(layer, 0, 10 + i)
         fill_slot(layer, 1, 20 + i)
         if fuse:
-            layer.fuse(layer.rows_of(0)[:1])
+            layer.fuse(layer.slots.rows_of(0)[:1])
     return model
 
 
@@ -39,7 +39,7 @@ def test_round_trip_reproduces_outputs_exactly(tmp_path, fuse):
     assert torch.equal(fresh(x), model(x))
     for name, layer in subspace_lora_layers(fresh).items():
         original = subspace_lora_layers(model)[name]
-        assert torch.equal(layer.row_owner, original.row_owner)
+        assert torch.equal(layer.slots.row_owner, original.slots.row_owner)
         assert torch.equal(layer.lora_A, original.lora_A)
 
 

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cl_sulora import SubspaceLoRAConfig, subspace_lora_layers
-from cl_sulora.layer import SubspaceLoRALinear
-from cl_sulora.serialization import adapter_state, load_adapter_state
-from cl_sulora.subspace import directions_outside
+from cl_sulora.adapters.serialization import adapter_state, load_adapter_state
+from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
+from cl_sulora.linalg import directions_outside
 from tests.conftest import image_stream
 from tests.test_layer import fill_slot
 from tests.test_sulora import make_strategy
@@ -25,7 +25,8 @@ def layer_in_third_slot(out_index=None, magnitudes=(0.5, 2.0), seed=0):
                                out_index=out_index, slot_magnitudes=True)
     fill_slot(layer, 0, seed + 1)
     fill_slot(layer, 1, seed + 2)
-    layer.start_slot(2, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
+    layer.start_slot(2, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
     with torch.no_grad():
         layer.lora_B_train.normal_()
         layer.lora_magnitude.copy_(torch.tensor(magnitudes))
@@ -37,11 +38,12 @@ def by_hand(layer, x, owners=(0, 1, 2)):
     ``lora_B_train`` and ``lora_magnitude``)."""
     delta = 0
     for owner in owners:
-        rows = layer.rows_of(owner)
+        rows = layer.slots.rows_of(owner)
         if owner == layer.training_owner:
             B = layer.lora_B_train
         else:
-            B = layer.lora_B[:, rows] * layer.lora_magnitude[layer.magnitude_owners().index(owner)]
+            position = layer.slots.magnitude_owners().index(owner)
+            B = layer.lora_B[:, rows] * layer.lora_magnitude[position]
         delta = delta + layer.scaling * (x @ layer.lora_A[rows].T) @ B.T
     out = layer.base(x)
     return out + delta if layer.out_index is None else out.index_add(-1, layer.out_index, delta)
@@ -57,8 +59,9 @@ def test_each_earlier_slot_gets_one_trainable_magnitude_starting_at_one():
     fill_slot(layer, 1, 3)
     x = torch.randn(5, 16)
     before = layer(x)
-    layer.start_slot(2, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
-    assert layer.magnitude_owners() == [0, 1]
+    layer.start_slot(2, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
+    assert layer.slots.magnitude_owners() == [0, 1]
     assert torch.equal(layer.lora_magnitude, torch.ones(2)) and layer.lora_magnitude.requires_grad
     trainable = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
     assert trainable == ["lora_B_train", "lora_magnitude"]
@@ -90,14 +93,15 @@ def test_ending_the_slot_folds_each_magnitude_into_its_slots_b():
     x = torch.randn(4, 16)
     with torch.no_grad():
         before = layer(x)
-    B0, B1 = (layer.lora_B[:, layer.rows_of(o)].clone() for o in (0, 1))
+    B0, B1 = (layer.lora_B[:, layer.slots.rows_of(o)].clone() for o in (0, 1))
     layer.end_slot()
     assert layer.lora_magnitude is None
-    torch.testing.assert_close(layer.lora_B[:, layer.rows_of(0)], 0.5 * B0, rtol=0, atol=0)
-    torch.testing.assert_close(layer.lora_B[:, layer.rows_of(1)], 2.0 * B1, rtol=0, atol=0)
+    torch.testing.assert_close(layer.lora_B[:, layer.slots.rows_of(0)], 0.5 * B0, rtol=0, atol=0)
+    torch.testing.assert_close(layer.lora_B[:, layer.slots.rows_of(1)], 2.0 * B1, rtol=0, atol=0)
     torch.testing.assert_close(layer(x), before, rtol=1e-6, atol=1e-6)
-    layer.start_slot(3, directions_outside(torch.randn(4, 16), layer.lora_A[layer.used_rows()], 2))
-    assert layer.magnitude_owners() == [0, 1, 2]
+    layer.start_slot(3, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
+    assert layer.slots.magnitude_owners() == [0, 1, 2]
     assert torch.equal(layer.lora_magnitude, torch.ones(3))  # a fresh scale for every slot
 
 
@@ -117,8 +121,8 @@ def test_owner_filter_and_merge_apply_the_magnitudes():
 def test_fusing_an_earlier_slot_while_the_magnitudes_train_is_refused():
     layer = layer_in_third_slot()
     with pytest.raises(RuntimeError, match="end the training slot first"):
-        layer.fuse(layer.rows_of(0))
-    layer.fuse(layer.training_rows()[:1])  # recomposition of the training slot stays possible
+        layer.fuse(layer.slots.rows_of(0))
+    layer.fuse(layer.slots.training_rows[:1])  # recomposition of the training slot stays possible
 
 
 def test_state_and_saved_adapters_keep_the_magnitudes_mid_experience():
@@ -146,11 +150,11 @@ def test_sulora_trains_the_earlier_slots_magnitudes_and_folds_them(vit_model):
     strategy = make_strategy(vit_model, config)
     strategy.train(bm.train_stream[0])
     layers = subspace_lora_layers(vit_model)
-    B0 = {name: layer.lora_B[:, layer.rows_of(0)].clone() for name, layer in layers.items()}
+    B0 = {name: layer.lora_B[:, layer.slots.rows_of(0)].clone() for name, layer in layers.items()}
     strategy.train(bm.train_stream[1])
     for name, layer in layers.items():
         assert layer.lora_magnitude is None  # folded at the experience's end
-        scale = layer.lora_B[:, layer.rows_of(0)] / B0[name]
+        scale = layer.lora_B[:, layer.slots.rows_of(0)] / B0[name]
         assert torch.allclose(scale, scale.flatten()[0])  # one magnitude for the whole slot
         assert not torch.allclose(scale, torch.ones_like(scale))  # and it was trained
 
@@ -171,26 +175,26 @@ def test_any_sequence_of_slots_and_fusions_keeps_the_function_through_folding(ra
     x = torch.randn(4, d_in)
     owner = 0
     for op, pick in ops:
-        if op == "add" and len(layer.free_rows()) >= rank:
+        if op == "add" and len(layer.slots.free_rows()) >= rank:
             g = torch.Generator().manual_seed(pick)
-            used = layer.lora_A[layer.used_rows()]
+            used = layer.lora_A[layer.slots.used_rows()]
             layer.start_slot(owner, directions_outside(torch.randn(2 * d_in, d_in, generator=g),
                                                        used, rank))
-            assert (layer.lora_magnitude is None) == (owner == 0 or not layer.frozen_rows())
+            assert (layer.lora_magnitude is None) == (owner == 0 or not layer.slots.frozen_rows())
             with torch.no_grad():
                 layer.lora_B_train.copy_(torch.randn(layer.lora_B_train.shape, generator=g))
                 if layer.lora_magnitude is not None:
                     layer.lora_magnitude.copy_(
                         torch.rand(layer.lora_magnitude.shape, generator=g) * 2)
-                    live = [o for o in range(owner + 1) if layer.rows_of(o)]
+                    live = [o for o in range(owner + 1) if layer.slots.rows_of(o)]
                     torch.testing.assert_close(layer(x), by_hand(layer, x, live),
                                                rtol=1e-5, atol=1e-5)
                 before = layer(x)
             layer.end_slot(torch.rand(rank, generator=g))
             owner += 1
-        elif op == "fuse" and layer.frozen_rows():
+        elif op == "fuse" and layer.slots.frozen_rows():
             before = layer(x)
-            frozen = layer.frozen_rows()
+            frozen = layer.slots.frozen_rows()
             layer.fuse(frozen[: 1 + pick % len(frozen)])
         else:
             continue

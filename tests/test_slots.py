@@ -3,9 +3,15 @@
 import torch
 from torch import nn
 
-from cl_sulora.layer import SubspaceLoRALinear, deferred_refresh
-from cl_sulora.slots import end_slots, fuse_rows, point_slots, start_slots
-from cl_sulora.subspace import directions_outside
+from cl_sulora.adapters.slots import (
+    deferred_refresh,
+    end_slots,
+    fuse_rows,
+    point_slots,
+    start_slots,
+)
+from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
+from cl_sulora.linalg import directions_outside
 
 SHAPES = [  # (d_in, d_out, out_index): two stackable groups and two layers of their own
     (16, 12, None), (16, 12, None), (16, 12, None),
@@ -24,7 +30,8 @@ def make_layers() -> list[SubspaceLoRALinear]:
 def directions(layers, seed):
     g = torch.Generator().manual_seed(seed)
     return [directions_outside(torch.randn(6, layer.in_features, generator=g),
-                               layer.lora_A[layer.used_rows()], layer.rank) for layer in layers]
+                               layer.lora_A[layer.slots.used_rows()], layer.rank)
+            for layer in layers]
 
 
 def train(layers, seed):
@@ -39,9 +46,9 @@ def state(layer):
     tensors = {k: v.clone() for k, v in layer.state_dict().items()}
     if layer.lora_B_train is not None:
         tensors["lora_B_train"] = layer.lora_B_train.detach().clone()
-    for cache in ("_A_live", "_B_frozen", "_A_train"):
-        tensors[cache] = getattr(layer, cache).clone()
-    return tensors, layer.row_owners(), layer.training_rows()
+    for cache in ("A_live", "B_frozen", "A_train"):
+        tensors[cache] = getattr(layer.slots, cache).clone()
+    return tensors, list(layer.slots.owners), list(layer.slots.training_rows)
 
 
 def test_batched_lifecycle_equals_one_layer_at_a_time():
@@ -51,13 +58,13 @@ def test_batched_lifecycle_equals_one_layer_at_a_time():
         rows = directions(batched, owner)
         with deferred_refresh(batched):
             if owner >= 3:  # every slot in use: fuse two rows per layer, not the same ones
-                picks = [layer.frozen_rows()[i % 3: i % 3 + 2] for i, layer in
+                picks = [layer.slots.frozen_rows()[i % 3: i % 3 + 2] for i, layer in
                          enumerate(batched)]
                 fuse_rows(batched, picks)
             start_slots(batched, owner, None if owner % 2 else rows)
         for i, layer in enumerate(single):
             if owner >= 3:
-                layer.fuse(layer.frozen_rows()[i % 3: i % 3 + 2])
+                layer.fuse(layer.slots.frozen_rows()[i % 3: i % 3 + 2])
             layer.start_slot(owner, None if owner % 2 else rows[i])
         if owner % 2:  # started at zero rows: point them now
             point_slots(batched, rows)
@@ -77,7 +84,7 @@ def test_batched_lifecycle_equals_one_layer_at_a_time():
             assert ta.keys() == tb.keys()
             for key in ta:
                 torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=1e-6, msg=key)
-            assert a.row_owner.tolist() == oa  # the host copy follows the buffer
+            assert a.slots.row_owner.tolist() == oa  # the host copy follows the buffer
     assert all(int(layer.num_fused) == 4 for layer in batched)
 
 
@@ -91,7 +98,7 @@ def test_fusing_different_rows_of_each_layer_frees_exactly_those():
     before = [layer(x) for layer in layers]
     untouched = layers[2].state_dict()
     fuse_rows(layers, [[0], [2, 3], []])
-    assert [layer.free_rows() for layer in layers] == [[0], [2, 3], []]
+    assert [layer.slots.free_rows() for layer in layers] == [[0], [2, 3], []]
     for layer, out in zip(layers, before, strict=True):  # fusion moves pairs into W0 only
         torch.testing.assert_close(layer(x), out, rtol=1e-5, atol=1e-5)
     assert [int(layer.num_fused) for layer in layers] == [1, 2, 0]

@@ -3,15 +3,15 @@
 import torch
 from torch import nn
 
-from cl_sulora.subspace import (
+from cl_sulora.linalg import (
     BLOCK,
-    InputRecorder,
     directions_outside,
     directions_outside_batch,
     extend_bases,
     span_rows,
     top_eigvecs_block,
 )
+from cl_sulora.methods.input_statistics import InputRecorder
 
 
 def gapped(d: int, values: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetti
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_sulora import SubspaceLoRAConfig, SuLoRA, subspace_lora_layers
-from cl_sulora.methods.sulora import CapacityError
+from cl_sulora.errors import CapacityError
 from cl_sulora.models import ContinualClassifier, make_head
 from tests.conftest import TinyBert, domain_stream, image_stream, text_stream, tiny_vit
 
@@ -46,8 +46,8 @@ def test_training_an_experience_changes_only_its_slot_and_the_head(vit_model):
     strategy.train(bm.train_stream[2])
     after = snapshot(vit_model)
     for name, layer in subspace_lora_layers(vit_model).items():
-        new_rows = layer.rows_of(2)
-        old_rows = layer.rows_of(0) + layer.rows_of(1)
+        new_rows = layer.slots.rows_of(2)
+        old_rows = layer.slots.rows_of(0) + layer.slots.rows_of(1)
         assert torch.equal(after[name]["weight"], before[name]["weight"])  # W0
         assert torch.equal(after[name]["lora_A"][old_rows], before[name]["lora_A"][old_rows])
         assert torch.equal(after[name]["lora_B"][:, old_rows], before[name]["lora_B"][:, old_rows])
@@ -66,9 +66,9 @@ def test_more_experiences_than_slots_runs_with_when_full(vit_model):
     for exp in bm.train_stream:
         strategy.train(exp)
     for layer in subspace_lora_layers(vit_model).values():
-        assert len(layer.used_rows()) <= 4
+        assert len(layer.slots.used_rows()) <= 4
         assert int(layer.num_fused) == 4  # two experiences had to make room of 2 rows
-        assert len(layer.rows_of(3)) == 2
+        assert len(layer.slots.rows_of(3)) == 2
 
 
 def test_more_experiences_than_slots_fails_before_training_under_never(vit_model):
@@ -79,7 +79,8 @@ def test_more_experiences_than_slots_fails_before_training_under_never(vit_model
     with pytest.raises(CapacityError, match="3 experiences but num_slots=2"):
         strategy.train(bm.train_stream)
     assert all(torch.equal(p, weights[n]) for n, p in vit_model.named_parameters())
-    assert all(len(layer.used_rows()) == 0 for layer in subspace_lora_layers(vit_model).values())
+    layers = subspace_lora_layers(vit_model).values()
+    assert all(len(layer.slots.used_rows()) == 0 for layer in layers)
 
 
 def test_fraction_policy_fuses_the_lowest_importance_pairs(vit_model):
@@ -89,16 +90,16 @@ def test_fraction_policy_fuses_the_lowest_importance_pairs(vit_model):
     strategy.train(bm.train_stream[0])
     for layer in subspace_lora_layers(vit_model).values():
         # one of the two pairs was fused: the less important one
-        assert len(layer.used_rows()) == 2 - math.ceil(0.5 * 2)
+        assert len(layer.slots.used_rows()) == 2 - math.ceil(0.5 * 2)
         assert int(layer.num_fused) == 1
-        assert layer.row_importance[layer.used_rows()].min() > 0
+        assert layer.row_importance[layer.slots.used_rows()].min() > 0
 
 
 def test_importance_is_accumulated_while_training(vit_model):
     strategy = make_strategy(vit_model, SubspaceLoRAConfig(rank=2, num_slots=2))
     strategy.train(image_stream().train_stream[0])
     for layer in subspace_lora_layers(vit_model).values():
-        assert (layer.row_importance[layer.rows_of(0)] > 0).all()
+        assert (layer.row_importance[layer.slots.rows_of(0)] > 0).all()
 
 
 def test_recomposition_fuses_and_reinitialises_without_changing_the_function(vit_model):
@@ -117,14 +118,14 @@ def test_recomposition_fuses_and_reinitialises_without_changing_the_function(vit
     x = torch.randn(4, 3, 8, 8)
     vit_model.eval()
     before = vit_model(x)
-    old_A = {name: layer.lora_A[layer.train_rows].clone() for name, layer in layers.items()}
+    old_A = {name: layer.lora_A[layer.slots.train_rows].clone() for name, layer in layers.items()}
     strategy.sulora.recompose(strategy)
     torch.testing.assert_close(vit_model(x), before, rtol=0, atol=1e-5)
     for name, layer in layers.items():
-        changed = (layer.lora_A[layer.train_rows] != old_A[name]).any(dim=1)
+        changed = (layer.lora_A[layer.slots.train_rows] != old_A[name]).any(dim=1)
         assert int(changed.sum()) == 1  # ceil(0.5 * 2) pair re-initialised
         assert layer.lora_B_train[:, changed].abs().max() == 0
-        a = layer.lora_A[layer.used_rows()]
+        a = layer.lora_A[layer.slots.used_rows()]
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), rtol=0, atol=1e-5)
 
 
@@ -157,7 +158,7 @@ def test_end_to_end_domain_incremental_with_fixed_head():
         strategy.train(exp)
     metrics = strategy.eval(bm.test_stream)
     assert metrics["Top1_Acc_Stream/eval_phase/test_stream"] > 1 / 3
-    assert all(len(layer.rows_of(1)) == 2 for layer in subspace_lora_layers(model).values())
+    assert all(len(layer.slots.rows_of(1)) == 2 for layer in subspace_lora_layers(model).values())
 
 
 def test_task_aware_inference_uses_only_the_task_slots():
@@ -173,7 +174,7 @@ def test_task_aware_inference_uses_only_the_task_slots():
     class Spy:
         def before_eval_iteration(self, strategy, **kwargs):
             layer = next(iter(subspace_lora_layers(strategy.model).values()))
-            seen.append((int(strategy.experience.task_label), layer._A_live.shape[0]))
+            seen.append((int(strategy.experience.task_label), layer.slots.A_live.shape[0]))
 
     from avalanche.core import SupervisedPlugin
 
@@ -183,7 +184,7 @@ def test_task_aware_inference_uses_only_the_task_slots():
     assert {t for t, _ in seen} == {0, 1}
     assert all(rows == 2 for _, rows in seen)  # one slot live per task, not both
     layer = next(iter(subspace_lora_layers(model).values()))
-    assert layer._A_live.shape[0] == 4  # filter cleared after evaluation
+    assert layer.slots.A_live.shape[0] == 4  # filter cleared after evaluation
 
 
 def test_model_already_adapted_is_used_as_is(vit_model):
@@ -205,9 +206,9 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
     drawn from; the covariance equals that of those batches' inputs."""
     from avalanche.core import SupervisedPlugin
 
+    from cl_sulora.methods.input_statistics import input_covariances
     from cl_sulora.methods.sulora import SuLoRAPlugin
-    from cl_sulora.plugins import Autocast
-    from cl_sulora.subspace import input_covariances
+    from cl_sulora.training.plugins import Autocast
 
     class Watch(SupervisedPlugin):
         def __init__(self):
@@ -216,7 +217,7 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
 
         def before_training_iteration(self, strategy, **kwargs):
             layer = next(iter(subspace_lora_layers(strategy.model).values()))
-            self.rows.append(float(layer.lora_A[layer.train_rows].abs().sum()))
+            self.rows.append(float(layer.lora_A[layer.slots.train_rows].abs().sum()))
             self.b.append(float(layer.lora_B_train.detach().abs().sum()))
             self.batches.append(strategy.mb_x.clone())
 
@@ -258,7 +259,7 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
     assert strategy.sulora.allocator._covariances == {}  # released after the experience
     for layer in layers.values():
-        A = layer.lora_A[layer.used_rows()].double()
+        A = layer.lora_A[layer.slots.used_rows()].double()
         torch.testing.assert_close(A @ A.T, torch.eye(len(A), dtype=torch.float64), atol=1e-5,
                                    rtol=0)
         assert layer.input_basis.shape[0] > 0

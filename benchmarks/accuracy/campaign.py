@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
             if (args.out / f"{name}.done").exists():
                 continue
-            cmd = [sys.executable, "-m", "cl_sulora.cli", "run", "--benchmark", benchmark,
+            cmd = [sys.executable, "-m", "cl_sulora", "run", "--benchmark", benchmark,
                    "--strategy", strategy, "--seed", str(seed), "--out", str(args.out), *extra]
             if args.checkpoint_root:
                 directory = args.checkpoint_root / name

@@ -3,7 +3,7 @@
     python -m benchmarks.accuracy.summarize benchmarks/results/accuracy
 
 reads every ``*.json`` result there and writes ``<label>__compare.md`` and the two PNG plots
-beside them, with :func:`cl_sulora.report.write_report`.
+beside them, with :func:`cl_sulora.runner.report.write_report`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from cl_sulora.report import write_report
+from cl_sulora.runner.report import write_report
 
 
 def group_results(directory: Path) -> dict[str, list[dict]]:

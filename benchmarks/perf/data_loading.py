@@ -16,15 +16,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cl_sulora.benchmarks._common import (
+from cl_sulora.benchmarks.array_images import array_image_transforms, chw_tensor
+from cl_sulora.benchmarks.cifar100 import DIRNAME, class_order, load_split
+from cl_sulora.benchmarks.common import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     LabelledData,
     image_transforms,
     resolve_data_root,
 )
-from cl_sulora.benchmarks.array_images import array_image_transforms, chw_tensor
-from cl_sulora.benchmarks.cifar100 import DIRNAME, class_order, load_split
 
 from .results import environment, resolve_commit, write_json
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"needs {args.nproc} GPUs, {torch.cuda.device_count()} visible")
-    common = ["-m", "cl_sulora.cli", "run", "--benchmark", args.benchmark,
+    common = ["-m", "cl_sulora", "run", "--benchmark", args.benchmark,
               "--strategy", args.strategy, "--device", "cuda", *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from cl_sulora.benchmarks._common import DEFAULT_MEAN, DEFAULT_STD, LabelledData
 from cl_sulora.benchmarks.array_images import array_image_transforms, chw_tensor
-from cl_sulora.distributed import ShardedBatchSampler
-from cl_sulora.loading import EpochSpanningLoader
+from cl_sulora.benchmarks.common import DEFAULT_MEAN, DEFAULT_STD, LabelledData
+from cl_sulora.training.distributed import ShardedBatchSampler
+from cl_sulora.training.loading import EpochSpanningLoader
 
 from .data_loading import first_experience
 from .results import environment, resolve_commit, write_json

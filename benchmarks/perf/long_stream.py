@@ -85,8 +85,8 @@ def synthetic_model(size: str, num_classes: int, seed: int = 0) -> tuple[Classif
 
 
 def real_stream(args: argparse.Namespace) -> tuple[Classifier, list[Any]]:
-    from cl_sulora.backbones import build_backbone
     from cl_sulora.benchmarks.registry import build_benchmark
+    from cl_sulora.models.backbones import build_backbone
 
     backbone = build_backbone(None, weights=args.backbone_dir)
     spec = build_benchmark(f"split-cifar100-{args.experiences}", data_root=args.data_root,

@@ -90,7 +90,7 @@ class Settings:
 def make_settings(*, tiny: bool, device: str, compile: bool, warmup: int | None,
                   iters: int | None) -> Settings:
     """Full settings, or the tiny CPU ones (few iterations, a small matmul)."""
-    from cl_sulora.presets import load_preset
+    from cl_sulora.runner.presets import load_preset
 
     epochs = load_preset("sulora").training.epochs
     settings = Settings(tiny=tiny, device=device, compile=compile, experience_epochs=epochs)

@@ -12,27 +12,22 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from cl_sulora.branch_layer import (
-    BranchLoRAConfig,
-    LoRABranch,
+from cl_sulora.adapters.branch_layer import LoRABranch
+from cl_sulora.adapters.config import BranchLoRAConfig, SubspaceLoRAConfig
+from cl_sulora.adapters.injection import (
     add_branch_lora,
-    branch_lora_layers,
-    merge_branch_lora,
-    unmerge_branch_lora,
-)
-from cl_sulora.config import SubspaceLoRAConfig
-from cl_sulora.injection import (
     add_subspace_lora,
-    merge_subspace_lora,
+    branch_lora_layers,
+    merge_adapters,
     subspace_lora_layers,
-    unmerge_subspace_lora,
+    unmerge_adapters,
 )
 from cl_sulora.methods.inflora import InfLoRAConfig
-from cl_sulora.methods.lora_baselines import BranchLoRAPlugin, IncLoRAPlugin, branch_generator
+from cl_sulora.methods.lora import BranchLoRAPlugin, IncLoRAPlugin, branch_generator
 from cl_sulora.methods.olora import OLoRAConfig, OLoRAPlugin
 from cl_sulora.methods.sdlora import SDLoRAConfig, SDLoRAPlugin
 from cl_sulora.methods.sulora import SuLoRAPlugin
-from cl_sulora.plugins import Autocast
+from cl_sulora.training.plugins import Autocast
 
 from .settings import Settings
 
@@ -226,10 +221,10 @@ class SuLoRAState(Continual):
             layer.importance_unc.uniform_()
 
     def merge(self) -> None:
-        merge_subspace_lora(self.model)
+        merge_adapters(self.model)
 
     def unmerge(self) -> None:
-        unmerge_subspace_lora(self.model)
+        unmerge_adapters(self.model)
 
 
 class BranchState(Continual):
@@ -248,10 +243,10 @@ class BranchState(Continual):
                 p.add_(torch.randn_like(p), alpha=0.02)
 
     def merge(self) -> None:
-        merge_branch_lora(self.model)
+        merge_adapters(self.model)
 
     def unmerge(self) -> None:
-        unmerge_branch_lora(self.model)
+        unmerge_adapters(self.model)
 
 
 class DataFreeInfLoRAPlugin(IncLoRAPlugin):

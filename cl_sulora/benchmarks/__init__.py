@@ -1,11 +1,11 @@
 """Continual-learning benchmark builders (Avalanche scenarios) and their registry."""
 
-from ._common import BenchmarkSpec, resolve_data_root
 from .bbc_news import build_bbc_news
 from .cifar100 import build_split_cifar100
+from .common import BenchmarkSpec, resolve_data_root
 from .glue import build_split_glue
 from .pacs import build_pacs_dil
-from .registry import BENCHMARKS, benchmark_options, build_benchmark
+from .registry import BENCHMARKS, benchmark_options, build_benchmark, register_benchmark
 from .sentiment import build_sentiment_dil
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "build_sentiment_dil",
     "build_split_cifar100",
     "build_split_glue",
+    "register_benchmark",
     "resolve_data_root",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from avalanche.benchmarks import nc_benchmark
 
-from ._common import (
+from .common import (
     BenchmarkSpec,
     LabelledData,
     carve_validation,
@@ -21,6 +21,7 @@ from ._common import (
     tokenize,
     wants_validation,
 )
+from .registry import register_benchmark
 
 
 def data_dir() -> Path:
@@ -42,6 +43,7 @@ def read_articles(folder: Path) -> tuple[list[str], list[int], list[str]]:
     return texts, labels, classes
 
 
+@register_benchmark("bbc-news")
 def build_bbc_news(
     *,
     tokenizer: Any,

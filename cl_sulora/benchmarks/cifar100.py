@@ -12,7 +12,8 @@ import numpy as np
 from avalanche.benchmarks import nc_benchmark
 from PIL import Image
 
-from ._common import (
+from .array_images import array_image_transforms, chw_tensor
+from .common import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     UNPACK_HINT,
@@ -26,7 +27,7 @@ from ._common import (
     resolve_data_root,
     wants_validation,
 )
-from .array_images import array_image_transforms, chw_tensor
+from .registry import register_benchmark
 
 DIRNAME = "cifar-100-python"
 NUM_CLASSES = 100
@@ -80,6 +81,11 @@ def class_order(seed: int) -> list[int]:
     return np.random.RandomState(seed).permutation(NUM_CLASSES).tolist()
 
 
+@register_benchmark("split-cifar100-100", n_splits=100)
+@register_benchmark("split-cifar100-50", n_splits=50)
+@register_benchmark("split-cifar100-20", n_splits=20)
+@register_benchmark("split-cifar100-10", n_splits=10)
+@register_benchmark("split-cifar100-5", n_splits=5)
 def build_split_cifar100(
     n_splits: int = 10,
     *,
@@ -101,7 +107,7 @@ def build_split_cifar100(
     Labels are remapped to the position in the class order, so experience i holds classes
     i*C..(i+1)*C-1; ``notes["class_order"]`` gives the original CIFAR ids. ``validation > 0``
     evaluates on that fraction of each training experience instead of the test set
-    (:func:`~cl_sulora.benchmarks._common.carve_validation`); the test file is then not read.
+    (:func:`~cl_sulora.benchmarks.common.carve_validation`); the test file is then not read.
     ``augment_on_device`` moves the training crop + flip from the loader to the training device,
     a minibatch at a time (``spec.batch_augment``); it needs ``augment`` and 32x32 images.
     """

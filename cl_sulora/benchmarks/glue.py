@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._common import (
+from .common import (
     BenchmarkSpec,
     carve_validation,
     check_order,
@@ -19,6 +19,7 @@ from ._common import (
     text_dataset,
     wants_validation,
 )
+from .registry import register_benchmark
 
 DIRNAME = "CL_Benchmark"
 TASK_PATHS = {
@@ -36,6 +37,7 @@ DEFAULT_ORDER = ("MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "SST-2")
 PROTOCOLS = ("task-incremental", "class-incremental")
 
 
+@register_benchmark("split-glue")
 def build_split_glue(
     *,
     tokenizer: Any,

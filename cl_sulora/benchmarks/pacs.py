@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._common import (
+from .common import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     UNPACK_HINT,
@@ -24,6 +24,7 @@ from ._common import (
     stream_benchmark,
     wants_validation,
 )
+from .registry import register_benchmark
 
 DIRNAME = "pacs-64"
 DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
@@ -50,6 +51,7 @@ def _domain_files(folder: Path, classes: list[str]) -> tuple[list[Path], list[in
     return paths, labels
 
 
+@register_benchmark("pacs-dil")
 def build_pacs_dil(
     *,
     data_root: str | os.PathLike | None = None,

@@ -1,4 +1,6 @@
-"""Benchmark registry: names to builders, with option checking."""
+"""Benchmark registry: names to builders, with option checking. Each builder registers itself
+where it is defined (:func:`register_benchmark`); importing :mod:`cl_sulora.benchmarks` registers
+them all."""
 
 from __future__ import annotations
 
@@ -7,24 +9,23 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ._common import BenchmarkSpec
-from .bbc_news import build_bbc_news
-from .cifar100 import build_split_cifar100
-from .glue import build_split_glue
-from .pacs import build_pacs_dil
-from .sentiment import build_sentiment_dil
+from .common import BenchmarkSpec
 
-BENCHMARKS: dict[str, Callable[..., BenchmarkSpec]] = {
-    "split-cifar100-5": partial(build_split_cifar100, n_splits=5),
-    "split-cifar100-10": partial(build_split_cifar100, n_splits=10),
-    "split-cifar100-20": partial(build_split_cifar100, n_splits=20),
-    "split-cifar100-50": partial(build_split_cifar100, n_splits=50),
-    "split-cifar100-100": partial(build_split_cifar100, n_splits=100),
-    "pacs-dil": build_pacs_dil,
-    "split-glue": build_split_glue,
-    "sentiment-dil": build_sentiment_dil,
-    "bbc-news": build_bbc_news,
-}
+Builder = Callable[..., BenchmarkSpec]
+BENCHMARKS: dict[str, Builder] = {}
+
+
+def register_benchmark(name: str, **fixed: Any) -> Callable[[Builder], Builder]:
+    """Register the decorated builder as ``name``, with ``fixed`` options bound (e.g.
+    ``n_splits=10``); returns the builder unchanged, so one builder can serve several names."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in BENCHMARKS:
+            raise ValueError(f"benchmark {name!r} is already registered")
+        BENCHMARKS[name] = partial(builder, **fixed) if fixed else builder
+        return builder
+
+    return decorate
 
 
 def benchmark_options(name: str) -> dict[str, inspect.Parameter]:
@@ -50,7 +51,7 @@ def build_benchmark(name: str, **options: Any) -> BenchmarkSpec:
     return BENCHMARKS[name](**options)
 
 
-def _builder(name: str) -> Callable[..., BenchmarkSpec]:
+def _builder(name: str) -> Builder:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; valid names: {sorted(BENCHMARKS)}")
     return BENCHMARKS[name]

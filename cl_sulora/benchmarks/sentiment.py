@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._common import (
+from .common import (
     BenchmarkSpec,
     carve_validation,
     check_order,
@@ -19,6 +19,7 @@ from ._common import (
     text_dataset,
     wants_validation,
 )
+from .registry import register_benchmark
 
 DIRNAME = "CL_Benchmark"
 # label name -> 0 (negative) / 1 (positive); None drops the row (neutral 3-star reviews).
@@ -32,6 +33,7 @@ DOMAINS: dict[str, tuple[str, dict[str, int | None]]] = {
 }
 
 
+@register_benchmark("sentiment-dil")
 def build_sentiment_dil(
     *,
     tokenizer: Any,

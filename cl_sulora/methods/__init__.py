@@ -1,6 +1,8 @@
-"""Continual-learning methods, each an Avalanche plugin plus a thin strategy."""
+"""Continual-learning methods, each an Avalanche plugin plus a thin strategy, registered where it
+is defined (:mod:`.registry`): SuLoRA, the branch-LoRA baselines (SD-LoRA, InfLoRA, O-LoRA,
+Seq/Inc/Joint LoRA) and full fine-tuning with Avalanche's Naive, EWC, LwF and Replay."""
 
-from .avalanche_baselines import (
+from .full_finetuning import (
     EWCBaseline,
     EWCConfig,
     LwFBaseline,
@@ -9,19 +11,17 @@ from .avalanche_baselines import (
     ReplayBaseline,
     ReplayConfig,
 )
-from .base import AdapterTemplate, CurrentClassMask, freeze_except, rebuild_optimizer
 from .inflora import InfLoRA, InfLoRAConfig, InfLoRAPlugin
-from .lora_baselines import BranchLoRAPlugin, BranchLoRAStrategy, IncLoRA, JointLoRA, SeqLoRA
+from .lora import BranchLoRAPlugin, BranchLoRAStrategy, IncLoRA, JointLoRA, SeqLoRA
 from .olora import OLoRA, OLoRAConfig, OLoRAPlugin
+from .registry import METHODS, MethodSpec, get_method, register
 from .sdlora import SDLoRA, SDLoRAConfig, SDLoRAPlugin
-from .sulora import CapacityError, SuLoRA, SuLoRAPlugin, check_capacity
+from .sulora import SuLoRA, SuLoRAPlugin, check_capacity
 
 __all__ = [
-    "AdapterTemplate",
+    "METHODS",
     "BranchLoRAPlugin",
     "BranchLoRAStrategy",
-    "CapacityError",
-    "CurrentClassMask",
     "EWCBaseline",
     "EWCConfig",
     "IncLoRA",
@@ -31,6 +31,7 @@ __all__ = [
     "JointLoRA",
     "LwFBaseline",
     "LwFConfig",
+    "MethodSpec",
     "NaiveBaseline",
     "OLoRA",
     "OLoRAConfig",
@@ -44,6 +45,6 @@ __all__ = [
     "SuLoRA",
     "SuLoRAPlugin",
     "check_capacity",
-    "freeze_except",
-    "rebuild_optimizer",
+    "get_method",
+    "register",
 ]

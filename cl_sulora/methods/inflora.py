@@ -10,16 +10,12 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ..branch_layer import BranchLoRAConfig, BranchLoRALinear, LoRABranch
-from ..config import STRICT
-from ..subspace import (
-    directions_outside,
-    extend_basis,
-    input_covariances,
-    projector_outside,
-    top_eigvecs,
-)
-from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin, branch_generator
+from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
+from ..adapters.config import STRICT, BranchLoRAConfig
+from ..linalg import directions_outside, extend_basis, projector_outside, top_eigvecs
+from .input_statistics import input_covariances
+from .lora import BranchLoRAStrategy, IncLoRAPlugin, branch_generator
+from .registry import MethodSpec, register
 
 
 @dataclass(config=STRICT)
@@ -131,3 +127,13 @@ class InfLoRA(BranchLoRAStrategy):
 
     config_cls = InfLoRAConfig
     plugin_cls = InfLoRAPlugin
+
+
+register(MethodSpec(
+    name="inflora",
+    strategy=InfLoRA,
+    config_cls=InfLoRAConfig,
+    paper="InfLoRA (Liang and Li, CVPR 2024)",
+    trains="the new branch's B_t and the head; A_t designed from the data and frozen",
+    stores="one rank-10 branch per experience, plus a DualGPM input basis per layer",
+))

@@ -8,9 +8,10 @@ from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
-from ..branch_layer import BranchLoRAConfig, branch_lora_layers
-from ..config import STRICT
-from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin
+from ..adapters.config import STRICT, BranchLoRAConfig
+from ..adapters.injection import branch_lora_layers
+from .lora import BranchLoRAStrategy, IncLoRAPlugin
+from .registry import MethodSpec, register
 
 
 @dataclass(config=STRICT)
@@ -66,3 +67,13 @@ class OLoRA(BranchLoRAStrategy):
 
     config_cls = OLoRAConfig
     plugin_cls = OLoRAPlugin
+
+
+register(MethodSpec(
+    name="olora",
+    strategy=OLoRA,
+    config_cls=OLoRAConfig,
+    paper="O-LoRA (Wang et al., Findings of EMNLP 2023)",
+    trains="the new LoRA (A_t, B_t) under an orthogonality penalty to earlier A, and the head",
+    stores="one rank-8 LoRA per experience",
+))

@@ -9,9 +9,10 @@ import torch
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 
-from ..branch_layer import BranchLoRAConfig, BranchLoRALinear, LoRABranch
-from ..config import STRICT
-from .lora_baselines import BranchLoRAStrategy, IncLoRAPlugin, branch_generator, kaiming_uniform
+from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
+from ..adapters.config import STRICT, BranchLoRAConfig
+from .lora import BranchLoRAStrategy, IncLoRAPlugin, branch_generator, kaiming_uniform
+from .registry import MethodSpec, register
 
 #: The magnitude the reference code gives every branch at the start of each task.
 REFERENCE_MAGNITUDE = 0.8
@@ -149,3 +150,31 @@ class SDLoRA(BranchLoRAStrategy):
 
     config_cls = SDLoRAConfig
     plugin_cls = SDLoRAPlugin
+
+
+register(MethodSpec(
+    name="sdlora",
+    strategy=SDLoRA,
+    config_cls=SDLoRAConfig,
+    paper="SD-LoRA (Wu et al., ICLR 2025)",
+    trains="the new LoRA pair (A_t, B_t) and every magnitude m_1..m_t, and the head",
+    stores="one rank-10 pair and a magnitude per experience (earlier directions frozen)",
+))
+register(MethodSpec(
+    name="sdlora-rr",
+    strategy=SDLoRA,
+    config_cls=SDLoRAConfig,
+    paper="SD-LoRA-RR (Wu et al., ICLR 2025)",
+    trains="as sdlora",
+    stores="as sdlora, with ranks 10, then 8 from the 4th experience, 6 from the 8th",
+    defaults={"rank_schedule": {3: 8, 7: 6}},
+))
+register(MethodSpec(
+    name="sdlora-kd",
+    strategy=SDLoRA,
+    config_cls=SDLoRAConfig,
+    paper="SD-LoRA-KD (Wu et al., ICLR 2025)",
+    trains="as sdlora",
+    stores="as sdlora, minus the new directions fitted by earlier ones (residual <= 9e-4)",
+    defaults={"kd_threshold": KD_THRESHOLD},
+))

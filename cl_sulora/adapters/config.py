@@ -1,0 +1,157 @@
+"""Configurations of the adapters: the subspace LoRA (with SuLoRA's continual-learning policy)
+and the branch LoRA that the baselines build on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, field
+from typing import Literal
+
+from pydantic import ConfigDict, model_validator
+from pydantic.dataclasses import dataclass
+
+#: Target patterns used when ``target_modules`` is not given: timm ViT's fused ``attn.qkv`` and
+#: Hugging Face BERT-style ``query``/``value`` projections.
+DEFAULT_TARGETS = ("attn.qkv", "attention.self.query", "attention.self.value")
+
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AdapterTargets:
+    """What LoRA configs with ``target_modules``, ``rank`` and ``alpha`` fields derive alike."""
+
+    target_modules: list[str] | None
+    rank: int
+    alpha: float
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.target_modules) if self.target_modules else list(DEFAULT_TARGETS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(config=STRICT)
+class SubspaceLoRAConfig(AdapterTargets):
+    """Frozen-``A`` LoRA whose rank space is split into per-experience slots.
+
+    Each target ``nn.Linear`` gets ``num_slots * rank`` orthonormal, frozen rows of ``A``; every new
+    experience takes ``rank`` free rows (a slot) and trains only that slot's ``B``.
+
+    Args:
+        target_modules: module-name patterns to adapt. A pattern matches a module whose dotted name
+            equals it or ends with ``"." + pattern``; a pattern starting with ``re:`` is a regular
+            expression matched against the whole name. ``None`` uses :data:`DEFAULT_TARGETS`.
+        qkv_parts: for fused ``qkv`` projections, which of q, k and v are adapted.
+        rank: rows of ``A`` (and columns of ``B``) per slot, i.e. per experience.
+        num_slots: slots per layer; the total rank is ``num_slots * rank``.
+        alpha: LoRA scaling numerator; the update is scaled by ``alpha / rank``.
+        allocator: how a new slot's rows are chosen: ``orthogonal`` (random directions orthogonal
+            to every row in use), ``principal`` (next unused right-singular directions of the
+            current weight) or ``data`` (top input directions of the new experience outside the
+            input subspace of earlier ones).
+        fusion: when low-importance pairs are fused into the frozen weight: ``never``,
+            ``when_full`` (before an experience that does not fit) or ``fraction`` (the lowest
+            ``fusion_gamma`` of old pairs after every experience; also fuses when full).
+        fusion_gamma: fraction of old pairs fused after each experience under ``fraction``.
+        importance_beta1: EMA factor of the sensitivity ``|w * grad|`` (AdaLoRA's beta1).
+        importance_beta2: EMA factor of the uncertainty ``|I - I_ema|`` (AdaLoRA's beta2).
+        recompose_every: SRLoRA's intra-experience recomposition period in optimizer steps
+            (0 disables it).
+        recompose_gamma: fraction of the training slot's pairs recomposed each period.
+        data_energy: energy threshold of the per-layer input basis kept by the ``data`` allocator.
+        data_max_samples: inputs (samples, not tokens) from which the ``data`` allocator
+            estimates an experience's input covariance: the forward passes of its first
+            ``ceil(data_max_samples / batch_size)`` training batches, after which the slot's
+            rows are set (zero until then); the covariance is kept for the basis update after
+            training.
+        slot_magnitudes: also train, in every experience, one scale per earlier slot and layer
+            (SD-LoRA's learned magnitudes of frozen directions), folded into those slots' ``B``
+            when the experience ends: the directions stay fixed, their weights adapt.
+        trainable_modules: module-name components trained alongside the slot (the head).
+        seed: seed of the random directions of the ``orthogonal`` allocator.
+    """
+
+    target_modules: list[str] | None = None
+    qkv_parts: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "v"])
+    rank: int = 4
+    num_slots: int = 10
+    alpha: float = 1.0
+    allocator: Literal["orthogonal", "principal", "data"] = "orthogonal"
+    fusion: Literal["never", "when_full", "fraction"] = "when_full"
+    fusion_gamma: float = 0.25
+    importance_beta1: float = 0.85
+    importance_beta2: float = 0.85
+    recompose_every: int = 0
+    recompose_gamma: float = 0.25
+    data_energy: float = 0.95
+    data_max_samples: int = 256
+    slot_magnitudes: bool = False
+    trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SubspaceLoRAConfig:
+        _positive(rank=self.rank, num_slots=self.num_slots, data_max_samples=self.data_max_samples)
+        if self.recompose_every < 0:
+            raise ValueError("recompose_every must be >= 0 (0 disables recomposition)")
+        for name in ("fusion_gamma", "recompose_gamma", "data_energy"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for name in ("importance_beta1", "importance_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        check_targets(self.target_modules, self.qkv_parts)
+        return self
+
+    @property
+    def total_rank(self) -> int:
+        return self.rank * self.num_slots
+
+
+def check_targets(target_modules: list[str] | None, qkv_parts: list[str]) -> None:
+    """Reject an empty ``qkv_parts`` or an empty (not ``None``) ``target_modules``."""
+    if not qkv_parts:
+        raise ValueError("qkv_parts must name at least one of 'q', 'k', 'v'")
+    if target_modules is not None and not target_modules:
+        raise ValueError("target_modules is empty: give module-name patterns or None")
+
+
+def _positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(config=STRICT)
+class BranchLoRAConfig(AdapterTargets):
+    """Where branch LoRA goes and how large each experience's branch is.
+
+    Args:
+        target_modules: module-name patterns to adapt (see :class:`SubspaceLoRAConfig`);
+            ``None`` uses :data:`DEFAULT_TARGETS`.
+        qkv_parts: for fused ``qkv`` projections, which of q, k and v are adapted.
+        rank: rank of each new branch.
+        alpha: LoRA scaling numerator; a branch's update is scaled by ``alpha / rank``.
+        trainable_modules: module-name components trained alongside the adapter (the head).
+        seed: seed of the random initialisation of new branches.
+    """
+
+    target_modules: list[str] | None = None
+    qkv_parts: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "v"])
+    rank: int = 10
+    alpha: float = 10.0
+    trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_branch(self) -> BranchLoRAConfig:
+        _positive(rank=self.rank)
+        check_targets(self.target_modules, self.qkv_parts)
+        return self

@@ -1,0 +1,220 @@
+"""Subspace allocators: choose the ``A`` rows of a new slot, disjoint from every row in use."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ...adapters.slot_table import FREE
+from ...adapters.subspace_layer import SubspaceLoRALinear
+from ...linalg import (
+    directions_outside_batch,
+    grow_bases,
+    project_out,
+    random_block,
+    span_rows,
+    top_eigvecs_block,
+)
+from ...seeding import keyed_generator
+
+
+class Allocator:
+    """Base class: ``directions`` returns orthonormal rows orthogonal to the layer's rows in use.
+
+    Layers of one shape and device are allocated together, with batched linear algebra. The rows
+    in use of ``A`` are orthonormal by construction, so ``A`` with its free rows zeroed serves
+    as the basis of their span. ``needs_data`` allocators receive the new experience's input
+    covariances in ``prepare`` (recorded over its first training batches, before its slot gets
+    directions) and keep what they need of them in ``update`` (after its training).
+    """
+
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def generator(self, layer_name: str, owner: int) -> torch.Generator:
+        """A generator seeded by (seed, layer, owner): allocations are reproducible on resume."""
+        return keyed_generator(self.seed, layer_name, owner)
+
+    def random_rows(self, names: list[str], owner: int, rows: int, d: int,
+                    device: torch.device) -> Tensor:
+        """``L x rows x d`` Gaussian rows, those of each layer from its own generator."""
+        return torch.stack([torch.randn(rows, d, generator=self.generator(name, owner),
+                                        dtype=torch.float64) for name in names]).to(device)
+
+    def candidates(self, names: list[str], layers: list[SubspaceLoRALinear], used: Tensor,
+                   n: int, owner: int) -> Tensor:
+        """``L x m x d`` candidate rows of layers of one shape, best first; ``used`` is the
+        ``L x R x d`` basis of the rows in use."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def directions(
+        self, layer_name: str, layer: SubspaceLoRALinear, n: int, owner: int
+    ) -> Tensor:
+        return self.directions_for({layer_name: layer}, owner, {layer_name: n})[layer_name]
+
+    @torch.no_grad()
+    def directions_for(self, layers: dict[str, SubspaceLoRALinear], owner: int,
+                       n: dict[str, int] | None = None) -> dict[str, Tensor]:
+        """Each layer's new rows (``n[name]``, default its rank), on the layer's device."""
+        n = n or {name: layer.rank for name, layer in layers.items()}
+        groups: dict[tuple, list[str]] = {}
+        for name, layer in layers.items():
+            key = (tuple(layer.lora_A.shape), layer.lora_A.device, n[name])
+            groups.setdefault(key, []).append(name)
+        found = {}
+        for (_, _, count), names in groups.items():
+            members = [layers[name] for name in names]
+            used = used_basis(members)
+            cands = self.candidates(names, members, used, count, owner)
+            gens = [self.generator(name, owner) for name in names]
+            rows = self.choose(cands, used, count, gens)
+            found.update(zip(names, rows.unbind(), strict=True))
+        return found
+
+    def choose(self, candidates: Tensor, used: Tensor, n: int,
+               generators: list[torch.Generator]) -> Tensor:
+        """``L x n x d`` orthonormal rows outside ``used``, taken greedily from the candidates
+        in order (:func:`directions_outside_batch`)."""
+        return directions_outside_batch(candidates, used, n, generators)
+
+    def prepare(self, layers: dict[str, SubspaceLoRALinear],
+                covariances: dict[str, Tensor]) -> None:
+        """Receive the new experience's per-layer input covariances (``needs_data`` only)."""
+
+    def update(self, layers: dict[str, SubspaceLoRALinear]) -> None:
+        """Fold the prepared experience into the layers' kept state (``needs_data`` only)."""
+
+
+def used_basis(layers: list[SubspaceLoRALinear]) -> Tensor:
+    """``L x R x d`` float64 stack of the layers' ``A`` with the free rows zeroed: an orthonormal
+    basis (with zero rows) of each layer's rows in use."""
+    A = torch.stack([layer.lora_A for layer in layers]).double()
+    owners = torch.stack([layer.slots.row_owner for layer in layers])
+    return A * (owners != FREE).unsqueeze(-1)
+
+
+class OrthogonalAllocator(Allocator):
+    """Random directions orthogonal to every row in use."""
+
+    name = "orthogonal"
+
+    def candidates(self, names, layers, used, n, owner):
+        return self.random_rows(names, owner, 2 * n, used.shape[-1], used.device)
+
+
+class PrincipalAllocator(Allocator):
+    """The next unused right-singular directions of the current weight (SRLoRA's re-init).
+
+    They are the top eigenvectors of ``P W^T W P``, ``P`` the projector outside the rows in use,
+    found by block subspace iteration (:func:`top_eigvecs_block`): when the rows in use are
+    right-singular directions of ``W``, these are the next ones.
+    """
+
+    name = "principal"
+
+    def candidates(self, names, layers, used, n, owner):
+        weights = []
+        for layer in layers:
+            weight = layer.weight.detach()
+            if layer.out_index is not None:
+                weight = weight[layer.out_index]
+            weights.append(weight)
+        weight = project_out(torch.stack(weights).double(), used)  # W P
+        return _top_block(weight.mT @ weight)
+
+
+class DataAllocator(Allocator):
+    """Top input directions of the new experience outside the input subspace of earlier ones.
+
+    Each layer keeps a basis of earlier experiences' inputs (``layer.input_basis``), grown after
+    every experience with GPM's energy rule. One block subspace iteration on the experience's
+    input covariance with that basis projected out serves both (:func:`grow_bases`): the
+    fewest of its Ritz vectors that reach the energy grow the basis (further rounds when they
+    do not), and the new slot takes the top directions of the covariance within their span
+    with the rows in use projected out (Rayleigh-Ritz on that span). ``prepare`` computes both
+    from the covariance recorded over the experience's first training batches; ``update``
+    stores the grown bases after its training.
+    """
+
+    name = "data"
+    needs_data = True
+
+    def __init__(self, seed: int = 0, energy: float = 0.95) -> None:
+        super().__init__(seed)
+        self.energy = energy
+        self._covariances: dict[str, Tensor] = {}
+        self._top: dict[str, Tensor] = {}
+        self._grown: dict[str, Tensor] = {}
+
+    @property
+    def prepared(self) -> bool:
+        """Whether an experience's input statistics are held (from ``prepare`` to ``update``)."""
+        return bool(self._covariances)
+
+    def prepare(self, layers, covariances):
+        names = list(layers)
+        covs = [c.to(layers[name].lora_A.device)
+                for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)]
+        grown, top = grow_bases(
+            [layers[name].input_basis for name in names], covs, self.energy,
+            [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
+        )
+        self._covariances = dict(zip(names, covs, strict=True))
+        self._grown = dict(zip(names, grown, strict=True))
+        self._top = dict(zip(names, top, strict=True))
+
+    def candidates(self, names, layers, used, n, owner):
+        span = span_rows(project_out(torch.stack(_lookup(self._top, names, "prepared")), used))
+        cov = torch.stack(_lookup(self._covariances, names, "prepared")).double()
+        vectors = torch.linalg.eigh(span @ cov @ span.mT)[1]
+        return vectors.flip(-1).mT @ span
+
+    def choose(self, candidates, used, n, generators):
+        """The first ``n`` candidates: orthonormal and outside ``used`` by construction (Ritz
+        vectors of an orthonormal span outside it), unless the span had fewer than ``n``
+        directions (one host synchronisation checks it), then the greedy choice."""
+        rows = candidates[:, :n]
+        if bool((rows.norm(dim=-1) > 0.5).all()):
+            return rows
+        return super().choose(candidates, used, n, generators)
+
+    def update(self, layers):
+        for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
+                               strict=True):
+            layers[name].input_basis = basis.to(layers[name].input_basis)
+        self._covariances, self._top, self._grown = {}, {}, {}
+
+
+def _lookup(store: dict[str, Tensor], names: list[str], what: str) -> list[Tensor]:
+    """``store``'s tensors of ``names``, in order; a clear error for a layer without one."""
+    missing = [name for name in names if name not in store]
+    if missing:
+        raise RuntimeError(f"no {what} input statistics for layer {missing[0]!r}: the data "
+                           "allocator needs prepare() with the experience's covariances first")
+    return [store[name] for name in names]
+
+
+def _top_block(sym: Tensor) -> Tensor:
+    """Ritz vectors of ``sym`` (``L x d x d``), best first, from the fixed random start."""
+    start = random_block(sym.shape[-1], sym.device)
+    return top_eigvecs_block(sym, start.expand(sym.shape[0], -1, -1))[1]
+
+
+ALLOCATORS: dict[str, type[Allocator]] = {
+    cls.name: cls for cls in (OrthogonalAllocator, PrincipalAllocator, DataAllocator)
+}
+
+
+def build_allocator(name: str, *, seed: int = 0, energy: float = 0.95) -> Allocator:
+    """Allocator by name: ``orthogonal``, ``principal`` or ``data``."""
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; choose one of {sorted(ALLOCATORS)}")
+    if name == "data":
+        return DataAllocator(seed, energy)
+    return ALLOCATORS[name](seed)

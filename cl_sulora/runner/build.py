@@ -1,0 +1,162 @@
+"""Build a run from its config: backbone, benchmark, head, model, the runner's plugins and the
+method's strategy, the same way for every method (only the method and its config differ)."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from avalanche.core import BasePlugin, SupervisedPlugin
+from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
+from avalanche.training.plugins import EvaluationPlugin
+
+from ..benchmarks import BenchmarkSpec, build_benchmark
+from ..errors import ConfigError
+from ..methods import MethodSpec, get_method
+from ..models.backbones import Backbone, build_backbone
+from ..models.heads import ContinualClassifier, make_head
+from ..training import distributed
+from ..training.alignment import ClassifierAlignment
+from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
+from .config import RunConfig
+from .presets import TrainingConfig
+
+
+@dataclass
+class Experiment:
+    """A built run: benchmark, backbone, model, the method and its Avalanche strategy, and the
+    runner's own plugins whose state the records read."""
+
+    config: RunConfig
+    spec: BenchmarkSpec
+    backbone: Backbone
+    model: ContinualClassifier
+    method: MethodSpec
+    strategy: Any
+    timer: EpochTimer
+    alignment: ClassifierAlignment | None = None
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` also force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def make_optimizer(training: TrainingConfig, params) -> torch.optim.Optimizer:
+    """The optimizer of the recipe; strategies rebuild it over each experience's parameters."""
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay
+        )
+    # AdamW as Adam(decoupled_weight_decay=True): the same update, and its ``defaults`` can
+    # rebuild it (torch's AdamW rejects its own ``decoupled_weight_decay`` default).
+    return torch.optim.Adam(
+        params,
+        lr=training.lr,
+        weight_decay=training.weight_decay,
+        decoupled_weight_decay=training.optimizer == "adamw",
+    )
+
+
+def build_experiment(
+    config: RunConfig,
+    *,
+    spec: BenchmarkSpec | None = None,
+    progress: bool = False,
+    loggers: Sequence[Any] = (),
+    plugins: Sequence[BasePlugin] = (),
+) -> Experiment:
+    """Build backbone, benchmark (unless ``spec`` is given), head, model and strategy, the same
+    way for every method: only the method and its config differ between strategies."""
+    bb = config.backbone
+    backbone = build_backbone(
+        bb.name,
+        weights=bb.weights,
+        pretrained=bb.pretrained,
+        pooling=bb.pooling,
+        max_length=bb.max_length,
+        **bb.kwargs,
+    )
+    if spec is None:
+        spec = load_benchmark(config, backbone)
+    if spec.modality != backbone.modality:
+        raise ConfigError(
+            f"benchmark {spec.name!r} is {spec.modality} but backbone "
+            f"{backbone.name!r} is a {backbone.modality} backbone"
+        )
+    head = make_head(spec.protocol, backbone.feature_dim, spec.num_classes)
+    model = ContinualClassifier(backbone.module, head)
+    method = get_method(config.method_name)
+    device = distributed.local_device(config.device)
+    training = config.training
+    timer = EpochTimer()
+    extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule), timer]
+    if spec.batch_augment is not None:  # first: every other plugin sees the augmented inputs
+        extra.insert(0, BatchAugment(spec.batch_augment, seed=config.seed))
+    if config.precision == "bf16":
+        extra.append(Autocast(device.type))
+    alignment = None
+    if config.alignment.enabled:
+        alignment = ClassifierAlignment(config.alignment, seed=config.seed)
+        extra.append(alignment)
+    if progress and distributed.is_main():
+        extra.append(Progress(len(spec.benchmark.train_stream), f"{config.strategy} "))
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        optimizer=make_optimizer(training, model.parameters()),
+        train_mb_size=training.batch_size,
+        train_epochs=training.epochs,
+        eval_mb_size=training.eval_batch_size,
+        device=device,
+        evaluator=make_evaluator(loggers),
+        plugins=[*extra, *plugins],
+    )
+    method_config = None
+    if method.config_cls is not None:
+        method_config = kwargs["config"] = method.config_cls(**config.method)
+    if spec.protocol == "task-incremental" and method.task_aware_inference:
+        kwargs["inference"] = "task-aware"
+    try:
+        strategy = method.strategy(**kwargs)
+    except ValueError as err:  # e.g. target_modules matching nothing, rank x num_slots > d_in
+        raise ConfigError(
+            f"method config of strategy {config.strategy!r} does not fit backbone "
+            f"{backbone.name!r}: {err} (fix the method.* keys in the preset or with --set)"
+        ) from err
+    if method.stream_check is not None:
+        method.stream_check(method_config, len(spec.benchmark.train_stream))
+    if config.compile:
+        model.backbone.compile()
+    return Experiment(config, spec, backbone, model, method, strategy, timer, alignment)
+
+
+def load_benchmark(config: RunConfig, backbone: Backbone) -> BenchmarkSpec:
+    """The benchmark of ``config``, fed the way ``backbone`` needs."""
+    try:
+        return build_benchmark(config.benchmark, **config.data, **backbone.benchmark_options())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"benchmark {config.benchmark!r}: {err}") from err
+
+
+def make_evaluator(loggers: Sequence[Any] = ()) -> EvaluationPlugin:
+    """Avalanche accuracy (experience and stream), forgetting and BWT metrics."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No loggers specified")
+        return EvaluationPlugin(
+            accuracy_metrics(experience=True, stream=True),
+            forgetting_metrics(experience=True, stream=True),
+            bwt_metrics(experience=True, stream=True),
+            loggers=list(loggers),
+        )

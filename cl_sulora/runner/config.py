@@ -1,0 +1,176 @@
+"""The run config: everything that defines a run, resolved from a preset, flags and ``--set``
+values, validated before anything is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+
+from ..benchmarks import BENCHMARKS, benchmark_options
+from ..benchmarks.common import wants_validation
+from ..errors import ConfigError
+from ..models.backbones import DEFAULT_BACKBONES
+from ..training.alignment import AlignmentConfig
+from .presets import TrainingConfig, describe, load_preset, method_config, method_fields, parse_yaml
+
+#: Benchmark options fixed by the backbone rather than by the user.
+BACKBONE_OPTIONS = ("tokenizer", "max_length", "image_size", "mean", "std")
+#: Keys set by ``--benchmark``/``--strategy``, not by overrides.
+DERIVED_KEYS = ("benchmark", "strategy", "preset_file", "method_name")
+
+
+class BackboneConfig(BaseModel):
+    """Which backbone and how it reads its input (see
+    :func:`~cl_sulora.models.backbones.build_backbone`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: PositiveInt = 128
+    kwargs: dict[str, Any] = {}
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run. ``strategy`` is the preset name, ``method_name`` the
+    registered method it configures; ``method`` is the full resolved method config; ``data``
+    holds benchmark builder options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    benchmark: str
+    strategy: str
+    preset_file: str
+    method_name: str
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    deterministic: bool = False
+    out: str = "results"
+    backbone: BackboneConfig = BackboneConfig()
+    data: dict[str, Any] = {}
+    training: TrainingConfig = TrainingConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
+    method: dict[str, Any] = {}
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["training.lr=3e-4", "method.qkv_parts=[q,k,v]"]`` -> dotted keys to YAML-typed values."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE with a dotted KEY such as "
+                "training.lr=3e-4 or method.rank=8"
+            )
+        try:
+            overrides[key] = parse_yaml(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({err})") from err
+    return overrides
+
+
+def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] = {}) -> RunConfig:
+    """The run config of ``strategy`` (preset name or path) on ``benchmark``: the preset, then
+    ``overrides`` (dotted keys, e.g. from flags and ``--set``), validated and fully resolved."""
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    preset = load_preset(strategy)
+    tree: dict[str, Any] = {
+        "benchmark": benchmark,
+        "strategy": preset.name,
+        "preset_file": str(preset.path),
+        "method_name": preset.spec.name,
+        "training": preset.training.model_dump(),
+        "method": dict(preset.method),
+    }
+    for key, value in overrides.items():
+        if key in DERIVED_KEYS:
+            raise ConfigError(f"{key} cannot be overridden; use --benchmark/--strategy")
+        _set_dotted(tree, key, value)
+    where = "command line (flags and --set)"
+    try:
+        config = RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(
+            describe(err, where, "fix the flag or --set value", model=RunConfig)
+        ) from err
+
+    options = benchmark_options(benchmark)
+    for key in config.data:
+        if key in BACKBONE_OPTIONS:
+            raise ConfigError(f"data.{key} is fixed by the backbone; set backbone.* instead")
+        if key not in options:
+            accepted = sorted(set(options) - set(BACKBONE_OPTIONS))
+            raise ConfigError(
+                f"benchmark {benchmark!r} has no option {key!r} (data.{key}); "
+                f"its options: {accepted}"
+            )
+    try:
+        wants_validation(config.data.get("validation", 0.0))
+    except ValueError as err:
+        raise ConfigError(f"data.validation: {err}") from err
+    if config.backbone.name is None and config.backbone.weights is None:
+        name, kwargs = DEFAULT_BACKBONES[modality(benchmark)]
+        config.backbone.name = name
+        config.backbone.kwargs = {**kwargs, **config.backbone.kwargs}
+    if config.device == "auto":
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(config.device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {config.device!r} is not a torch device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {config.device!r}: CUDA is not available here; use cpu")
+
+    values = dict(config.method)
+    if "seed" in method_fields(preset.spec) and "seed" not in values:
+        values["seed"] = config.seed
+    resolved = method_config(preset.spec, values, where=where, fix="fix the --set method.* value")
+    config.method = dataclasses.asdict(resolved) if resolved is not None else {}
+    return config
+
+
+def modality(benchmark: str) -> str:
+    """``text`` for benchmarks that take a tokenizer, else ``image``."""
+    return "text" if "tokenizer" in benchmark_options(benchmark) else "image"
+
+
+def benchmark_label(config: RunConfig) -> str:
+    """The benchmark part of result file names; the protocol joins it where it is an option,
+    and ``-val<fraction>`` when evaluating on a validation split (``data.validation``)."""
+    options = benchmark_options(config.benchmark)
+    label = config.benchmark
+    if "protocol" in options:
+        label += f"-{config.data.get('protocol', options['protocol'].default)}"
+    validation = config.data.get("validation", 0.0)
+    return f"{label}-val{validation:g}" if validation else label
+
+
+def result_path(config: RunConfig) -> Path:
+    """``<out>/<benchmark label>__<strategy>__seed<k>.json``."""
+    name = f"{benchmark_label(config)}__{config.strategy}__seed{config.seed}.json"
+    return Path(config.out) / name
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[leaf] = value

@@ -1,0 +1,227 @@
+"""One continual-learning run: seed, build, the experience loop (train, evaluate the whole test
+stream, checkpoint) and the written record."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from avalanche.core import BasePlugin
+
+from ..atomic import atomic_write_json
+from ..benchmarks import BenchmarkSpec
+from ..errors import ConfigError
+from ..methods import get_method
+from ..training import distributed
+from .build import Experiment, build_experiment, seed_everything
+from .checkpoint import latest_checkpoint, restore, save_checkpoint
+from .config import RunConfig, result_path
+from .records import make_record
+
+#: Avalanche's metric key of the accuracy on one experience of the evaluated stream.
+ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+
+
+@dataclass
+class StreamResult:
+    """What the stream loop measured; ``last_metrics`` is Avalanche's final metrics dict."""
+
+    accuracy_matrix: list[list[float]]
+    train_seconds: float
+    train_epoch_seconds: float
+    trainable_params: int
+    last_metrics: dict[str, Any]
+
+
+@dataclass
+class Checkpointing:
+    """Where the runner writes a checkpoint after every experience, and whether it resumes
+    from the newest one (``fallback``: from the newest intact one)."""
+
+    directory: Path
+    resume: bool = False
+    fallback: bool = False
+
+
+def run_stream(
+    experiment: Experiment,
+    echo: Callable[[str], None] | None = None,
+    checkpointing: Checkpointing | None = None,
+) -> StreamResult:
+    """Train on each experience in order; after each, evaluate on the whole test stream and,
+    with ``checkpointing``, write a checkpoint (resuming first from the last one if asked).
+
+    A joint method (``MethodSpec.joint``) trains once on the whole stream, giving a single-row
+    accuracy matrix."""
+    strategy = experiment.strategy
+    train_stream = experiment.spec.benchmark.train_stream
+    test_stream = experiment.spec.benchmark.test_stream
+    count = len(train_stream)
+    if len(test_stream) != count:
+        raise ValueError(f"{count} training but {len(test_stream)} test experiences")
+    joint = experiment.method.joint
+    steps = 1 if joint else count
+    matrix: list[list[float]] = []
+    train_seconds, trainable, last, first = 0.0, 0, {}, 0
+    timer = experiment.timer
+    config = experiment.config.model_dump(mode="json")
+    main = distributed.is_main()
+    echo = echo if main else None
+    if checkpointing and checkpointing.resume:
+        checkpoint = latest_checkpoint(checkpointing.directory, fallback=checkpointing.fallback)
+        if checkpoint is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {checkpointing.directory}; run without --resume "
+                "to start from the beginning"
+            )
+        check_same_config(checkpoint.meta.get("config", {}), config, checkpoint.path)
+        trained = list(train_stream) if joint else list(train_stream)[:checkpoint.position + 1]
+        restore(strategy, checkpoint, trained, test_stream)
+        saved = checkpoint.state["extra"]
+        matrix, train_seconds = saved["accuracy_matrix"], saved["train_seconds"]
+        timer.seconds = saved.get("train_epoch_seconds", 0.0)
+        trainable, first = saved["trainable_params"], checkpoint.position + 1
+        if echo:
+            echo(f"  resumed from {checkpoint.path} (experiences 1-{first} done)")
+    workers = experiment.config.training.num_workers
+    loading = {"num_workers": workers, "persistent_workers": workers > 0}
+    for index in range(first, steps):
+        start = time.perf_counter()
+        strategy.train(train_stream if joint else train_stream[index], **loading)
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        trainable = max(trainable, optimized_parameter_count(strategy.optimizer))
+        last = strategy.eval(test_stream, **loading)
+        matrix.append(accuracy_row(last, count))
+        if checkpointing and main:
+            extra = {"accuracy_matrix": matrix, "train_seconds": train_seconds,
+                     "train_epoch_seconds": timer.seconds, "trainable_params": trainable}
+            save_checkpoint(checkpointing.directory, position=index, strategy=strategy,
+                            extra=extra, meta={"config": config})
+        if echo:
+            seen = count if joint else index + 1
+            name = "all experiences" if joint else experiment.spec.experience_names[index]
+            row = " ".join(f"{a:.3f}" for a in matrix[-1][:seen])
+            echo(
+                f"  {experiment.config.strategy} step {index + 1}/{steps} "
+                f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}]"
+            )
+    return StreamResult(matrix, train_seconds, timer.seconds, trainable, last)
+
+
+def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
+    """Refuse to resume a checkpoint written under another run config, naming the keys."""
+    old, new = _flatten(saved), _flatten(current)
+    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differing:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
+        raise ConfigError(
+            f"--resume: {where} was written with another run config ({details}); resume with "
+            "the same flags and --set values, or use another --checkpoint-dir"
+        )
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def accuracy_row(metrics_dict: Mapping[str, Any], count: int) -> list[float]:
+    """Per-experience test accuracies from Avalanche's metrics dict."""
+    row: list[float | None] = [None] * count
+    for key, value in metrics_dict.items():
+        match = ACCURACY_KEY.match(key)
+        if match and int(match.group(1)) < count:
+            row[int(match.group(1))] = float(value)
+    if any(a is None for a in row):
+        raise RuntimeError(f"missing experience accuracies in the evaluation metrics: {row}")
+    return row  # type: ignore[return-value]
+
+
+def optimized_parameter_count(optimizer: torch.optim.Optimizer) -> int:
+    """Elements of the distinct trainable parameters the optimizer updates."""
+    params = {id(p): p for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
+    return sum(p.numel() for p in params.values())
+
+
+@dataclass
+class RunResult:
+    """The written record and its path, plus the built experiment and the raw stream result."""
+
+    record: dict[str, Any]
+    path: Path
+    experiment: Experiment
+    stream: StreamResult
+
+
+def run(
+    config: RunConfig,
+    *,
+    spec: BenchmarkSpec | None = None,
+    command: Sequence[str] = (),
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+    loggers: Sequence[Any] = (),
+    plugins: Sequence[BasePlugin] = (),
+    checkpointing: Checkpointing | None = None,
+) -> RunResult:
+    """Seed, build, run the stream and write ``result_path(config)`` atomically. ``loggers``
+    go to the Avalanche evaluator, ``plugins`` to the strategy; ``echo`` gets one line per
+    experience; ``checkpointing`` writes (and resumes from) per-experience checkpoints.
+
+    Started by ``torchrun`` with several processes, the run is data-parallel (see
+    :mod:`cl_sulora.training.distributed`): every rank runs this, only rank 0 echoes and writes
+    the results and checkpoints (the returned ``path`` is where rank 0 writes)."""
+    with distributed.process_group(config.device):
+        return _run(config, spec=spec, command=command, progress=progress, echo=echo,
+                    loggers=loggers, plugins=plugins, checkpointing=checkpointing)
+
+
+def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointing) -> RunResult:
+    device = distributed.local_device(config.device)
+    method = get_method(config.method_name)
+    if distributed.is_distributed():
+        check_distributed(config)
+    if checkpointing and checkpointing.resume and not method.resumable:
+        raise ConfigError(
+            f"--resume is not supported for {config.strategy!r}: not all of its state is "
+            "checkpointed; run it again without --resume"
+        )
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(config.seed, config.deterministic)
+        experiment = build_experiment(
+            config, spec=spec, progress=progress, loggers=loggers, plugins=plugins
+        )
+        seed_everything(config.seed, config.deterministic)  # same data order for every method
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = run_stream(experiment, echo, checkpointing)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    record = make_record(experiment, result, command)
+    path = result_path(config)
+    if distributed.is_main():
+        atomic_write_json(path, record)
+    return RunResult(record, path, experiment, result)
+
+
+def check_distributed(config: RunConfig) -> None:
+    """Refuse, before building anything, what a data-parallel run does not support."""
+    distributed.check_batch_size(config.training.batch_size)
+    if not get_method(config.method_name).distributed:
+        raise ConfigError(
+            f"{config.strategy!r} cannot run under torchrun: its method is not data-parallel "
+            "safe (a replay buffer mixed in by its own data loader does not shard); run it in "
+            "one process"
+        )

@@ -1,0 +1,128 @@
+"""The results record of a run: what was measured, and where every number came from (command,
+config, commit, device, versions)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..training import distributed
+
+if TYPE_CHECKING:
+    from .build import Experiment
+    from .loop import StreamResult
+
+#: The checkout the package runs from, when it runs from one (not from an installed wheel).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Packages whose versions every record names.
+VERSIONED = ("cl-sulora", "torch", "avalanche-lib", "timm", "transformers")
+
+
+def make_record(
+    experiment: Experiment, result: StreamResult, command: Sequence[str]
+) -> dict[str, Any]:
+    """The results JSON of a run."""
+    config, spec = experiment.config, experiment.spec
+    device = distributed.local_device(config.device)
+    adapters = experiment.strategy.adapter_report()
+    alignment = experiment.alignment
+    return {
+        "benchmark": spec.name,
+        "protocol": spec.protocol,
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "backbone": experiment.backbone.name,
+        "commit": git_commit(),
+        "versions": versions(),
+        "device": device_name(device),
+        # data-parallel ranks; training.batch_size is the global batch, split over them
+        "world_size": distributed.world_size(),
+        "command": list(command),
+        "config": config.model_dump(mode="json"),
+        "experience_names": list(spec.experience_names),
+        "accuracy_matrix": result.accuracy_matrix,
+        **metrics.summarize(result.accuracy_matrix),
+        "trainable_params": result.trainable_params,
+        "live_adapter_params": adapters["live_adapter_params"],
+        "stored_state_params": adapters["stored_state_params"],
+        "alignment_stored_params": None if alignment is None else alignment.stored_state_params(),
+        "train_seconds": result.train_seconds,
+        # the part of train_seconds inside training epochs (see training.plugins.EpochTimer)
+        "train_epoch_seconds": result.train_epoch_seconds,
+        # training samples in one pass over the stream (the joint run's pass included)
+        "train_samples": sum(len(e.dataset) for e in spec.benchmark.train_stream),
+        "peak_memory_mb": peak_memory_mb(device),
+        "notes": _jsonable(spec.notes),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of :data:`VERSIONED` (``None`` for one that is not installed)."""
+    found: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
+    """``{"sha", "dirty"}`` of the project checkout. ``CL_SULORA_COMMIT`` names the commit
+    instead (``{"sha", "dirty": None}``) where the tree was copied without, or with a stale,
+    git directory; ``None`` for an installed package (its version is in :func:`versions`)."""
+    sha = os.environ.get("CL_SULORA_COMMIT")
+    if sha:
+        return {"sha": sha, "dirty": None}
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = _git(root, "rev-parse", "HEAD")
+        dirty = bool(_git(root, "status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"sha": sha, "dirty": dirty}
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA peak allocated memory of the run; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)

@@ -1,0 +1,175 @@
+"""Comparison reports over results records: a Markdown table (mean +- std over seeds) and PNG
+plots (accuracy-matrix heatmaps, accuracy after each experience)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .. import metrics
+from ..atomic import atomic_write_bytes
+
+Record = dict[str, Any]
+
+#: (record key, column title, scale, decimals) of the comparison table.
+COLUMNS = (
+    ("A_last", "A_last (%)", 100.0, 1),
+    ("A_avg", "A_avg (%)", 100.0, 1),
+    ("forgetting", "Forgetting (%)", 100.0, 1),
+    ("bwt", "BWT (%)", 100.0, 1),
+    ("live_adapter_params", "Live adapter params", 1.0, 0),
+    ("train_seconds", "Train (s)", 1.0, 1),
+)
+
+
+def by_strategy(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records grouped by strategy, in order of first appearance."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(record["strategy"], []).append(record)
+    return groups
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (0 for one value) of the defined values."""
+    defined = [float(v) for v in values if v is not None]
+    if not defined:
+        return None
+    return float(np.mean(defined)), float(np.std(defined, ddof=1)) if len(defined) > 1 else 0.0
+
+
+def format_cell(values: Sequence[float | None], scale: float, decimals: int) -> str:
+    stats = mean_std(values)
+    if stats is None:
+        return "n/a"
+    mean, std = stats[0] * scale, stats[1] * scale
+    text = f"{mean:,.{decimals}f}"
+    return text if len(values) == 1 else f"{text} ± {std:,.{decimals}f}"
+
+
+def markdown_table(records: Sequence[Record]) -> str:
+    """One row per strategy: mean ± std over seeds of each column of :data:`COLUMNS`."""
+    header = ["Strategy", *(title for _, title, _, _ in COLUMNS), "Seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for strategy, group in by_strategy(records).items():
+        cells = [
+            format_cell([r.get(key) for r in group], scale, decimals)
+            for key, _, scale, decimals in COLUMNS
+        ]
+        seeds = ",".join(str(r["seed"]) for r in group)
+        lines.append("| " + " | ".join([strategy, *cells, seeds]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_matrix(group: Sequence[Record]) -> np.ndarray:
+    """The accuracy matrix averaged over a strategy's runs."""
+    return np.mean([np.asarray(r["accuracy_matrix"], dtype=float) for r in group], axis=0)
+
+
+def plot_matrices(records: Sequence[Record], path: str | Path) -> Path:
+    """One heatmap per strategy of its mean accuracy matrix (percent)."""
+    groups = by_strategy(records)
+    fig = Figure(figsize=(3.6 * len(groups) + 0.8, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    image = None
+    for ax, (strategy, group) in zip(axes, groups.items(), strict=True):
+        r = 100 * mean_matrix(group)
+        image = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
+        if r.size <= 100:
+            for (i, j), value in np.ndenumerate(r):
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value < 60 else "black",
+                )
+        ax.set_title(strategy)
+        ax.set_xlabel("test experience")
+        ax.set_ylabel("after joint training" if is_joint(group[0]) else "after training experience")
+        ax.set_xticks(range(r.shape[1]))
+        ax.set_yticks(range(r.shape[0]))
+    fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_curves(records: Sequence[Record], path: str | Path) -> Path:
+    """Mean accuracy on the experiences seen so far after each experience, one line per
+    strategy (mean ± std band over seeds; a joint run is a single point at the end)."""
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for strategy, group in by_strategy(records).items():
+        if is_joint(group[0]):
+            mean, std = mean_std([100 * r["A_last"] for r in group])
+            ax.errorbar(
+                [len(group[0]["accuracy_matrix"][0])],
+                [mean],
+                yerr=[std],
+                marker="*",
+                markersize=10,
+                label=strategy,
+            )
+            continue
+        curves = 100 * np.asarray([metrics.accuracy_curve(r["accuracy_matrix"]) for r in group])
+        steps = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(axis=0)
+        line = ax.plot(steps, mean, marker="o", label=strategy)[0]
+        if len(group) > 1:
+            std = curves.std(axis=0, ddof=1)
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("experiences trained")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("accuracy on seen experiences (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def is_joint(record: Record) -> bool:
+    """Whether the record is of a joint run (a single row after training on the whole stream)."""
+    matrix = record["accuracy_matrix"]
+    return len(matrix) == 1 and len(matrix[0]) > 1
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict[str, Path]:
+    """``<out>/<label>__compare.md`` (table and settings) and the two plots; returns the paths."""
+    out = Path(out)
+    paths = {
+        "matrices": plot_matrices(records, out / f"{label}__matrices.png"),
+        "curves": plot_curves(records, out / f"{label}__curves.png"),
+    }
+    first = records[0]
+    training = first["config"]["training"]
+    lines = [
+        f"# {label}: {', '.join(by_strategy(records))}",
+        "",
+        f"- benchmark: {first['benchmark']} ({first['protocol']}), "
+        f"experiences: {len(first['accuracy_matrix'][0])}",
+        f"- backbone: {first['backbone']}",
+        f"- training: {', '.join(f'{k}={v}' for k, v in training.items())}",
+        f"- device: {first['device']}",
+        "- accuracies in percent, mean ± sample std over seeds; forgetting and BWT over the "
+        "experiences before the last",
+        "",
+        markdown_table(records),
+        f"![accuracy matrices]({paths['matrices'].name})",
+        "",
+        f"![accuracy after each experience]({paths['curves'].name})",
+        "",
+    ]
+    paths["table"] = atomic_write_bytes(out / f"{label}__compare.md", "\n".join(lines).encode())
+    return paths

@@ -1,0 +1,31 @@
+"""Training infrastructure every method shares: the Avalanche template, its plugins (class mask,
+divergence guard, schedule, precision, augmentation, progress, timing), classifier alignment,
+data loading and data-parallel training."""
+
+from .alignment import AlignmentConfig, ClassifierAlignment
+from .plugins import (
+    Autocast,
+    BatchAugment,
+    CurrentClassMask,
+    EpochTimer,
+    LRSchedule,
+    NonFiniteLossGuard,
+    Progress,
+)
+from .template import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
+
+__all__ = [
+    "AdapterTemplate",
+    "AlignmentConfig",
+    "Autocast",
+    "BatchAugment",
+    "ClassifierAlignment",
+    "CurrentClassMask",
+    "EpochTimer",
+    "LRSchedule",
+    "NonFiniteLossGuard",
+    "Progress",
+    "freeze_except",
+    "rebuild_optimizer",
+    "task_label",
+]

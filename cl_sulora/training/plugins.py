@@ -1,0 +1,355 @@
+"""Training plugins: the class-incremental training mask, the divergence guard, minibatch
+augmentation on the device, learning-rate schedule, autocast, progress bars and the
+training-epoch timer."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Literal
+
+import torch
+from avalanche.core import SupervisedPlugin
+from tqdm.auto import tqdm
+
+from ..errors import DivergenceError
+from ..seeding import keyed_generator
+from . import distributed
+
+MASK_VALUE = -1e4  # finite, so a masked logit never turns the loss into inf or nan in fp16
+
+Schedule = Literal["constant", "cosine"]
+
+
+class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
+    """During training, mask the logits of classes absent from the experience's dataset.
+
+    With a growing head this is the usual class-incremental regime: old classes are masked while
+    a new experience trains. Rehearsal that mixes a buffer in through the data loader extends
+    the allowed classes (see ``ReplayClassMask``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._allowed: list[int] | None = None
+        self._keep: torch.Tensor | None = None  # on the logits' device, built once per size
+
+    @property
+    def allowed(self) -> list[int] | None:
+        """The classes left unmasked in the current experience (``None`` outside training)."""
+        return self._allowed
+
+    def allowed_classes(self, strategy) -> set[int]:
+        """The classes the current experience trains on: those of its dataset."""
+        return {int(t) for t in strategy.adapted_dataset.targets}
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._allowed = sorted(self.allowed_classes(strategy))
+        self._keep = None
+
+    def after_forward(self, strategy, **kwargs):
+        logits = strategy.mb_output
+        if self._allowed is None or logits.dim() != 2:
+            return
+        if (self._keep is None or self._keep.shape[0] != logits.shape[1]
+                or self._keep.device != logits.device):
+            keep = torch.zeros(logits.shape[1], dtype=torch.bool)
+            keep[[c for c in self._allowed if c < logits.shape[1]]] = True
+            self._keep = keep.to(logits.device)
+        strategy.mb_output = logits.masked_fill(~self._keep, MASK_VALUE)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._allowed = self._keep = None
+
+
+class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
+    """Stop training with a clear message when the loss is not finite.
+
+    The first non-finite step of an experience is recorded on the device. Every
+    ``check_every`` iterations and at every epoch end the record is gathered over the
+    data-parallel ranks and copied to the host without waiting; each such check raises on the
+    copy of the check before it, which is done by then, so the training loop does not wait for
+    the device in mid-experience. The end of the last epoch waits for its own record, so an
+    experience with a non-finite loss stops before its end-of-experience work (fusion,
+    checkpoint). All ranks read the same record at the same iteration, so they stop together.
+    """
+
+    def __init__(self, check_every: int = 32) -> None:
+        super().__init__()
+        self.check_every = check_every
+        self._first: torch.Tensor | None = None  # (step in the experience, loss), -1: none
+        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._epochs = 0
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._first = torch.tensor([-1.0, 0.0], device=strategy.device)  # nothing flagged
+        self._pending = None
+        self._epochs = 0
+
+    def before_backward(self, strategy, **kwargs):
+        loss = strategy.loss.detach().float().reshape(-1)[:1]
+        step = torch.cat([torch.full_like(loss, strategy.clock.train_exp_iterations), loss])
+        fresh = ~torch.isfinite(loss) & (self._first[:1] < 0)
+        self._first = torch.where(fresh, step, self._first)
+        if (strategy.clock.train_epoch_iterations + 1) % self.check_every == 0:
+            self._check(strategy, wait=False)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self._epochs += 1
+        self._check(strategy, wait=self._epochs >= strategy.train_epochs)
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self._pending is not None:  # training stopped before its last epoch
+            self._check(strategy, wait=True)
+
+    def _check(self, strategy, *, wait: bool) -> None:
+        """Raise on the previous check's record; gather this one, and raise on it at once if
+        ``wait``."""
+        if self._pending is not None:
+            record, copied = self._pending
+            self._pending = None
+            if copied is not None:
+                copied.synchronize()
+            self._raise_if_flagged(record, strategy)
+        record = distributed.first_flagged(self._first)
+        if wait:
+            self._raise_if_flagged(record.cpu(), strategy)
+        elif record.is_cuda:
+            copied = torch.cuda.Event()
+            self._pending = (record.to("cpu", non_blocking=True), copied)
+            copied.record()
+        else:
+            self._pending = (record.clone(), None)
+
+    @staticmethod
+    def _raise_if_flagged(record: torch.Tensor, strategy) -> None:
+        step, loss = record.tolist()
+        if step < 0:
+            return
+        epoch, iteration = divmod(int(step), max(1, len(strategy.dataloader)))
+        raise DivergenceError(
+            f"non-finite loss ({loss}) at experience {strategy.experience.current_experience}, "
+            f"epoch {epoch}, iteration {iteration}: lower the learning rate or use fp32; the "
+            "last checkpoint is left as it was"
+        )
+
+
+class BatchAugment(SupervisedPlugin, supports_distributed=True):
+    """Replaces the inputs of every training minibatch, once on the training device, by
+    ``augment(inputs, generator)`` (evaluation and other passes over the data are left as
+    they are).
+
+    The generator is seeded at the start of each experience from ``seed``, the experience and
+    the rank: a run, and a run resumed at an experience boundary, draws the same augmentations,
+    and data-parallel ranks draw different ones."""
+
+    def __init__(
+        self, augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.augment = augment
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        experience = int(strategy.experience.current_experience)
+        self.generator = keyed_generator("batch-augment", self.seed, experience,
+                                         distributed.rank(), device=strategy.device)
+
+    def before_training_iteration(self, strategy, **kwargs):
+        strategy.mbatch[0] = self.augment(strategy.mbatch[0], self.generator)
+
+
+class LRSchedule(SupervisedPlugin, supports_distributed=True):
+    """Sets the learning rate of ``strategy.optimizer`` before every training iteration:
+    ``constant``, or ``cosine`` from ``lr`` towards 0 over each experience's iterations.
+
+    Setting it every iteration keeps it right when a strategy rebuilds its optimizer."""
+
+    def __init__(self, lr: float, schedule: Schedule = "constant") -> None:
+        super().__init__()
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+        self.lr = lr
+        self.schedule = schedule
+        self.total = 1
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.lr
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.total = max(1, strategy.train_epochs * len(strategy.dataloader))
+        self.step = 0
+
+    def before_training_iteration(self, strategy, **kwargs):
+        lr = self.lr_at(self.step)
+        for group in strategy.optimizer.param_groups:
+            group["lr"] = lr
+        self.step += 1
+
+
+class Autocast(SupervisedPlugin, supports_distributed=True):
+    """Runs the forward passes (training and evaluation) under ``torch.autocast``; the logits
+    are cast back to float32 for the loss and the metrics."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.dtype = dtype
+        self._context: torch.autocast | None = None
+
+    def context(self) -> torch.autocast:
+        """A fresh autocast context of this precision, for forward passes other plugins run."""
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def _enter(self) -> None:
+        self._context = self.context()
+        self._context.__enter__()
+
+    def _exit(self, strategy) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+        strategy.mb_output = strategy.mb_output.float()
+
+    def before_forward(self, strategy, **kwargs):
+        self._enter()
+
+    def after_forward(self, strategy, **kwargs):
+        self._exit(strategy)
+
+    def before_eval_forward(self, strategy, **kwargs):
+        self._enter()
+
+    def after_eval_forward(self, strategy, **kwargs):
+        self._exit(strategy)
+
+
+class EpochTimer(SupervisedPlugin, supports_distributed=True):
+    """Wall time inside the training epochs: for each experience, from the start of its first
+    epoch to the end of its last, the device synchronised at both ends. The training loop
+    alone, without the per-experience work (allocation, fusion, alignment, data-loader start)
+    that ``train_seconds`` also counts; nothing waits for the device between the epochs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+        self._start: float | None = None
+        self._epochs = 0
+
+    def before_training_exp(self, strategy, **kwargs):
+        self._start, self._epochs = None, 0
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if self._start is None:
+            _synchronize(strategy.device)
+            self._start = time.perf_counter()
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self._epochs += 1
+        if self._epochs >= strategy.train_epochs:
+            self._stop(strategy)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._stop(strategy)  # training stopped before its last epoch
+
+    def _stop(self, strategy) -> None:
+        if self._start is not None:
+            _synchronize(strategy.device)
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LatestValue:
+    """The latest value of a scalar tensor that has reached the host, without waiting for the
+    device: :meth:`push` starts copying a new value (asynchronously from a CUDA device) and
+    returns the value of an earlier push once its copy is done (``None`` until then)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    def push(self, value: torch.Tensor) -> float | None:
+        value = value.detach().reshape(-1)[:1]
+        if not value.is_cuda:
+            return float(value)
+        ready = None
+        if self._pending is not None and self._pending[1].query():
+            ready, self._pending = float(self._pending[0]), None
+        if self._pending is None:
+            host = value.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (host, event)
+        return ready
+
+
+class Progress(SupervisedPlugin, supports_distributed=True):
+    """tqdm bars: training iterations of each experience (with the loss, as the host receives
+    it: the bar never waits for the device), and evaluation iterations over the evaluated
+    stream; both vanish when done."""
+
+    def __init__(self, num_experiences: int, label: str = "") -> None:
+        super().__init__()
+        self.num_experiences = num_experiences
+        self.label = label
+        self._bar: tqdm | None = None
+        self._loss = LatestValue()
+
+    def _open(self, total: int, desc: str) -> None:
+        self._close()
+        self._bar = tqdm(
+            total=total, desc=f"{self.label}{desc}", unit="it", leave=False, dynamic_ncols=True
+        )
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        index = int(strategy.experience.current_experience)
+        self._open(
+            strategy.train_epochs * len(strategy.dataloader),
+            f"train {index + 1}/{self.num_experiences}",
+        )
+
+    def after_training_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            loss = self._loss.push(strategy.loss)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self._bar.update()
+
+    def after_training_exp(self, strategy, **kwargs):
+        self._close()
+
+    def before_eval(self, strategy, **kwargs):
+        size = strategy.eval_mb_size
+        total = sum(math.ceil(len(exp.dataset) / size) for exp in strategy.current_eval_stream)
+        self._open(total, "eval")
+
+    def after_eval_iteration(self, strategy, **kwargs):
+        if self._bar is not None:
+            self._bar.update()
+
+    def after_eval(self, strategy, **kwargs):
+        self._close()
+
+
+def strategy_autocast(strategy) -> AbstractContextManager:
+    """The autocast of ``strategy``'s :class:`Autocast` plugin (a null context without one):
+    plugins that run forward passes of their own use it to match the training precision."""
+    for plugin in getattr(strategy, "plugins", ()):
+        if isinstance(plugin, Autocast):
+            return plugin.context()
+    return nullcontext()
