@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import get_args, get_type_hints
+
+import pytest
 
 #: The package under test, found without executing it (so a broken import fails a test, not the
 #: collection).
@@ -119,3 +122,31 @@ def test_config_choices_are_the_registered_allocators_and_fusion_policies():
     hints = get_type_hints(SubspaceLoRAConfig)
     assert set(get_args(hints["allocator"])) == set(ALLOCATORS)
     assert set(get_args(hints["fusion"])) == set(FUSION_POLICIES)
+
+
+def test_the_package_under_test_is_the_installed_one_where_ci_asks():
+    if not os.environ.get("CL_SULORA_EXPECT_INSTALLED"):
+        pytest.skip("set CL_SULORA_EXPECT_INSTALLED=1 to test an installed package")
+    checkout = Path(__file__).resolve().parents[1]
+    assert checkout not in PACKAGE.parents, f"testing the source tree {PACKAGE}, not the wheel"
+    assert (PACKAGE / "presets" / "sulora.yaml").is_file()  # package data shipped
+
+
+#: The areas in dependency order (docs/architecture.md): each imports only areas before it.
+AREAS = ["errors", "linalg", "seeding", "atomic", "metrics", "adapters", "models", "training",
+         "methods", "benchmarks", "runner", "__main__"]
+
+
+def test_each_area_imports_only_the_areas_before_it():
+    found = modules()
+    late = []
+    for name, path in found.items():
+        if name == "cl_sulora":
+            continue
+        area = name.split(".")[1]
+        for target in imports(name, path, set(found)):
+            other = target.split(".")[1] if "." in target else "cl_sulora"
+            if other != area and (other == "cl_sulora"
+                                  or AREAS.index(other) > AREAS.index(area)):
+                late.append(f"{name} -> {target}")
+    assert not late, late

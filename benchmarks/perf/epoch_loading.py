@@ -1,5 +1,5 @@
-"""Epoch time and wait for the first batch: a training loader restarted every epoch (persistent
-workers, the loader before ``460c18d``) against the epoch-spanning loader training uses now, on
+"""Epoch time and wait for the first batch: a training loader restarted every epoch (a plain
+``DataLoader`` with persistent workers) against the epoch-spanning loader training uses, on
 split-cifar100-10's first experience, with a simulated training step (the host sleeps for
 ``--step-ms`` per batch, as it does while it waits on the GPU).
 

@@ -14,9 +14,9 @@ import pytest
 
 from cl_sulora.errors import ConfigError
 from cl_sulora.training import distributed
-from tests.test_reliability import tiny_flags
+from tests.helpers import tiny_flags
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: One rank of ``cl-sulora run`` on the tiny benchmark, with a probe that records, per rank,
 #: the training samples of every epoch, the model state after every experience, the evaluated
@@ -28,7 +28,7 @@ from avalanche.core import SupervisedPlugin
 from cl_sulora.runner import cli, loop
 from cl_sulora.training import distributed
 from cl_sulora.benchmarks import BENCHMARKS
-from tests.test_runner import tiny_images
+from tests.helpers import tiny_images
 
 probe = {"seen": {}, "experience": {}, "digest": [], "agree": [], "rows": [], "writes": []}
 
@@ -169,7 +169,7 @@ def test_replay_and_indivisible_batches_are_refused(monkeypatch):
     from cl_sulora.benchmarks import BENCHMARKS
     from cl_sulora.runner.config import resolve_config
     from cl_sulora.runner.loop import check_distributed
-    from tests.test_runner import tiny_images
+    from tests.helpers import tiny_images
 
     monkeypatch.setitem(BENCHMARKS, "tiny-images", tiny_images)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

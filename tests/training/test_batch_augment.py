@@ -22,7 +22,7 @@ from cl_sulora.benchmarks.array_images import (
 from cl_sulora.runner.build import build_experiment
 from cl_sulora.runner.config import resolve_config
 from cl_sulora.training.plugins import BatchAugment, EpochTimer, LRSchedule
-from tests.test_benchmarks import write_cifar
+from tests.helpers import write_cifar
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 P = 4  # padding of 32x32 images: offsets 0..8 in each direction

@@ -38,10 +38,9 @@ from cl_sulora.runner.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.test_layer import fill_slot
-from tests.test_runner import TINY_VIT, tiny_images
+from tests.helpers import fill_slot, tiny_flags, tiny_images
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 #: ``cl-sulora`` with the tiny benchmark registered; with $STALL set it touches that file in the
 #: first training iteration of experience 1 and sleeps there, to be killed mid-experience.
@@ -51,7 +50,7 @@ from pathlib import Path
 from avalanche.core import SupervisedPlugin
 from cl_sulora.runner import cli, loop
 from cl_sulora.benchmarks import BENCHMARKS
-from tests.test_runner import tiny_images
+from tests.helpers import tiny_images
 
 class Stall(SupervisedPlugin):
     def after_training_iteration(self, strategy, **kwargs):
@@ -63,16 +62,6 @@ BENCHMARKS["tiny-images"] = tiny_images
 cli.run = functools.partial(loop.run, plugins=[Stall()])
 sys.exit(cli.main(sys.argv[1:]))
 """
-
-
-def tiny_flags(out: Path, strategy: str = "sulora") -> list[str]:
-    """A deterministic CLI run of 3 tiny experiences (2 iterations each) on a tiny ViT."""
-    return [
-        "run", "--strategy", strategy, "--benchmark", "tiny-images",
-        "--backbone", "vit_small_patch16_224", "--set", f"backbone.kwargs={json.dumps(TINY_VIT)}",
-        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--deterministic",
-        "--out", str(out / "results"), "--checkpoint-dir", str(out / "ckpt"),
-    ]
 
 
 def record(out: Path, strategy: str) -> dict:

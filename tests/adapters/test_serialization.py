@@ -13,8 +13,7 @@ from cl_sulora import (
     subspace_lora_layers,
 )
 from cl_sulora.adapters.serialization import WEIGHTS_NAME
-from tests.conftest import tiny_vit
-from tests.test_layer import fill_slot
+from tests.helpers import fill_slot, tiny_vit
 
 
 def adapted_model(fuse: bool):

@@ -10,7 +10,7 @@ from cl_sulora.errors import ConfigError
 from cl_sulora.runner.checkpoint import latest_checkpoint
 from cl_sulora.runner.loop import Checkpointing, run
 from cl_sulora.training.alignment import AlignmentConfig, ClassifierAlignment, ClassStatistics
-from tests.test_runner import tiny, tiny_config  # noqa: F401 - fixture
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("diagonal", [False, True])

@@ -10,9 +10,7 @@ from cl_sulora import SubspaceLoRAConfig, subspace_lora_layers
 from cl_sulora.adapters.serialization import adapter_state, load_adapter_state
 from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
 from cl_sulora.linalg import directions_outside
-from tests.conftest import image_stream
-from tests.test_layer import fill_slot
-from tests.test_sulora import make_strategy
+from tests.helpers import fill_slot, image_stream, make_strategy
 
 QKV = torch.cat([torch.arange(0, 4), torch.arange(8, 12)])
 

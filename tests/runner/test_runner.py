@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from cl_sulora import metrics
-from cl_sulora.benchmarks import BENCHMARKS, BenchmarkSpec
 from cl_sulora.errors import ConfigError
 from cl_sulora.methods.registry import METHODS
 from cl_sulora.runner import cli
@@ -22,9 +21,8 @@ from cl_sulora.runner.loop import run
 from cl_sulora.runner.presets import PRESETS, available_presets, load_preset
 from cl_sulora.runner.report import markdown_table, write_report
 from cl_sulora.training.plugins import Autocast, LatestValue, LRSchedule
-from tests.conftest import image_stream
+from tests.helpers import TINY_VIT, tiny_config
 
-TINY_VIT = {"img_size": 8, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2}
 ALL_PRESETS = [
     "sulora",
     "sulora-nofusion",
@@ -44,61 +42,6 @@ ALL_PRESETS = [
 
 
 # ------------------------------------------------------------------------------ tiny benchmark
-def tiny_images(*, image_size, mean, std, num_experiences=None, task_incremental=False, seed=0):
-    """A generated 8x8 image stream (registered as a benchmark in the tests)."""
-    n = num_experiences or 3
-    stream = image_stream(
-        n_classes=2 * n, n_experiences=n, per_class=6, seed=seed, task_labels=task_incremental
-    )
-    return BenchmarkSpec(
-        name="tiny-images",
-        benchmark=stream,
-        protocol="task-incremental" if task_incremental else "class-incremental",
-        modality="image",
-        num_classes=2 * n,
-        experience_names=[f"classes {2 * i}-{2 * i + 1}" for i in range(n)],
-        notes={"generated": True, "path": Path("/nowhere")},
-        classes_per_task=[2] * n if task_incremental else None,
-    )
-
-
-@pytest.fixture
-def tiny(monkeypatch, tmp_path):
-    """Registers ``tiny-images``; returns the CLI flags of a tiny, fast run."""
-    monkeypatch.setitem(BENCHMARKS, "tiny-images", tiny_images)
-    kwargs = json.dumps(TINY_VIT)
-    return [
-        "--benchmark",
-        "tiny-images",
-        "--backbone",
-        "vit_small_patch16_224",
-        "--set",
-        f"backbone.kwargs={kwargs}",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "results"),
-    ]
-
-
-def tiny_config(tmp_path, strategy="sulora", **overrides):
-    return resolve_config(
-        "tiny-images",
-        strategy,
-        {
-            "backbone.name": "vit_small_patch16_224",
-            "backbone.kwargs": TINY_VIT,
-            "training.epochs": 1,
-            "training.batch_size": 8,
-            "device": "cpu",
-            "out": str(tmp_path),
-            **overrides,
-        },
-    )
 
 
 def needs(*names):
@@ -535,4 +478,5 @@ def test_commit_named_by_the_environment_wins(monkeypatch):
     monkeypatch.setenv("CL_SULORA_COMMIT", "abc123")
     assert git_commit() == {"sha": "abc123", "dirty": None}
     monkeypatch.delenv("CL_SULORA_COMMIT")
-    assert git_commit()["sha"] != "abc123"
+    checkout = Path(__file__).resolve().parents[2]
+    assert git_commit(checkout)["sha"] != "abc123"

@@ -10,23 +10,13 @@ from cl_sulora.adapters.slot_table import FREE
 from cl_sulora.adapters.slots import deferred_refresh
 from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
 from cl_sulora.linalg import directions_outside
+from tests.helpers import fill_slot
 
 
 def make_layer(d_in=16, d_out=12, rank=2, slots=4, out_index=None, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return SubspaceLoRALinear(nn.Linear(d_in, d_out).to(dtype), rank=rank, num_slots=slots,
                               alpha=3.0, out_index=out_index)
-
-
-def fill_slot(layer: SubspaceLoRALinear, owner: int, seed: int) -> None:
-    """Start a slot with orthogonal directions, give it a random B, and freeze it."""
-    g = torch.Generator().manual_seed(seed)
-    used = layer.lora_A[layer.slots.used_rows()]
-    dirs = directions_outside(torch.randn(8, layer.in_features, generator=g), used, layer.rank)
-    layer.start_slot(owner, dirs)
-    with torch.no_grad():
-        layer.lora_B_train.copy_(torch.randn(layer.lora_B_train.shape, generator=g))
-    layer.end_slot(torch.rand(layer.rank, generator=g))
 
 
 def full_B(layer: SubspaceLoRALinear) -> torch.Tensor:
@@ -309,7 +299,7 @@ def test_training_and_eval_forwards_trace_without_graph_breaks(vit_model):
         branch_lora_layers,
         subspace_lora_layers,
     )
-    from tests.conftest import tiny_vit
+    from tests.helpers import tiny_vit
 
     add_subspace_lora(vit_model, SubspaceLoRAConfig(rank=2, num_slots=4))
     for owner in range(3):

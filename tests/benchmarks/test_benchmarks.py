@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from cl_sulora.benchmarks import BENCHMARKS, benchmark_options, build_benchmark
 from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
 from cl_sulora.benchmarks.common import read_text_task, stratified_split, validation_split
 from cl_sulora.benchmarks.glue import TASK_PATHS
+from tests.helpers import write_cifar
 
 REAL_ROOT = os.environ.get("CL_SULORA_DATA")
 needs_real = pytest.mark.skipif(not REAL_ROOT, reason="CL_SULORA_DATA not set")
@@ -48,22 +48,6 @@ def task_labels(stream) -> list[int]:
 
 
 # ---------------------------------------------------------------- data generators
-
-
-def write_cifar(folder: Path, train_per_class: int = 3, test_per_class: int = 2) -> None:
-    """CIFAR-100 pickles; channel R encodes the class, G = 255 - class, B the index."""
-    folder.mkdir(parents=True)
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        labels = np.repeat(np.arange(100), per_class)
-        np.random.RandomState(1).shuffle(labels)
-        planes = np.zeros((len(labels), 3, 1024), dtype=np.uint8)
-        planes[:, 0] = labels[:, None]
-        planes[:, 1] = 255 - labels[:, None]
-        planes[:, 2] = (np.arange(len(labels)) % 256)[:, None]
-        raw = {"data": planes.reshape(len(labels), 3072), "fine_labels": labels.tolist()}
-        (folder / split).write_bytes(pickle.dumps(raw, protocol=4))
-    meta = {"fine_label_names": [f"c{i}" for i in range(100)]}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=4))
 
 
 PACS_CLASSES = ["dog", "house", "person"]

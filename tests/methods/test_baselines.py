@@ -21,8 +21,7 @@ from cl_sulora.methods.registry import METHODS
 from cl_sulora.methods.sdlora import SDLoRAConfig, distil_new_direction
 from cl_sulora.models import ContinualClassifier, make_head
 from cl_sulora.training.plugins import MASK_VALUE
-
-from .conftest import TinyBert, image_stream, text_stream, tiny_vit
+from tests.helpers import TinyBert, image_stream, text_stream, tiny_vit
 
 # small ranks so that everything fits the 32-wide tiny models
 SMALL = {"sulora": {"rank": 2, "num_slots": 3}, "sulora-nofusion": {"rank": 2, "num_slots": 3},

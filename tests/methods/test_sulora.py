@@ -4,28 +4,18 @@ import math
 
 import pytest
 import torch
-from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
-from avalanche.training.plugins import EvaluationPlugin
 
-from cl_sulora import SubspaceLoRAConfig, SuLoRA, subspace_lora_layers
+from cl_sulora import SubspaceLoRAConfig, subspace_lora_layers
 from cl_sulora.errors import CapacityError
 from cl_sulora.models import ContinualClassifier, make_head
-from tests.conftest import TinyBert, domain_stream, image_stream, text_stream, tiny_vit
-
-
-def evaluator():
-    return EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        bwt_metrics(experience=True, stream=True),
-        loggers=[],
-    )
-
-
-def make_strategy(model, config, epochs=2, **kwargs):
-    return SuLoRA(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
-                  config=config, train_mb_size=8, train_epochs=epochs, evaluator=evaluator(),
-                  **kwargs)
+from tests.helpers import (
+    TinyBert,
+    domain_stream,
+    image_stream,
+    make_strategy,
+    text_stream,
+    tiny_vit,
+)
 
 
 def snapshot(model):

@@ -14,7 +14,7 @@ from cl_sulora.runner.checkpoint import (
     restore,
     save_checkpoint,
 )
-from tests.conftest import image_stream, tiny_vit
+from tests.helpers import image_stream, tiny_vit
 
 CONFIG = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="fraction", allocator="data")
 

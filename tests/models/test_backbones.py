@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from cl_sulora.errors import BackboneError
 from cl_sulora.models import backbones
 from cl_sulora.models.backbones import HFEncoder, build_backbone
-from tests.conftest import TinyBert
+from tests.helpers import TinyBert
 
 TINY_VIT = {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

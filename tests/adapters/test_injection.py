@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cl_sulora import SubspaceLoRAConfig, add_subspace_lora, subspace_lora_layers
-from tests.conftest import TinyBert, tiny_vit
+from tests.helpers import TinyBert, tiny_vit
 
 
 def test_timm_vit_gets_qkv_adapted_on_q_and_v_only():
