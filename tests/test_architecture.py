@@ -126,9 +126,10 @@ def test_config_choices_are_the_registered_allocators_and_fusion_policies():
 
 def test_the_package_under_test_is_the_installed_one_where_ci_asks():
     if not os.environ.get("CL_SULORA_EXPECT_INSTALLED"):
-        pytest.skip("set CL_SULORA_EXPECT_INSTALLED=1 to test an installed package")
-    checkout = Path(__file__).resolve().parents[1]
+        pytest.skip("CI sets CL_SULORA_EXPECT_INSTALLED to the checkout when it tests a wheel")
+    checkout = Path(os.environ["CL_SULORA_EXPECT_INSTALLED"]).resolve()
     assert checkout not in PACKAGE.parents, f"testing the source tree {PACKAGE}, not the wheel"
+    assert Path(sys.prefix).resolve() in PACKAGE.parents  # the virtual environment's copy
     assert (PACKAGE / "presets" / "sulora.yaml").is_file()  # package data shipped
 
 

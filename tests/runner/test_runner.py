@@ -472,11 +472,22 @@ def test_real_cifar_run(tmp_path):
     assert len(record["accuracy_matrix"]) == 2 and record["notes"]["class_order"]
 
 
-def test_commit_named_by_the_environment_wins(monkeypatch):
+def test_commit_named_by_the_environment_wins(monkeypatch, tmp_path):
+    import subprocess
+
     from cl_sulora.runner.records import git_commit
 
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
     monkeypatch.setenv("CL_SULORA_COMMIT", "abc123")
-    assert git_commit() == {"sha": "abc123", "dirty": None}
+    assert git_commit(tmp_path) == {"sha": "abc123", "dirty": None}
     monkeypatch.delenv("CL_SULORA_COMMIT")
-    checkout = Path(__file__).resolve().parents[2]
-    assert git_commit(checkout)["sha"] != "abc123"
+    assert git_commit(tmp_path) == {"sha": sha, "dirty": False}
+    (tmp_path / "f").write_text("y")
+    assert git_commit(tmp_path) == {"sha": sha, "dirty": True}
+    assert git_commit(tmp_path / "nothing") is None
