@@ -38,12 +38,26 @@ def accuracy_curve(matrix: Matrix) -> list[float]:
 
 
 def forgetting(matrix: Matrix) -> float | None:
-    """Mean over ``j < T-1`` of ``max_{j <= i < T-1} R[i][j] - R[T-1][j]``; None when ``T == 1``."""
+    """Forgetting from the experience's own training on: mean over ``j < T-1`` of
+    ``max_{j <= i < T-1} R[i][j] - R[T-1][j]`` (the best accuracy on ``j`` once it was trained,
+    minus the last); None when ``T == 1``."""
     r = _square(matrix)
     t = len(r)
     if t == 1:
         return None
     return float(np.mean([r[j : t - 1, j].max() - r[t - 1, j] for j in range(t - 1)]))
+
+
+def forgetting_all_rows(matrix: Matrix) -> float | None:
+    """Forgetting as Chaudhry et al. (ECCV 2018) define it: mean over ``j < T-1`` of
+    ``max_{0 <= i < T-1} R[i][j] - R[T-1][j]``, the maximum over every earlier row, also those
+    before ``j`` was trained (they matter where an untrained experience is already solved in
+    part: domain-incremental streams); None when ``T == 1``."""
+    r = _square(matrix)
+    t = len(r)
+    if t == 1:
+        return None
+    return float(np.mean([r[: t - 1, j].max() - r[t - 1, j] for j in range(t - 1)]))
 
 
 def bwt(matrix: Matrix) -> float | None:
@@ -56,14 +70,16 @@ def bwt(matrix: Matrix) -> float | None:
 
 
 def summarize(matrix: Matrix) -> dict[str, float | None]:
-    """``A_last``, ``A_avg``, ``forgetting`` and ``bwt`` of the matrix; of a joint run's single
-    row only ``A_last`` (its mean) is defined."""
+    """``A_last``, ``A_avg``, ``forgetting``, ``forgetting_all_rows`` and ``bwt`` of the matrix;
+    of a joint run's single row only ``A_last`` (its mean) is defined."""
     r = np.asarray(matrix, dtype=float)
     if r.ndim == 2 and r.shape[0] == 1 and r.shape[1] > 1:
-        return {"A_last": float(r.mean()), "A_avg": None, "forgetting": None, "bwt": None}
+        return {"A_last": float(r.mean()), "A_avg": None, "forgetting": None,
+                "forgetting_all_rows": None, "bwt": None}
     return {
         "A_last": a_last(matrix),
         "A_avg": a_avg(matrix),
         "forgetting": forgetting(matrix),
+        "forgetting_all_rows": forgetting_all_rows(matrix),
         "bwt": bwt(matrix),
     }

@@ -52,6 +52,11 @@ class AdaptedLinear(nn.Module):
         """Values the adapter holds for its live update."""
         raise NotImplementedError
 
+    def magnitude_parameters(self) -> list[nn.Parameter]:
+        """Learned scales of the update, counted as live adapter values once per model (a
+        parameter may be shared between layers)."""
+        return []
+
     def stored_state_params(self) -> int:
         """Values of the other state the layer keeps for its method (e.g. input bases)."""
         return 0

@@ -22,8 +22,11 @@ class LoRABranch(nn.Module):
     """One low-rank pair contributing ``scale * magnitude * B A / norm`` to the weight.
 
     ``A`` is ``r x d_in`` and ``B`` ``n_out x r``; ``magnitude`` is an optional scalar parameter
-    (1 when absent) and ``norm`` follows ``normalise``. The ``train_*`` flags say which of the
-    tensors the owning method trains; :meth:`BranchLoRALinear.refresh` must follow a change.
+    (1 when absent): a value makes a parameter of this branch's own, a given ``nn.Parameter``
+    is used as is, so branches of several layers can share one (SD-LoRA's reference code).
+    ``norm`` follows ``normalise``; ``owner`` is the experience that created the branch. The
+    ``train_*`` flags say which of the tensors the owning method trains;
+    :meth:`BranchLoRALinear.refresh` must follow a change.
     """
 
     def __init__(
@@ -32,21 +35,23 @@ class LoRABranch(nn.Module):
         B: Tensor,
         *,
         scale: float = 1.0,
-        magnitude: float | None = None,
+        magnitude: float | nn.Parameter | None = None,
         normalise: Normalisation = "none",
         train_A: bool = True,
         train_B: bool = True,
         train_magnitude: bool = True,
+        owner: int = 0,
     ) -> None:
         super().__init__()
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"A (r x d_in) and B (n_out x r) do not fit: {A.shape}, {B.shape}")
         self.A = nn.Parameter(A.detach().clone())
         self.B = nn.Parameter(B.detach().clone())
-        self.magnitude = (
-            None if magnitude is None
-            else nn.Parameter(torch.tensor(float(magnitude), dtype=A.dtype, device=A.device))
-        )
+        if magnitude is not None and not isinstance(magnitude, nn.Parameter):
+            magnitude = nn.Parameter(torch.tensor(float(magnitude), dtype=A.dtype,
+                                                  device=A.device))
+        self.magnitude = magnitude
+        self.owner = owner
         self.scale = scale
         self.normalise: Normalisation = normalise
         self.train_A = train_A
@@ -81,13 +86,15 @@ class LoRABranch(nn.Module):
         return [p for p, on in flagged if on]
 
     def num_values(self) -> int:
-        """Values held: ``A``, ``B`` and the magnitude."""
-        return self.A.numel() + self.B.numel() + (self.magnitude is not None)
+        """Values of ``A`` and ``B`` (a magnitude may be shared: see
+        :meth:`BranchLoRALinear.magnitude_parameters`)."""
+        return self.A.numel() + self.B.numel()
 
     def extra_repr(self) -> str:
         flags = "".join(n for n, on in (("A", self.train_A), ("B", self.train_B),
                                         ("m", self.train_magnitude)) if on)
-        return f"rank={self.rank}, normalise={self.normalise}, trains={flags or '-'}"
+        return (f"owner={self.owner}, rank={self.rank}, normalise={self.normalise}, "
+                f"trains={flags or '-'}")
 
 
 class BranchLoRALinear(AdaptedLinear):
@@ -102,12 +109,15 @@ class BranchLoRALinear(AdaptedLinear):
     gradients (evaluation, ``torch.no_grad``) the branches are applied to the weight instead: one
     ``F.linear`` with ``W0 + sum_t c_t B_t A_t``, built per call (nothing is merged into ``W0``).
 
+    ``dropout`` is LoRA dropout on the branches' input while training (gradient path only).
     ``input_basis`` holds rows of an input subspace a method keeps for this layer (InfLoRA's
     DualGPM; the complement of that subspace when ``basis_is_complement``): stored state.
     """
 
-    def __init__(self, base: nn.Linear, *, out_index: Tensor | None = None) -> None:
+    def __init__(self, base: nn.Linear, *, out_index: Tensor | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__(base, out_index=out_index)
+        self.dropout = dropout
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.branches = nn.ModuleList()
         self.register_buffer("input_basis", torch.zeros(0, base.in_features, **factory))
@@ -126,8 +136,12 @@ class BranchLoRALinear(AdaptedLinear):
 
     # ------------------------------------------------------------------ properties
     def live_adapter_params(self) -> int:
-        """Values of ``A``, ``B`` and magnitudes held by the branches."""
+        """Values of ``A`` and ``B`` held by the branches."""
         return sum(branch.num_values() for branch in self.branches)
+
+    def magnitude_parameters(self) -> list[nn.Parameter]:
+        """The branches' magnitudes (a parameter may be shared with other layers)."""
+        return [b.magnitude for b in self.branches if b.magnitude is not None]
 
     def stored_state_params(self) -> int:
         """Values of the input subspace basis a method keeps (InfLoRA's DualGPM)."""
@@ -199,9 +213,11 @@ class BranchLoRALinear(AdaptedLinear):
         return self.forward_weight(x)
 
     def forward_activations(self, x: Tensor) -> Tensor:
-        """``W0 x + B (coef * A x)``: the path that gives the branches their gradients."""
+        """``W0 x + B (coef * A dropout(x))``: the path that gives the branches their
+        gradients (LoRA dropout acts on the branches' input, in training mode only)."""
         A, coef, B = self._stacked()
-        return self.base(x) + F.linear(F.linear(x, A) * coef, B)
+        lora_x = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return self.base(x) + F.linear(F.linear(lora_x, A) * coef, B)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

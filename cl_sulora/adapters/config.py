@@ -139,6 +139,7 @@ class BranchLoRAConfig(AdapterTargets):
         qkv_parts: for fused ``qkv`` projections, which of q, k and v are adapted.
         rank: rank of each new branch.
         alpha: LoRA scaling numerator; a branch's update is scaled by ``alpha / rank``.
+        dropout: LoRA dropout on the branches' input while training.
         trainable_modules: module-name components trained alongside the adapter (the head).
         seed: seed of the random initialisation of new branches.
     """
@@ -147,11 +148,14 @@ class BranchLoRAConfig(AdapterTargets):
     qkv_parts: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "v"])
     rank: int = 10
     alpha: float = 10.0
+    dropout: float = 0.0
     trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
     seed: int = 0
 
     @model_validator(mode="after")
     def _check_branch(self) -> BranchLoRAConfig:
         _positive(rank=self.rank)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         check_targets(self.target_modules, self.qkv_parts)
         return self

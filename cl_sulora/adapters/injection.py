@@ -96,7 +96,7 @@ def add_branch_lora(model: nn.Module, config: BranchLoRAConfig) -> nn.Module:
     """Wrap every target ``nn.Linear`` of ``model`` in a branch-less :class:`BranchLoRALinear`
     in place; returns ``model``. Fused ``qkv`` projections adapt only ``config.qkv_parts``."""
     return wrap_linears(model, config, lambda linear, out_index: BranchLoRALinear(
-        linear, out_index=out_index))
+        linear, out_index=out_index, dropout=config.dropout))
 
 
 def adapt_once(model: nn.Module, config: Config | None, config_cls: type[Config],

@@ -94,6 +94,10 @@ class SubspaceLoRALinear(AdaptedLinear):
         """Values of ``A`` and ``B`` held for live (non-free) rows."""
         return len(self.slots.used_rows()) * (self.in_features + self.n_out)
 
+    def magnitude_parameters(self) -> list[nn.Parameter]:
+        """The earlier slots' learned scales while they train (folded when the slot ends)."""
+        return [] if self.lora_magnitude is None else [self.lora_magnitude]
+
     def stored_state_params(self) -> int:
         """Values of the input basis kept by the ``data`` allocator."""
         return self.input_basis.numel()

@@ -157,7 +157,13 @@ class ClassifierLwFPlugin(LwFPlugin, supports_distributed=True):
     """
 
     def after_training_exp(self, strategy, **kwargs):
-        super().after_training_exp(strategy, **kwargs)
+        dataset = strategy.experience.dataset
+        if hasattr(dataset, "targets_task_labels"):
+            super().after_training_exp(strategy, **kwargs)
+        else:  # Avalanche's LwF reads task labels; a stream without them is one task, 0
+            self.lwf.expcount += 1
+            self.lwf.prev_model = copy.deepcopy(strategy.model)
+            self.lwf.prev_classes_by_task[0] |= {int(t) for t in dataset.targets}
         self.lwf.prev_model = _previous(self.lwf.prev_model)
 
     def state_dict(self) -> dict:

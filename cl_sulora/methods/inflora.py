@@ -24,30 +24,60 @@ class InfLoRAConfig(BranchLoRAConfig):
     tasks' input subspace projected out; only ``B_t`` (and the head) trains.
 
     Args:
-        energy: DualGPM energy threshold after the first experience (the paper: 0.95 to 0.99).
-        energy_increment: threshold growth per experience, capped at 1 (the reference code grows
-            it linearly to 1 over the stream: ``0.05 / num_experiences``).
+        energy: DualGPM energy threshold after the first experience (the reference code's
+            ``lamb``; the paper: 0.95 to 0.99).
+        energy_final: the threshold the stream's last experience would reach (the reference
+            code's ``lame``, 1.0): after experience ``t`` of ``T`` the threshold is
+            ``energy + (energy_final - energy) * t / T`` (``methods/inflora.py``,
+            ``update_DualGPM``).
+        num_experiences: ``T`` of that rule; ``None``: the length of the stream the trained
+            experience belongs to.
         covariance_samples: samples used to estimate an experience's input covariance; ``None``
             uses the whole experience, as the paper does.
     """
 
     energy: float = 0.95
-    energy_increment: float = 0.005
+    energy_final: float = 1.0
+    num_experiences: int | None = None
     covariance_samples: int | None = None
 
     @model_validator(mode="after")
     def _check_inflora(self) -> InfLoRAConfig:
-        if not 0.0 < self.energy <= 1.0:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.energy_increment < 0:
-            raise ValueError(f"energy_increment must be >= 0, got {self.energy_increment}")
+        if not 0.0 < self.energy <= self.energy_final <= 1.0:
+            raise ValueError(f"need 0 < energy <= energy_final <= 1, got energy={self.energy}, "
+                             f"energy_final={self.energy_final}")
+        if self.num_experiences is not None and self.num_experiences < 1:
+            raise ValueError("num_experiences must be >= 1 or None")
         if self.covariance_samples is not None and self.covariance_samples < 1:
             raise ValueError("covariance_samples must be >= 1 or None")
         return self
 
-    def energy_at(self, experience: int) -> float:
-        """The DualGPM threshold applied after ``experience`` (0-based)."""
-        return min(1.0, self.energy + experience * self.energy_increment)
+    def energy_at(self, experience: int, num_experiences: int) -> float:
+        """The DualGPM threshold applied after ``experience`` (0-based) of ``num_experiences``
+        (``self.num_experiences`` when set)."""
+        total = self.num_experiences or num_experiences
+        return self.energy + (self.energy_final - self.energy) * experience / total
+
+
+def designed_rows(cov: Tensor, old: Tensor, rank: int,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """InfLoRA's down-projection: the top ``rank`` left singular vectors of ``P C`` (``C`` the
+    experience's input covariance, ``P`` the projector outside the old basis ``old``), i.e. the
+    top eigenvectors of ``P C^2 P`` (the reference code: ``torch.linalg.svd`` of
+    ``cur_matrix - feature_mat @ cur_matrix``, ``U[:, :rank]``), as orthonormal rows (float64)."""
+    proj = projector_outside(old, cov.shape[-1]).to(cov.device)
+    projected = proj @ cov.double()
+    _, candidates = top_eigvecs(projected @ projected.T)
+    return directions_outside(candidates, old, rank, generator=generator)
+
+
+def grown_basis(old: Tensor, cov: Tensor, energy: float, max_rows: int) -> Tensor:
+    """DualGPM's update: ``old`` grown by the fewest top directions of the experience's inputs
+    outside it that hold ``energy`` of the squared singular values of the covariance ``C``
+    (the reference code thresholds ``S**2`` of ``svd(C)``), i.e. GPM's energy rule on
+    ``C^2``."""
+    cov = cov.double()
+    return extend_basis(old, cov @ cov, energy, max_rows)
 
 
 def old_input_basis(layer: BranchLoRALinear) -> Tensor:
@@ -90,21 +120,19 @@ class InfLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
         rank = self.config.rank
         old = old_input_basis(layer)
         cov = self._covariances[layer_name].to(old.device)
-        proj = projector_outside(old, layer.in_features)
-        _, candidates = top_eigvecs(proj @ cov @ proj)
         gen = branch_generator(self.config.seed, layer_name, experience)
-        A = directions_outside(candidates, old, rank, generator=gen).float()
+        A = designed_rows(cov, old, rank, generator=gen).float()
         return LoRABranch(A, torch.zeros(layer.n_out, rank), scale=self.config.scaling,
-                          train_A=False)
+                          train_A=False, owner=experience)
 
     def finish(self, strategy, layers, experience):
         covariances = experience_covariances(strategy, layers, self.config, experience)
-        energy = self.config.energy_at(experience)
+        energy = self.config.energy_at(experience, len(strategy.experience.origin_stream))
         for name, layer in layers.items():
             room = layer.in_features - self.config.rank  # keep room for the next branch
             old = old_input_basis(layer)
-            grown = extend_basis(old, covariances[name].to(old.device), energy, room)
-            store_input_basis(layer, grown)
+            store_input_basis(layer, grown_basis(old, covariances[name].to(old.device), energy,
+                                                 room))
 
 
 def experience_covariances(strategy, layers: dict[str, BranchLoRALinear],

@@ -41,7 +41,8 @@ def lora_branch(config: BranchLoRAConfig, layer_name: str, layer: BranchLoRALine
     """A standard LoRA branch: Kaiming-uniform ``A``, zero ``B``, scale ``alpha / rank``."""
     gen = branch_generator(config.seed, layer_name, experience)
     A = kaiming_uniform(config.rank, layer.in_features, gen)
-    return LoRABranch(A, torch.zeros(layer.n_out, config.rank), scale=config.scaling)
+    return LoRABranch(A, torch.zeros(layer.n_out, config.rank), scale=config.scaling,
+                      owner=experience)
 
 
 class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
@@ -67,33 +68,44 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.finish(strategy, layers, int(strategy.experience.current_experience))
 
     def state_dict(self) -> dict:
-        """The branch structure of the model this plugin trains: per layer, each branch's rank,
-        scale, normalisation, magnitude and flags (the tensors are in the model's state)."""
+        """The branch structure of the model this plugin trains: per layer, each branch's
+        owner, rank, scale, normalisation and flags, and which magnitude it uses (an index
+        into the model's distinct magnitudes, shared ones alike; the tensors are in the
+        model's state)."""
         layers = branch_lora_layers(self._model) if self._model is not None else {}
+        groups: dict[int, int] = {}
+        for layer in layers.values():
+            for parameter in layer.magnitude_parameters():
+                groups.setdefault(id(parameter), len(groups))
         return {"layers": {
-            name: [{"rank": b.rank, "scale": float(b.scale), "magnitude": b.magnitude is not None,
+            name: [{"owner": b.owner, "rank": b.rank, "scale": float(b.scale),
+                    "magnitude": None if b.magnitude is None else groups[id(b.magnitude)],
                     "normalise": b.normalise, "train_A": b.train_A, "train_B": b.train_B,
                     "train_magnitude": b.train_magnitude} for b in layer.branches]
             for name, layer in layers.items()
         }}
 
     def load_state_dict(self, state: dict, strategy) -> None:
-        """Rebuild the saved branches (zero tensors of the saved shapes) in ``strategy.model``,
-        ready for the model's ``load_state_dict``."""
+        """Rebuild the saved branches (zero tensors of the saved shapes, magnitudes shared as
+        they were) in ``strategy.model``, ready for the model's ``load_state_dict``."""
         layers = adapted_layers(strategy.model)
         saved = state["layers"]
         if set(saved) != set(layers):
             raise ValueError(f"saved branch layers {sorted(saved)} differ from the model's "
                              f"{sorted(layers)}")
+        magnitudes: dict[int, nn.Parameter] = {}
         for name, layer in layers.items():
             while len(layer.branches):
                 layer.remove_branch(-1)
             for b in saved[name]:
+                group = b["magnitude"]
+                magnitude = None if group is None else magnitudes.setdefault(
+                    group, nn.Parameter(layer.weight.new_zeros(())))
                 layer.add_branch(LoRABranch(
                     torch.zeros(b["rank"], layer.in_features), torch.zeros(layer.n_out, b["rank"]),
-                    scale=b["scale"], magnitude=0.0 if b["magnitude"] else None,
-                    normalise=b["normalise"], train_A=b["train_A"], train_B=b["train_B"],
-                    train_magnitude=b["train_magnitude"],
+                    scale=b["scale"], magnitude=magnitude, normalise=b["normalise"],
+                    train_A=b["train_A"], train_B=b["train_B"],
+                    train_magnitude=b["train_magnitude"], owner=b["owner"],
                 ))
         self._model = strategy.model
 
@@ -195,14 +207,16 @@ class JointLoRA(BranchLoRAStrategy):
 
 
 def joint_experience(experiences):
-    """One experience holding the training data of every experience given."""
+    """One experience holding the training data of every experience given (with task labels
+    when the datasets carry them, as any Avalanche classification stream may not)."""
     if hasattr(experiences, "dataset"):
         experiences = [experiences]
     datasets = [exp.dataset for exp in experiences]
     if not datasets:
         raise ValueError("no experiences to train on")
-    scenario = with_task_labels(with_classes_timeline(
-        benchmark_from_datasets(train=[concat_datasets(datasets)])))
+    scenario = with_classes_timeline(benchmark_from_datasets(train=[concat_datasets(datasets)]))
+    if all(hasattr(dataset, "targets_task_labels") for dataset in datasets):
+        scenario = with_task_labels(scenario)
     return scenario.train_stream[0]
 
 

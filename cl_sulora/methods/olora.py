@@ -17,18 +17,22 @@ from .registry import MethodSpec, register
 @dataclass(config=STRICT)
 class OLoRAConfig(BranchLoRAConfig):
     """O-LoRA: loss += ``lambda1 * sum_old |A_old A_new^T|`` (sum of absolute entries, over
-    every layer and earlier branch) ``+ lambda2 * ||new A, B||^2``.
+    every layer and earlier branch) ``+ lambda2 * (||A_new||_F + ||B_new||_F)`` (summed over
+    layers), as the reference code's ``UIETrainer.training_step``.
 
     Args:
-        rank: rank of each experience's LoRA (8 in the paper).
-        alpha: LoRA scaling numerator (``alpha / rank``).
-        lambda1: weight of the orthogonality penalty (0.5 in the paper's code).
-        lambda2: weight of the squared L2 norm of the new LoRA's ``A`` and ``B`` (the paper's
-            code uses 0 and the unsquared norm).
+        rank: rank of each experience's LoRA (8 in the paper and ``lora_dim`` in the code).
+        alpha: LoRA scaling numerator: the update is scaled by ``alpha / rank``; the code's
+            ``lora_alpha=32`` (``src/run_uie_lora.py``), scale 4 at rank 8.
+        dropout: LoRA dropout on the branches' input (the code's ``lora_dropout=0.1``).
+        lambda1: weight of the orthogonality penalty (0.5 in the code's scripts).
+        lambda2: weight of the L2 term: the (unsquared) Frobenius norms of the new LoRA's
+            ``A`` and ``B`` (0 in the code's standard scripts).
     """
 
     rank: int = 8
-    alpha: float = 8.0
+    alpha: float = 32.0
+    dropout: float = 0.1
     lambda1: float = 0.5
     lambda2: float = 0.0
 
@@ -45,7 +49,8 @@ class OLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
     config: OLoRAConfig
 
     def penalty(self, model: nn.Module) -> Tensor:
-        """``lambda1 * sum_old |A_old A_new^T| + lambda2 * ||new params||^2`` over all layers."""
+        """``lambda1 * sum_old |A_old A_new^T| + lambda2 * (||A_new|| + ||B_new||)`` over all
+        layers."""
         terms: list[Tensor] = []
         for layer in branch_lora_layers(model).values():
             if not len(layer.branches) or layer.branches[-1].frozen:
@@ -55,7 +60,7 @@ class OLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
                 A_old = torch.cat([b.A for b in old])
                 terms.append(self.config.lambda1 * (A_old @ new.A.T).abs().sum())
             if self.config.lambda2:
-                terms.append(self.config.lambda2 * (new.A.square().sum() + new.B.square().sum()))
+                terms.append(self.config.lambda2 * (new.A.norm() + new.B.norm()))
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def before_backward(self, strategy, **kwargs):

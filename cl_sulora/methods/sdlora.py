@@ -4,10 +4,12 @@ on, with the rank-reduction (RR) and direction-distillation (KD) variants."""
 from __future__ import annotations
 
 from dataclasses import field
+from typing import Literal
 
 import torch
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
+from torch import nn
 
 from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
 from ..adapters.config import STRICT, BranchLoRAConfig
@@ -28,15 +30,23 @@ class SDLoRAConfig(BranchLoRAConfig):
     earlier directions are frozen. Magnitudes carry over between experiences (the paper).
 
     Args:
-        rank: rank of a new direction (10 in the paper); see ``rank_schedule``.
+        rank: rank of a new direction (10 in the paper and the reference code); see
+            ``rank_schedule``.
         alpha: constant factor of every branch (1 in the paper and the reference code).
+        magnitude_scope: ``model``: one magnitude per experience, shared by every adapted
+            layer (the reference code, ``backbone/lora.py``: ``LoRA_ViT_timm`` passes one
+            ``scaling_factor`` to every block, for q and v alike); ``layer``: one per experience
+            and layer.
         rank_schedule: SD-LoRA-RR: ``{first experience index: rank}``; the rank of experience
-            ``t`` is that of the largest key ``<= t`` (``rank`` before the first key). The paper's
-            schedule is ``{3: 8, 7: 6}``: rank 10, 8 from the 4th experience, 6 from the 8th.
+            ``t`` is that of the largest key ``<= t`` (``rank`` before the first key). The
+            reference code's schedule (``models/sdlora.py``, ``update_network``, a block left
+            commented out there) is ``{4: 8, 8: 6}``: rank 10 for experiences 0-3, 8 for 4-7,
+            6 from 8 on (0-based, ``_cur_task >= 4`` and ``>= 8``).
         kd_threshold: SD-LoRA-KD: after each experience, the new direction is least-squares fitted
             on the earlier ones (per layer); if the squared residual of the unit direction is at
             most this (the paper: 9e-4), the coefficients are folded into the earlier magnitudes
-            and the new direction is dropped. ``None`` disables it.
+            and the new direction is dropped. ``None`` disables it. Folding is per layer, so it
+            needs ``magnitude_scope="layer"`` (the reference code has no KD).
         magnitude_init: initial magnitude of a new direction (and, with
             ``reference_code_behaviour``, the value every magnitude is reset to at each
             experience). ``None``: 0 in paper mode (each experience starts from the previous
@@ -50,6 +60,7 @@ class SDLoRAConfig(BranchLoRAConfig):
 
     rank: int = 10
     alpha: float = 1.0
+    magnitude_scope: Literal["model", "layer"] = "model"
     rank_schedule: dict[int, int] = field(default_factory=dict)
     kd_threshold: float | None = None
     magnitude_init: float | None = None
@@ -63,6 +74,9 @@ class SDLoRAConfig(BranchLoRAConfig):
                                  f"{start}: {rank}")
         if self.kd_threshold is not None and self.kd_threshold < 0:
             raise ValueError(f"kd_threshold must be >= 0, got {self.kd_threshold}")
+        if self.kd_threshold is not None and self.magnitude_scope != "layer":
+            raise ValueError("kd_threshold folds a dropped direction into each layer's "
+                             "magnitudes: it needs magnitude_scope='layer'")
         return self
 
     def rank_at(self, experience: int) -> int:
@@ -79,18 +93,27 @@ class SDLoRAConfig(BranchLoRAConfig):
 
 class SDLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
     """Before each experience: freeze the earlier directions, keep (paper) or reset (reference
-    code) their magnitudes trainable, add a new direction; after it: SD-LoRA-KD if enabled."""
+    code) their magnitudes trainable, add a new direction, with one magnitude for every layer
+    or one per layer (``magnitude_scope``); after it: SD-LoRA-KD if enabled."""
 
     config: SDLoRAConfig
 
+    def __init__(self, config: SDLoRAConfig) -> None:
+        super().__init__(config)
+        self._shared: nn.Parameter | None = None  # the new experience's magnitude (model scope)
+
     def prepare(self, strategy, layers, experience):
         reference = self.config.reference_code_behaviour
+        reset: set[int] = set()
         for branch in (b for layer in layers.values() for b in layer.branches):
             branch.train_magnitude = True
             if reference:
                 branch.normalise = "factors"
-                with torch.no_grad():
-                    branch.magnitude.fill_(self.config.initial_magnitude)
+                if id(branch.magnitude) not in reset:  # a shared magnitude is reset once
+                    reset.add(id(branch.magnitude))
+                    with torch.no_grad():
+                        branch.magnitude.fill_(self.config.initial_magnitude)
+        self._shared = None
         super().prepare(strategy, layers, experience)
 
     def new_branch(self, strategy, layer_name, layer, experience):
@@ -101,10 +124,16 @@ class SDLoRAPlugin(IncLoRAPlugin, supports_distributed=True):
             B, normalise = torch.zeros(layer.n_out, rank), "none"
         else:  # a zero B has no direction: start from a random one
             B, normalise = kaiming_uniform(layer.n_out, rank, gen), "product"
+        magnitude: float | nn.Parameter = self.config.initial_magnitude
+        if self.config.magnitude_scope == "model":
+            if self._shared is None:
+                self._shared = nn.Parameter(layer.weight.new_tensor(magnitude))
+            magnitude = self._shared
         return LoRABranch(A, B, scale=self.config.alpha, normalise=normalise,
-                          magnitude=self.config.initial_magnitude)
+                          magnitude=magnitude, owner=experience)
 
     def finish(self, strategy, layers, experience):
+        self._shared = None
         if self.config.kd_threshold is None:
             return
         for layer in layers.values():
@@ -166,8 +195,8 @@ register(MethodSpec(
     config_cls=SDLoRAConfig,
     paper="SD-LoRA-RR (Wu et al., ICLR 2025)",
     trains="as sdlora",
-    stores="as sdlora, with ranks 10, then 8 from the 4th experience, 6 from the 8th",
-    defaults={"rank_schedule": {3: 8, 7: 6}},
+    stores="as sdlora, with ranks 10, then 8 from the 5th experience, 6 from the 9th",
+    defaults={"rank_schedule": {4: 8, 8: 6}},
 ))
 register(MethodSpec(
     name="sdlora-kd",
@@ -176,5 +205,5 @@ register(MethodSpec(
     paper="SD-LoRA-KD (Wu et al., ICLR 2025)",
     trains="as sdlora",
     stores="as sdlora, minus the new directions fitted by earlier ones (residual <= 9e-4)",
-    defaults={"kd_threshold": KD_THRESHOLD},
+    defaults={"kd_threshold": KD_THRESHOLD, "magnitude_scope": "layer"},
 ))

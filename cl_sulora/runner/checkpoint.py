@@ -92,7 +92,7 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    model_state = {k: v.detach().cpu().contiguous() for k, v in strategy.model.state_dict().items()}
+    model_state = separate_storage(strategy.model.state_dict())
     blobs = {"model.safetensors": save(model_state), "state.pt": buffer.getvalue()}
     final = directory / f"{PREFIX}{position:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
@@ -111,6 +111,20 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
     for old in checkpoints(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` on the CPU, contiguous, with a copy of each tensor whose storage an earlier one
+    uses (a parameter shared between modules appears under several keys; safetensors stores
+    each key's own bytes)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 def checkpoints(directory: str | Path) -> list[Path]:

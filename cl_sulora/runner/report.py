@@ -17,10 +17,20 @@ from ..atomic import atomic_write_bytes
 Record = dict[str, Any]
 
 #: (record key, column title, scale, decimals) of the comparison table.
+#: How the table's metrics are computed (``R[i][j]``: accuracy on experience ``j`` after
+#: training experience ``i``, ``T`` experiences).
+FORMULAS = (
+    "A_last: mean_j R[T-1][j]; A_avg: mean_i of mean_{j<=i} R[i][j]; "
+    "Forgetting: mean_{j<T-1} of max_{j<=i<T-1} R[i][j] - R[T-1][j] (from the experience's "
+    "training on); Forgetting, all rows: the same with max over every earlier row i < T-1 "
+    "(Chaudhry et al., 2018); BWT: mean_{j<T-1} of R[T-1][j] - R[j][j]"
+)
+
 COLUMNS = (
     ("A_last", "A_last (%)", 100.0, 1),
     ("A_avg", "A_avg (%)", 100.0, 1),
     ("forgetting", "Forgetting (%)", 100.0, 1),
+    ("forgetting_all_rows", "Forgetting, all rows (%)", 100.0, 1),
     ("bwt", "BWT (%)", 100.0, 1),
     ("live_adapter_params", "Live adapter params", 1.0, 0),
     ("train_seconds", "Train (s)", 1.0, 1),
@@ -33,6 +43,14 @@ def by_strategy(records: Sequence[Record]) -> dict[str, list[Record]]:
     for record in records:
         groups.setdefault(record["strategy"], []).append(record)
     return groups
+
+
+def value(record: Record, key: str) -> float | None:
+    """``record[key]``, or, for a metric a record lacks, its value from the accuracy matrix."""
+    if key in record:
+        return record[key]
+    summary = metrics.summarize(record["accuracy_matrix"])
+    return summary.get(key)
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float] | None:
@@ -58,7 +76,7 @@ def markdown_table(records: Sequence[Record]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for strategy, group in by_strategy(records).items():
         cells = [
-            format_cell([r.get(key) for r in group], scale, decimals)
+            format_cell([value(r, key) for r in group], scale, decimals)
             for key, _, scale, decimals in COLUMNS
         ]
         seeds = ",".join(str(r["seed"]) for r in group)
@@ -162,8 +180,7 @@ def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict
         f"- backbone: {first['backbone']}",
         f"- training: {', '.join(f'{k}={v}' for k, v in training.items())}",
         f"- device: {first['device']}",
-        "- accuracies in percent, mean ± sample std over seeds; forgetting and BWT over the "
-        "experiences before the last",
+        "- accuracies in percent, mean ± sample std over seeds; " + FORMULAS,
         "",
         markdown_table(records),
         f"![accuracy matrices]({paths['matrices'].name})",

@@ -120,10 +120,13 @@ class AdapterTemplate(SupervisedTemplate):
 
     def adapter_report(self) -> dict[str, int]:
         """``live_adapter_params``: values held by the model's adapter layers for their live
-        update; ``stored_state_params``: values of every other state kept for the method (the
+        update (learned magnitudes counted once, also where layers share them);
+        ``stored_state_params``: values of every other state kept for the method (the
         layers' input bases, and :meth:`method_state_params`)."""
         layers = adapter_layers(self.model).values()
-        return {"live_adapter_params": sum(layer.live_adapter_params() for layer in layers),
+        magnitudes = {id(p): p for layer in layers for p in layer.magnitude_parameters()}
+        live = sum(layer.live_adapter_params() for layer in layers)
+        return {"live_adapter_params": live + sum(p.numel() for p in magnitudes.values()),
                 "stored_state_params": sum(layer.stored_state_params() for layer in layers)
                 + self.method_state_params()}
 

@@ -162,7 +162,9 @@ def test_branch_layer_trains_only_flagged_tensors():
     layer(torch.randn(3, 8)).sum().backward()
     assert first.magnitude.grad is not None  # frozen direction, live magnitude
     assert first.A.grad is None and second.B.grad is None and third.B.grad is not None
-    assert layer.live_adapter_params() == (2 * 8 + 12 * 2 + 1) + (3 * 8 + 12 * 3 + 1) + 2 * 20
+    assert layer.live_adapter_params() == (2 * 8 + 12 * 2) + (3 * 8 + 12 * 3) + 2 * 20
+    assert [id(p) for p in layer.magnitude_parameters()] == [id(first.magnitude),
+                                                             id(second.magnitude)]
 
 
 # ---------------------------------------------------------------------- SD-LoRA
@@ -188,9 +190,63 @@ def test_sdlora_freezes_old_directions_trains_magnitudes_and_matches_formula():
         torch.testing.assert_close(layer(x), by_hand(layer, x))
 
 
+def test_sdlora_shares_one_magnitude_per_experience_across_layers_as_the_reference_code():
+    model = vit_classifier()
+    bm = image_stream()
+    strategy = build("sdlora", model)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    layers = list(branch_lora_layers(model).values())
+    assert len(layers) > 1
+    for t in range(2):
+        assert len({id(layer.branches[t].magnitude) for layer in layers}) == 1
+    trained_scalars = [p for p in strategy.optimizer.param_groups[0]["params"] if p.dim() == 0]
+    assert len(trained_scalars) == 2  # m_1 and m_2, each shared by every layer
+    values = sum(b.A.numel() + b.B.numel() for layer in layers for b in layer.branches)
+    assert strategy.adapter_report()["live_adapter_params"] == values + 2
+
+    per_layer = vit_classifier()
+    strategy = build("sdlora", per_layer, magnitude_scope="layer")
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    layers = list(branch_lora_layers(per_layer).values())
+    assert len({id(layer.branches[0].magnitude) for layer in layers}) == len(layers)
+    assert strategy.adapter_report()["live_adapter_params"] == values + 2 * len(layers)
+
+
+def test_sdlora_shared_magnitudes_survive_a_checkpoint(tmp_path):
+    from cl_sulora.runner.checkpoint import latest_checkpoint, restore, save_checkpoint
+
+    bm = image_stream()
+    model = vit_classifier()
+    strategy = build("sdlora", model)
+    strategy.train(bm.train_stream[0])
+    save_checkpoint(tmp_path, position=0, strategy=strategy, extra={})
+    strategy.train(bm.train_stream[1])
+
+    resumed_model = vit_classifier()
+    resumed = build("sdlora", resumed_model)
+    restore(resumed, latest_checkpoint(tmp_path), [bm.train_stream[0]])
+    layers = list(branch_lora_layers(resumed_model).values())
+    assert len({id(layer.branches[0].magnitude) for layer in layers}) == 1
+    resumed.train(bm.train_stream[1])
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    resumed_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(resumed_model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sdlora_kd_needs_per_layer_magnitudes():
+    with pytest.raises(ValueError, match="magnitude_scope='layer'"):
+        SDLoRAConfig(kd_threshold=9e-4)
+    assert SDLoRAConfig(**METHODS["sdlora-kd"].defaults).magnitude_scope == "layer"
+
+
 def test_sdlora_rr_uses_the_scheduled_ranks():
-    paper = SDLoRAConfig(**METHODS["sdlora-rr"].defaults)
-    assert [paper.rank_at(t) for t in range(10)] == [10, 10, 10, 8, 8, 8, 8, 6, 6, 6]
+    reference = SDLoRAConfig(**METHODS["sdlora-rr"].defaults)
+    # the reference code: rank 8 once _cur_task >= 4, 6 once >= 8 (0-based tasks)
+    assert [reference.rank_at(t) for t in range(10)] == [10, 10, 10, 10, 8, 8, 8, 8, 6, 6]
     model = vit_classifier()
     bm = image_stream()
     strategy = build("sdlora-rr", model, rank=3, rank_schedule={1: 2})
@@ -273,6 +329,57 @@ def test_inflora_designs_a_frozen_down_projection_outside_the_old_subspace():
     assert strategy.adapter_report()["stored_state_params"] == stored > 0
 
 
+def test_inflora_designs_a_from_the_left_singular_vectors_of_the_projected_covariance():
+    """After experience 1, A spans the top eigenvectors of P C^2 P, where C is the covariance
+    of the layer's inputs over the experience (recorded as the plugin does, before the branch
+    trains) and P projects out the old basis: the data decides A, not chance."""
+    from cl_sulora.methods.inflora import experience_covariances
+
+    seen = {}
+
+    def record(strategy):
+        if strategy.experience.current_experience != 1:
+            return
+        layers = branch_lora_layers(strategy.model)
+        covariances = experience_covariances(strategy, layers, strategy.config, 1)
+        for name, layer in layers.items():
+            seen[name] = (covariances[name], old_input_basis(layer), layer.branches[-1].A)
+
+    model = vit_classifier()
+    strategy = build("inflora", model, plugins=[Hook("before_training_exp", record)])
+    for exp in image_stream().train_stream:
+        strategy.train(exp)
+    for cov, old, A in seen.values():
+        proj = torch.eye(cov.shape[0], dtype=torch.float64) - old.T @ old
+        values, vectors = torch.linalg.eigh(proj @ cov @ cov @ proj)
+        top = vectors[:, -A.shape[0]:]  # the rank largest, as columns
+        assert float(values[-A.shape[0]] / values[-A.shape[0] - 1]) > 1.01  # a clear gap
+        torch.testing.assert_close(A.double().T @ A.double(), top @ top.T, atol=1e-4, rtol=0)
+
+
+def test_inflora_dualgpm_thresholds_squared_singular_values():
+    """Eigenvalues 4, 2, 1, 1: 70% of sum(lambda) needs two directions, 70% of sum(lambda^2)
+    one (16/22); the reference code's rule keeps one."""
+    from cl_sulora.methods.inflora import grown_basis
+
+    basis = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    cov = basis @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 1.0, 0.0, 0.0],
+                                          dtype=torch.float64)) @ basis.T
+    grown = grown_basis(torch.zeros(0, 6, dtype=torch.float64), cov, 0.7, 6)
+    assert grown.shape[0] == 1
+    torch.testing.assert_close((grown @ basis[:, 0]).abs(), torch.ones(1, dtype=torch.float64))
+
+
+def test_inflora_threshold_grows_to_energy_final_over_the_stream():
+    from cl_sulora.methods.inflora import InfLoRAConfig
+
+    config = InfLoRAConfig(energy=0.95)
+    assert [round(config.energy_at(t, 10), 6) for t in range(3)] == [0.95, 0.955, 0.96]
+    assert [round(config.energy_at(t, 5), 6) for t in range(3)] == [0.95, 0.96, 0.97]
+    fixed = InfLoRAConfig(energy=0.9, energy_final=0.98, num_experiences=4)
+    assert round(fixed.energy_at(2, 10), 6) == 0.94
+
+
 def test_inflora_dual_storage_keeps_the_smaller_side():
     layer = BranchLoRALinear(torch.nn.Linear(10, 4))
     basis = torch.linalg.qr(torch.randn(10, 7, dtype=torch.float64))[0].T  # 7 of 10 dims
@@ -294,12 +401,42 @@ def test_olora_penalty_equals_the_formula():
         old, new = layer.branches
         assert old.frozen and not new.frozen
         expected += 0.5 * float((old.A @ new.A.T).abs().sum())
-        expected += 0.1 * float(new.A.square().sum() + new.B.square().sum())
+        # the reference code's L2 term: the unsquared Frobenius norms of the new A and B
+        expected += 0.1 * float(new.A.norm() + new.B.norm())
     plugin = strategy.method_plugin
     assert float(plugin.penalty(model)) == pytest.approx(expected, rel=1e-5)
     fake = SimpleNamespace(model=model, loss=torch.tensor(2.0))
     plugin.before_backward(fake)
     assert float(fake.loss) == pytest.approx(2.0 + expected, rel=1e-5)
+
+
+def test_olora_defaults_are_the_reference_codes():
+    from cl_sulora.methods.olora import OLoRAConfig
+    from cl_sulora.runner.presets import load_preset
+
+    config = OLoRAConfig()
+    assert (config.rank, config.scaling, config.dropout) == (8, 4.0, 0.1)  # lora_alpha=32
+    assert (config.lambda1, config.lambda2) == (0.5, 0.0)
+    preset = load_preset("olora").method
+    assert (preset["alpha"], preset["dropout"]) == (32.0, 0.1)
+
+
+def test_branch_dropout_acts_on_the_branches_input_in_training_only():
+    torch.manual_seed(0)
+    layer = BranchLoRALinear(torch.nn.Linear(8, 6), dropout=0.5)
+    layer.add_branch(LoRABranch(torch.randn(2, 8), torch.randn(6, 2)))
+    x = torch.randn(4, 8)
+    undropped = layer.forward_weight(x)
+    layer.train()
+    torch.manual_seed(1)
+    dropped = layer(x)
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, True)
+    A, B = layer.branches[0].A, layer.branches[0].B
+    torch.testing.assert_close(dropped, layer.base(x) + (x * mask) @ A.T @ B.T)
+    assert not torch.allclose(dropped, undropped)
+    layer.eval()
+    torch.testing.assert_close(layer(x), undropped)  # no dropout at evaluation
 
 
 # ---------------------------------------------------------------------- plain LoRA baselines
@@ -449,3 +586,37 @@ def test_every_method_trains_two_experiences(name, backbone):
     assert (report["live_adapter_params"] > 0) == (name in BRANCH_METHODS or "sulora" in name)
     if name in ("ewc", "lwf", "replay", "inflora"):
         assert report["stored_state_params"] > 0
+
+
+def stream_without_task_labels():
+    """An Avalanche class-incremental stream whose datasets carry no task labels (plain
+    ``benchmark_from_datasets`` with a class timeline)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from torch.utils.data import TensorDataset
+
+    def dataset(first_class: int):
+        g = torch.Generator().manual_seed(first_class)
+        y = torch.arange(first_class, first_class + 2).repeat(6)
+        data = TensorDataset(torch.randn(len(y), 3, 8, 8, generator=g), y)
+        data.targets = y.tolist()
+        return as_classification_dataset(data)
+
+    return with_classes_timeline(benchmark_from_datasets(
+        train=[dataset(0), dataset(2)], test=[dataset(0), dataset(2)]))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_on_a_stream_without_task_labels(name):
+    bm = stream_without_task_labels()
+    assert not hasattr(bm.train_stream[0].dataset, "targets_task_labels")
+    strategy = build(name, vit_classifier(), epochs=1)
+    if METHODS[name].joint:
+        strategy.train(bm.train_stream)
+    else:
+        for exp in bm.train_stream:
+            strategy.train(exp)
+    results = strategy.eval(bm.test_stream)
+    accuracy = next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream"))
+    assert 0.0 <= accuracy <= 1.0

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
 
-from cl_sulora import SubspaceLoRAConfig, subspace_lora_layers
+from cl_sulora import SubspaceLoRAConfig, SubspaceLoRALinear, subspace_lora_layers
 from cl_sulora.errors import CapacityError
 from cl_sulora.models import ContinualClassifier, make_head
 from tests.helpers import (
@@ -85,6 +86,44 @@ def test_fraction_policy_fuses_the_lowest_importance_pairs(vit_model):
         assert layer.row_importance[layer.slots.used_rows()].min() > 0
 
 
+def test_a_full_adapter_fuses_exactly_its_lowest_importance_pairs(vit_model):
+    """Under when_full, the new experience's slot takes the rows of the two least important
+    pairs (importances set by hand, all distinct); every other pair stays where it was."""
+    config = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="when_full")
+    bm = image_stream(n_classes=6, n_experiences=3)
+    strategy = make_strategy(vit_model, config, epochs=1)
+    strategy.train(bm.train_stream[0])
+    strategy.train(bm.train_stream[1])
+    layers = subspace_lora_layers(vit_model)
+    lowest, kept = {}, {}
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        importance = torch.randperm(4, generator=g).float() + 1.0
+        layer.row_importance.copy_(importance)
+        order = torch.argsort(importance).tolist()
+        lowest[name] = sorted(order[:2])
+        kept[name] = {row: layer.slots.owners[row] for row in order[2:]}
+    strategy.train(bm.train_stream[2])
+    for name, layer in layers.items():
+        assert sorted(layer.slots.rows_of(2)) == lowest[name]
+        assert {row: layer.slots.owners[row] for row in kept[name]} == kept[name]
+        assert int(layer.num_fused) == 2
+
+
+def test_fusion_policies_choose_the_lowest_importance_frozen_rows():
+    from cl_sulora.methods.sulora.fusion import build_fusion_policy
+    from tests.helpers import fill_slot
+
+    layer = SubspaceLoRALinear(torch.nn.Linear(16, 8), rank=2, num_slots=4, alpha=1.0)
+    for owner in range(3):
+        fill_slot(layer, owner, seed=owner)
+    importance = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.0, 0.0]  # rows 6-7 free
+    assert build_fusion_policy("when_full").make_room(layer, 4, importance) == [1, 5]
+    assert build_fusion_policy("fraction", gamma=0.5).after_experience(layer, importance) == [
+        1, 5, 3]
+    assert build_fusion_policy("when_full").after_experience(layer, importance) == []
+
+
 def test_importance_is_accumulated_while_training(vit_model):
     strategy = make_strategy(vit_model, SubspaceLoRAConfig(rank=2, num_slots=2))
     strategy.train(image_stream().train_stream[0])
@@ -151,7 +190,7 @@ def test_end_to_end_domain_incremental_with_fixed_head():
     assert all(len(layer.slots.rows_of(1)) == 2 for layer in subspace_lora_layers(model).values())
 
 
-def test_task_aware_inference_uses_only_the_task_slots():
+def test_task_aware_inference_uses_the_slots_up_to_the_task():
     torch.manual_seed(0)
     model = ContinualClassifier(tiny_vit(), make_head("task-incremental", 32))
     bm = image_stream(task_labels=True)
@@ -166,17 +205,42 @@ def test_task_aware_inference_uses_only_the_task_slots():
             layer = next(iter(subspace_lora_layers(strategy.model).values()))
             seen.append((int(strategy.experience.task_label), layer.slots.A_live.shape[0]))
 
-    from avalanche.core import SupervisedPlugin
-
     spy = type("SpyPlugin", (Spy, SupervisedPlugin), {})()
     strategy.plugins.append(spy)
     strategy.eval(bm.test_stream)
     assert {t for t, _ in seen} == {0, 1}
-    assert all(rows == 2 for _, rows in seen)  # one slot live per task, not both
+    # task 0: its own slot; task 1: slots 0 and 1, as when it trained
+    assert {t: rows for t, rows in seen} == {0: 2, 1: 4}
     layer = next(iter(subspace_lora_layers(model).values()))
     assert layer.slots.A_live.shape[0] == 4  # filter cleared after evaluation
 
 
+def test_task_aware_output_is_the_training_time_output_and_later_slots_stay_out():
+    """Right after task t trains, its task-aware evaluation gives the outputs of the model as
+    it trained (every live slot); later experiences' slots never change them."""
+    torch.manual_seed(0)
+    model = ContinualClassifier(tiny_vit(), make_head("task-incremental", 32))
+    bm = image_stream(n_classes=6, n_experiences=3, task_labels=True)
+    strategy = make_strategy(model, SubspaceLoRAConfig(rank=2, num_slots=3, fusion="never"),
+                             inference="task-aware", eval_mb_size=100)
+    outputs: dict[int, torch.Tensor] = {}
+
+    class Capture(SupervisedPlugin):
+        def after_eval_forward(self, strategy, **kwargs):
+            outputs[int(strategy.experience.task_label)] = strategy.mb_output.detach().clone()
+
+    strategy.plugins.append(Capture())
+    trained: dict[int, torch.Tensor] = {}
+    for t, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        data = bm.test_stream[t].dataset.eval()
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        model.eval()
+        with torch.no_grad():  # the training-time forward: every live slot, no filter
+            trained[t] = model(x, torch.full((len(x),), t))
+        strategy.eval(bm.test_stream[: t + 1])
+        for task in range(t + 1):
+            torch.testing.assert_close(outputs[task], trained[task], rtol=0, atol=1e-6)
 def test_model_already_adapted_is_used_as_is(vit_model):
     from cl_sulora import add_subspace_lora
 

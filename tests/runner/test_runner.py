@@ -41,14 +41,6 @@ ALL_PRESETS = [
 ]
 
 
-# ------------------------------------------------------------------------------ tiny benchmark
-
-
-def needs(*names):
-    missing = [n for n in names if n not in METHODS]
-    return pytest.mark.skipif(bool(missing), reason=f"methods not registered yet: {missing}")
-
-
 # ------------------------------------------------------------------------------------- metrics
 def test_metrics_on_a_hand_made_matrix():
     r = [[0.9, 0.1, 0.0], [0.8, 0.7, 0.2], [0.6, 0.5, 0.9]]
@@ -65,15 +57,24 @@ def test_forgetting_uses_the_best_earlier_accuracy():
     assert metrics.bwt(r) == pytest.approx((-0.1 + 0.0) / 2)  # against R[j][j] only
 
 
+def test_forgetting_over_all_earlier_rows_counts_rows_before_training_too():
+    """Domain-incremental: experience 1 is half solved before it trains (row 0)."""
+    r = [[0.9, 0.7, 0.5], [0.8, 0.6, 0.5], [0.7, 0.4, 0.8]]
+    assert metrics.forgetting(r) == pytest.approx(((0.9 - 0.7) + (0.6 - 0.4)) / 2)
+    assert metrics.forgetting_all_rows(r) == pytest.approx(((0.9 - 0.7) + (0.7 - 0.4)) / 2)
+
+
 def test_metrics_edge_cases():
     assert metrics.summarize([[0.7]]) == {
         "A_last": 0.7,
         "A_avg": 0.7,
         "forgetting": None,
+        "forgetting_all_rows": None,
         "bwt": None,
     }
     joint = metrics.summarize([[0.8, 0.6]])
-    assert joint == {"A_last": pytest.approx(0.7), "A_avg": None, "forgetting": None, "bwt": None}
+    assert joint == {"A_last": pytest.approx(0.7), "A_avg": None, "forgetting": None,
+                     "forgetting_all_rows": None, "bwt": None}
     with pytest.raises(ValueError, match="square"):
         metrics.a_last([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
 
@@ -327,6 +328,7 @@ def test_cli_run_end_to_end_writes_a_consistent_record(tiny, tmp_path, capsys):
         "A_last",
         "A_avg",
         "forgetting",
+        "forgetting_all_rows",
         "bwt",
         "trainable_params",
         "live_adapter_params",
@@ -363,7 +365,6 @@ def test_cli_errors_are_reported_not_raised(tiny, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
-@needs("seqlora")
 def test_compare_writes_table_and_plots(tiny, tmp_path, capsys):
     argv = [
         "compare",
@@ -421,8 +422,8 @@ def test_report_handles_joint_and_missing_values(tmp_path):
         },
     ]
     table = markdown_table(records)
-    assert "| seq | 65.0 | 77.5 | 40.0 | -40.0 | n/a | 1.0 | 0 |" in table
-    assert "| joint | 80.0 | n/a | n/a | n/a |" in table
+    assert "| seq | 65.0 | 77.5 | 40.0 | 40.0 | -40.0 | n/a | 1.0 | 0 |" in table
+    assert "| joint | 80.0 | n/a | n/a | n/a | n/a |" in table
     paths = write_report(records, tmp_path, "b")
     assert all(p.is_file() for p in paths.values())
 

@@ -41,8 +41,12 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     Args:
         config: the adapter configuration (must be the one the model was adapted with).
         inference: ``agnostic`` uses every live slot (the only mode for class- and
-            domain-incremental evaluation); ``task-aware`` uses only the slots of the evaluated
-            experience's task, on top of the fused backbone.
+            domain-incremental evaluation); ``task-aware`` evaluates a task with the adapter as
+            it was when the task was trained: the slots of the experiences up to the task's
+            last one (:meth:`task_owners`), on the current (possibly fused) backbone. Training
+            experience ``t`` uses every live slot, which are then exactly those, so a task's
+            task-aware output right after its training is its training-time output, and later
+            experiences' slots never enter it.
     """
 
     def __init__(self, config: SubspaceLoRAConfig, *, inference: Inference = "agnostic") -> None:
@@ -143,11 +147,18 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.steps = int(state["steps"])
 
     # ------------------------------------------------------------------ evaluation hooks
+    def task_owners(self, task: int) -> list[int] | None:
+        """The slots task-aware inference uses for ``task``: every owner up to the task's last
+        trained experience (``None``, every live slot, for a task not trained yet)."""
+        trained = [owner for owner, t in self.owner_task.items() if t == task]
+        if not trained:
+            return None
+        return [owner for owner in self.owner_task if owner <= max(trained)]
+
     def before_eval_exp(self, strategy, **kwargs):
         if self.inference != "task-aware":
             return
-        task = task_label(strategy.experience)
-        owners = [o for o, t in self.owner_task.items() if t == task]
+        owners = self.task_owners(task_label(strategy.experience))
         for layer in self._layers(strategy.model).values():
             layer.set_owner_filter(owners)
 
