@@ -38,3 +38,24 @@ def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
     assert runs["sulora"].cmd[-4:-2] == ["--epochs", "1"]
     assert all(p.env["OMP_NUM_THREADS"] == "4" for p in FakeProcess.started)
     assert (out / "pacs-dil__sulora-r10__seed0.done").exists()
+
+
+def test_campaign_runs_a_job_file_each_in_its_folder_with_its_arguments(tmp_path, monkeypatch):
+    FakeProcess.started = []
+    monkeypatch.setattr(campaign.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    listed = tmp_path / "jobs.txt"
+    listed.write_text("# folder benchmark strategy seed args\n"
+                      "glue-task split-glue sulora 1 --protocol task-incremental\n"
+                      "\n"
+                      "glue-class split-glue sulora 1 --protocol 'class-incremental'  # CIL\n")
+    out = tmp_path / "out"
+    assert campaign.main(["--jobs", str(listed), "--parallel", "2", "--out", str(out), "--",
+                          "--epochs", "1"]) == 0
+    cmds = [p.cmd for p in FakeProcess.started]
+    assert [c[c.index("--out") + 1] for c in cmds] == [str(out / "glue-task"),
+                                                       str(out / "glue-class")]
+    assert [c[-4:] for c in cmds] == [["--protocol", "task-incremental", "--epochs", "1"],
+                                      ["--protocol", "class-incremental", "--epochs", "1"]]
+    assert (out / "glue-task" / "split-glue__sulora__seed1.done").exists()
+    assert (out / "glue-class" / "split-glue__sulora__seed1.done").exists()

@@ -10,12 +10,17 @@ side-by-side runs do not oversubscribe the cores in their CPU linear algebra.
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
         --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
+
+``--jobs FILE`` instead lists the runs one per line, ``FOLDER BENCHMARK STRATEGY SEED
+[ARGS...]`` (shell words; ``#`` starts a comment): each run writes into ``--out/FOLDER`` with
+its own arguments, then those after ``--``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -24,10 +29,23 @@ from pathlib import Path
 
 
 def jobs(benchmarks: list[str], strategies: list[str], seeds: list[int]):
+    """``(folder, benchmark, strategy, seed, args)`` of every combination."""
     for benchmark in benchmarks:
         for seed in seeds:
             for strategy in strategies:
-                yield benchmark, strategy, seed
+                yield ".", benchmark, strategy, seed, []
+
+
+def jobs_from_file(path: Path):
+    """The runs listed in ``path`` (see the module's docstring)."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        if len(words) < 4 or not words[3].isdigit():
+            raise SystemExit(f"{path}:{number}: expected FOLDER BENCHMARK STRATEGY SEED [ARGS]")
+        folder, benchmark, strategy, seed, *args = words
+        yield folder, benchmark, strategy, int(seed), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,40 +55,48 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmarks", required=True)
-    parser.add_argument("--strategies", required=True)
+    parser.add_argument("--benchmarks")
+    parser.add_argument("--strategies")
+    parser.add_argument("--jobs", type=Path, help="a file listing the runs, one per line")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, default=None)
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
-                      [int(s) for s in args.seeds.split(",")]))
+    if args.jobs is not None:
+        todo = deque(jobs_from_file(args.jobs))
+    elif args.benchmarks and args.strategies:
+        todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
+                          [int(s) for s in args.seeds.split(",")]))
+    else:
+        parser.error("give --benchmarks and --strategies, or --jobs")
     threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
-    running: list[tuple[subprocess.Popen, str, float]] = []
+    running: list[tuple[subprocess.Popen, Path, str, float]] = []
     failed = []
     start = time.time()
     while todo or running:
         while todo and len(running) < args.parallel:
-            benchmark, strategy, seed = todo.popleft()
+            folder, benchmark, strategy, seed, own = todo.popleft()
+            out = args.out / folder
+            out.mkdir(parents=True, exist_ok=True)
             name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
-            if (args.out / f"{name}.done").exists():
+            if (out / f"{name}.done").exists():
                 continue
             cmd = [sys.executable, "-m", "cl_sulora", "run", "--benchmark", benchmark,
-                   "--strategy", strategy, "--seed", str(seed), "--out", str(args.out), *extra]
+                   "--strategy", strategy, "--seed", str(seed), "--out", str(out), *own,
+                   *extra]
             if args.checkpoint_root:
-                directory = args.checkpoint_root / name
+                directory = args.checkpoint_root / folder / name
                 cmd += ["--checkpoint-dir", str(directory)]
                 if directory.is_dir() and any(directory.iterdir()):
                     cmd.append("--resume-fallback")
-            log = open(args.out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
+            log = open(out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, name, time.time()))
+            running.append((proc, out, name, time.time()))
         time.sleep(2)
         for entry in list(running):
-            proc, name, began = entry
+            proc, out, name, began = entry
             if proc.poll() is None:
                 continue
             running.remove(entry)
@@ -78,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode:
                 failed.append(name)
             else:
-                (args.out / f"{name}.done").touch()
-            print(f"[{time.time() - start:7.1f}s] {name}: {status} in {time.time() - began:.0f}s",
-                  flush=True)
+                (out / f"{name}.done").touch()
+            where = out.relative_to(args.out)
+            print(f"[{time.time() - start:7.1f}s] {where}/{name}: {status} in "
+                  f"{time.time() - began:.0f}s", flush=True)
     print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
     return 1 if failed else 0
 
