@@ -67,9 +67,12 @@ def make_record(
 
 
 def versions() -> dict[str, str | None]:
-    """Installed versions of :data:`VERSIONED` (``None`` for one that is not installed)."""
-    found: dict[str, str | None] = {}
-    for name in VERSIONED:
+    """Versions of this package and of the others in :data:`VERSIONED` (``None`` for one
+    that is not installed)."""
+    from .. import __version__
+
+    found: dict[str, str | None] = {"cl-sulora": __version__}
+    for name in VERSIONED[1:]:
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -44,5 +44,5 @@ else
   add cifar-10 split-cifar100-10 "$vision --epochs 2 --lr 1e-3" 1 10
   add pacs-dil pacs-dil "$vision --epochs 5 --lr 5e-4" 4 4
 fi
-cp "$jobs" "$OUT/jobs-$phase.txt"
+mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"
