@@ -116,6 +116,22 @@ def end_slots(layers: Sequence[SubspaceLoRALinear],
 
 
 @torch.no_grad()
+def discard_slots(layers: Sequence[SubspaceLoRALinear]) -> None:
+    """Throw away each layer's training slot, unfinished: its rows become free (zero ``A``,
+    ``B`` and importance), its ``B`` and the earlier slots' learned magnitudes are dropped
+    unfolded. For an experience whose training failed part-way."""
+    active = [layer for layer in layers if layer.lora_B_train is not None]
+    _free([(layer, list(layer.slots.training_rows)) for layer in active])
+    for layer in active:
+        layer.lora_B_train = None
+        layer.lora_magnitude = None
+        layer.importance_ema.zero_()
+        layer.importance_unc.zero_()
+        layer.slots.end_training()
+    _changed(active)
+
+
+@torch.no_grad()
 def fuse_rows(layers: Sequence[SubspaceLoRALinear],
               rows: Sequence[Tensor | Sequence[int]]) -> None:
     """Fold each layer's rank-1 pairs ``rows[i]`` into its ``W0`` and free the rows.

@@ -222,6 +222,28 @@ class SubspaceLoRALinear(AdaptedLinear):
             state["fused_weight"] = weight
         return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
+    #: State entries whose size changes with the experiences (or that exist mid-experience).
+    VARIABLE_STATE = ("input_basis", "slots.train_rows", "lora_B_train", "lora_magnitude")
+
+    def state_mismatch(self, state: dict[str, Tensor]) -> str | None:
+        """Why ``state`` (from :meth:`adapter_state`) cannot be loaded into this layer: a
+        missing or unknown entry, or a tensor of another shape; ``None`` when it fits."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
+        expected = set(own) - set(self.VARIABLE_STATE)
+        unknown = set(state) - set(own) - set(self.VARIABLE_STATE) - {"fused_weight"}
+        if expected - set(state) or unknown:
+            return (f"missing {sorted(expected - set(state))}, unknown {sorted(unknown)}")
+        for key in expected:
+            if state[key].shape != own[key].shape:
+                return f"{key} is {tuple(state[key].shape)}, here {tuple(own[key].shape)}"
+        fused = state.get("fused_weight")
+        if fused is not None and fused.shape != (self.n_out, self.in_features):
+            return f"fused_weight is {tuple(fused.shape)}, here {(self.n_out, self.in_features)}"
+        basis = state.get("input_basis")
+        if basis is not None and basis.shape[-1] != self.in_features:
+            return f"input_basis has {basis.shape[-1]} columns, here {self.in_features}"
+        return None
+
     @torch.no_grad()
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
         """Put a state from :meth:`adapter_state` back (unmerging first)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import socket
@@ -12,6 +13,7 @@ import numpy as np
 from avalanche.benchmarks import nc_benchmark
 from PIL import Image
 
+from ..errors import DataError
 from .array_images import array_image_transforms, chw_tensor
 from .common import (
     DEFAULT_MEAN,
@@ -33,7 +35,7 @@ DIRNAME = "cifar-100-python"
 NUM_CLASSES = 100
 IMAGE_SIZE = 32
 DOWNLOAD_TIMEOUT_S = 10.0
-HINT = f"{UNPACK_HINT}, or pass download=True (--download) to fetch it when online"
+HINT = f"{UNPACK_HINT}, or --set data.download=true to fetch it when online"
 
 
 def _unpickle(path: Path) -> dict:
@@ -46,8 +48,32 @@ def _unpickle(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable CIFAR-100 pickle ({err!r}); {HINT}") from err
 
 
-def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) uint8 and fine labels (N,) of one CIFAR-100 pickle."""
+#: MD5 of the CIFAR-100 python files known to be whole: the official release's (as torchvision
+#: lists them) and those of the lossless rebuild some copies ship, whose bytes differ.
+KNOWN_MD5 = {
+    "train": {"16019d7e3df5f24257cddd939b257f8d", "04c46c5e37f20bcd0311ac99cb988b21"},
+    "test": {"f0ef6b0ae62326f3e7ffdfab6717acfc", "a50eb1e6162d6b25031cecb6b48950f4"},
+    "meta": {"7973b15100ade9c7d40fb424638fde48", "1580defa312ed3539344f148645d707a"},
+}
+
+
+def verify_checksum(path: Path) -> None:
+    """A :class:`DataError` unless ``path``'s MD5 is one of :data:`KNOWN_MD5`'s for its name."""
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    if digest not in KNOWN_MD5[path.name]:
+        raise DataError(
+            f"{path}: MD5 {digest} is not that of a known copy of CIFAR-100's {path.name} file "
+            f"({' or '.join(sorted(KNOWN_MD5[path.name]))}): it is damaged or another copy. "
+            f"Unpack it again ({UNPACK_HINT}), or use it as it is with "
+            "--set data.verify_checksums=false"
+        )
+
+
+def load_split(path: Path, verify: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) uint8 and fine labels (N,) of one CIFAR-100 pickle (its checksum
+    verified first with ``verify``); a file whose images are all zero is refused."""
+    if verify and path.is_file():
+        verify_checksum(path)
     raw = _unpickle(path)
     try:
         data = np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -56,6 +82,8 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path} lacks valid 'data'/'fine_labels' ({err!r}); {HINT}") from err
     if len(data) != len(labels) or labels.min(initial=0) < 0 or labels.max(initial=0) >= 100:
         raise ValueError(f"{path}: {len(data)} images vs {len(labels)} labels in 0..99; {HINT}")
+    if not data.any():
+        raise DataError(f"{path}: every image is all zeros, not CIFAR-100 data; {HINT}")
     return np.ascontiguousarray(data.transpose(0, 2, 3, 1)), labels
 
 
@@ -101,6 +129,7 @@ def build_split_cifar100(
     num_experiences: int | None = None,
     seed: int = 0,
     validation: float = 0.0,
+    verify_checksums: bool = True,
 ) -> BenchmarkSpec:
     """Split CIFAR-100 into ``n_splits`` experiences of equally many classes.
 
@@ -110,6 +139,7 @@ def build_split_cifar100(
     (:func:`~cl_sulora.benchmarks.common.carve_validation`); the test file is then not read.
     ``augment_on_device`` moves the training crop + flip from the loader to the training device,
     a minibatch at a time (``spec.batch_augment``); it needs ``augment`` and 32x32 images.
+    ``verify_checksums`` checks each file against the known copies (:data:`KNOWN_MD5`).
     """
     if not isinstance(n_splits, int) or n_splits < 1 or NUM_CLASSES % n_splits:
         raise ValueError(f"n_splits must divide 100, got {n_splits!r}")
@@ -134,8 +164,11 @@ def build_split_cifar100(
         _download(root)
         folder = root / DIRNAME
 
-    train_x, train_y = load_split(folder / "train")
-    test_x, test_y = (train_x, train_y) if held_out else load_split(folder / "test")
+    train_x, train_y = load_split(folder / "train", verify_checksums)
+    test_x, test_y = (train_x, train_y) if held_out else load_split(folder / "test",
+                                                                      verify_checksums)
+    if verify_checksums and (folder / "meta").is_file():
+        verify_checksum(folder / "meta")
     names = _unpickle(folder / "meta").get("fine_label_names")
 
     per_exp = NUM_CLASSES // n_splits

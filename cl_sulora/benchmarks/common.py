@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,11 +35,14 @@ from torchvision.transforms import (
     ToTensor,
 )
 
+from ..errors import DataError
+
 T = TypeVar("T")
 DATA_ENV_VAR = "CL_SULORA_DATA"
 DEFAULT_DATA_ROOT = Path("~/.cache/cl-sulora-data")
 UNPACK_HINT = (
-    f"run ../shared/tools/unpack-data DIR and pass --data-root DIR (or set {DATA_ENV_VAR}=DIR)"
+    "put the data in its standard layout (docs/benchmarks.md) under a folder DIR and pass "
+    f"--data-root DIR (or set {DATA_ENV_VAR}=DIR)"
 )
 # Normalisation of the project's reference backbone (ViT-Small, 32x32, CIFAR-10 statistics).
 DEFAULT_MEAN = (0.4914, 0.4822, 0.4465)
@@ -88,6 +92,14 @@ def check_positive(name: str, value: int | None) -> None:
     """Reject a non-positive (or non-integer) optional count."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def check_seed(name: str, value: int) -> None:
+    """Reject a seed that NumPy's generators cannot take, naming its run config key."""
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or not 0 <= value <= 2**32 - 1):
+        raise ValueError(f"{name} (data.{name}) must be an integer from 0 to 2**32 - 1, "
+                         f"got {value!r}")
 
 
 def check_order(name: str, order: Sequence[str], known: Sequence[str]) -> list[str]:
@@ -172,6 +184,12 @@ def _read_rows(path: Path, label_names: list[str]) -> tuple[list[str], list[str]
     return [r["sentence"] for r in kept], [r["label"] for r in kept], len(rows) - len(kept)
 
 
+def _warn_dropped(path: Path, count: int, label_names: list[str]) -> None:
+    if count:
+        warnings.warn(f"{path}: {count} row(s) whose label is not one of {label_names} were "
+                      "dropped (counted in the record's notes, dropped_rows)", stacklevel=3)
+
+
 def read_text_task(
     task_dir: Path, name: str, test_fraction: float, seed: int, with_test: bool = True
 ) -> TextTask:
@@ -183,11 +201,16 @@ def read_text_task(
     if not isinstance(label_names, list) or not all(isinstance(x, str) for x in label_names):
         raise ValueError(f"{task_dir / 'labels.json'} must be a JSON list of label names")
     texts, labels, dropped_train = _read_rows(task_dir / "train.json", label_names)
+    _warn_dropped(task_dir / "train.json", dropped_train, label_names)
+    if not texts:
+        raise DataError(f"{task_dir / 'train.json'} has no row to train on (labelled one of "
+                        f"{label_names}); {UNPACK_HINT}")
     test_path = task_dir / "test.json"
     if test_path.is_file():
         test_texts, test_labels, dropped_test = (
             _read_rows(test_path, label_names) if with_test else ([], [], 0)
         )
+        _warn_dropped(test_path, dropped_test, label_names)
         train = (texts, labels)
     else:
         keep, held = stratified_split(labels, test_fraction, seed)
@@ -255,6 +278,19 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Read an image file as RGB."""
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def check_images(paths: Sequence[str | Path]) -> None:
+    """Decode every image file (a few seconds for ten thousand small ones), so that an empty,
+    truncated or corrupt file is reported when the benchmark is built, not in the middle of a
+    run: a :class:`DataError` naming the file."""
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for bad files
+            raise DataError(f"{path} is not a readable image ({err}); remove or replace it "
+                            "(a copy of the data that unpacked completely has none)") from err
 
 
 def image_transforms(

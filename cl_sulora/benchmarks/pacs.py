@@ -13,6 +13,7 @@ from .common import (
     BenchmarkSpec,
     LabelledData,
     carve_validation,
+    check_images,
     check_order,
     classification_dataset,
     find_layout,
@@ -67,7 +68,8 @@ def build_pacs_dil(
 ) -> BenchmarkSpec:
     """PACS as one experience per domain in ``domain_order``, all with the same 7 classes
     (ids = sorted class folder names) and task label 0. ``validation > 0`` evaluates on that
-    fraction of each training domain instead of the test split, which is then not read."""
+    fraction of each training domain instead of the test split, which is then not read. Every
+    image used is decoded once here, so a damaged file stops the build, naming it."""
     held_out = wants_validation(validation)
     domains = keep_first(check_order("domain_order", domain_order, DOMAINS), num_experiences)
     root = resolve_data_root(data_root)
@@ -80,6 +82,7 @@ def build_pacs_dil(
         for domain in domains:
             paths, labels = _domain_files(folder / split / domain, classes)
             keep = limit_indices(labels, limit_per_class, seed)
+            check_images([paths[i] for i in keep])
             data = LabelledData([str(paths[i]) for i in keep], [labels[i] for i in keep], open_rgb)
             group = "train" if split == "train" else "eval"
             streams[split].append(classification_dataset(data, 0, transforms, group))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .common import BenchmarkSpec
+from .common import BenchmarkSpec, check_seed
 
 Builder = Callable[..., BenchmarkSpec]
 BENCHMARKS: dict[str, Builder] = {}
@@ -48,6 +48,9 @@ def build_benchmark(name: str, **options: Any) -> BenchmarkSpec:
     missing = [k for k, p in accepted.items() if p.default is p.empty and k not in options]
     if missing:
         raise TypeError(f"benchmark {name!r} requires option(s) {missing}")
+    for key, value in options.items():
+        if key.endswith("seed"):
+            check_seed(key, value)
     return BENCHMARKS[name](**options)
 
 

@@ -67,6 +67,17 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         layers = adapted_layers(strategy.model)
         self.finish(strategy, layers, int(strategy.experience.current_experience))
 
+    def abort_training_exp(self, strategy) -> None:
+        """Undo the unfinished experience (its training failed): the branches it added and
+        was training are removed (a branch trained through several experiences, as SeqLoRA's,
+        keeps its partial update)."""
+        experience = int(strategy.experience.current_experience)
+        for layer in adapted_layers(strategy.model).values():
+            for index in reversed(range(len(layer.branches))):
+                branch = layer.branches[index]
+                if branch.owner == experience and not branch.frozen:
+                    layer.remove_branch(index)
+
     def state_dict(self) -> dict:
         """The branch structure of the model this plugin trains: per layer, each branch's
         owner, rank, scale, normalisation and flags, and which magnitude it uses (an index

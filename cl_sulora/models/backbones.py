@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,6 +144,7 @@ def hub_reachable() -> bool:
 # ---------------------------------------------------------------------------------------- timm
 def _timm_from_weights(name: str | None, path: Path, kwargs: dict[str, Any]) -> Backbone:
     import timm
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config: dict[str, Any] = {}
@@ -165,9 +168,15 @@ def _timm_from_weights(name: str | None, path: Path, kwargs: dict[str, Any]) -> 
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     head = model.pretrained_cfg.get("classifier") or "head"
     heads = (head,) if isinstance(head, str) else tuple(head)
+    try:
+        loaded = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise BackboneError(f"{file} is not a readable safetensors file ({err}): give the "
+                            "weights as .safetensors (convert a pickled checkpoint with "
+                            "safetensors.torch.save_file)") from err
     state = {
         key: value.float() if value.is_floating_point() else value
-        for key, value in load_file(str(file)).items()
+        for key, value in loaded.items()
         if not any(key == h or key.startswith(h + ".") for h in heads)
     }
     misfit = f"{file} does not fit timm model {name!r} with {kwargs}"
@@ -222,8 +231,17 @@ def _hf_encoder(
     if max_length < 1:
         raise BackboneError(f"max_length must be >= 1, got {max_length}")
     source = _local_or_hub(source)
-    model = AutoModel.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        model = AutoModel.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:  # missing, damaged, unsafe
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # torch's terminal colours
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise BackboneError(
+            f"Hugging Face encoder {name!r} cannot be loaded from {source}: {first}. Give a "
+            "folder with config.json, the tokenizer files and safetensors weights (a pickled "
+            ".bin is only read when it holds nothing but tensors)"
+        ) from err
     hidden = getattr(model.config, "hidden_size", None)
     if hidden is None:
         raise BackboneError(f"{name!r} has no hidden_size in its config: not an encoder?")

@@ -122,6 +122,7 @@ def build_experiment(
         device=device,
         evaluator=make_evaluator(loggers),
         plugins=[*extra, *plugins],
+        divergence_check_every=training.divergence_check_every,
     )
     method_config = None
     if method.config_cls is not None:
@@ -146,6 +147,8 @@ def load_benchmark(config: RunConfig, backbone: Backbone) -> BenchmarkSpec:
     """The benchmark of ``config``, fed the way ``backbone`` needs."""
     try:
         return build_benchmark(config.benchmark, **config.data, **backbone.benchmark_options())
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"benchmark {config.benchmark!r}: {err}") from err
 

@@ -3,9 +3,11 @@
 A checkpoint is a directory ``exp-XXXX`` holding ``model.safetensors`` (every tensor of the
 model), ``state.pt`` (plugin states, RNG states, clock, stream position and the runner's
 results so far; plain tensors and containers only, loaded with ``weights_only=True``) and
-``meta.json`` (position, config and the SHA-256 of both files). It is assembled in a temporary
-directory, fsynced and renamed into place, so a crash leaves either the complete new checkpoint or
-none; the previous checkpoint is removed only after the new one is complete.
+``meta.json`` (position, config, the SHA-256 of both files and of its own content). It is
+assembled in a temporary directory, fsynced and renamed into place, so a crash leaves either the
+complete new checkpoint or none; the previous checkpoint is removed only after the new one is
+complete. Loading checks every checksum and that the position agrees between the folder name,
+``meta.json`` and the state.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ast
 import hashlib
 import io
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -23,11 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from avalanche.models.dynamic_modules import avalanche_model_adaptation
-from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ..atomic import atomic_write_bytes, atomic_write_json, fsync_dir
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 PREFIX = "exp-"
 FILES = ("model.safetensors", "state.pt")
@@ -100,7 +102,8 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
         for name, data in blobs.items():
             atomic_write_bytes(tmp / name, data)
         sums = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
-        atomic_write_json(tmp / "meta.json", {"position": position, "sha256": sums, **(meta or {})})
+        atomic_write_json(tmp / "meta.json", sealed({"position": position, "sha256": sums,
+                                                     **(meta or {})}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -127,6 +130,62 @@ def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def sealed(meta: dict) -> dict:
+    """``meta`` with ``meta_sha256``: the SHA-256 of its canonical JSON (sorted keys), so an
+    edit of any field, the position and config included, is detected on load."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return {**body, "meta_sha256": digest}
+
+
+def temporary_folders(directory: str | Path) -> list[Path]:
+    """Folders left by checkpoint writes that were interrupted before their rename."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f".{PREFIX}[0-9]*.*") if p.is_dir())
+
+
+def prepare_directory(directory: str | Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Make ``directory`` ready for a run before it trains: writable (a probe file is created,
+    written and removed), without the temporary folders of interrupted writes, and, for a new
+    run, without another run's checkpoints unless ``overwrite`` (they are removed then).
+    Returns the removed paths. A folder holding checkpoints is refused for a new run without
+    ``overwrite``: its newest one would otherwise be replaced and its run lost."""
+    directory = Path(directory)
+    check_writable(directory, "--checkpoint-dir")
+    removed = temporary_folders(directory)
+    existing = checkpoints(directory)
+    if existing and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"--checkpoint-dir {directory} holds checkpoints of an earlier run "
+                f"({', '.join(p.name for p in existing)}): continue it with --resume, give "
+                "another --checkpoint-dir, or pass --overwrite-checkpoints to discard them"
+            )
+        removed += existing
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def check_writable(directory: str | Path, flag: str) -> None:
+    """Create ``directory`` if needed and prove it writable with a probe file; a
+    :class:`ConfigError` naming ``flag`` otherwise."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{flag} {directory} is a file, not a folder: give a folder path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"probe")
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{flag} {directory} is not writable ({err.strerror or err}): "
+                          "give a folder you can write to") from err
+
+
 def checkpoints(directory: str | Path) -> list[Path]:
     """Complete-looking checkpoint directories, oldest first."""
     directory = Path(directory)
@@ -142,8 +201,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         meta = json.loads(meta_path.read_text())
         sums = meta["sha256"]
-    except (OSError, json.JSONDecodeError, KeyError) as err:
+        position = int(meta["position"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({err})") from err
+    if sealed(meta) != meta:
+        raise CheckpointError(f"{meta_path}: edited or damaged (its meta_sha256 does not match "
+                              "its content)")
+    if path.name != f"{PREFIX}{position:04d}":
+        raise CheckpointError(f"{meta_path}: position {position} does not match the folder "
+                              f"{path.name}")
     blobs = {}
     for name in FILES:
         file = path / name
@@ -160,9 +226,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         model_state = load(blobs["model.safetensors"])
         state = torch.load(io.BytesIO(blobs["state.pt"]), weights_only=True)
-    except (SafetensorError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot be decoded ({err})") from err
-    return Checkpoint(path, int(meta["position"]), model_state, state, meta)
+    except Exception as err:  # any decoding failure (safetensors, unpickling) is damage
+        raise CheckpointError(f"{path}: cannot be decoded ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("position") != position:
+        raise CheckpointError(f"{path}: the state's position does not match meta.json's "
+                              f"({position})")
+    return Checkpoint(path, position, model_state, state, meta)
 
 
 def latest_checkpoint(directory: str | Path, *, fallback: bool = False) -> Checkpoint | None:
@@ -178,7 +247,8 @@ def latest_checkpoint(directory: str | Path, *, fallback: bool = False) -> Check
         except CheckpointError as err:
             if not fallback:
                 raise CheckpointError(
-                    f"{err}. Resume with fallback to the previous checkpoint to use an older one."
+                    f"{err}. Resume from the newest intact checkpoint instead with "
+                    "--resume-fallback (the experiences after it are trained again)."
                 ) from err
             errors.append(str(err))
     if errors:

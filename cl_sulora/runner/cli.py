@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="like --resume, but if the newest checkpoint is damaged use the previous intact one",
     )
+    run.add_argument(
+        "--overwrite-checkpoints",
+        action="store_true",
+        help="start a new run in a --checkpoint-dir that holds another run's checkpoints, "
+        "discarding them (without it such a folder is refused)",
+    )
     compare = commands.add_parser("compare", help="run strategies side by side over seeds")
     compare.add_argument("--benchmark", required=True, help="benchmark name")
     compare.add_argument(
@@ -147,6 +153,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     add("--out", help="results folder (default results/)")
     add(
+        "--overwrite",
+        action="store_true",
+        help="replace a record in --out that another run config wrote (without it, refused)",
+    )
+    add(
         "--deterministic",
         action="store_true",
         default=None,
@@ -184,6 +195,7 @@ def compare(
     seeds: Sequence[int],
     overrides: dict[str, Any],
     command: Sequence[str],
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Run every strategy for every seed (configs validated first), then write the report."""
     configs = [
@@ -192,10 +204,10 @@ def compare(
         for seed in seeds
     ]
     with distributed.process_group(configs[0].device):
-        return _compare(benchmark, configs, overrides, command)
+        return _compare(benchmark, configs, overrides, command, overwrite)
 
 
-def _compare(benchmark, configs, overrides, command) -> dict[str, Path]:
+def _compare(benchmark, configs, overrides, command, overwrite) -> dict[str, Path]:
     write = tqdm.write if distributed.is_main() else _quiet
     recipes = {json.dumps(c.training.model_dump(), sort_keys=True) for c in configs}
     if len(recipes) > 1:
@@ -211,7 +223,8 @@ def _compare(benchmark, configs, overrides, command) -> dict[str, Path]:
             f"{benchmark_label(config)} ({config.device})"
         )
         key = json.dumps([config.data, config.backbone.model_dump()], sort_keys=True, default=str)
-        result = run(config, spec=specs.get(key), command=command, progress=True, echo=write)
+        result = run(config, spec=specs.get(key), command=command, progress=True, echo=write,
+                     overwrite=overwrite)
         specs[key] = result.experiment.spec
         records.append(result.record)
         write(f"  -> {result.path}: {_summary(result.record)}")
@@ -235,12 +248,17 @@ def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
     resume = args.resume or args.resume_fallback
     if resume and args.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir (the folder of the interrupted run)")
+    if args.overwrite_checkpoints and (resume or args.checkpoint_dir is None):
+        raise ConfigError("--overwrite-checkpoints starts a new run in --checkpoint-dir: it "
+                          "needs --checkpoint-dir and no --resume")
     checkpointing = None
     if args.checkpoint_dir is not None:
-        checkpointing = Checkpointing(args.checkpoint_dir, resume, args.resume_fallback)
+        checkpointing = Checkpointing(args.checkpoint_dir, resume, args.resume_fallback,
+                                      args.overwrite_checkpoints)
     _warn_random_init(config)
     result = run(
-        config, command=command, progress=True, echo=tqdm.write, checkpointing=checkpointing
+        config, command=command, progress=True, echo=tqdm.write, checkpointing=checkpointing,
+        overwrite=args.overwrite,
     )
     if distributed.is_main():
         print(f"{result.path}: {_summary(result.record)}")
@@ -300,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             list_all()
         elif args.command == "compare":
-            compare(args.benchmark, args.strategies, args.seeds, overrides_from(args), command)
+            compare(args.benchmark, args.strategies, args.seeds, overrides_from(args), command,
+                    args.overwrite)
         elif args.benchmark is None and args.strategy is None:
             if args.seed is not None:
                 raise ConfigError("the demo runs seed 0; use compare --seeds for other seeds")
@@ -310,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 DEMO["seeds"],
                 overrides_from(args, DEMO["overrides"]),
                 command,
+                args.overwrite,
             )
         elif args.benchmark is None or args.strategy is None:
             raise ConfigError("give both --benchmark and --strategy (or neither, for the demo)")

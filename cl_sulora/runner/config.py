@@ -7,11 +7,11 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from ..benchmarks import BENCHMARKS, benchmark_options
 from ..benchmarks.common import wants_validation
@@ -51,7 +51,7 @@ class RunConfig(BaseModel):
     strategy: str
     preset_file: str
     method_name: str
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     device: str = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False

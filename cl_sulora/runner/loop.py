@@ -13,15 +13,20 @@ from typing import Any
 import torch
 from avalanche.core import BasePlugin
 
-from ..atomic import atomic_write_json
 from ..benchmarks import BenchmarkSpec
 from ..errors import ConfigError
 from ..methods import get_method
 from ..training import distributed
 from .build import Experiment, build_experiment, seed_everything
-from .checkpoint import latest_checkpoint, restore, save_checkpoint
+from .checkpoint import (
+    check_writable,
+    latest_checkpoint,
+    prepare_directory,
+    restore,
+    save_checkpoint,
+)
 from .config import RunConfig, result_path
-from .records import make_record
+from .records import check_result_path, config_differences, make_record, write_record
 
 #: Avalanche's metric key of the accuracy on one experience of the evaluated stream.
 ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
@@ -41,11 +46,13 @@ class StreamResult:
 @dataclass
 class Checkpointing:
     """Where the runner writes a checkpoint after every experience, and whether it resumes
-    from the newest one (``fallback``: from the newest intact one)."""
+    from the newest one (``fallback``: from the newest intact one); ``overwrite`` lets a new
+    run discard another run's checkpoints in ``directory``."""
 
     directory: Path
     resume: bool = False
     fallback: bool = False
+    overwrite: bool = False
 
 
 def run_stream(
@@ -108,32 +115,28 @@ def run_stream(
             name = "all experiences" if joint else experiment.spec.experience_names[index]
             row = " ".join(f"{a:.3f}" for a in matrix[-1][:seen])
             echo(
-                f"  {experiment.config.strategy} step {index + 1}/{steps} "
+                f"  {experiment.config.strategy} experience {index + 1}/{steps} "
                 f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}]"
             )
     return StreamResult(matrix, train_seconds, timer.seconds, trainable, last)
 
 
+#: Run config keys a resume may change: the optimizer's hyperparameters, so that a run stopped
+#: by divergence can continue from its last good checkpoint at a lower learning rate.
+RESUME_MAY_CHANGE = ("training.lr", "training.weight_decay", "training.momentum")
+
+
 def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
-    """Refuse to resume a checkpoint written under another run config, naming the keys."""
-    old, new = _flatten(saved), _flatten(current)
-    differing = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    """Refuse to resume a checkpoint written under another run config, naming the keys (the
+    optimizer's hyperparameters, :data:`RESUME_MAY_CHANGE`, may differ)."""
+    differing = [d for d in config_differences(saved, current)
+                 if d.split(":")[0] not in RESUME_MAY_CHANGE]
     if differing:
-        details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differing)
         raise ConfigError(
-            f"--resume: {where} was written with another run config ({details}); resume with "
-            "the same flags and --set values, or use another --checkpoint-dir"
+            f"--resume: {where} was written with another run config ({'; '.join(differing)});"
+            " resume with the same flags and --set values (only --lr and the optimizer's other "
+            "hyperparameters may change), or use another --checkpoint-dir"
         )
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def accuracy_row(metrics_dict: Mapping[str, Any], count: int) -> list[float]:
@@ -174,20 +177,28 @@ def run(
     loggers: Sequence[Any] = (),
     plugins: Sequence[BasePlugin] = (),
     checkpointing: Checkpointing | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Seed, build, run the stream and write ``result_path(config)`` atomically. ``loggers``
     go to the Avalanche evaluator, ``plugins`` to the strategy; ``echo`` gets one line per
     experience; ``checkpointing`` writes (and resumes from) per-experience checkpoints.
+
+    Before anything is built, the output folders are checked (writable; no other run's
+    checkpoints; no record of another config at the result path unless ``overwrite``), so a
+    finished run always has somewhere to go; a record that cannot be written at the end goes
+    to a fallback folder, named on ``echo`` and in a warning.
 
     Started by ``torchrun`` with several processes, the run is data-parallel (see
     :mod:`cl_sulora.training.distributed`): every rank runs this, only rank 0 echoes and writes
     the results and checkpoints (the returned ``path`` is where rank 0 writes)."""
     with distributed.process_group(config.device):
         return _run(config, spec=spec, command=command, progress=progress, echo=echo,
-                    loggers=loggers, plugins=plugins, checkpointing=checkpointing)
+                    loggers=loggers, plugins=plugins, checkpointing=checkpointing,
+                    overwrite=overwrite)
 
 
-def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointing) -> RunResult:
+def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointing,
+         overwrite) -> RunResult:
     device = distributed.local_device(config.device)
     method = get_method(config.method_name)
     if distributed.is_distributed():
@@ -197,6 +208,14 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
             f"--resume is not supported for {config.strategy!r}: not all of its state is "
             "checkpointed; run it again without --resume"
         )
+    path = result_path(config)
+    if distributed.is_main():
+        check_writable(path.parent, "--out")
+        resuming = checkpointing is not None and checkpointing.resume
+        check_result_path(path, config.model_dump(mode="json"), overwrite or resuming)
+        if checkpointing:
+            prepare_directory(checkpointing.directory, resume=checkpointing.resume,
+                              overwrite=checkpointing.overwrite)
     previous = torch.are_deterministic_algorithms_enabled()
     try:
         seed_everything(config.seed, config.deterministic)
@@ -210,9 +229,8 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
     finally:
         torch.use_deterministic_algorithms(previous)
     record = make_record(experiment, result, command)
-    path = result_path(config)
     if distributed.is_main():
-        atomic_write_json(path, record)
+        path = write_record(path, record, echo)
     return RunResult(record, path, experiment, result)
 
 

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
+    FiniteFloat,
     NonNegativeInt,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
 )
@@ -30,20 +31,26 @@ from ..methods import METHODS, MethodSpec
 #: The shipped presets (a package-data folder).
 PRESETS: Traversable = files("cl_sulora") / "presets"
 
+#: A positive, finite float (``inf`` and ``nan`` are refused).
+FinitePositive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class TrainingConfig(BaseModel):
     """The training recipe, shared by every method of a comparison."""
 
     model_config = ConfigDict(extra="forbid")
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: PositiveFloat = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
+    lr: FinitePositive = 1e-3
+    weight_decay: FiniteFloat = 0.0
+    momentum: FiniteFloat = 0.9  # sgd only
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
     num_workers: NonNegativeInt = 0  # data-loader worker processes (0: load in the main one)
+    # the divergence check (loss, parameters, optimizer state) before every k-th update
+    divergence_check_every: PositiveInt = 1
 
 
 class PresetFile(BaseModel):

@@ -3,11 +3,14 @@ config, commit, device, versions)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +19,8 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..atomic import atomic_write_json
+from ..errors import ConfigError
 from ..training import distributed
 
 if TYPE_CHECKING:
@@ -24,6 +29,8 @@ if TYPE_CHECKING:
 
 #: The checkout the package runs from, when it runs from one (not from an installed wheel).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Where a record goes when its folder cannot be written at the end of a run.
+FALLBACK_DIR = Path(tempfile.gettempdir()) / "cl-sulora-records"
 #: Packages whose versions every record names.
 VERSIONED = ("cl-sulora", "torch", "avalanche-lib", "timm", "transformers")
 
@@ -64,6 +71,57 @@ def make_record(
         "peak_memory_mb": peak_memory_mb(device),
         "notes": _jsonable(spec.notes),
     }
+
+
+def write_record(path: Path, record: dict[str, Any],
+                 echo: Callable[[str], None] | None = None) -> Path:
+    """Write ``record`` to ``path`` atomically; if that fails (the folder became unwritable
+    during the run), write it to :data:`FALLBACK_DIR` and say where, rather than lose the
+    run. Returns the path written."""
+    try:
+        return atomic_write_json(path, record)
+    except OSError as err:
+        fallback = FALLBACK_DIR / path.name
+        atomic_write_json(fallback, record)
+        message = f"could not write {path} ({err.strerror or err}); the record is at {fallback}"
+        warnings.warn(message, stacklevel=2)
+        if echo:
+            echo(f"warning: {message}")
+        return fallback
+
+
+def check_result_path(path: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Refuse, before training, to replace a record of another run config at ``path`` (a sweep
+    into one folder would keep only its last run); ``overwrite`` allows it."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text()).get("config", {})
+    except (OSError, json.JSONDecodeError):
+        return  # not a record: the run's own write replaces it
+    differing = config_differences(saved, config)
+    if differing:
+        raise ConfigError(
+            f"{path} holds the record of a run with another config ({'; '.join(differing[:5])})"
+            ": give another --out, or pass --overwrite to replace it"
+        )
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs."""
+    old, new = _flatten(old), _flatten(new)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def versions() -> dict[str, str | None]:

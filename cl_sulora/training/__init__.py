@@ -7,9 +7,9 @@ from .plugins import (
     Autocast,
     BatchAugment,
     CurrentClassMask,
+    DivergenceGuard,
     EpochTimer,
     LRSchedule,
-    NonFiniteLossGuard,
     Progress,
 )
 from .template import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
@@ -23,7 +23,7 @@ __all__ = [
     "CurrentClassMask",
     "EpochTimer",
     "LRSchedule",
-    "NonFiniteLossGuard",
+    "DivergenceGuard",
     "Progress",
     "freeze_except",
     "rebuild_optimizer",

@@ -10,12 +10,12 @@ backbone of the experience that brought the class, and are not refreshed later.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
-from pydantic import BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -47,7 +47,7 @@ class AlignmentConfig(BaseModel):
     enabled: bool = False
     samples_per_class: PositiveInt = 256
     epochs: PositiveInt = 5
-    lr: PositiveFloat = 0.01
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.01
     batch_size: PositiveInt = 128
     covariance: Literal["full", "diagonal"] = "full"
     shrinkage: NonNegativeFloat = 0.01

@@ -199,19 +199,10 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def first_flagged(record: torch.Tensor) -> torch.Tensor:
-    """``record`` is ``(iteration, value)``, with iteration -1 when nothing was flagged; the
-    record with the earliest flagged iteration over all ranks (this rank's outside torchrun).
-    One collective on ``record``'s device: nothing is pickled."""
-    if not is_distributed():
-        return record
-    records = [torch.empty_like(record) for _ in range(world_size())]
-    dist.all_gather(records, record)
-    stacked = torch.stack(records)
-    iterations = stacked[:, 0]
-    # unflagged ranks hold (-1, 0): the argmin lands on one of them only when none is flagged
-    key = torch.where(iterations >= 0, iterations, torch.full_like(iterations, float("inf")))
-    return stacked[key.argmin()]
+def any_over_ranks(flags: torch.Tensor) -> list[bool]:
+    """Each of ``flags`` (booleans, one dimension), true where it is true on any rank, read on
+    the host: one collective and one synchronisation, the same answer on every rank."""
+    return [bool(flag) for flag in sum_over_ranks(flags.float()).cpu().tolist()]
 
 
 def wrap(model: nn.Module, device: torch.device, varying_graph: bool) -> DistributedDataParallel:

@@ -64,75 +64,86 @@ class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
         self._allowed = self._keep = None
 
 
-class NonFiniteLossGuard(SupervisedPlugin, supports_distributed=True):
-    """Stop training with a clear message when the loss is not finite.
+class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
+    """Stop training, with a clear message, when it diverges.
 
-    The first non-finite step of an experience is recorded on the device. Every
-    ``check_every`` iterations and at every epoch end the record is gathered over the
-    data-parallel ranks and copied to the host without waiting; each such check raises on the
-    copy of the check before it, which is done by then, so the training loop does not wait for
-    the device in mid-experience. The end of the last epoch waits for its own record, so an
-    experience with a non-finite loss stops before its end-of-experience work (fusion,
-    checkpoint). All ranks read the same record at the same iteration, so they stop together.
+    Before every ``check_every``-th optimizer update (every one by default) the guard reads,
+    in one synchronisation with the device and over every data-parallel rank, whether the
+    step's loss is finite and whether the trainable parameters and the optimizer's state were
+    still finite (and the parameters no larger than ``max_abs`` in magnitude) after the
+    previous update. So a non-finite loss stops the run before its own update, and a bad update
+    (an infinite learning rate, an exploding one) before the next; after an experience's last
+    step the parameters are checked once more, so no end-of-experience work (fusion,
+    checkpoint, evaluation) ever sees a diverged model. All ranks read the same flags, so
+    they stop together. Experiences are numbered from 1 in the message, as on the console.
     """
 
-    def __init__(self, check_every: int = 32) -> None:
+    def __init__(self, check_every: int = 1, max_abs: float = 1e6) -> None:
         super().__init__()
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.check_every = check_every
-        self._first: torch.Tensor | None = None  # (step in the experience, loss), -1: none
-        self._pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.max_abs = max_abs
+        self._updated_bad: torch.Tensor | None = None  # after the last update, on the device
         self._epochs = 0
 
     def before_training_exp(self, strategy, **kwargs):
-        self._first = torch.tensor([-1.0, 0.0], device=strategy.device)  # nothing flagged
-        self._pending = None
+        self._updated_bad = None
         self._epochs = 0
 
-    def before_backward(self, strategy, **kwargs):
-        loss = strategy.loss.detach().float().reshape(-1)[:1]
-        step = torch.cat([torch.full_like(loss, strategy.clock.train_exp_iterations), loss])
-        fresh = ~torch.isfinite(loss) & (self._first[:1] < 0)
-        self._first = torch.where(fresh, step, self._first)
-        if (strategy.clock.train_epoch_iterations + 1) % self.check_every == 0:
-            self._check(strategy, wait=False)
+    def before_update(self, strategy, **kwargs):
+        if (strategy.clock.train_epoch_iterations + 1) % self.check_every:
+            return
+        loss_bad = ~torch.isfinite(strategy.loss.detach().float()).all()
+        updated_bad = loss_bad.new_zeros(()) if self._updated_bad is None else self._updated_bad
+        loss_flag, update_flag = distributed.any_over_ranks(torch.stack([loss_bad, updated_bad]))
+        if update_flag:
+            self._stop(strategy, self._UPDATE.format(max_abs=self.max_abs, when="the update "
+                                                                                "before"))
+        if loss_flag:
+            loss = float(strategy.loss.detach().float().sum())
+            self._stop(strategy, f"the loss is {loss} (stopped before its update)")
+
+    def after_update(self, strategy, **kwargs):
+        self._updated_bad = self.diverged(strategy.optimizer)
 
     def after_training_epoch(self, strategy, **kwargs):
         self._epochs += 1
-        self._check(strategy, wait=self._epochs >= strategy.train_epochs)
+        last = self._epochs >= strategy.train_epochs
+        if last and self._updated_bad is not None:
+            if distributed.any_over_ranks(self._updated_bad[None])[0]:
+                self._stop(strategy, self._UPDATE.format(max_abs=self.max_abs,
+                                                         when="the experience's last update"))
 
-    def after_training_exp(self, strategy, **kwargs):
-        if self._pending is not None:  # training stopped before its last epoch
-            self._check(strategy, wait=True)
+    _UPDATE = ("a trainable parameter or the optimizer's state stopped being finite, or a "
+               "parameter exceeded {max_abs:g} in magnitude, after {when}")
 
-    def _check(self, strategy, *, wait: bool) -> None:
-        """Raise on the previous check's record; gather this one, and raise on it at once if
-        ``wait``."""
-        if self._pending is not None:
-            record, copied = self._pending
-            self._pending = None
-            if copied is not None:
-                copied.synchronize()
-            self._raise_if_flagged(record, strategy)
-        record = distributed.first_flagged(self._first)
-        if wait:
-            self._raise_if_flagged(record.cpu(), strategy)
-        elif record.is_cuda:
-            copied = torch.cuda.Event()
-            self._pending = (record.to("cpu", non_blocking=True), copied)
-            copied.record()
-        else:
-            self._pending = (record.clone(), None)
+    def diverged(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """On the device, without waiting: whether a trainable parameter is not finite or
+        larger than ``max_abs`` in magnitude, or a tensor of the optimizer's state is not
+        finite."""
+        params = [p.detach() for g in optimizer.param_groups for p in g["params"]
+                  if p.requires_grad]
+        states = [v for p in params for v in optimizer.state.get(p, {}).values()
+                  if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1]
+        if not params:
+            return torch.zeros((), dtype=torch.bool)
+        largest = torch.stack(torch._foreach_norm(params, float("inf"))).max()
+        bad = ~(largest <= self.max_abs)  # nan compares false
+        if states:
+            state_norms = torch.stack(torch._foreach_norm(states, float("inf")))
+            bad = bad | ~torch.isfinite(state_norms).all()
+        return bad
 
-    @staticmethod
-    def _raise_if_flagged(record: torch.Tensor, strategy) -> None:
-        step, loss = record.tolist()
-        if step < 0:
-            return
-        epoch, iteration = divmod(int(step), max(1, len(strategy.dataloader)))
+    def _stop(self, strategy, what: str) -> None:
+        experience = int(strategy.experience.current_experience) + 1
+        total = len(getattr(strategy.experience, "origin_stream", ())) or "?"
         raise DivergenceError(
-            f"non-finite loss ({loss}) at experience {strategy.experience.current_experience}, "
-            f"epoch {epoch}, iteration {iteration}: lower the learning rate or use fp32; the "
-            "last checkpoint is left as it was"
+            f"training diverged at experience {experience}/{total}, epoch "
+            f"{strategy.clock.train_exp_epochs}, iteration "
+            f"{strategy.clock.train_epoch_iterations}: {what}. Lower the learning rate "
+            "(resume the last checkpoint with --resume and a lower --lr) or train in fp32; "
+            "the checkpoints written so far are left as they were"
         )
 
 

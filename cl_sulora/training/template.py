@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from ..adapters.injection import adapter_layers
 from . import distributed
 from .loading import EpochSpanningLoader
-from .plugins import CurrentClassMask, NonFiniteLossGuard
+from .plugins import CurrentClassMask, DivergenceGuard
 
 
 def rebuild_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
@@ -72,10 +72,11 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 class AdapterTemplate(SupervisedTemplate):
     """``SupervisedTemplate`` that rebuilds its optimizer over the trainable parameters of each
-    experience, applies the class-incremental training mask and stops on a non-finite loss.
-    Keyword-only arguments.
+    experience, applies the class-incremental training mask and stops when training diverges
+    (:class:`~cl_sulora.training.plugins.DivergenceGuard`, checked before every
+    ``divergence_check_every``-th update). Keyword-only arguments.
 
-    Under ``torchrun`` (see :mod:`cl_sulora.distributed`) it trains data-parallel:
+    Under ``torchrun`` (see :mod:`cl_sulora.training.distributed`) it trains data-parallel:
     ``train_mb_size`` is the global batch, each rank trains on its shard of it, and the
     experience's training forward passes go through a DistributedDataParallel wrapper built once
     the experience's adapters are allocated (``self.model`` stays the plain model, so plugins,
@@ -95,9 +96,10 @@ class AdapterTemplate(SupervisedTemplate):
         evaluator=default_evaluator,
         eval_every: int = -1,
         mask_logits: bool = True,
+        divergence_check_every: int = 1,
         **kwargs,
     ) -> None:
-        plugins = [*(plugins or []), NonFiniteLossGuard()]
+        plugins = [*(plugins or []), DivergenceGuard(divergence_check_every)]
         if mask_logits:
             plugins.append(CurrentClassMask())
         super().__init__(
@@ -114,6 +116,22 @@ class AdapterTemplate(SupervisedTemplate):
             **kwargs,
         )
         self._ddp: nn.Module | None = None
+
+    def train(self, experiences, eval_streams=None, **kwargs):
+        """Avalanche's training loop; if it fails part-way through an experience (an error,
+        divergence, an interrupt), the plugins undo that experience's unfinished state
+        (``abort_training_exp``) before the error propagates, so the strategy can train
+        again."""
+        try:
+            return super().train(experiences, eval_streams, **kwargs)
+        except BaseException:
+            if self.experience is not None:
+                self._ddp = None
+                for plugin in self.plugins:
+                    abort = getattr(plugin, "abort_training_exp", None)
+                    if abort is not None:
+                        abort(self)
+            raise
 
     def make_optimizer(self, **kwargs):
         self.optimizer = rebuild_optimizer(self.optimizer, self.model)

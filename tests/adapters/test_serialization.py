@@ -64,3 +64,38 @@ def test_truncated_file_names_the_file(tmp_path):
 def test_missing_directory_is_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         load_subspace_lora(tiny_vit(), tmp_path / "nowhere")
+
+
+def wider_vit():
+    import timm
+
+    return timm.create_model("vit_small_patch16_224", pretrained=False, img_size=8, patch_size=4,
+                             embed_dim=48, depth=2, num_heads=2, num_classes=0)
+
+
+@pytest.mark.parametrize("target, match", [
+    ("rank", r"another config \(rank: model 4, saved 2"),
+    ("alpha", r"another config \(alpha: model 3.0, saved 1.0"),
+    ("wider", r"slots\.row_owner|lora_A is|does not fit"),
+    ("plain-wider", r"lora_A is \(6, 32\), here \(6, 48\)|does not fit"),
+])
+def test_a_mismatched_load_is_refused_and_leaves_the_model_unchanged(tmp_path, target, match):
+    from cl_sulora.errors import ConfigError
+
+    save_subspace_lora(adapted_model(fuse=False), tmp_path)
+    torch.manual_seed(0)
+    if target == "rank":
+        model = add_subspace_lora(tiny_vit(), SubspaceLoRAConfig(rank=4, num_slots=3))
+    elif target == "alpha":
+        model = add_subspace_lora(tiny_vit(), SubspaceLoRAConfig(rank=2, num_slots=3, alpha=3.0))
+    elif target == "wider":
+        model = add_subspace_lora(wider_vit(), SubspaceLoRAConfig(rank=2, num_slots=3))
+    else:
+        model = wider_vit()  # not adapted yet, and wider than the saved one
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(ConfigError, match=match):
+        load_subspace_lora(model, tmp_path)
+    assert [type(m).__name__ for m in model.modules()] == adapted
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())

@@ -213,7 +213,7 @@ def test_cifar_missing_corrupt_and_offline(tmp_path, monkeypatch):
         build_benchmark("split-cifar100-10", data_root=tmp_path)
     msg = str(err.value)
     assert str(tmp_path / "cifar-100-python" / "train") in msg
-    assert "unpack-data" in msg and "download" in msg
+    assert "--data-root DIR" in msg and "data.download=true" in msg
 
     write_cifar(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
@@ -226,7 +226,7 @@ def test_cifar_missing_corrupt_and_offline(tmp_path, monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
-    with pytest.raises(ConnectionError, match="could not download CIFAR-100.*unpack-data"):
+    with pytest.raises(ConnectionError, match="could not download CIFAR-100.*--data-root"):
         build_benchmark("split-cifar100-10", data_root=tmp_path / "empty", download=True)
 
 
@@ -265,7 +265,7 @@ def test_pacs_order_limit_and_layouts(data_root, tmp_path):
     with pytest.raises(ValueError, match="domain_order"):
         build_benchmark("pacs-dil", data_root=data_root, domain_order=["photo", "painting"])
     with pytest.raises(
-        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'pacs-64'))}.*unpack-data"
+        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'pacs-64'))}.*--data-root DIR"
     ):
         build_benchmark("pacs-dil", data_root=tmp_path)
 
@@ -343,7 +343,7 @@ def test_glue_errors(data_root, tmp_path, tok):
     with pytest.raises(ValueError, match="limit_per_class"):
         build_benchmark("split-glue", data_root=data_root, tokenizer=tok, limit_per_class=0)
     with pytest.raises(
-        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'CL_Benchmark'))}.*unpack-data"
+        FileNotFoundError, match=f"{re.escape(str(tmp_path / 'CL_Benchmark'))}.*--data-root DIR"
     ):
         build_benchmark("split-glue", data_root=tmp_path, tokenizer=tok)
 

@@ -150,9 +150,10 @@ def test_resume_with_another_config_names_the_keys(tiny, tmp_path, capsys):
     argv = [*tiny_flags(tmp_path), "--num-experiences", "2"]
     assert cli.main(argv) == 0
     capsys.readouterr()
-    assert cli.main([*argv, "--resume", "--lr", "0.5"]) == 2
+    assert cli.main([*argv, "--resume", "--epochs", "2", "--lr", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "training.lr: 0.001 -> 0.5" in err and "same flags" in err
+    assert "training.epochs: 1 -> 2" in err and "same flags" in err
+    assert "training.lr" not in err  # the optimizer's hyperparameters may change on resume
 
 
 def test_resume_is_refused_for_replay(tiny, tmp_path, capsys):
@@ -212,9 +213,17 @@ def test_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tiny, tmp_path, ca
                                                       plugins=[PoisonExperience1()]))
     assert cli.main(tiny_flags(tmp_path)) == 4
     err = capsys.readouterr().err
-    assert "error: non-finite loss (nan) at experience 1" in err and "Traceback" not in err
+    assert "error: training diverged at experience 2/3, epoch 0, iteration 0: the loss is nan" \
+        in err
+    assert "--resume and a lower --lr" in err and "Traceback" not in err
     assert [p.name for p in checkpoints(tmp_path / "ckpt")] == ["exp-0000"]
     assert latest_checkpoint(tmp_path / "ckpt").position == 0  # checksums verified
+    # the advice is followable: the last good checkpoint resumes at a lower learning rate
+    monkeypatch.setattr(cli, "run", loop.run)
+    assert cli.main([*tiny_flags(tmp_path), "--resume", "--lr", "1e-4"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    saved = record(tmp_path, "sulora")
+    assert len(saved["accuracy_matrix"]) == 3 and saved["config"]["training"]["lr"] == 1e-4
 
 
 # --------------------------------------------------------------------------- exact round trips

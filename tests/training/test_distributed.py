@@ -57,7 +57,7 @@ def logged(function, what):
         return function(*args, **kwargs)
     return write
 
-loop.atomic_write_json = logged(loop.atomic_write_json, "results")
+loop.write_record = logged(loop.write_record, "results")
 loop.save_checkpoint = logged(loop.save_checkpoint, "checkpoint")
 BENCHMARKS["tiny-images"] = tiny_images
 cli.run = functools.partial(loop.run, plugins=[Probe()])
@@ -98,25 +98,24 @@ def launch(argv: list[str], probe: Path, world: int = 2,
     return done
 
 
-#: Each rank flags (iteration, value) records; every rank must get the earliest flagged one:
-#: first when one rank flagged step 7, then when both flagged (steps 9 and 7), then when
-#: neither did.
+#: Each rank holds flags; every rank must read each flag as set when any rank set it.
 FLAGS = """
 import os, torch, torch.distributed as dist
 from cl_sulora.training import distributed
 dist.init_process_group("gloo")
 rank = int(os.environ["RANK"])
-for mine in ([[-1.0, 0.0], [7.0, float("nan")]][rank], [[9.0, 1.0], [7.0, 2.0]][rank],
-             [-1.0, 0.0]):
-    print(distributed.first_flagged(torch.tensor(mine)).tolist())
+for mine in ([[False, True], [False, False]][rank], [[True, True], [True, False]][rank],
+             [False, False]):
+    print(distributed.any_over_ranks(torch.tensor(mine)))
 dist.destroy_process_group()
 """
 
 
-def test_ranks_agree_on_the_first_flagged_step(tmp_path):
+def test_ranks_agree_on_the_divergence_flags(tmp_path):
     for process in launch([], tmp_path, script=FLAGS):
         assert process.returncode == 0, process.stderr[-2000:]
-        assert process.stdout.split("\n")[:3] == ["[7.0, nan]", "[7.0, 2.0]", "[-1.0, 0.0]"]
+        assert process.stdout.split("\n")[:3] == ["[False, True]", "[True, True]",
+                                                  "[False, False]"]
 
 
 @pytest.mark.parametrize("strategy, extra", [

@@ -90,6 +90,9 @@ class Allocator:
     def update(self, layers: dict[str, SubspaceLoRALinear]) -> None:
         """Fold the prepared experience into the layers' kept state (``needs_data`` only)."""
 
+    def discard(self) -> None:
+        """Forget what :meth:`prepare` received (an experience that did not finish)."""
+
 
 def used_basis(layers: list[SubspaceLoRALinear]) -> Tensor:
     """``L x R x d`` float64 stack of the layers' ``A`` with the free rows zeroed: an orthonormal
@@ -184,11 +187,14 @@ class DataAllocator(Allocator):
             return rows
         return super().choose(candidates, used, n, generators)
 
+    def discard(self):
+        self._covariances, self._top, self._grown = {}, {}, {}
+
     def update(self, layers):
         for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
                                strict=True):
             layers[name].input_basis = basis.to(layers[name].input_basis)
-        self._covariances, self._top, self._grown = {}, {}, {}
+        self.discard()
 
 
 def _lookup(store: dict[str, Tensor], names: list[str], what: str) -> list[Tensor]:

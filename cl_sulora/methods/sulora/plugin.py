@@ -13,7 +13,14 @@ from torch import nn
 
 from ...adapters.config import SubspaceLoRAConfig
 from ...adapters.injection import adapt_once, add_subspace_lora, subspace_lora_layers
-from ...adapters.slots import deferred_refresh, end_slots, fuse_rows, point_slots, start_slots
+from ...adapters.slots import (
+    deferred_refresh,
+    discard_slots,
+    end_slots,
+    fuse_rows,
+    point_slots,
+    start_slots,
+)
 from ...adapters.subspace_layer import SubspaceLoRALinear
 from ...errors import CapacityError
 from ...training import distributed
@@ -137,6 +144,20 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         point_slots(list(layers.values()), [directions[name] for name in layers])
         for layer in layers.values():
             strategy.optimizer.state.pop(layer.lora_B_train, None)
+
+    def abort_training_exp(self, strategy) -> None:
+        """Undo the unfinished experience (its training failed): its slot is discarded, so
+        the next experience starts as if it had never begun (pairs fused to make room for it
+        stay fused)."""
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        layers = self._layers(strategy.model)
+        owners = {layer.training_owner for layer in layers.values()} - {None}
+        discard_slots(list(layers.values()))
+        self.allocator.discard()
+        for owner in owners:
+            self.owner_task.pop(owner, None)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
