@@ -6,6 +6,7 @@ Areas: :mod:`cl_sulora.adapters` (adapter layers and injection), :mod:`cl_sulora
 :mod:`cl_sulora.runner` (configs, the experience loop, records, the command line).
 """
 
+from . import _third_party  # noqa: F401 - first: quiets third-party import-time warnings
 from .adapters import (
     BranchLoRAConfig,
     BranchLoRALinear,
@@ -46,6 +47,7 @@ from .methods import (
     SuLoRA,
     SuLoRAPlugin,
 )
+from .saving import load_model, save_model
 
 __version__ = "0.1.0"
 
@@ -78,9 +80,11 @@ __all__ = [
     "add_branch_lora",
     "add_subspace_lora",
     "branch_lora_layers",
+    "load_model",
     "load_subspace_lora",
     "merge_adapters",
     "merge_and_unload",
+    "save_model",
     "save_subspace_lora",
     "subspace_lora_layers",
     "unmerge_adapters",

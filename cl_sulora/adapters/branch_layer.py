@@ -252,6 +252,45 @@ class BranchLoRALinear(AdaptedLinear):
                 f"branches={len(self.branches)}")
 
 
+def branch_structure(layers: dict[str, BranchLoRALinear]) -> dict[str, list[dict]]:
+    """Per layer, each branch's owner, rank, scale, normalisation and trainable flags, and which
+    magnitude it uses (an index into the layers' distinct magnitudes, so that shared ones stay
+    shared): what :func:`rebuild_branches` needs to give a fresh model the same structure."""
+    groups: dict[int, int] = {}
+    for layer in layers.values():
+        for parameter in layer.magnitude_parameters():
+            groups.setdefault(id(parameter), len(groups))
+    return {
+        name: [{"owner": b.owner, "rank": b.rank, "scale": float(b.scale),
+                "magnitude": None if b.magnitude is None else groups[id(b.magnitude)],
+                "normalise": b.normalise, "train_A": b.train_A, "train_B": b.train_B,
+                "train_magnitude": b.train_magnitude} for b in layer.branches]
+        for name, layer in layers.items()
+    }
+
+
+def rebuild_branches(layers: dict[str, BranchLoRALinear], structure: dict[str, list[dict]]) -> None:
+    """Replace each layer's branches by zero branches of the saved ``structure``, magnitudes
+    shared as they were, ready for a ``load_state_dict`` of the saved tensors."""
+    if set(structure) != set(layers):
+        raise ValueError(f"saved branch layers {sorted(structure)} differ from the model's "
+                         f"{sorted(layers)}")
+    magnitudes: dict[int, nn.Parameter] = {}
+    for name, layer in layers.items():
+        while len(layer.branches):
+            layer.remove_branch(-1)
+        for b in structure[name]:
+            group = b["magnitude"]
+            magnitude = None if group is None else magnitudes.setdefault(
+                group, nn.Parameter(layer.weight.new_zeros(())))
+            layer.add_branch(LoRABranch(
+                torch.zeros(b["rank"], layer.in_features), torch.zeros(layer.n_out, b["rank"]),
+                scale=b["scale"], magnitude=magnitude, normalise=b["normalise"],
+                train_A=b["train_A"], train_B=b["train_B"],
+                train_magnitude=b["train_magnitude"], owner=b["owner"],
+            ))
+
+
 def _refresh(layer: BranchLoRALinear, incompatible_keys) -> None:
     """Post-hook of ``load_state_dict``: the caches follow the loaded branches."""
     layer.refresh()

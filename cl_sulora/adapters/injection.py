@@ -110,6 +110,7 @@ def adapt_once(model: nn.Module, config: Config | None, config_cls: type[Config]
         if not isinstance(config, config_cls):
             raise TypeError(f"config must be a {config_cls.__name__}, got a "
                             f"{type(config).__name__}")
+        check_trainable_modules(model, config.trainable_modules)
         add(model, config)
         return config
     if not isinstance(existing, config_cls):
@@ -118,6 +119,18 @@ def adapt_once(model: nn.Module, config: Config | None, config_cls: type[Config]
     if config is not None and config != existing:
         raise ValueError(f"model is already adapted with a different {config_cls.__name__}")
     return existing
+
+
+def check_trainable_modules(model: nn.Module, names: list[str]) -> None:
+    """Refuse ``trainable_modules`` that name no module of ``model`` (a component of a dotted
+    module name, e.g. ``head``): the head would stay frozen, silently."""
+    components = {part for name, _ in model.named_modules() for part in name.split(".") if part}
+    if names and not components.intersection(names):
+        top = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f"trainable_modules {names} name no module of {type(model).__name__} (its top "
+            f"modules: {top}): set the config's trainable_modules to your head's name"
+        )
 
 
 def adapter_config(model: nn.Module) -> SubspaceLoRAConfig | BranchLoRAConfig | None:

@@ -15,11 +15,16 @@ from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
+from ..adapters.branch_layer import (
+    BranchLoRALinear,
+    LoRABranch,
+    branch_structure,
+    rebuild_branches,
+)
 from ..adapters.config import BranchLoRAConfig
 from ..adapters.injection import adapt_once, add_branch_lora, branch_lora_layers
 from ..seeding import keyed_generator
-from ..training.template import AdapterTemplate, freeze_except, rebuild_optimizer
+from ..training.template import AdapterTemplate, freeze_except, reset_optimizer
 from .registry import MethodSpec, register
 
 Layers = dict[str, BranchLoRALinear]
@@ -61,7 +66,7 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.prepare(strategy, layers, int(strategy.experience.current_experience))
         params = [p for layer in layers.values() for p in layer.trainable_parameters()]
         freeze_except(strategy.model, params, self.config.trainable_modules)
-        strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
+        reset_optimizer(strategy.optimizer, strategy.model)
 
     def after_training_exp(self, strategy, **kwargs):
         layers = adapted_layers(strategy.model)
@@ -79,45 +84,16 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                     layer.remove_branch(index)
 
     def state_dict(self) -> dict:
-        """The branch structure of the model this plugin trains: per layer, each branch's
-        owner, rank, scale, normalisation and flags, and which magnitude it uses (an index
-        into the model's distinct magnitudes, shared ones alike; the tensors are in the
+        """The branch structure of the model this plugin trains
+        (:func:`~cl_sulora.adapters.branch_layer.branch_structure`; the tensors are in the
         model's state)."""
         layers = branch_lora_layers(self._model) if self._model is not None else {}
-        groups: dict[int, int] = {}
-        for layer in layers.values():
-            for parameter in layer.magnitude_parameters():
-                groups.setdefault(id(parameter), len(groups))
-        return {"layers": {
-            name: [{"owner": b.owner, "rank": b.rank, "scale": float(b.scale),
-                    "magnitude": None if b.magnitude is None else groups[id(b.magnitude)],
-                    "normalise": b.normalise, "train_A": b.train_A, "train_B": b.train_B,
-                    "train_magnitude": b.train_magnitude} for b in layer.branches]
-            for name, layer in layers.items()
-        }}
+        return {"layers": branch_structure(layers)}
 
     def load_state_dict(self, state: dict, strategy) -> None:
-        """Rebuild the saved branches (zero tensors of the saved shapes, magnitudes shared as
-        they were) in ``strategy.model``, ready for the model's ``load_state_dict``."""
-        layers = adapted_layers(strategy.model)
-        saved = state["layers"]
-        if set(saved) != set(layers):
-            raise ValueError(f"saved branch layers {sorted(saved)} differ from the model's "
-                             f"{sorted(layers)}")
-        magnitudes: dict[int, nn.Parameter] = {}
-        for name, layer in layers.items():
-            while len(layer.branches):
-                layer.remove_branch(-1)
-            for b in saved[name]:
-                group = b["magnitude"]
-                magnitude = None if group is None else magnitudes.setdefault(
-                    group, nn.Parameter(layer.weight.new_zeros(())))
-                layer.add_branch(LoRABranch(
-                    torch.zeros(b["rank"], layer.in_features), torch.zeros(layer.n_out, b["rank"]),
-                    scale=b["scale"], magnitude=magnitude, normalise=b["normalise"],
-                    train_A=b["train_A"], train_B=b["train_B"],
-                    train_magnitude=b["train_magnitude"], owner=b["owner"],
-                ))
+        """Rebuild the saved branches in ``strategy.model``, ready for the model's
+        ``load_state_dict``."""
+        rebuild_branches(adapted_layers(strategy.model), state["layers"])
         self._model = strategy.model
 
     def prepare(self, strategy, layers: Layers, experience: int) -> None:
@@ -204,13 +180,23 @@ class JointLoRA(BranchLoRAStrategy):
 
     plugin_cls = SeqLoRAPlugin
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: BranchLoRAConfig | None = None,
+        plugins: Sequence[SupervisedPlugin] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(model=model, optimizer=optimizer, config=config, plugins=plugins,
+                         **kwargs)
         self.trained = False
 
     def train(self, experiences, eval_streams=None, **kwargs):
         if self.trained:
-            raise RuntimeError("JointLoRA trains once, on the whole stream: call train(stream)")
+            raise RuntimeError("JointLoRA trains once, on the whole stream, and has: build a "
+                               "new JointLoRA (on a fresh model) to train it again")
         joint = joint_experience(experiences)
         result = super().train(joint, eval_streams, **kwargs)
         self.trained = True

@@ -2,7 +2,7 @@
 continual classifier with the head of each protocol."""
 
 from .backbones import Backbone, HFEncoder, build_backbone
-from .heads import PROTOCOLS, ContinualClassifier, make_head
+from .heads import PROTOCOLS, ContinualClassifier, grow_head, head_structure, make_head
 
 __all__ = ["PROTOCOLS", "Backbone", "ContinualClassifier", "HFEncoder", "build_backbone",
-           "make_head"]
+           "grow_head", "head_structure", "make_head"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -17,10 +18,16 @@ def make_head(protocol: str, in_features: int, num_classes: int | None = None) -
 
     The growing head is Avalanche's ``IncrementalClassifier``: it adds units for new classes and
     masks units of classes not seen yet; :class:`~cl_sulora.training.plugins.CurrentClassMask`
-    additionally masks the classes outside the current experience during training.
+    additionally masks the classes outside the current experience during training. With
+    ``num_classes`` it starts with that many units (each masked until its class is seen);
+    without, with one, and grows. The domain-incremental head needs ``num_classes``; the
+    task-incremental heads grow per task, so ``num_classes`` (the total over tasks) is checked
+    but does not size them.
     """
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if protocol == "class-incremental":
-        return IncrementalClassifier(in_features, initial_out_features=1)
+        return IncrementalClassifier(in_features, initial_out_features=num_classes or 1)
     if protocol == "domain-incremental":
         if not num_classes:
             raise ValueError("a domain-incremental head needs num_classes")
@@ -28,6 +35,38 @@ def make_head(protocol: str, in_features: int, num_classes: int | None = None) -
     if protocol == "task-incremental":
         return MultiHeadClassifier(in_features, initial_out_features=2, masking=False)
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+
+
+def head_structure(head: nn.Module) -> dict:
+    """What :func:`grow_head` needs to give a fresh head of the same protocol the units this
+    one grew: the class count of a growing head, or of each task's head."""
+    if isinstance(head, MultiHeadClassifier):
+        return {"kind": "multi-head", "classes": {
+            task: int(h.classifier.out_features) for task, h in head.classifiers.items()}}
+    if isinstance(head, IncrementalClassifier):
+        return {"kind": "incremental", "classes": int(head.classifier.out_features)}
+    return {"kind": "fixed"}
+
+
+@torch.no_grad()
+def grow_head(head: nn.Module, structure: dict) -> None:
+    """Grow a fresh head to a :func:`head_structure` through Avalanche's own adaptation (as if
+    it had seen experiences of those classes and tasks), ready for a ``load_state_dict`` of the
+    grown head's tensors."""
+    kind = structure["kind"]
+    if kind == "multi-head":
+        if not isinstance(head, MultiHeadClassifier):
+            raise ValueError(f"saved from a multi-head model, loaded into a {type(head).__name__}")
+        grown = [(int(task), count) for task, count in structure["classes"].items()]
+    elif kind == "incremental":
+        if not isinstance(head, IncrementalClassifier):
+            raise ValueError(f"saved from a growing head, loaded into a {type(head).__name__}")
+        grown = [(0, structure["classes"])]
+    else:
+        return
+    for task, count in grown:
+        head.adaptation(SimpleNamespace(classes_in_this_experience=list(range(count)),
+                                        task_labels=[task]))
 
 
 class ContinualClassifier(MultiTaskModule):

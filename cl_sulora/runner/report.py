@@ -90,32 +90,48 @@ def mean_matrix(group: Sequence[Record]) -> np.ndarray:
 
 
 def plot_matrices(records: Sequence[Record], path: str | Path) -> Path:
-    """One heatmap per strategy of its mean accuracy matrix (percent)."""
+    """One heatmap per strategy of its mean accuracy matrix (percent), the benchmark in the
+    title, experiences numbered from 1 as in the tables; the cells of experiences not trained
+    yet (above the diagonal) are blank."""
     groups = by_strategy(records)
-    fig = Figure(figsize=(3.6 * len(groups) + 0.8, 3.6), layout="constrained")
+    fig = Figure(figsize=(3.6 * len(groups) + 0.8, 3.9), layout="constrained")
+    fig.suptitle(benchmark_title(records[0]))
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     image = None
     for ax, (strategy, group) in zip(axes, groups.items(), strict=True):
         r = 100 * mean_matrix(group)
+        joint = is_joint(group[0])
+        if not joint:
+            r = np.where(np.triu(np.ones_like(r, dtype=bool), k=1), np.nan, r)
         image = ax.imshow(r, vmin=0, vmax=100, cmap="viridis")
         if r.size <= 100:
             for (i, j), value in np.ndenumerate(r):
-                ax.text(
-                    j,
-                    i,
-                    f"{value:.0f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if value < 60 else "black",
-                )
+                if np.isnan(value):
+                    continue
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 60 else "black")
         ax.set_title(strategy)
         ax.set_xlabel("test experience")
-        ax.set_ylabel("after joint training" if is_joint(group[0]) else "after training experience")
-        ax.set_xticks(range(r.shape[1]))
-        ax.set_yticks(range(r.shape[0]))
+        ax.set_ylabel("after joint training" if joint else "after training experience")
+        ax.set_xticks(range(r.shape[1]), [str(j + 1) for j in range(r.shape[1])])
+        ax.set_yticks(range(r.shape[0]),
+                      ["all"] if joint else [str(i + 1) for i in range(r.shape[0])])
     fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.8)
     return _save(fig, path)
+
+
+def benchmark_title(record: Record) -> str:
+    """``benchmark (protocol)``, marked when its test sets are subsampled."""
+    return f"{record['benchmark']} ({record['protocol']}){subsampled(record)}"
+
+
+def subsampled(record: Record) -> str:
+    """`` [test subsampled: at most N per class]`` when the run capped its data, else ``""``."""
+    notes = record.get("notes") or {}
+    limit = notes.get("limit_per_class")
+    if limit is None or notes.get("evaluated_stream") == "validation":
+        return ""
+    return f" [test subsampled: at most {limit} per class]"
 
 
 def plot_curves(records: Sequence[Record], path: str | Path) -> Path:
@@ -142,6 +158,7 @@ def plot_curves(records: Sequence[Record], path: str | Path) -> Path:
         if len(group) > 1:
             std = curves.std(axis=0, ddof=1)
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set_title(benchmark_title(records[0]))
     ax.set_xlabel("experiences trained")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("accuracy on seen experiences (%)")
@@ -176,7 +193,7 @@ def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict
         f"# {label}: {', '.join(by_strategy(records))}",
         "",
         f"- benchmark: {first['benchmark']} ({first['protocol']}), "
-        f"experiences: {len(first['accuracy_matrix'][0])}",
+        f"experiences: {len(first['accuracy_matrix'][0])}{subsampled(first)}",
         f"- backbone: {first['backbone']}",
         f"- training: {', '.join(f'{k}={v}' for k, v in training.items())}",
         f"- device: {first['device']}",

@@ -12,7 +12,7 @@ from .plugins import (
     LRSchedule,
     Progress,
 )
-from .template import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
+from .template import AdapterTemplate, freeze_except, reset_optimizer, task_label
 
 __all__ = [
     "AdapterTemplate",
@@ -26,6 +26,6 @@ __all__ = [
     "DivergenceGuard",
     "Progress",
     "freeze_except",
-    "rebuild_optimizer",
+    "reset_optimizer",
     "task_label",
 ]

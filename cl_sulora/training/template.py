@@ -4,9 +4,8 @@ data-parallel under ``torchrun``; plus the freezing and optimizer helpers method
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import torch
 from avalanche.benchmarks.utils.data_loader import (
@@ -15,6 +14,7 @@ from avalanche.benchmarks.utils.data_loader import (
 )
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
+from avalanche.training.plugins import LRSchedulerPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
@@ -24,22 +24,21 @@ from torch.optim import Optimizer
 from ..adapters.injection import adapter_layers
 from . import distributed
 from .loading import EpochSpanningLoader
-from .plugins import CurrentClassMask, DivergenceGuard
+from .plugins import CurrentClassMask, DivergenceGuard, LRSchedule
 
 
-def rebuild_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
-    """A fresh optimizer of the same type and hyperparameters over ``model``'s trainable params."""
+def reset_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
+    """Point ``optimizer``, in place, at ``model``'s trainable parameters, with its
+    hyperparameters (``optimizer.defaults``) and no state: one parameter group, as a new
+    optimizer of the same type would hold. The object stays the same, so whatever holds it (a
+    learning-rate scheduler, the caller) keeps working. Returns it."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: nothing to optimize")
-    accepted = _constructor_arguments(type(optimizer))
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return type(optimizer)(params, **defaults)
-
-
-@functools.cache
-def _constructor_arguments(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls).parameters)
+    optimizer.state.clear()
+    optimizer.param_groups.clear()
+    optimizer.add_param_group({"params": params})
+    return optimizer
 
 
 def freeze_except(
@@ -96,10 +95,17 @@ class AdapterTemplate(SupervisedTemplate):
         evaluator=default_evaluator,
         eval_every: int = -1,
         mask_logits: bool = True,
+        lr_schedule: Literal["constant", "cosine"] | None = None,
         divergence_check_every: int = 1,
         **kwargs,
     ) -> None:
-        plugins = [*(plugins or []), DivergenceGuard(divergence_check_every)]
+        plugins = list(plugins or [])
+        if lr_schedule is not None:
+            if any(isinstance(p, LRSchedulerPlugin) for p in plugins):
+                raise ValueError("two learning-rate schedules: lr_schedule and an "
+                                 "LRSchedulerPlugin; keep one")
+            plugins.insert(0, LRSchedule(optimizer.defaults["lr"], lr_schedule))
+        plugins.append(DivergenceGuard(divergence_check_every))
         if mask_logits:
             plugins.append(CurrentClassMask())
         super().__init__(
@@ -134,7 +140,7 @@ class AdapterTemplate(SupervisedTemplate):
             raise
 
     def make_optimizer(self, **kwargs):
-        self.optimizer = rebuild_optimizer(self.optimizer, self.model)
+        reset_optimizer(self.optimizer, self.model)
 
     def adapter_report(self) -> dict[str, int]:
         """``live_adapter_params``: values held by the model's adapter layers for their live

@@ -153,8 +153,9 @@ def test_two_gloo_ranks_keep_identical_adapters_and_shard_the_data(strategy, ext
     assert probes[0]["writes"] == ["checkpoint", "checkpoint", "results"]
     assert probes[1]["writes"] == []
     assert ranks[1].stdout == ""
-    results = list((tmp_path / "results").iterdir())
+    results = list((tmp_path / "results").glob("*.json"))
     assert [p.name for p in results] == [f"tiny-images__{strategy}__seed0.json"]
+    assert len(list((tmp_path / "results").glob("*__compare.md"))) == 1
     record = json.loads(results[0].read_text())
     assert record["world_size"] == 2
     assert record["config"]["training"]["batch_size"] == 4

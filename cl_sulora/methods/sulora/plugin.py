@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiHeadClassifier
 from torch import nn
 
 from ...adapters.config import SubspaceLoRAConfig
@@ -24,7 +25,7 @@ from ...adapters.slots import (
 from ...adapters.subspace_layer import SubspaceLoRALinear
 from ...errors import CapacityError
 from ...training import distributed
-from ...training.template import AdapterTemplate, freeze_except, rebuild_optimizer, task_label
+from ...training.template import AdapterTemplate, freeze_except, reset_optimizer, task_label
 from ..input_statistics import InputRecorder
 from ..registry import MethodSpec, register
 from .allocators import PrincipalAllocator, build_allocator
@@ -88,7 +89,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         trained = [p for layer in layers.values()
                    for p in (layer.lora_B_train, layer.lora_magnitude) if p is not None]
         freeze_except(strategy.model, trained, self.config.trainable_modules)
-        strategy.optimizer = rebuild_optimizer(strategy.optimizer, strategy.model)
+        reset_optimizer(strategy.optimizer, strategy.model)
         self.steps = 0
         if deferred:
             self._recorder = InputRecorder(layers, training_only=True)
@@ -270,6 +271,11 @@ class SuLoRA(AdapterTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         **kwargs,
     ) -> None:
+        if inference == "task-aware" and not any(isinstance(m, MultiHeadClassifier)
+                                                 for m in model.modules()):
+            raise ValueError("inference='task-aware' evaluates each task with its own head: "
+                             "the model needs a multi-head classifier (make_head("
+                             "'task-incremental', ...))")
         self.config = adapt_once(model, config, SubspaceLoRAConfig, add_subspace_lora)
         self.sulora = SuLoRAPlugin(self.config, inference=inference)
         super().__init__(model=model, optimizer=optimizer,

@@ -1,0 +1,111 @@
+"""Recipes: the validated settings of one results table (benchmark, training recipe, and each
+strategy's method settings), shipped as package data (``cl_sulora/recipes/<name>.yaml``) so that
+``cl-sulora reproduce NAME`` runs the table again with one command."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError
+from .config import FLAG_KEYS, resolve_config
+from .presets import describe, parse_yaml
+
+RECIPES = files("cl_sulora") / "recipes"
+#: Run config sections a recipe may nest.
+SECTIONS = ("data", "training", "alignment", "backbone", "method")
+
+
+class RecipeFile(BaseModel):
+    """The layout of a recipe: run config keys shared by every run (``common``, dotted or
+    nested as in ``--set``), the seeds, and per strategy (preset name) its own keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str
+    benchmark: str
+    metric: str = "A_last"
+    source: str = ""
+    seeds: list[int] = [0, 1, 2]
+    common: dict[str, Any] = {}
+    strategies: dict[str, dict[str, Any]]
+    #: what the user must point to, as flags of ``cl-sulora reproduce`` (``--data-root``...)
+    needs: list[str] = []
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    spec: RecipeFile
+
+    def runs(self, seeds: list[int] | None = None,
+             strategies: list[str] | None = None) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(strategy, seed, overrides)`` of every run, overrides as dotted run config keys."""
+        chosen = strategies or list(self.spec.strategies)
+        unknown = sorted(set(chosen) - set(self.spec.strategies))
+        if unknown:
+            raise ConfigError(f"recipe {self.name!r} has no strategy {unknown}; its strategies: "
+                              f"{list(self.spec.strategies)}")
+        return [(strategy, seed, {**_dotted(self.spec.common),
+                                  **_dotted(self.spec.strategies[strategy]), "seed": seed})
+                for strategy in chosen for seed in (seeds or self.spec.seeds)]
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_recipe(name: str) -> Recipe:
+    """A shipped recipe by name, validated (every run's config resolves)."""
+    path = RECIPES / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        raise ConfigError(f"unknown table {name!r}; choose one of {available_recipes()}")
+    try:
+        spec = RecipeFile.model_validate(parse_yaml(path.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, ValidationError) as err:
+        message = describe(err, str(path), "fix the file") if isinstance(
+            err, ValidationError) else f"{path}: not valid YAML: {err}"
+        raise ConfigError(message) from err
+    recipe = Recipe(name, spec)
+    for strategy, _, overrides in recipe.runs(seeds=spec.seeds[:1]):
+        resolve_config(spec.benchmark, strategy, {**overrides, "device": "cpu"})
+    return recipe
+
+
+def command_line(recipe: Recipe, strategy: str, overrides: dict[str, Any]) -> list[str]:
+    """The ``cl-sulora run`` arguments of one run of ``recipe``: a flag where the key has one
+    (:data:`~.config.FLAG_KEYS`), else ``--set key=<JSON value>``."""
+    flags = {key: "--" + dest.replace("_", "-") for dest, key in FLAG_KEYS.items()}
+    arguments = ["run", "--benchmark", recipe.spec.benchmark, "--strategy", strategy,
+                 "--seed", str(overrides["seed"])]
+    sets = []
+    for key, value in overrides.items():
+        if key == "seed":
+            continue
+        if key in flags and value is True and key in ("deterministic", "compile"):
+            arguments.append(flags[key])
+        elif key in flags and isinstance(value, str | int | float) and not isinstance(value, bool):
+            arguments += [flags[key], str(value)]
+        elif key in flags and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            arguments += [flags[key], ",".join(value)]
+        else:
+            sets.append(f"{key}={json.dumps(value)}")
+    return arguments + (["--set", *sets] if sets else [])
+
+
+def _dotted(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's keys as dotted run config keys: the sections (``data``, ``training``, ...)
+    flattened one level, their values (a rank schedule, backbone kwargs) kept whole."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat

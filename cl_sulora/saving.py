@@ -1,0 +1,117 @@
+"""Save and load a whole continual model: backbone, adapters (of any method) and the grown head,
+as ``model.safetensors`` plus ``model.json`` (the adapter config and structure and the head's
+size), so that a fresh model built the same way gets it back exactly.
+
+Where :func:`~cl_sulora.adapters.serialization.save_subspace_lora` keeps SuLoRA's adapter alone,
+this keeps everything a model of any method needs to predict as it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from .adapters.branch_layer import branch_structure, rebuild_branches
+from .adapters.config import BranchLoRAConfig, SubspaceLoRAConfig
+from .adapters.injection import (
+    adapter_config,
+    add_branch_lora,
+    add_subspace_lora,
+    branch_lora_layers,
+)
+from .atomic import atomic_write_bytes, atomic_write_json
+from .errors import ConfigError
+from .methods import METHODS
+from .models.heads import grow_head, head_structure
+
+WEIGHTS_NAME = "model.safetensors"
+STRUCTURE_NAME = "model.json"
+FORMAT = 1
+
+
+def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` on the CPU, contiguous, with a copy of each tensor whose storage an earlier one
+    uses (a parameter shared between modules appears under several keys; safetensors stores
+    each key's own bytes)."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
+
+
+def save_model(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` (a :class:`~cl_sulora.models.ContinualClassifier`, or any module with a
+    ``head``) into ``directory``: every tensor, and the structure :func:`load_model` rebuilds
+    first. Atomic per file; returns ``directory``."""
+    directory = Path(directory)
+    config = adapter_config(model)
+    structure = {
+        "format": FORMAT,
+        "adapter": None if config is None else {
+            "class": type(config).__name__, "config": dataclasses.asdict(config),
+            "branches": branch_structure(branch_lora_layers(model)) or None,
+        },
+        "head": head_structure(model.head) if hasattr(model, "head") else None,
+    }
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(separate_storage(model.state_dict())))
+    atomic_write_json(directory / STRUCTURE_NAME, structure)
+    return directory
+
+
+def load_model(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load a model saved by :func:`save_model` into ``model``, a fresh one built as the saved
+    one was (the same backbone and head regime, not adapted yet): it is adapted with the
+    saved config, given the saved branches and head size, then every tensor is loaded
+    exactly (``strict``). Returns ``model``."""
+    directory = Path(directory)
+    paths = directory / STRUCTURE_NAME, directory / WEIGHTS_NAME
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: not a folder written by save_model")
+    try:
+        structure = json.loads(paths[0].read_text())
+        tensors = load_file(paths[1])
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise ConfigError(f"{directory}: damaged saved model ({err})") from err
+    if structure.get("format") != FORMAT:
+        raise ConfigError(f"{paths[0]}: format {structure.get('format')!r}, this library "
+                          f"reads {FORMAT}")
+    if adapter_config(model) is not None:
+        raise ConfigError("load_model needs a fresh model (built as the saved one, without "
+                          "adapters): this one is adapted already")
+    adapter = structure["adapter"]
+    if adapter is not None:
+        config = _config_class(adapter["class"])(**adapter["config"])
+        if isinstance(config, SubspaceLoRAConfig):
+            add_subspace_lora(model, config)
+        else:
+            add_branch_lora(model, config)
+            rebuild_branches(branch_lora_layers(model), adapter["branches"] or {})
+    if structure["head"] is not None:
+        grow_head(model.head, structure["head"])
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"{directory} does not fit this model: "
+                          f"{str(err).splitlines()[0]} (build it as the saved one was)") from err
+    return model
+
+
+def _config_class(name: str) -> type:
+    """The adapter config class of that name: the two adapters' and every method's."""
+    known = {cls.__name__: cls for cls in (SubspaceLoRAConfig, BranchLoRAConfig)}
+    known.update({spec.config_cls.__name__: spec.config_cls for spec in METHODS.values()
+                  if spec.config_cls is not None})
+    if name not in known:
+        raise ConfigError(f"saved with an adapter config {name!r} this library does not know")
+    return known[name]

@@ -1,0 +1,85 @@
+"""The Python API refuses what would go wrong silently, with errors that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cl_sulora
+from cl_sulora import (
+    BranchLoRAConfig,
+    JointLoRA,
+    SDLoRA,
+    SDLoRAConfig,
+    SubspaceLoRAConfig,
+    SuLoRA,
+)
+from cl_sulora.adapters.injection import adapter_config
+from cl_sulora.methods import METHODS
+from cl_sulora.models import ContinualClassifier, make_head
+from tests.helpers import image_stream, tiny_vit
+
+
+class MLP(nn.Module):
+    """A model whose head is not called head or classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.ReLU())
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def optimizer(model):
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def test_trainable_modules_that_name_nothing_are_refused_before_adapting():
+    model = MLP()
+    with pytest.raises(ValueError, match=r"trainable_modules \['head', 'classifier'\].*'fc'"):
+        SDLoRA(model=model, optimizer=optimizer(model),
+               config=SDLoRAConfig(target_modules=["body.1"], rank=2))
+    assert adapter_config(model) is None and isinstance(model.body[1], nn.Linear)
+    ok = SDLoRAConfig(target_modules=["body.1"], rank=2, trainable_modules=["fc"])
+    SDLoRA(model=model, optimizer=optimizer(model), config=ok)
+    assert adapter_config(model) is ok
+
+
+def test_task_aware_inference_needs_a_multi_head_model():
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    with pytest.raises(ValueError, match="needs a multi-head classifier"):
+        SuLoRA(model=model, optimizer=optimizer(model), inference="task-aware")
+
+
+def test_a_config_of_another_method_is_a_type_error_naming_the_expected_class():
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    with pytest.raises(TypeError, match="config must be a SubspaceLoRAConfig, got a "
+                                        "BranchLoRAConfig"):
+        SuLoRA(model=model, optimizer=optimizer(model), config=BranchLoRAConfig())
+
+
+def test_joint_lora_trains_once():
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    strategy = JointLoRA(model=model, optimizer=optimizer(model), train_mb_size=8,
+                         evaluator=None, config=BranchLoRAConfig(rank=2))
+    stream = image_stream().train_stream
+    strategy.train(stream)
+    with pytest.raises(RuntimeError, match="trains once, on the whole stream, and has"):
+        strategy.train(stream)
+
+
+def test_make_head_honours_num_classes():
+    assert make_head("class-incremental", 8, 10).classifier.out_features == 10
+    assert make_head("class-incremental", 8).classifier.out_features == 1  # grows
+    assert make_head("domain-incremental", 8, 7).out_features == 7
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        make_head("class-incremental", 8, 0)
+
+
+def test_every_method_config_is_exported_at_the_top():
+    configs = {spec.config_cls for spec in METHODS.values() if spec.config_cls is not None}
+    exported = {getattr(cl_sulora, name) for name in cl_sulora.__all__}
+    assert configs <= exported and SubspaceLoRAConfig in exported

@@ -1,0 +1,197 @@
+"""The commands around a run: ``reproduce`` (recipes), ``eval`` (a checkpoint, no training),
+``--loggers``, the single run's report, and a quiet ``--help``/``list``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cl_sulora.runner import cli, loggers, recipes
+from cl_sulora.runner.cli import build_parser, overrides_from
+from cl_sulora.runner.config import resolve_config
+from cl_sulora.runner.recipes import available_recipes, command_line, load_recipe
+from tests.helpers import tiny_flags
+
+
+@pytest.mark.parametrize("name", available_recipes())
+def test_every_recipe_command_line_parses_back_to_its_run_config(name):
+    recipe = load_recipe(name)
+    strategy, seed, overrides = recipe.runs(seeds=[3])[0]
+    overrides = {**overrides, "device": "cpu"}
+    arguments = command_line(recipe, strategy, overrides)
+    args = build_parser().parse_args(arguments)
+    from_flags = resolve_config(args.benchmark, args.strategy,
+                                {**overrides_from(args), "seed": args.seed})
+    assert from_flags == resolve_config(recipe.spec.benchmark, strategy, overrides)
+    assert from_flags.seed == 3
+
+
+def test_recipes_ship_the_strategies_and_seeds_of_their_tables():
+    assert set(available_recipes()) == {"cifar100-10", "glue-class", "glue-task", "pacs-dil",
+                                        "sentiment-dil"}
+    for name in available_recipes():
+        spec = load_recipe(name).spec
+        assert {"sulora", "sdlora", "inflora", "seqlora"} <= set(spec.strategies), name
+        assert len(spec.seeds) >= 3, name
+
+
+TINY_RECIPE = """\
+title: bbc-news (tiny)
+benchmark: bbc-news
+seeds: [0]
+common:
+  backbone: {name: minilm-l6, max_length: 16}
+  data: {limit_per_class: 4}
+  training: {epochs: 1, batch_size: 8}
+strategies:
+  seqlora: {}
+  sulora: {method: {alpha: 4.0}}
+"""
+
+
+@pytest.fixture
+def tiny_recipe(monkeypatch, tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "tiny.yaml").write_text(TINY_RECIPE)
+    monkeypatch.setattr(recipes, "RECIPES", folder)
+    return tmp_path / "out"
+
+
+def test_reproduce_dry_run_prints_every_run_and_runs_nothing(tiny_recipe, capsys):
+    assert cli.main(["reproduce", "tiny", "--dry-run", "--device", "cpu", "--seeds", "0,1",
+                     "--out", str(tiny_recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: bbc-news (tiny) (4 runs; 0 already done)" in out
+    assert out.count("[todo] cl-sulora run --no-report --benchmark bbc-news") == 4
+    assert "--strategy sulora --seed 1" in out and "method.alpha=4.0" in out
+    assert not tiny_recipe.exists()
+
+
+def test_reproduce_refuses_bad_choices_before_running(tiny_recipe, capsys):
+    assert cli.main(["reproduce", "tiny", "--strategies", "sdlora", "--out",
+                     str(tiny_recipe)]) == 2
+    assert "has no strategy ['sdlora']" in capsys.readouterr().err
+    assert cli.main(["reproduce", "tiny", "--set", "training.lr=-1", "--out",
+                     str(tiny_recipe)]) == 2
+    assert "training.lr" in capsys.readouterr().err
+    assert not tiny_recipe.exists()
+
+
+def test_reproduce_runs_the_table_reports_failures_and_skips_done_runs(tiny_recipe, capsys):
+    tiny_recipe.mkdir()
+    # another run's record where sulora's goes: that run refuses it (exit 1 names it)
+    foreign = tiny_recipe / "bbc-news__sulora__seed0.json"
+    foreign.write_text(json.dumps({"config": {"seed": 0, "training": {"lr": 1.0}}}))
+    argv = ["reproduce", "tiny", "--device", "cpu", "--parallel", "2", "--out", str(tiny_recipe)]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "bbc-news__seqlora__seed0: ok" in captured.out
+    assert "bbc-news__sulora__seed0: FAILED (exit 2)" in captured.out
+    assert "1 run(s) failed: bbc-news__sulora__seed0" in captured.err
+    log = (tiny_recipe / "logs" / "bbc-news__sulora__seed0.log").read_text()
+    assert "--overwrite" in log
+    record = json.loads((tiny_recipe / "bbc-news__seqlora__seed0.json").read_text())
+    assert record["command"][:3] == ["cl-sulora", "run", "--no-report"]
+    table = (tiny_recipe / "bbc-news__compare.md").read_text()
+    assert "| seqlora |" in table and "| sulora |" not in table
+    assert not (tiny_recipe / "bbc-news__seqlora__seed0__compare.md").exists()
+
+    assert cli.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(2 runs; 1 already done)" in out
+    assert "[done] cl-sulora run --no-report --benchmark bbc-news --strategy seqlora" in out
+    assert "[todo] cl-sulora run --no-report --benchmark bbc-news --strategy sulora" in out
+
+
+def test_eval_scores_a_checkpoint_as_the_run_did_without_training(tiny, tmp_path, capsys):
+    flags = tiny_flags(tmp_path)
+    assert cli.main(flags) == 0
+    record = json.loads((tmp_path / "results" / "tiny-images__sulora__seed0.json").read_text())
+    capsys.readouterr()
+    out = tmp_path / "evaluated"
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "accuracy on the 3 trained experiences" in capsys.readouterr().out
+    evaluated = json.loads((out / "tiny-images__sulora__seed0__eval-exp3.json").read_text())
+    assert evaluated["accuracy"] == record["accuracy_matrix"][-1]
+    assert evaluated["experiences_trained"] == 3
+    assert evaluated["command"][:2] == ["cl-sulora", "eval"]
+    assert {"commit", "versions", "device", "config"} <= set(evaluated)
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's setting, restored
+
+    # an earlier checkpoint is scored on the whole stream, its mean over what it had trained
+    earlier = sorted((tmp_path / "ckpt").glob("exp-*"))[0]
+    assert cli.main(["eval", "--checkpoint", str(earlier), "--out", str(out)]) == 0
+    evaluated = json.loads(next(out.glob("*eval-exp2.json")).read_text())
+    assert evaluated["accuracy"] == record["accuracy_matrix"][1]
+    assert evaluated["accuracy_on_trained"] == pytest.approx(
+        sum(record["accuracy_matrix"][1][:2]) / 2)
+
+    assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
+
+
+def test_single_run_writes_its_table_and_plots(tiny, tmp_path, capsys):
+    assert cli.main(["run", "--strategy", "seqlora", *tiny, "--num-experiences", "2"]) == 0
+    out = tmp_path / "results"
+    stem = "tiny-images__seqlora__seed0"
+    table = (out / f"{stem}__compare.md").read_text()
+    assert "| seqlora |" in table
+    assert (out / f"{stem}__matrices.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| seqlora |" in capsys.readouterr().out
+
+
+def test_loggers_write_csv_and_tensorboard_per_run(tiny, tmp_path):
+    argv = ["run", "--strategy", "seqlora", *tiny, "--num-experiences", "2", "--no-report",
+            "--loggers", "csv,tensorboard"]
+    assert cli.main(argv) == 0
+    logs = tmp_path / "results" / "logs" / "tiny-images__seqlora__seed0"
+    csv = (logs / "csv" / "eval_results.csv").read_text()
+    assert "eval_exp" in csv.splitlines()[0] and len(csv.splitlines()) > 2
+    assert list((logs / "tensorboard").glob("events.out.tfevents.*"))
+    assert not list((tmp_path / "results").glob("*__compare.md"))
+
+
+def test_bad_loggers_are_refused_before_training(tiny, tmp_path, monkeypatch, capsys):
+    argv = ["run", "--strategy", "seqlora", *tiny]
+    assert cli.main([*argv, "--loggers", "csv,neptune"]) == 2
+    assert "unknown logger(s) ['neptune']" in capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec",
+                        lambda name: None if name == "wandb" else real(name))
+    assert cli.main([*argv, "--loggers", "wandb"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
+#: Starts the command line as on a machine with no QP solver installed, where qpsolvers (which
+#: Avalanche imports) warns at import time: its solver modules are made unimportable.
+WITHOUT_QP_SOLVERS = """
+import pathlib, sys
+import qpsolvers.solvers as _probe
+folder = pathlib.Path(_probe.__file__).parent
+for name in list(sys.modules):
+    if name.startswith("qpsolvers"):
+        del sys.modules[name]
+for module in folder.glob("*_.py"):
+    sys.modules["qpsolvers.solvers." + module.stem] = None
+from cl_sulora.runner.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["list"], ["reproduce", "--help"]])
+def test_help_and_list_print_no_third_party_warnings(argv, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # a user's default
+    done = subprocess.run([sys.executable, "-c", WITHOUT_QP_SOLVERS, *argv],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,88 @@
+"""The whole continual model saves and loads exactly (adapters of every kind and the grown
+head), and exports to the plain backbone."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from cl_sulora import load_model, merge_and_unload, save_model
+from cl_sulora.methods import METHODS
+from cl_sulora.models import ContinualClassifier, make_head
+from tests.helpers import TINY_VIT, image_stream
+
+
+def build(protocol: str = "class-incremental"):
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                                 **TINY_VIT)
+    return ContinualClassifier(backbone, make_head(protocol, 48))
+
+
+def trained(name: str, protocol: str = "class-incremental"):
+    model = build(protocol)
+    spec = METHODS[name]
+    values = dict(spec.defaults) | ({"rank": 2, "num_slots": 4} if "sulora" in name
+                                    else {"rank": 2})
+    strategy = spec.strategy(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                             config=spec.config_cls(**values), train_mb_size=8, train_epochs=1,
+                             evaluator=None,
+                             **({"inference": "task-aware"} if protocol == "task-incremental"
+                                and spec.task_aware_inference else {}))
+    stream = image_stream(n_classes=6, n_experiences=3,
+                          task_labels=protocol == "task-incremental")
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["sulora", "sdlora", "sdlora-kd", "inflora", "olora"])
+def test_a_grown_model_round_trips_its_predictions_exactly(tmp_path, name):
+    model = trained(name)
+    save_model(model, tmp_path)
+    fresh = load_model(build(), tmp_path).eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert model.head.classifier.out_features == fresh.head.classifier.out_features == 6
+
+
+def test_a_multi_head_model_round_trips_every_task(tmp_path):
+    model = trained("sulora", "task-incremental")
+    save_model(model, tmp_path)
+    fresh = load_model(build("task-incremental"), tmp_path).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for task in range(3):
+            assert torch.equal(fresh(x, task), model(x, task))
+
+
+def test_loading_into_an_adapted_or_different_model_is_refused(tmp_path):
+    from cl_sulora.errors import ConfigError
+
+    save_model(trained("sdlora"), tmp_path)
+    with pytest.raises(ConfigError, match="needs a fresh model"):
+        load_model(trained("sdlora"), tmp_path)
+    fixed_head = ContinualClassifier(build().backbone, make_head("domain-incremental", 48, 6))
+    with pytest.raises(ValueError, match="growing head, loaded into a Linear"):
+        load_model(fixed_head, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["sulora", "sdlora"])
+def test_merge_and_unload_exports_the_plain_backbone(tmp_path, name):
+    model = trained(name)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model.backbone(x)
+    plain = merge_and_unload(model.backbone)
+    save_file(plain.state_dict(), tmp_path / "backbone.safetensors")
+    torch.manual_seed(1)
+    fresh = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                              **TINY_VIT).eval()
+    state = load_file(tmp_path / "backbone.safetensors")
+    assert set(state) == set(fresh.state_dict())  # the keys of a fresh timm model
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
