@@ -7,11 +7,31 @@ training on the whole stream) has a single row instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 Matrix = Sequence[Sequence[float]]
+
+#: Avalanche's metric key of the accuracy on one experience of the evaluated stream.
+ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
+
+
+
+def accuracy_row(metrics_dict: Mapping[str, Any], count: int) -> list[float]:
+    """One row of the accuracy matrix: the accuracy on each of the ``count`` experiences of
+    the test stream, from the metrics dict ``strategy.eval(test_stream)`` returns (Avalanche's
+    ``accuracy_metrics(experience=True)``, which the strategies' default evaluator has)."""
+    row: list[float | None] = [None] * count
+    for key, value in metrics_dict.items():
+        match = ACCURACY_KEY.match(key)
+        if match and int(match.group(1)) < count:
+            row[int(match.group(1))] = float(value)
+    if any(a is None for a in row):
+        raise RuntimeError(f"missing experience accuracies in the evaluation metrics: {row}")
+    return row  # type: ignore[return-value]
 
 
 def _square(matrix: Matrix) -> np.ndarray:

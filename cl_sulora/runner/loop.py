@@ -3,7 +3,6 @@ stream, checkpoint) and the written record."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from avalanche.core import BasePlugin
 from ..benchmarks import BenchmarkSpec
 from ..errors import ConfigError
 from ..methods import get_method
+from ..metrics import accuracy_row
 from ..training import distributed
 from .build import Experiment, build_experiment, seed_everything
 from .checkpoint import (
@@ -36,9 +36,6 @@ from .records import (
     versions,
     write_record,
 )
-
-#: Avalanche's metric key of the accuracy on one experience of the evaluated stream.
-ACCURACY_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 
 
 @dataclass
@@ -146,18 +143,6 @@ def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], wher
             " resume with the same flags and --set values (only --lr and the optimizer's other "
             "hyperparameters may change), or use another --checkpoint-dir"
         )
-
-
-def accuracy_row(metrics_dict: Mapping[str, Any], count: int) -> list[float]:
-    """Per-experience test accuracies from Avalanche's metrics dict."""
-    row: list[float | None] = [None] * count
-    for key, value in metrics_dict.items():
-        match = ACCURACY_KEY.match(key)
-        if match and int(match.group(1)) < count:
-            row[int(match.group(1))] = float(value)
-    if any(a is None for a in row):
-        raise RuntimeError(f"missing experience accuracies in the evaluation metrics: {row}")
-    return row  # type: ignore[return-value]
 
 
 def optimized_parameter_count(optimizer: torch.optim.Optimizer) -> int:

@@ -30,7 +30,9 @@ class RecipeFile(BaseModel):
     title: str
     benchmark: str
     metric: str = "A_last"
-    source: str = ""
+    #: where the table's runs are recorded: folders of ``benchmarks/results/accuracy`` in the
+    #: project repository, a later folder's record of a run replacing an earlier one's
+    records: list[str] = []
     seeds: list[int] = [0, 1, 2]
     common: dict[str, Any] = {}
     strategies: dict[str, dict[str, Any]]

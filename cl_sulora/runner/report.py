@@ -33,6 +33,7 @@ COLUMNS = (
     ("forgetting_all_rows", "Forgetting, all rows (%)", 100.0, 1),
     ("bwt", "BWT (%)", 100.0, 1),
     ("live_adapter_params", "Live adapter params", 1.0, 0),
+    ("stored_state_params", "Stored params", 1.0, 0),
     ("train_seconds", "Train (s)", 1.0, 1),
 )
 

@@ -73,7 +73,8 @@ def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]
     changed = {k: v for k, v in user.items() if k != "out"}
     lines = [f"{recipe.name}: {recipe.spec.title} ({len(runs)} runs; "
              f"{sum(r.done for r in runs)} already done)",
-             f"  recorded in: {recipe.spec.source}"]
+             "  recorded in: benchmarks/results/accuracy/{"
+             + ",".join(recipe.spec.records) + "} of the project repository"]
     if changed:
         lines.append("  your settings over the recipe's: "
                      + ", ".join(f"{k}={v}" for k, v in changed.items()))

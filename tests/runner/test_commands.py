@@ -33,12 +33,14 @@ def test_every_recipe_command_line_parses_back_to_its_run_config(name):
 
 
 def test_recipes_ship_the_strategies_and_seeds_of_their_tables():
-    assert set(available_recipes()) == {"cifar100-10", "glue-class", "glue-task", "pacs-dil",
-                                        "sentiment-dil"}
+    assert set(available_recipes()) == {"cifar100-10", "cifar100-20-fusion", "glue-class",
+                                        "glue-task", "pacs-dil", "sentiment-dil"}
     for name in available_recipes():
         spec = load_recipe(name).spec
-        assert {"sulora", "sdlora", "inflora", "seqlora"} <= set(spec.strategies), name
-        assert len(spec.seeds) >= 3, name
+        compared = {"sulora", "sulora-nofusion"} if "fusion" in name else {
+            "sulora", "sdlora", "inflora", "olora", "seqlora", "jointlora"}
+        assert compared <= set(spec.strategies), name
+        assert len(spec.seeds) >= 3 and spec.records, name
 
 
 TINY_RECIPE = """\

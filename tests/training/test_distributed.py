@@ -25,6 +25,7 @@ SCRIPT = """
 import functools, hashlib, json, os, sys
 from pathlib import Path
 from avalanche.core import SupervisedPlugin
+from cl_sulora.metrics import accuracy_row
 from cl_sulora.runner import cli, loop
 from cl_sulora.training import distributed
 from cl_sulora.benchmarks import BENCHMARKS
@@ -49,7 +50,7 @@ class Probe(SupervisedPlugin, supports_distributed=True):
 
     def after_eval(self, strategy, **kwargs):
         metrics = strategy.evaluator.get_last_metrics()
-        probe["rows"].append(loop.accuracy_row(metrics, 2))
+        probe["rows"].append(accuracy_row(metrics, 2))
 
 def logged(function, what):
     def write(*args, **kwargs):

@@ -1,0 +1,115 @@
+"""The tables and plots of ``benchmarks/RESULTS.md``, made from the recorded runs.
+
+    python -m benchmarks.accuracy.tables           # rewrite the tables and plots
+    python -m benchmarks.accuracy.tables --check   # exit 1 if RESULTS.md differs from the records
+
+Each table is a shipped recipe (``cl_sulora/recipes/<name>.yaml``, what ``cl-sulora reproduce
+NAME`` runs): its strategies and seeds, each run's record taken from the recipe's ``records``
+folders (a later folder's record replacing an earlier one's). RESULTS.md holds each table
+between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; nothing in those blocks is typed
+by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from cl_sulora.runner.config import benchmark_label, resolve_config
+from cl_sulora.runner.recipes import Recipe, available_recipes, load_recipe
+from cl_sulora.runner.report import FORMULAS, markdown_table, plot_curves, plot_matrices
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "results" / "accuracy"
+RESULTS = ROOT / "RESULTS.md"
+PLOTS = RECORDS / "tables"
+
+
+def record_paths(recipe: Recipe) -> list[Path]:
+    """The recorded run of each strategy and seed of ``recipe`` (missing ones are an error)."""
+    paths, missing = [], []
+    for strategy, seed, overrides in recipe.runs():
+        config = resolve_config(recipe.spec.benchmark, strategy, {**overrides, "device": "cpu"})
+        name = f"{benchmark_label(config)}__{strategy}__seed{seed}.json"
+        found = [RECORDS / folder / name for folder in recipe.spec.records
+                 if (RECORDS / folder / name).is_file()]
+        if found:
+            paths.append(found[-1])
+        else:
+            missing.append(name)
+    if missing:
+        raise FileNotFoundError(f"{recipe.name}: no record of {missing} in {recipe.spec.records}")
+    return paths
+
+
+def used_records() -> set[Path]:
+    """Every record a table of RESULTS.md reads."""
+    return {path for name in available_recipes() for path in record_paths(load_recipe(name))}
+
+
+def table(recipe: Recipe) -> str:
+    """The Markdown block of one recipe: where its runs come from, then the table."""
+    paths = record_paths(recipe)
+    records = [json.loads(path.read_text()) for path in paths]
+    folders = sorted({str(path.parent.relative_to(RECORDS)) for path in paths})
+    devices = sorted({r["device"] for r in records})
+    commits = sorted({(r.get("commit") or {}).get("sha", "?")[:7] for r in records})
+    metric = "A_avg, the task-aware accuracy," if recipe.spec.metric == "A_avg" else "A_last"
+    lines = [
+        f"Main metric: {metric}. Records: {', '.join(f'`{f}/`' for f in folders)}; "
+        f"devices: {', '.join(devices)}; commits: {', '.join(commits)}. "
+        f"Rerun: `cl-sulora reproduce {recipe.name}`.",
+        "",
+        markdown_table(records).rstrip("\n"),
+        "",
+        f"![accuracy matrices](results/accuracy/tables/{recipe.name}__matrices.png)",
+        f"![accuracy after each experience](results/accuracy/tables/{recipe.name}__curves.png)",
+    ]
+    return "\n".join(lines)
+
+
+def plots(recipe: Recipe) -> None:
+    records = [json.loads(path.read_text()) for path in record_paths(recipe)]
+    plot_matrices(records, PLOTS / f"{recipe.name}__matrices.png")
+    plot_curves(records, PLOTS / f"{recipe.name}__curves.png")
+
+
+def render(text: str) -> str:
+    """``text`` (RESULTS.md) with every generated block made anew: each recipe's table
+    (``table:NAME``) and the metric formulas (``formulas``)."""
+    blocks = {f"table:{name}": table(load_recipe(name)) for name in available_recipes()}
+    blocks["formulas"] = FORMULAS + "."
+    for key, content in blocks.items():
+        block = re.compile(rf"(<!-- {re.escape(key)} -->\n).*?(<!-- /{re.escape(key)} -->)",
+                           re.S)
+        if not block.search(text):
+            raise ValueError(f"RESULTS.md has no block <!-- {key} --> ... <!-- /{key} -->")
+        text = block.sub(lambda m, c=content: m.group(1) + c + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="only compare RESULTS.md with the records")
+    args = parser.parse_args(argv)
+    text = RESULTS.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            print("benchmarks/RESULTS.md differs from the records: run "
+                  "python -m benchmarks.accuracy.tables", file=sys.stderr)
+            return 1
+        return 0
+    RESULTS.write_text(new)
+    for name in available_recipes():
+        plots(load_recipe(name))
+        print(f"{name}: {len(record_paths(load_recipe(name)))} records")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
