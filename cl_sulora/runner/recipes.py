@@ -5,13 +5,15 @@ strategy's method settings), shipped as package data (``cl_sulora/recipes/<name>
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ..benchmarks.common import DATA_ENV_VAR
 from ..errors import ConfigError
 from .config import FLAG_KEYS, resolve_config
 from .presets import describe, parse_yaml
@@ -36,8 +38,9 @@ class RecipeFile(BaseModel):
     seeds: list[int] = [0, 1, 2]
     common: dict[str, Any] = {}
     strategies: dict[str, dict[str, Any]]
-    #: what the user must point to, as flags of ``cl-sulora reproduce`` (``--data-root``...)
-    needs: list[str] = []
+    #: what the user must point to, as flags of ``cl-sulora reproduce``: ``--data-root`` (or
+    #: ``$CL_SULORA_DATA``), ``--backbone-weights`` (the image backbone the table was made with)
+    needs: list[Literal["--data-root", "--backbone-weights"]] = []
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,19 @@ def load_recipe(name: str) -> Recipe:
     for strategy, _, overrides in recipe.runs(seeds=spec.seeds[:1]):
         resolve_config(spec.benchmark, strategy, {**overrides, "device": "cpu"})
     return recipe
+
+
+def check_needs(recipe: Recipe, user: dict[str, Any]) -> None:
+    """Refuse to run ``recipe`` without what it needs (``needs``), naming the flag."""
+    given = {"--data-root": "data.data_root" in user or bool(os.environ.get(DATA_ENV_VAR)),
+             "--backbone-weights": "backbone.weights" in user}
+    missing = [flag for flag in recipe.spec.needs if not given[flag]]
+    if missing:
+        raise ConfigError(
+            f"table {recipe.name!r} needs {' and '.join(missing)}: the data folder (or "
+            f"${DATA_ENV_VAR}) and the local weights of the backbone it was recorded with "
+            "(see README, Run a benchmark)"
+        )
 
 
 def command_line(recipe: Recipe, strategy: str, overrides: dict[str, Any]) -> list[str]:

@@ -197,3 +197,15 @@ def test_help_and_list_print_no_third_party_warnings(argv, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_reproduce_refuses_a_table_without_the_data_and_weights_it_needs(tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.delenv("CL_SULORA_DATA", raising=False)
+    argv = ["reproduce", "pacs-dil", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    assert "needs --data-root and --backbone-weights" in capsys.readouterr().err
+    assert cli.main([*argv, "--data-root", str(tmp_path)]) == 2
+    assert "needs --backbone-weights" in capsys.readouterr().err
+    assert cli.main([*argv, "--dry-run"]) == 0  # listing needs neither
+    assert not (tmp_path / "out").exists()

@@ -422,7 +422,7 @@ def test_report_handles_joint_and_missing_values(tmp_path):
         },
     ]
     table = markdown_table(records)
-    assert "| seq | 65.0 | 77.5 | 40.0 | 40.0 | -40.0 | n/a | 1.0 | 0 |" in table
+    assert "| seq | 65.0 | 77.5 | 40.0 | 40.0 | -40.0 | n/a | n/a | 1.0 | 0 |" in table
     assert "| joint | 80.0 | n/a | n/a | n/a | n/a |" in table
     paths = write_report(records, tmp_path, "b")
     assert all(p.is_file() for p in paths.values())
