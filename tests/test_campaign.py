@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.accuracy import campaign
+from cl_sulora.runner import reproduce
 
 
 class FakeProcess:
@@ -17,10 +18,10 @@ class FakeProcess:
 def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
         tmp_path, monkeypatch):
     FakeProcess.started = []
-    monkeypatch.setattr(campaign.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    monkeypatch.setattr(reproduce.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(campaign.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     out.mkdir()
     (out / "pacs-dil__sdlora__seed0.done").touch()
@@ -42,8 +43,8 @@ def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
 
 def test_campaign_runs_a_job_file_each_in_its_folder_with_its_arguments(tmp_path, monkeypatch):
     FakeProcess.started = []
-    monkeypatch.setattr(campaign.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(campaign.time, "sleep", lambda s: None)
+    monkeypatch.setattr(reproduce.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
     listed = tmp_path / "jobs.txt"
     listed.write_text("# folder benchmark strategy seed args\n"
                       "glue-task split-glue sulora 1 --protocol task-incremental\n"

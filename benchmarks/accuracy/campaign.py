@@ -4,9 +4,8 @@ Each (benchmark, strategy, seed) is one process writing its result JSON and log 
 ``--parallel`` processes share the device. Extra arguments after ``--`` go to every run. A
 strategy is a preset name or a preset file (e.g. a variant under ``benchmarks/accuracy/variants``).
 With ``--checkpoint-root`` every run checkpoints after each experience and, when the campaign is
-started again, finished runs are skipped and unfinished ones resume. Each run gets
-``cpu_count // parallel`` CPU threads (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, unless set), so
-side-by-side runs do not oversubscribe the cores in their CPU linear algebra.
+started again, finished runs are skipped and unfinished ones resume. The processes run
+as ``cl-sulora reproduce`` runs them (:func:`cl_sulora.runner.reproduce.run_processes`).
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
         --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
@@ -19,13 +18,12 @@ its own arguments, then those after ``--``.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
+
+from cl_sulora.runner.reproduce import run_processes
 
 
 def jobs(benchmarks: list[str], strategies: list[str], seeds: list[int]):
@@ -64,50 +62,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-root", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.jobs is not None:
-        todo = deque(jobs_from_file(args.jobs))
+        todo = list(jobs_from_file(args.jobs))
     elif args.benchmarks and args.strategies:
-        todo = deque(jobs(args.benchmarks.split(","), args.strategies.split(","),
-                          [int(s) for s in args.seeds.split(",")]))
+        todo = list(jobs(args.benchmarks.split(","), args.strategies.split(","),
+                         [int(s) for s in args.seeds.split(",")]))
     else:
         parser.error("give --benchmarks and --strategies, or --jobs")
-    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
-    running: list[tuple[subprocess.Popen, Path, str, float]] = []
+    runs = []  # (arguments, log, folder, name)
+    for folder, benchmark, strategy, seed, own in todo:
+        out = args.out / folder
+        name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
+        if (out / f"{name}.done").exists():
+            continue
+        arguments = ["run", "--benchmark", benchmark, "--strategy", strategy, "--seed",
+                     str(seed), "--out", str(out), *own, *extra]
+        if args.checkpoint_root:
+            directory = args.checkpoint_root / folder / name
+            arguments += ["--checkpoint-dir", str(directory)]
+            if directory.is_dir() and any(directory.iterdir()):
+                arguments.append("--resume-fallback")
+        runs.append((arguments, out / f"{name}.log", out, name))
     failed = []
     start = time.time()
-    while todo or running:
-        while todo and len(running) < args.parallel:
-            folder, benchmark, strategy, seed, own = todo.popleft()
-            out = args.out / folder
-            out.mkdir(parents=True, exist_ok=True)
-            name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
-            if (out / f"{name}.done").exists():
-                continue
-            cmd = [sys.executable, "-m", "cl_sulora", "run", "--benchmark", benchmark,
-                   "--strategy", strategy, "--seed", str(seed), "--out", str(out), *own,
-                   *extra]
-            if args.checkpoint_root:
-                directory = args.checkpoint_root / folder / name
-                cmd += ["--checkpoint-dir", str(directory)]
-                if directory.is_dir() and any(directory.iterdir()):
-                    cmd.append("--resume-fallback")
-            log = open(out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            running.append((proc, out, name, time.time()))
-        time.sleep(2)
-        for entry in list(running):
-            proc, out, name, began = entry
-            if proc.poll() is None:
-                continue
-            running.remove(entry)
-            status = "ok" if proc.returncode == 0 else f"FAILED ({proc.returncode})"
-            if proc.returncode:
-                failed.append(name)
-            else:
-                (out / f"{name}.done").touch()
-            where = out.relative_to(args.out)
-            print(f"[{time.time() - start:7.1f}s] {where}/{name}: {status} in "
-                  f"{time.time() - began:.0f}s", flush=True)
+
+    def finished(index: int, status: int, seconds: float) -> None:
+        _, _, out, name = runs[index]
+        if status:
+            failed.append(name)
+        else:
+            (out / f"{name}.done").touch()
+        state = "ok" if status == 0 else f"FAILED ({status})"
+        print(f"[{time.time() - start:7.1f}s] {out.relative_to(args.out)}/{name}: {state} in "
+              f"{seconds:.0f}s", flush=True)
+
+    run_processes([(arguments, log) for arguments, log, _, _ in runs], args.parallel, finished)
     print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
     return 1 if failed else 0
 

@@ -179,19 +179,8 @@ class JointLoRA(BranchLoRAStrategy):
     """
 
     plugin_cls = SeqLoRAPlugin
-
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        config: BranchLoRAConfig | None = None,
-        plugins: Sequence[SupervisedPlugin] | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(model=model, optimizer=optimizer, config=config, plugins=plugins,
-                         **kwargs)
-        self.trained = False
+    #: set once :meth:`train` has run
+    trained: bool = False
 
     def train(self, experiences, eval_streams=None, **kwargs):
         if self.trained:

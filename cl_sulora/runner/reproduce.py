@@ -7,6 +7,7 @@ so an interrupted reproduction continues where it stopped."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -84,38 +85,53 @@ def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]
     return "\n".join(lines)
 
 
-def execute(runs: Sequence[PlannedRun], parallel: int, logs: Path,
-            echo: Callable[[str], None] = print) -> list[PlannedRun]:
-    """Run the runs not yet done, ``parallel`` processes at a time, each logging to
-    ``logs/<record name>.log``; returns the failed ones (the others' records are written)."""
+def run_processes(jobs: Sequence[tuple[list[str], Path]], parallel: int,
+                  finished: Callable[[int, int, float], None]) -> None:
+    """Run each job, ``(arguments of cl-sulora, log file)``, as a process of its own,
+    ``parallel`` at a time; ``finished(index, exit status, seconds)`` after each. The CPU
+    threads are shared out (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = cores // parallel, unless
+    set), so side-by-side runs do not oversubscribe the cores; logs are appended to."""
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel}: give at least 1")
-    logs.mkdir(parents=True, exist_ok=True)
-    todo = [run for run in runs if not run.done]
-    waiting, running, failed = list(todo), [], []
-    finished = 0
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
+    waiting = list(enumerate(jobs))
+    running: list[tuple[subprocess.Popen, int, float]] = []
     while waiting or running:
         while waiting and len(running) < parallel:
-            run = waiting.pop(0)
-            log = logs / f"{run.name}.log"
-            with log.open("w", encoding="utf-8") as handle:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "cl_sulora", *run.arguments],
-                    stdout=handle, stderr=subprocess.STDOUT,
-                )
-            running.append((process, run, log, time.perf_counter()))
+            index, (arguments, log) = waiting.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a", encoding="utf-8") as handle:
+                process = subprocess.Popen([sys.executable, "-m", "cl_sulora", *arguments],
+                                           stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((process, index, time.perf_counter()))
         time.sleep(0.5)
         for entry in list(running):
-            process, run, log, start = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            finished += 1
-            status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-            echo(f"[{finished}/{len(todo)}] {run.name}: {status} in "
-                 f"{time.perf_counter() - start:.0f}s (log: {log})")
-            if process.returncode != 0:
-                failed.append(run)
+            process, index, start = entry
+            if process.poll() is not None:
+                running.remove(entry)
+                finished(index, process.returncode, time.perf_counter() - start)
+
+
+def execute(runs: Sequence[PlannedRun], parallel: int, logs: Path,
+            echo: Callable[[str], None] = print) -> list[PlannedRun]:
+    """Run the runs not yet done (:func:`run_processes`), each logging to
+    ``logs/<record name>.log``; returns the failed ones (the others' records are written)."""
+    todo = [run for run in runs if not run.done]
+    failed: list[PlannedRun] = []
+    ended: list[PlannedRun] = []
+
+    def finished(index: int, status: int, seconds: float) -> None:
+        run = todo[index]
+        ended.append(run)
+        echo(f"[{len(ended)}/{len(todo)}] {run.name}: "
+             f"{'ok' if status == 0 else f'FAILED (exit {status})'} in {seconds:.0f}s "
+             f"(log: {logs / f'{run.name}.log'})")
+        if status != 0:
+            failed.append(run)
+
+    run_processes([(run.arguments, logs / f"{run.name}.log") for run in todo], parallel,
+                  finished)
     return failed
 
 
