@@ -108,6 +108,35 @@ def reproduction(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
+def equal_budget() -> str:
+    """The Markdown block setting SuLoRA against SD-LoRA at SuLoRA's rank per experience (4,
+    the same live adapter values; ``sdlora-r4`` of ``official-baselines/``) and at its own
+    (10), on the main metric of each table that has those runs."""
+    lines = [
+        "| Table | Metric | SuLoRA, rank 4 | SD-LoRA, rank 4 | SD-LoRA, rank 10 | Live adapter "
+        "params (SuLoRA / SD-LoRA 4 / SD-LoRA 10) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        paths = {path.name: path for path in record_paths(recipe)}
+        folders = [RECORDS / f for f in recipe.spec.records if f.startswith("official-baselines")]
+        label = next(iter(paths)).split("__")[0]
+        rank4 = sorted(p for f in folders for p in f.glob(f"{label}__sdlora-r4__seed*.json"))
+        if not rank4 or "sdlora" not in recipe.spec.strategies:
+            continue
+        groups = [
+            [json.loads(p.read_text()) for n, p in paths.items() if f"__{s}__" in n]
+            for s in ("sulora", "sdlora")
+        ]
+        groups.insert(1, [json.loads(p.read_text()) for p in rank4])
+        metric = recipe.spec.metric
+        cells = [format_cell([r[metric] for r in g], 100.0, 1) for g in groups]
+        params = " / ".join(f"{g[0]['live_adapter_params']:,}" for g in groups)
+        lines.append(f"| {name} | {metric} | {' | '.join(cells)} | {params} |")
+    return "\n".join(lines)
+
+
 def plots(recipe: Recipe) -> None:
     records = [json.loads(path.read_text()) for path in record_paths(recipe)]
     plot_matrices(records, PLOTS / f"{recipe.name}__matrices.png")
@@ -121,6 +150,7 @@ def render(text: str) -> str:
     blocks |= {f"reproduction:{folder.name}": reproduction(load_recipe(folder.name))
                for folder in sorted(REPRODUCTIONS.iterdir()) if folder.is_dir()}
     blocks["formulas"] = FORMULAS + "."
+    blocks["equal-budget"] = equal_budget()
     for key, content in blocks.items():
         block = re.compile(rf"(<!-- {re.escape(key)} -->\n).*?(<!-- /{re.escape(key)} -->)",
                            re.S)
