@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ class Experiment:
     strategy: Any
     timer: EpochTimer
     alignment: ClassifierAlignment | None = None
+
+
+@contextmanager
+def determinism_restored() -> Iterator[None]:
+    """Give torch's deterministic-algorithms flag back as it was on exit (a run's
+    :func:`seed_everything` sets it to the run's ``deterministic``)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -366,11 +366,8 @@ def reproduce(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace, command: Sequence[str]) -> None:
     """``cl-sulora eval``: a checkpoint's accuracy on every experience of its test stream."""
-    overrides = parse_overrides(args.sets)
-    for dest, key in (("data_root", "data.data_root"), ("device", "device"), ("out", "out")):
-        if getattr(args, dest) is not None:
-            overrides[key] = getattr(args, dest)
-    record, path = evaluate_checkpoint(args.checkpoint, overrides, echo=print, command=command)
+    record, path = evaluate_checkpoint(args.checkpoint, overrides_from(args), echo=print,
+                                       command=command)
     print(f"{path}: accuracy on the {record['experiences_trained']} trained experiences "
           f"{100 * record['accuracy_on_trained']:.1f}% (mean)")
 

@@ -3,6 +3,7 @@ values, validated before anything is built."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from ..benchmarks import BENCHMARKS, benchmark_options
 from ..benchmarks.common import wants_validation
 from ..errors import ConfigError
+from ..methods import get_method
 from ..models.backbones import DEFAULT_BACKBONES
 from ..training.alignment import AlignmentConfig
 from .presets import TrainingConfig, describe, load_preset, method_config, method_fields, parse_yaml
@@ -107,8 +109,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] = {}) -> RunConfig:
     """The run config of ``strategy`` (preset name or path) on ``benchmark``: the preset, then
     ``overrides`` (dotted keys, e.g. from flags and ``--set``), validated and fully resolved."""
-    if benchmark not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    check_benchmark(benchmark)
     preset = load_preset(strategy)
     tree: dict[str, Any] = {
         "benchmark": benchmark,
@@ -118,6 +119,18 @@ def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] =
         "training": preset.training.model_dump(),
         "method": dict(preset.method),
     }
+    return config_from_tree(tree, overrides)
+
+
+def check_benchmark(benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+
+
+def config_from_tree(tree: Mapping[str, Any], overrides: Mapping[str, Any] = {}) -> RunConfig:
+    """A run config from ``tree`` (a preset's, or one a run saved) with ``overrides`` (dotted
+    keys) applied, validated and fully resolved; ``tree`` is left as it was."""
+    tree = copy.deepcopy(dict(tree))
     for key, value in overrides.items():
         if key in DERIVED_KEYS:
             raise ConfigError(f"{key} cannot be overridden; use --benchmark/--strategy")
@@ -129,6 +142,9 @@ def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] =
         raise ConfigError(
             describe(err, where, "fix the flag or --set value", model=RunConfig)
         ) from err
+    benchmark = config.benchmark
+    check_benchmark(benchmark)
+    spec = get_method(config.method_name)
 
     options = benchmark_options(benchmark)
     for key in config.data:
@@ -158,9 +174,9 @@ def resolve_config(benchmark: str, strategy: str, overrides: Mapping[str, Any] =
         raise ConfigError(f"device {config.device!r}: CUDA is not available here; use cpu")
 
     values = dict(config.method)
-    if "seed" in method_fields(preset.spec) and "seed" not in values:
+    if "seed" in method_fields(spec) and "seed" not in values:
         values["seed"] = config.seed
-    resolved = method_config(preset.spec, values, where=where, fix="fix the --set method.* value")
+    resolved = method_config(spec, values, where=where, fix="fix the --set method.* value")
     config.method = dataclasses.asdict(resolved) if resolved is not None else {}
     return config
 

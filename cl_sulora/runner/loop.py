@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..methods import get_method
 from ..metrics import accuracy_row
 from ..training import distributed
-from .build import Experiment, build_experiment, seed_everything
+from .build import Experiment, build_experiment, determinism_restored, seed_everything
 from .checkpoint import (
     check_writable,
     latest_checkpoint,
@@ -26,7 +26,7 @@ from .checkpoint import (
     restore,
     save_checkpoint,
 )
-from .config import RunConfig, result_path
+from .config import RunConfig, config_from_tree, result_path
 from .records import (
     check_result_path,
     config_differences,
@@ -210,8 +210,7 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
         if checkpointing:
             prepare_directory(checkpointing.directory, resume=checkpointing.resume,
                               overwrite=checkpointing.overwrite)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
+    with determinism_restored():
         seed_everything(config.seed, config.deterministic)
         experiment = build_experiment(
             config, spec=spec, progress=progress, loggers=loggers, plugins=plugins
@@ -220,8 +219,6 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = run_stream(experiment, echo, checkpointing)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     record = make_record(experiment, result, command)
     if distributed.is_main():
         path = write_record(path, record, echo)
@@ -253,16 +250,8 @@ def evaluate_checkpoint(path: Path, overrides: Mapping[str, Any] = {},
     if checkpoint is None:
         raise ConfigError(f"--checkpoint {path}: no checkpoint there (a folder exp-XXXX, or a "
                           "--checkpoint-dir of cl-sulora run)")
-    tree = dict(checkpoint.meta.get("config", {}))
-    for key, value in overrides.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    config = RunConfig.model_validate(tree)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
+    config = config_from_tree(checkpoint.meta.get("config", {}), overrides)
+    with determinism_restored():
         seed_everything(config.seed, config.deterministic)
         experiment = build_experiment(config)
         stream = experiment.spec.benchmark
@@ -270,8 +259,6 @@ def evaluate_checkpoint(path: Path, overrides: Mapping[str, Any] = {},
                    else list(stream.train_stream)[: checkpoint.position + 1])
         restore(experiment.strategy, checkpoint, trained, stream.test_stream)
         metrics_dict = experiment.strategy.eval(stream.test_stream)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     row = accuracy_row(metrics_dict, len(stream.test_stream))
     seen = row if experiment.method.joint else row[: checkpoint.position + 1]
     record = {

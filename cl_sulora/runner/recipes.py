@@ -31,7 +31,8 @@ class RecipeFile(BaseModel):
 
     title: str
     benchmark: str
-    metric: str = "A_last"
+    #: the table's main metric (a key of every record)
+    metric: Literal["A_last", "A_avg"] = "A_last"
     #: where the table's runs are recorded: folders of ``benchmarks/results/accuracy`` in the
     #: project repository, a later folder's record of a run replacing an earlier one's
     records: list[str] = []

@@ -72,16 +72,16 @@ def _record_of(run: PlannedRun) -> dict[str, Any] | None:
 def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]) -> str:
     """What ``--dry-run`` prints: the table, where it was recorded, and each run's command."""
     changed = {k: v for k, v in user.items() if k != "out"}
+    done = [run.done for run in runs]  # each reads its record once
     lines = [f"{recipe.name}: {recipe.spec.title} ({len(runs)} runs; "
-             f"{sum(r.done for r in runs)} already done)",
+             f"{sum(done)} already done)",
              "  recorded in: benchmarks/results/accuracy/{"
              + ",".join(recipe.spec.records) + "} of the project repository"]
     if changed:
         lines.append("  your settings over the recipe's: "
                      + ", ".join(f"{k}={v}" for k, v in changed.items()))
-    for run in runs:
-        mark = "done" if run.done else "todo"
-        lines.append(f"  [{mark}] cl-sulora {shlex.join(run.arguments)}")
+    for run, finished in zip(runs, done, strict=True):
+        lines.append(f"  [{'done' if finished else 'todo'}] cl-sulora {shlex.join(run.arguments)}")
     return "\n".join(lines)
 
 

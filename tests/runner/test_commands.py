@@ -138,6 +138,11 @@ def test_eval_scores_a_checkpoint_as_the_run_did_without_training(tiny, tmp_path
 
     assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
+    # overrides are validated as a run's are: a clear error, no traceback
+    assert cli.main([*argv, "--set", "training.lr=-1"]) == 2
+    assert "training.lr" in capsys.readouterr().err
+    assert cli.main([*argv, "--set", "benchmark=other"]) == 2
+    assert "benchmark cannot be overridden" in capsys.readouterr().err
 
 
 def test_single_run_writes_its_table_and_plots(tiny, tmp_path, capsys):
