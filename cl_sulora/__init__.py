@@ -33,6 +33,8 @@ from .errors import (
 )
 from .methods import (
     EWCConfig,
+    FrozenBackbone,
+    FrozenConfig,
     IncLoRA,
     InfLoRA,
     InfLoRAConfig,
@@ -62,6 +64,8 @@ __all__ = [
     "DataError",
     "DivergenceError",
     "EWCConfig",
+    "FrozenBackbone",
+    "FrozenConfig",
     "IncLoRA",
     "InfLoRA",
     "InfLoRAConfig",

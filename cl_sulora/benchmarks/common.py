@@ -160,8 +160,9 @@ class TextTask:
     label_names: list[str]
     train: tuple[list[str], list[str]]
     test: tuple[list[str], list[str]]
-    test_from_train: bool
+    test_from_train: bool  # no test file: the test split is carved from train.json
     dropped: dict[str, int]  # rows per split whose label is not in labels.json
+    train_from_test: bool = False  # no training file: both splits are carved from test.json
 
 
 def _read_json(path: Path) -> Any:
@@ -181,50 +182,63 @@ def _read_rows(path: Path, label_names: list[str]) -> tuple[list[str], list[str]
         raise ValueError(f"{path} must be a JSON list of {{'sentence': ..., 'label': ...}}")
     known = set(label_names)
     kept = [r for r in rows if r["label"] in known]
+    _warn_dropped(path, len(rows) - len(kept), label_names)
     return [r["sentence"] for r in kept], [r["label"] for r in kept], len(rows) - len(kept)
 
 
 def _warn_dropped(path: Path, count: int, label_names: list[str]) -> None:
     if count:
         warnings.warn(f"{path}: {count} row(s) whose label is not one of {label_names} were "
-                      "dropped (counted in the record's notes, dropped_rows)", stacklevel=3)
+                      "dropped (counted in the record's notes, dropped_rows)", stacklevel=4)
+
+
+def _split(texts: list[str], labels: list[str], fraction: float, seed: int):
+    """(kept, held-out) parts of (texts, labels), stratified and seeded."""
+    keep, held = stratified_split(labels, fraction, seed)
+    return (([texts[i] for i in keep], [labels[i] for i in keep]),
+            ([texts[i] for i in held], [labels[i] for i in held]))
 
 
 def read_text_task(
     task_dir: Path, name: str, test_fraction: float, seed: int, with_test: bool = True
 ) -> TextTask:
-    """Read ``train/test/labels.json`` of a task, dropping rows with unknown labels; without a
-    test file, a seeded stratified ``test_fraction`` of train becomes the test split. With
-    ``with_test=False`` the test split is left empty (and the test file unread); train is the
-    same either way."""
+    """Read ``train/test/labels.json`` of a task, dropping rows with unknown labels. Without
+    a test file, a seeded stratified ``test_fraction`` of train becomes the test split;
+    without a training file, the same fraction of the test file is the test split and the
+    rest the training split. With ``with_test=False`` the test split is left empty (and a
+    test file that is not needed for training is not read); train is the same either way."""
     label_names = _read_json(task_dir / "labels.json")
     if not isinstance(label_names, list) or not all(isinstance(x, str) for x in label_names):
         raise ValueError(f"{task_dir / 'labels.json'} must be a JSON list of label names")
-    texts, labels, dropped_train = _read_rows(task_dir / "train.json", label_names)
-    _warn_dropped(task_dir / "train.json", dropped_train, label_names)
-    if not texts:
-        raise DataError(f"{task_dir / 'train.json'} has no row to train on (labelled one of "
-                        f"{label_names}); {UNPACK_HINT}")
-    test_path = task_dir / "test.json"
-    if test_path.is_file():
-        test_texts, test_labels, dropped_test = (
-            _read_rows(test_path, label_names) if with_test else ([], [], 0)
-        )
-        _warn_dropped(test_path, dropped_test, label_names)
-        train = (texts, labels)
+    train_path, test_path = task_dir / "train.json", task_dir / "test.json"
+    if not train_path.is_file() and not test_path.is_file():
+        raise DataError(f"task {name} has no data: neither {train_path} nor {test_path} "
+                        f"exists; leave {name} out of data.task_order ({UNPACK_HINT})")
+    dropped = {"train": 0, "test": 0}
+    if train_path.is_file():
+        texts, labels, dropped["train"] = _read_rows(train_path, label_names)
+        if test_path.is_file():
+            train = (texts, labels)
+            if with_test:
+                *test, dropped["test"] = _read_rows(test_path, label_names)
+            else:
+                test = ([], [])
+        else:
+            train, test = _split(texts, labels, test_fraction, seed)
     else:
-        keep, held = stratified_split(labels, test_fraction, seed)
-        train = ([texts[i] for i in keep], [labels[i] for i in keep])
-        test_texts, test_labels = [texts[i] for i in held], [labels[i] for i in held]
-        test_texts, test_labels = (test_texts, test_labels) if with_test else ([], [])
-        dropped_test = 0
+        texts, labels, dropped["test"] = _read_rows(test_path, label_names)
+        train, test = _split(texts, labels, test_fraction, seed)
+    if not train[0]:
+        raise DataError(f"{train_path if train_path.is_file() else test_path} has no row to "
+                        f"train on (labelled one of {label_names}); {UNPACK_HINT}")
     return TextTask(
         name=name,
         label_names=label_names,
         train=train,
-        test=(test_texts, test_labels),
+        test=tuple(test) if with_test else ([], []),
         test_from_train=not test_path.is_file(),
-        dropped={"train": dropped_train, "test": dropped_test},
+        dropped=dropped,
+        train_from_test=not train_path.is_file(),
     )
 
 

@@ -1,10 +1,15 @@
-"""Split GLUE-style text tasks (MNLI, CB, WiC, ...), task- or class-incremental."""
+"""Text tasks, one per experience, task- or class-incremental: GLUE, or O-LoRA's long sequence.
+
+``split-glue`` streams eight GLUE/SuperGLUE tasks; ``long-text`` every task of O-LoRA's 15-task
+long sequence that has data here (14), in its order."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from .common import (
     BenchmarkSpec,
@@ -32,9 +37,28 @@ TASK_PATHS = {
     "RTE": "NLI/RTE",
     "SST-2": "SC/SST-2",
     "MultiRC": "MultiRC/MultiRC",
+    "IMDB": "SC/IMDB",
+    "yelp": "SC/yelp",
+    "amazon": "SC/amazon",
+    "dbpedia": "TC/dbpedia",
+    "agnews": "TC/agnews",
+    "yahoo": "TC/yahoo",
 }
 DEFAULT_ORDER = ("MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "SST-2")
+#: O-LoRA's long sequence, "order 4" of its appendix (from Progressive Prompts), without Yahoo
+#: Answers, whose data the collection lacks.
+LONG_ORDER = ("MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon",
+              "SST-2", "dbpedia", "agnews", "MultiRC")
 PROTOCOLS = ("task-incremental", "class-incremental")
+
+
+def stream_order(task_order: Sequence[str], order_seed: int | None) -> list[str]:
+    """``task_order`` checked, as given (``order_seed`` None) or permuted by
+    ``numpy.random.RandomState(order_seed)``."""
+    tasks = check_order("task_order", task_order, list(TASK_PATHS))
+    if order_seed is None:
+        return tasks
+    return [tasks[i] for i in np.random.RandomState(order_seed).permutation(len(tasks))]
 
 
 @register_benchmark("split-glue")
@@ -44,6 +68,7 @@ def build_split_glue(
     max_length: int = 128,
     protocol: str = "task-incremental",
     task_order: Sequence[str] = DEFAULT_ORDER,
+    order_seed: int | None = None,
     data_root: str | os.PathLike | None = None,
     limit_per_class: int | None = None,
     num_experiences: int | None = None,
@@ -51,19 +76,60 @@ def build_split_glue(
     test_fraction: float = 0.2,
     validation: float = 0.0,
 ) -> BenchmarkSpec:
-    """One experience per task of ``task_order``.
+    """One experience per task of ``task_order`` (GLUE/SuperGLUE tasks by default).
 
+    ``order_seed`` (an integer) trains the tasks in a seeded permutation of ``task_order``
+    instead (:func:`stream_order`; ``notes["task_order"]`` records it).
     task-incremental: experience i has task label i and labels 0..n_i-1 (labels.json order).
     class-incremental: task label 0; task i's labels are offset by the label counts of the
     tasks before it, giving one head over all tasks' labels. Tasks without a test file get a
-    seeded stratified ``test_fraction`` of train as test (listed in ``notes``).
+    seeded stratified ``test_fraction`` of train as test, tasks with only a test file the
+    same fraction of it as test and the rest as train (both listed in ``notes``).
     ``validation > 0`` evaluates on that fraction of each task's training data instead of the
     test split, which is then not read or tokenised.
     """
+    return _text_stream("split-glue", tokenizer=tokenizer, max_length=max_length,
+                        protocol=protocol, task_order=task_order, order_seed=order_seed,
+                        data_root=data_root, limit_per_class=limit_per_class,
+                        num_experiences=num_experiences, seed=seed,
+                        test_fraction=test_fraction, validation=validation)
+
+
+@register_benchmark("long-text")
+def build_long_text(
+    *,
+    tokenizer: Any,
+    max_length: int = 128,
+    protocol: str = "task-incremental",
+    task_order: Sequence[str] = LONG_ORDER,
+    order_seed: int | None = None,
+    data_root: str | os.PathLike | None = None,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    validation: float = 0.0,
+) -> BenchmarkSpec:
+    """The long text stream: by default the 14 tasks of O-LoRA's long sequence (its order 4)
+    that have data, 50 classes in all; otherwise as :func:`build_split_glue`, whose options
+    it takes. DBpedia has only a test file and Yelp, IMDB and MultiRC only a training file:
+    each is split by ``seed`` and ``test_fraction`` (recorded in ``notes``)."""
+    return _text_stream("long-text", tokenizer=tokenizer, max_length=max_length,
+                        protocol=protocol, task_order=task_order, order_seed=order_seed,
+                        data_root=data_root, limit_per_class=limit_per_class,
+                        num_experiences=num_experiences, seed=seed,
+                        test_fraction=test_fraction, validation=validation)
+
+
+def _text_stream(name: str, *, tokenizer: Any, max_length: int, protocol: str,
+                 task_order: Sequence[str], order_seed: int | None,
+                 data_root: str | os.PathLike | None, limit_per_class: int | None,
+                 num_experiences: int | None, seed: int, test_fraction: float,
+                 validation: float) -> BenchmarkSpec:
     held_out = wants_validation(validation)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    tasks = keep_first(check_order("task_order", task_order, list(TASK_PATHS)), num_experiences)
+    tasks = keep_first(stream_order(task_order, order_seed), num_experiences)
     tokenizer = load_tokenizer(tokenizer)
     root = resolve_data_root(data_root)
     folder = find_layout(root, DIRNAME, TASK_PATHS[tasks[0]])
@@ -93,7 +159,7 @@ def build_split_glue(
     if held_out:  # placeholder test stream, replaced by carve_validation
         streams["test"], sizes["test"] = streams["train"], sizes["train"]
     spec = BenchmarkSpec(
-        name="split-glue",
+        name=name,
         benchmark=stream_benchmark(streams["train"], streams["test"]),
         protocol=protocol,
         modality="text",
@@ -101,9 +167,12 @@ def build_split_glue(
         experience_names=tasks,
         notes={
             "task_order": tasks,
+            "order_seed": order_seed,
+            "task_order_given": list(task_order),
             "label_names": {t.name: t.label_names for t in loaded},
             "label_offsets": dict(zip(tasks, offsets, strict=True)),
             "test_split_from_train": [t.name for t in loaded if t.test_from_train],
+            "train_split_from_test": [t.name for t in loaded if t.train_from_test],
             "split_seed": seed,
             "test_fraction": test_fraction,
             "dropped_rows": {t.name: t.dropped for t in loaded},

@@ -49,7 +49,7 @@ def build_benchmark(name: str, **options: Any) -> BenchmarkSpec:
     if missing:
         raise TypeError(f"benchmark {name!r} requires option(s) {missing}")
     for key, value in options.items():
-        if key.endswith("seed"):
+        if key.endswith("seed") and value is not None:
             check_seed(key, value)
     return BENCHMARKS[name](**options)
 

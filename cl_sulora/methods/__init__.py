@@ -1,7 +1,9 @@
 """Continual-learning methods, each an Avalanche plugin plus a thin strategy, registered where it
 is defined (:mod:`.registry`): SuLoRA, the branch-LoRA baselines (SD-LoRA, InfLoRA, O-LoRA,
-Seq/Inc/Joint LoRA) and full fine-tuning with Avalanche's Naive, EWC, LwF and Replay."""
+Seq/Inc/Joint LoRA), full fine-tuning with Avalanche's Naive, EWC, LwF and Replay, and the
+adapter-free baseline (a frozen backbone under a trained head)."""
 
+from .frozen import FrozenBackbone, FrozenConfig
 from .full_finetuning import (
     EWCBaseline,
     EWCConfig,
@@ -24,6 +26,8 @@ __all__ = [
     "BranchLoRAStrategy",
     "EWCBaseline",
     "EWCConfig",
+    "FrozenBackbone",
+    "FrozenConfig",
     "IncLoRA",
     "InfLoRA",
     "InfLoRAConfig",

@@ -187,7 +187,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     add("--class-order-seed", type=int)
     add("--domain-order", type=_names, help="comma-separated domains")
     add("--task-order", type=_names, help="comma-separated tasks")
-    add("--protocol", help="split-glue: task-incremental or class-incremental")
+    add("--order-seed", type=int,
+        help="text task streams: train the tasks in a seeded permutation of the task order")
+    add("--protocol", help="split-glue, long-text: task-incremental or class-incremental")
     add(
         "--validation",
         type=float,

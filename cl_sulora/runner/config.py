@@ -41,6 +41,7 @@ FLAG_KEYS = {
     "class_order_seed": "data.class_order_seed",
     "domain_order": "data.domain_order",
     "task_order": "data.task_order",
+    "order_seed": "data.order_seed",
     "protocol": "data.protocol",
     "validation": "data.validation",
     "out": "out",
@@ -188,11 +189,14 @@ def modality(benchmark: str) -> str:
 
 def benchmark_label(config: RunConfig) -> str:
     """The benchmark part of result file names; the protocol joins it where it is an option,
-    and ``-val<fraction>`` when evaluating on a validation split (``data.validation``)."""
+    ``-order<k>`` when the stream order is a seeded permutation (``data.order_seed``), and
+    ``-val<fraction>`` when evaluating on a validation split (``data.validation``)."""
     options = benchmark_options(config.benchmark)
     label = config.benchmark
     if "protocol" in options:
         label += f"-{config.data.get('protocol', options['protocol'].default)}"
+    if config.data.get("order_seed") is not None:
+        label += f"-order{config.data['order_seed']}"
     validation = config.data.get("validation", 0.0)
     return f"{label}-val{validation:g}" if validation else label
 

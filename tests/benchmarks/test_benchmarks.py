@@ -18,7 +18,8 @@ from PIL import Image
 from cl_sulora.benchmarks import BENCHMARKS, benchmark_options, build_benchmark
 from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
 from cl_sulora.benchmarks.common import read_text_task, stratified_split, validation_split
-from cl_sulora.benchmarks.glue import TASK_PATHS
+from cl_sulora.benchmarks.glue import LONG_ORDER, TASK_PATHS
+from cl_sulora.errors import DataError
 from tests.helpers import write_cifar
 
 REAL_ROOT = os.environ.get("CL_SULORA_DATA")
@@ -91,6 +92,9 @@ RATING_COUNTS = {"very negative": (2, 2), "negative": (3, 1), "neutral": (4, 3)}
 RATING_COUNTS |= {"positive": (5, 1), "very positive": (6, 2)}
 
 
+TOPICS = ["World", "Sports", "Business", "Sci/Tech", "Company", "Artist"]
+
+
 def write_cl_benchmark(root: Path) -> None:
     """All text tasks the builders read, small, with the real label names."""
     nli3 = ["neutral", "entailment", "contradiction"]
@@ -118,6 +122,10 @@ def write_cl_benchmark(root: Path) -> None:
     write_task(root / "SC/amazon", RATINGS, RATING_COUNTS)
     write_task(root / "SC/yelp", RATINGS, {k: (10, 0) for k in RATINGS})
     write_task(root / "SC/IMDB", ["Good", "Bad"], {"Good": (10, 0), "Bad": (5, 0)})
+    write_task(root / "TC/agnews", TOPICS[:4], {t: (3, 2) for t in TOPICS[:4]})
+    write_task(root / "TC/dbpedia", TOPICS, {t: (0, 5) for t in TOPICS})  # a test file only
+    (root / "TC/yahoo").mkdir(parents=True)  # labels only, as in the collection
+    (root / "TC/yahoo/labels.json").write_text(json.dumps(TOPICS))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +144,7 @@ def test_registry_names_and_option_errors(tok):
     assert set(BENCHMARKS) == {
         "split-cifar100-5", "split-cifar100-10", "split-cifar100-20",
         "split-cifar100-50", "split-cifar100-100",
-        "pacs-dil", "split-glue", "sentiment-dil", "bbc-news",
+        "pacs-dil", "split-glue", "long-text", "sentiment-dil", "bbc-news",
     }  # fmt: skip
     with pytest.raises(ValueError, match="valid names.*split-glue"):
         build_benchmark("split-mnist")
@@ -331,6 +339,59 @@ def test_glue_split_from_train_is_seeded(data_root, tok):
     assert Counter(targets(a.benchmark.test_stream[0])) == {0: 2, 1: 1}  # stratified
     test_x = [inputs(e.benchmark.test_stream[0]) for e in (a, b, c)]
     assert torch.equal(test_x[0], test_x[1]) and not torch.equal(test_x[0], test_x[2])
+
+
+def test_long_text_stream(data_root, tok):
+    spec = build_benchmark("long-text", data_root=data_root, tokenizer=tok, max_length=L,
+                           protocol="class-incremental")
+    assert spec.name == "long-text" and spec.experience_names == list(LONG_ORDER)
+    assert len(LONG_ORDER) == 14 and "yahoo" not in LONG_ORDER  # Yahoo has no data
+    sizes = dict(zip(LONG_ORDER, spec.notes["train_sizes"], strict=True))
+    tests = dict(zip(LONG_ORDER, spec.notes["test_sizes"], strict=True))
+    # DBpedia: a test file only, 5 rows per topic; a seeded 20% per topic is its test split
+    assert spec.notes["train_split_from_test"] == ["dbpedia"]
+    assert (sizes["dbpedia"], tests["dbpedia"]) == (4 * 6, 1 * 6)
+    assert spec.notes["test_split_from_train"] == ["IMDB", "yelp", "MultiRC"]
+    assert (sizes["agnews"], tests["agnews"]) == (12, 8)
+    assert spec.num_classes == 3 + 3 + 2 * 5 + 2 + 5 + 5 + 2 + 6 + 4 + 2  # MNLI ... MultiRC
+    index = LONG_ORDER.index("dbpedia")
+    train_x, test_x = (inputs(stream[index]) for stream in
+                       (spec.benchmark.train_stream, spec.benchmark.test_stream))
+    assert not {tuple(r) for r in train_x[:, 0].tolist()} & {tuple(r) for r in
+                                                              test_x[:, 0].tolist()}
+    offset = spec.notes["label_offsets"]["dbpedia"]
+    assert sorted(set(targets(spec.benchmark.test_stream[index]))) == list(
+        range(offset, offset + 6))
+
+
+def test_text_stream_order_seed(data_root, tok):
+    def build(**options):
+        return build_benchmark("long-text", data_root=data_root, tokenizer=tok,
+                               max_length=L, **options)
+
+    a, b, c = build(order_seed=1), build(order_seed=1), build(order_seed=2)
+    permuted = [LONG_ORDER[i] for i in np.random.RandomState(1).permutation(14)]
+    assert a.experience_names == b.experience_names == permuted == a.notes["task_order"]
+    assert a.notes["order_seed"] == 1 and a.notes["task_order_given"] == list(LONG_ORDER)
+    assert c.experience_names != permuted and sorted(c.experience_names) == sorted(LONG_ORDER)
+    # the tasks carry their data, not their position: a task's inputs are the same anywhere
+    first = permuted[0]
+    x_a = inputs(a.benchmark.train_stream[0])
+    x_d = inputs(build().benchmark.train_stream[LONG_ORDER.index(first)])
+    assert torch.equal(x_a[:, 0], x_d[:, 0])
+    short = build(order_seed=1, num_experiences=3)
+    assert short.experience_names == permuted[:3]
+    glue = build_benchmark("split-glue", data_root=data_root, tokenizer=tok, max_length=L,
+                           order_seed=3)
+    assert sorted(glue.experience_names) == sorted(glue.notes["task_order_given"])
+
+
+def test_task_without_data_is_named(data_root, tok):
+    with pytest.raises(DataError, match="yahoo has no data.*leave yahoo out of data.task_order"):
+        build_benchmark("long-text", data_root=data_root, tokenizer=tok, max_length=L,
+                        task_order=["agnews", "yahoo"])
+    with pytest.raises(ValueError, match="order_seed.*integer"):
+        build_benchmark("long-text", data_root=data_root, tokenizer=tok, order_seed=-1)
 
 
 def test_glue_errors(data_root, tmp_path, tok):

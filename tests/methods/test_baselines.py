@@ -620,3 +620,43 @@ def test_every_method_runs_on_a_stream_without_task_labels(name):
     results = strategy.eval(bm.test_stream)
     accuracy = next(v for k, v in results.items() if k.startswith("Top1_Acc_Stream"))
     assert 0.0 <= accuracy <= 1.0
+
+
+# ---------------------------------------------------------------------- adapter-free baseline
+def test_frozen_trains_the_head_and_nothing_else():
+    torch.manual_seed(0)
+    stream = image_stream()
+    model = vit_classifier()
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    optimized, moved = [], []
+
+    def start(strategy):
+        optimized.append({id(p) for g in strategy.optimizer.param_groups for p in g["params"]})
+        start.head = {k: v.detach().clone() for k, v in model.head.named_parameters()}
+
+    def end(strategy):
+        after = dict(model.head.named_parameters())
+        moved.append(all(not torch.equal(start.head[k], after[k]) for k in start.head))
+
+    strategy = build("frozen", model, plugins=[Hook("before_training_epoch", start),
+                                               Hook("after_training_exp", end)])
+    for exp in stream.train_stream:
+        strategy.train(exp)
+    assert all(torch.equal(backbone[k], v) for k, v in model.backbone.state_dict().items())
+    # each experience optimizes exactly the head, grown to its classes, and every head tensor moves
+    assert optimized[-1] == {id(p) for p in model.head.parameters()}
+    assert model.head.classifier.out_features == 4 and moved == [True, True]
+    assert strategy.adapter_report() == {"live_adapter_params": 0, "stored_state_params": 0}
+
+
+def test_frozen_config_errors():
+    from pydantic import ValidationError
+
+    from cl_sulora import FrozenBackbone, FrozenConfig
+
+    with pytest.raises(ValidationError, match="trainable_modules"):
+        FrozenConfig(trainable_modules=[])
+    model = vit_classifier()
+    with pytest.raises(ValueError, match="trainable_modules.*name no module.*head's name"):
+        FrozenBackbone(model=model, optimizer=torch.optim.Adam(model.parameters()),
+                       config=FrozenConfig(trainable_modules=["classifier_head"]))

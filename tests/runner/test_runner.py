@@ -219,6 +219,13 @@ def test_result_names():
     assert result_path(config).name.endswith("__seed2.json")
     assert config.backbone.name == "vit_small_patch16_224"  # the image default
     assert resolve_config("bbc-news", "sulora").backbone.name == "minilm-l6"
+    # each stream order of a text stream gets its own record
+    args = cli.build_parser().parse_args(["run", "--order-seed", "2", "--protocol",
+                                          "class-incremental"])
+    config = resolve_config("long-text", "frozen", cli.overrides_from(args))
+    assert result_path(config).name == "long-text-class-incremental-order2__frozen__seed0.json"
+    config = resolve_config("long-text", "frozen", {"data.order_seed": None})
+    assert result_path(config).name == "long-text-task-incremental__frozen__seed0.json"
 
 
 def test_validation_option_names_results_and_is_checked():
