@@ -224,3 +224,22 @@ def test_epoch_loading_times_every_epoch_and_is_reported(tmp_path):
     text = "\n".join(report.epoch_loading(tmp_path))
     assert "## Loading across epochs" in text and "`abc1234`" in text
     assert "| epoch-spanning | 400 | 230 | 5 | 2.00 |" in text
+
+
+def test_eval_cache_ab_runs_both_ways_and_is_reported(tiny, tmp_path):
+    from benchmarks.perf import eval_cache
+    from tests.helpers import TINY_VIT
+
+    out = tmp_path / "eval_cache"
+    eval_cache.main(["--benchmark", "tiny-images", "--strategy", "sulora", "--device", "cpu",
+                     "--precision", "fp32", "--epochs", "1", "--batch-size", "8",
+                     "--eval-batch-size", "4", "--out", str(out), "--commit", "abc1234",
+                     "--set", "backbone.name=vit_small_patch16_224",
+                     f"backbone.kwargs={json.dumps(TINY_VIT)}", "out=" + str(tmp_path / "r")])
+    run = json.loads((out / "eval_cache.json").read_text())
+    assert [r["cache"] for r in run["runs"]] == [False, True]
+    assert run["matrices_equal"] and len(run["runs"][0]["accuracy_matrix"]) == 3
+    assert run["runs"][0]["cached_mb"] == 0 < run["runs"][1]["cached_mb"]
+    text = "\n".join(report.eval_cache(tmp_path))
+    assert "## Evaluation cache" in text and "Accuracy matrices equal: yes" in text
+    assert text.count("| off |") == 1 and text.count("| on |") == 1

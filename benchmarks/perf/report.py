@@ -486,6 +486,28 @@ def epoch_loading(directory: Path) -> list[str]:
                            "of which first-batch wait ms", "all epochs s"], rows)
 
 
+def eval_cache(directory: Path) -> list[str]:
+    """The A/B of ``benchmarks.perf.eval_cache`` (``eval_cache/``), if any."""
+    run = _optional_json(directory / "eval_cache" / "eval_cache.json")
+    if run is None:
+        return []
+    cfg, config = run["settings"], run["settings"]["config"]
+    lines = ["## Evaluation cache", "",
+             f"`python -m benchmarks.perf.eval_cache` on {run['device']}, commit "
+             f"`{run['commit']}`: one {cfg['strategy']} run of {cfg['benchmark']} "
+             f"({config['training']['epochs']} epochs per experience, batch "
+             f"{config['training']['batch_size']}, evaluation batch "
+             f"{config['training']['eval_batch_size']}, {config['precision']}, the whole test "
+             "stream evaluated after every experience) without and with the evaluation cache, "
+             f"alternating, {cfg['repeats']} pair(s). Accuracy matrices equal: "
+             f"{'yes' if run['matrices_equal'] else 'NO'}.", ""]
+    rows = [["on" if r["cache"] else "off", _num(r["wall_s"], 1), _num(r["train_s"], 1),
+             _num(r["rest_s"], 1), _num(r["cached_mb"], 0)] for r in run["runs"]]
+    return lines + _table(["Cache", "run s", "training s", "the rest s", "cached MiB"], rows) + [
+        f"Without / with: {run['wall_ratio']:.2f}x the run, {run['rest_ratio']:.2f}x the rest.",
+        ""]
+
+
 def notes(directory: Path) -> list[str]:
     """Observations that no measurement file holds (``notes.md`` beside them), verbatim."""
     path = directory / "notes.md"
@@ -510,7 +532,8 @@ def render(directory: Path, output: Path, plots: Path, summary: dict[str, Any]) 
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
     lines += long_stream(directory, output.parent) + data_parallel(directory)
-    lines += data_loading(directory) + epoch_loading(directory) + notes(directory)
+    lines += data_loading(directory) + epoch_loading(directory) + eval_cache(directory)
+    lines += notes(directory)
     return "\n".join(lines).rstrip() + "\n"
 
 

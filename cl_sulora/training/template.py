@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from ..adapters.injection import adapter_layers
 from . import distributed
-from .loading import EpochSpanningLoader
+from .loading import EpochSpanningLoader, EvalInputCache
 from .plugins import CurrentClassMask, DivergenceGuard, LRSchedule
 
 
@@ -79,7 +79,12 @@ class AdapterTemplate(SupervisedTemplate):
     ``train_mb_size`` is the global batch, each rank trains on its shard of it, and the
     experience's training forward passes go through a DistributedDataParallel wrapper built once
     the experience's adapters are allocated (``self.model`` stays the plain model, so plugins,
-    checkpoints and evaluation see it unchanged). Every rank evaluates the whole stream."""
+    checkpoints and evaluation see it unchanged). Every rank evaluates the whole stream.
+
+    Evaluation batches are kept on the device after a dataset's first evaluation, up to
+    ``eval_cache_gb`` in all (:class:`~cl_sulora.training.loading.EvalInputCache`): later
+    evaluations of the same test experiences skip loading. Use ``eval_cache_gb=0`` for a
+    benchmark whose evaluation transform is random."""
 
     def __init__(
         self,
@@ -97,6 +102,7 @@ class AdapterTemplate(SupervisedTemplate):
         mask_logits: bool = True,
         lr_schedule: Literal["constant", "cosine"] | None = None,
         divergence_check_every: int = 1,
+        eval_cache_gb: float = 1.0,
         **kwargs,
     ) -> None:
         plugins = list(plugins or [])
@@ -122,6 +128,8 @@ class AdapterTemplate(SupervisedTemplate):
             **kwargs,
         )
         self._ddp: nn.Module | None = None
+        #: evaluation batches kept between evaluations (replace it to change the budget)
+        self.eval_cache = EvalInputCache(int(eval_cache_gb * 2**30), self.device)
 
     def train(self, experiences, eval_streams=None, **kwargs):
         """Avalanche's training loop; if it fails part-way through an experience (an error,
@@ -215,13 +223,15 @@ class AdapterTemplate(SupervisedTemplate):
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
                              persistent_workers=False, **kwargs):
         if not distributed.is_distributed():
-            return super().make_eval_dataloader(
+            super().make_eval_dataloader(
                 num_workers=num_workers, shuffle=shuffle, pin_memory=pin_memory,
                 persistent_workers=persistent_workers, **kwargs)
-        # every rank evaluates the whole stream: metrics equal a single process's
-        args = self._obtain_common_dataloader_parameters(
-            batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=shuffle,
-            pin_memory=pin_memory, persistent_workers=persistent_workers)
-        collate_from_data_or_kwargs(self.adapted_dataset, args)
-        self.dataloader = SingleDatasetDataLoader(
-            self.adapted_dataset, distributed_sampling=False, **args)
+        else:  # every rank evaluates the whole stream: metrics equal a single process's
+            args = self._obtain_common_dataloader_parameters(
+                batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=shuffle,
+                pin_memory=pin_memory, persistent_workers=persistent_workers)
+            collate_from_data_or_kwargs(self.adapted_dataset, args)
+            self.dataloader = SingleDatasetDataLoader(
+                self.adapted_dataset, distributed_sampling=False, **args)
+        if not shuffle:
+            self.dataloader = self.eval_cache.loader(self.experience.dataset, self.dataloader)

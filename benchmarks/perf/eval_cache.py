@@ -1,0 +1,93 @@
+"""One run with the evaluation cache against the same run without it, side by side in one
+process: wall time, training time, the rest (mostly evaluating the whole test stream after
+every experience), and whether the two accuracy matrices are equal.
+
+    python -m benchmarks.perf.eval_cache --benchmark split-cifar100-50 --epochs 2 \
+        --batch-size 128 --device cuda --precision bf16 --backbone-weights DIR \
+        --out benchmarks/perf/results/eval_cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from cl_sulora.runner.build import build_experiment, determinism_restored, seed_everything
+from cl_sulora.runner.config import parse_overrides, resolve_config
+from cl_sulora.runner.loop import run_stream
+from cl_sulora.training.distributed import local_device
+from cl_sulora.training.loading import EvalInputCache
+
+from .results import environment, resolve_commit, write_json
+
+
+def timed_run(config, cached: bool) -> dict[str, Any]:
+    """One run of ``config`` through the runner's stream loop, the cache on or off."""
+    with determinism_restored():
+        seed_everything(config.seed, config.deterministic)
+        experiment = build_experiment(config)
+        strategy = experiment.strategy
+        if not cached:
+            strategy.eval_cache = EvalInputCache(0, strategy.device)
+        seed_everything(config.seed, config.deterministic)
+        start = time.perf_counter()
+        result = run_stream(experiment)
+        wall = time.perf_counter() - start
+    return {"cache": cached, "wall_s": wall, "train_s": result.train_seconds,
+            "rest_s": wall - result.train_seconds, "cached_mb": strategy.eval_cache.used_bytes
+            / 2**20, "accuracy_matrix": result.accuracy_matrix}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", default="split-cifar100-50")
+    parser.add_argument("--strategy", default="sulora")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--eval-batch-size", type=int, default=512)
+    parser.add_argument("--limit-per-class", type=int)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--backbone-weights")
+    parser.add_argument("--data-root")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating")
+    parser.add_argument("--set", dest="sets", nargs="+", action="extend", default=[],
+                        metavar="KEY=VALUE", help="other run config values, as cl-sulora run")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--commit", help="commit to record when git cannot tell")
+    args = parser.parse_args(argv)
+    overrides = {"training.epochs": args.epochs, "training.batch_size": args.batch_size,
+                 "training.eval_batch_size": args.eval_batch_size, "device": args.device,
+                 "precision": args.precision, "data.limit_per_class": args.limit_per_class,
+                 "backbone.weights": args.backbone_weights, "data.data_root": args.data_root}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = resolve_config(args.benchmark, args.strategy,
+                            {**overrides, **parse_overrides(args.sets)})
+    runs = []
+    for _ in range(args.repeats):
+        for cached in (False, True):
+            runs.append(timed_run(config, cached))
+            run = runs[-1]
+            print(f"cache {'on ' if cached else 'off'}: {run['wall_s']:.1f} s in all, "
+                  f"{run['train_s']:.1f} s training, {run['rest_s']:.1f} s the rest", flush=True)
+    off = [r for r in runs if not r["cache"]]
+    on = [r for r in runs if r["cache"]]
+    env = environment(local_device(config.device), resolve_commit(args.commit))
+    payload = {"group": "eval_cache", **env,
+               "settings": {"benchmark": args.benchmark, "strategy": args.strategy,
+                            "config": config.model_dump(mode="json"), "repeats": args.repeats},
+               "matrices_equal": all(r["accuracy_matrix"] == off[0]["accuracy_matrix"]
+                                     for r in runs),
+               "wall_ratio": sum(r["wall_s"] for r in off) / sum(r["wall_s"] for r in on),
+               "rest_ratio": sum(r["rest_s"] for r in off) / sum(r["rest_s"] for r in on),
+               "runs": runs}
+    print(f"matrices equal: {payload['matrices_equal']}; without/with the cache: wall "
+          f"{payload['wall_ratio']:.2f}x, the rest {payload['rest_ratio']:.2f}x", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "eval_cache.json", payload)
+
+
+if __name__ == "__main__":
+    main()
