@@ -1,8 +1,10 @@
 """Continual-learning methods, each an Avalanche plugin plus a thin strategy, registered where it
 is defined (:mod:`.registry`): SuLoRA, the branch-LoRA baselines (SD-LoRA, InfLoRA, O-LoRA,
-Seq/Inc/Joint LoRA), full fine-tuning with Avalanche's Naive, EWC, LwF and Replay, and the
-adapter-free baseline (a frozen backbone under a trained head)."""
+Seq/Inc/Joint LoRA), full fine-tuning with Avalanche's Naive, EWC, LwF and Replay, the
+adapter-free baseline (a frozen backbone under a trained head), and the closed-form
+classifiers on frozen features (SimpleCIL, RanPAC)."""
 
+from .closed_form import RanPAC, RanPACConfig, SimpleCIL
 from .frozen import FrozenBackbone, FrozenConfig
 from .full_finetuning import (
     EWCBaseline,
@@ -40,12 +42,15 @@ __all__ = [
     "OLoRA",
     "OLoRAConfig",
     "OLoRAPlugin",
+    "RanPAC",
+    "RanPACConfig",
     "ReplayBaseline",
     "ReplayConfig",
     "SDLoRA",
     "SDLoRAConfig",
     "SDLoRAPlugin",
     "SeqLoRA",
+    "SimpleCIL",
     "SuLoRA",
     "SuLoRAPlugin",
     "check_capacity",

@@ -37,6 +37,9 @@ class MethodSpec:
         distributed: can train data-parallel under ``torchrun``.
         task_aware_inference: takes ``inference="task-aware"``, which the runner passes on
             task-incremental benchmarks.
+        protocols: the benchmark protocols it runs on (the runner refuses the others).
+        alignment: classifier alignment may re-train its head (a head solved in closed form
+            must not be).
         stream_check: ``stream_check(config, num_experiences)`` raises a
             :class:`~cl_sulora.errors.ConfigError` when the method cannot run a stream of that
             length; run once, before training.
@@ -53,6 +56,8 @@ class MethodSpec:
     resumable: bool = True
     distributed: bool = True
     task_aware_inference: bool = False
+    protocols: tuple[str, ...] = ("class-incremental", "domain-incremental", "task-incremental")
+    alignment: bool = True
     stream_check: Callable[[Any, int], None] | None = None
 
 

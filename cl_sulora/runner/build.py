@@ -108,12 +108,20 @@ def build_experiment(
             f"benchmark {spec.name!r} is {spec.modality} but backbone "
             f"{backbone.name!r} is a {backbone.modality} backbone"
         )
+    method = get_method(config.method_name)
+    if spec.protocol not in method.protocols:
+        raise ConfigError(
+            f"{config.strategy!r} runs on {' or '.join(method.protocols)} benchmarks, not on "
+            f"{spec.name!r} ({spec.protocol}): choose another strategy or protocol")
+    if config.alignment.enabled and not method.alignment:
+        raise ConfigError(
+            f"{config.strategy!r} solves its head in closed form: classifier alignment would "
+            "re-train it; drop alignment.enabled (--set alignment.enabled=false)")
     # the class-incremental head grows from one unit as classes arrive (every record was made
     # so); only the domain-incremental head is sized up front
     sized = spec.num_classes if spec.protocol == "domain-incremental" else None
     head = make_head(spec.protocol, backbone.feature_dim, sized)
     model = ContinualClassifier(backbone.module, head)
-    method = get_method(config.method_name)
     device = distributed.local_device(config.device)
     training = config.training
     timer = EpochTimer()

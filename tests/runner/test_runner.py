@@ -499,3 +499,15 @@ def test_commit_named_by_the_environment_wins(monkeypatch, tmp_path):
     (tmp_path / "f").write_text("y")
     assert git_commit(tmp_path) == {"sha": sha, "dirty": True}
     assert git_commit(tmp_path / "nothing") is None
+
+
+def test_closed_form_methods_run_and_refuse_what_would_break_them(tiny, tmp_path):
+    result = run(tiny_config(tmp_path, "ranpac", **{"method.projection_dim": 32}))
+    record = result.record
+    assert record["trainable_params"] == 0 and len(record["accuracy_matrix"]) == 3
+    assert record["stored_state_params"] == 32 * 32 + 32 * 6 + 48 * 32
+    with pytest.raises(ConfigError, match="classifier alignment.*alignment.enabled=false"):
+        build_experiment(tiny_config(tmp_path, "simplecil", **{"alignment.enabled": True}))
+    with pytest.raises(ConfigError, match="class-incremental or domain-incremental.*not on"):
+        build_experiment(tiny_config(tmp_path, "simplecil",
+                                     **{"data.task_incremental": True}))

@@ -1,0 +1,321 @@
+"""Classifiers fit in closed form on a frozen backbone's features: SimpleCIL's class prototypes
+and RanPAC's random-projection ridge regression.
+
+Neither trains by gradient: after each experience the head's statistics grow by the
+experience's features (computed with the evaluation transform, as the official code does) and
+the head is solved again. They answer whether adapting the backbone helps at all: the field
+knows them to beat many adapter methods on strong backbones. Single-head protocols only
+(class- and domain-incremental), as in their official code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from pydantic import Field, NonNegativeInt, model_validator
+from pydantic.dataclasses import dataclass
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..adapters.config import STRICT
+from ..seeding import keyed_generator
+from ..training.plugins import MASK_VALUE
+from ..training.template import AdapterTemplate
+from .registry import MethodSpec, register
+
+SINGLE_HEAD = ("class-incremental", "domain-incremental")
+#: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
+RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
+
+
+class _ClassScores(nn.Module):
+    """A head over the classes seen so far: subclasses score them (:meth:`scores`, one column
+    per class id up to the largest seen, in fp32); the output has a column for every class the
+    evaluated experience may hold (:meth:`cover`), those not seen yet at the masking value, as
+    Avalanche's growing head gives. Its buffers take the shapes of the state it loads (they
+    grow with the classes seen, so a fresh head is smaller than a trained one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(0, dtype=torch.bool))
+        self.width = 1
+
+    def cover(self, num_classes: int) -> None:
+        """Output at least ``num_classes`` columns from now on."""
+        self.width = max(self.width, num_classes)
+
+    def mark_seen(self, labels: Tensor) -> None:
+        grow(self, "seen", int(labels.max()) + 1, dim=0)
+        self.seen[labels] = True
+
+    def scores(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.full((len(x), max(self.width, len(self.seen))), MASK_VALUE,
+                         dtype=torch.float32, device=x.device)
+        if self.seen.any():
+            with torch.autocast(x.device.type, enabled=False):  # fp32, as the official code
+                scores = self.scores(x.float())
+            out[:, :len(self.seen)] = torch.where(self.seen, scores, MASK_VALUE)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, buffer in self.named_buffers(recurse=False):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != buffer.shape:
+                setattr(self, name, buffer.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class PrototypeHead(_ClassScores):
+    """SimpleCIL's cosine classifier: the logit of class ``c`` is the cosine of the feature with
+    the class's prototype, the sum of its training features (for a class of one experience, its
+    mean times the count: the same direction; across domains, the mean over every domain, as
+    the official code's domain-incremental rule gives)."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(0, in_features))
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        """Add ``features`` (N, d) to the prototypes of their ``labels`` (N,)."""
+        self.mark_seen(labels)
+        grow(self, "sums", len(self.seen), dim=0)
+        self.sums.index_add_(0, labels, features.to(self.sums.dtype))
+
+    def scores(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) @ F.normalize(self.sums, dim=1).T
+
+
+class RidgeHead(_ClassScores):
+    """RanPAC's classifier: logits ``ReLU(x R) W^T``, with ``R`` a fixed Gaussian random
+    projection (``in_features`` x ``projection_dim``; 0: none) and ``W`` the ridge regression of
+    one-hot targets on the projected features of everything seen, ``W^T = (G + ridge I)^-1 Q``
+    from the accumulated ``G = H^T H`` and ``Q = H^T Y``."""
+
+    def __init__(self, in_features: int, projection_dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        width = projection_dim or in_features
+        projection = (torch.randn(in_features, projection_dim, generator=generator)
+                      if projection_dim else torch.zeros(0))
+        self.register_buffer("projection", projection)
+        self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
+        self.register_buffer("targets", torch.zeros(width, 0, dtype=torch.float64))
+        self.register_buffer("weight", torch.zeros(0, width))
+        self.ridge: float | None = None
+
+    def project(self, x: Tensor) -> Tensor:
+        return F.relu(x.float() @ self.projection) if self.projection.numel() else x.float()
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, ridges: Sequence[float],
+               fit_fraction: float, generator: torch.Generator) -> None:
+        """Accumulate the experience's projected ``features`` and one-hot ``labels``, choose
+        the ridge on them (:func:`select_ridge`) and solve for ``W``."""
+        h = self.project(features).double()
+        self.mark_seen(labels)
+        grow(self, "targets", len(self.seen), dim=1)
+        y = F.one_hot(labels, self.targets.shape[1]).double()
+        self.gram += h.T @ h
+        self.targets += h.T @ y
+        self.ridge = select_ridge(h, y, ridges, fit_fraction, generator)
+        eye = torch.eye(len(self.gram), dtype=self.gram.dtype, device=self.gram.device)
+        factor = torch.linalg.cholesky(self.gram + self.ridge * eye)  # positive definite
+        self.weight = torch.cholesky_solve(self.targets, factor).T.float()
+
+    def scores(self, x: Tensor) -> Tensor:
+        return self.project(x) @ self.weight.T
+
+
+def select_ridge(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,
+                 generator: torch.Generator) -> float:
+    """RanPAC's ridge choice: the candidate of least :func:`ridge_losses` (the middle one when
+    the experience is too small to split)."""
+    losses = ridge_losses(h, y, ridges, fit_fraction, generator)
+    if losses is None:
+        return float(ridges[len(ridges) // 2])
+    return float(ridges[min(range(len(ridges)), key=losses.__getitem__)])
+
+
+def ridge_losses(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,
+                 generator: torch.Generator) -> list[float] | None:
+    """Per candidate ridge, the mean squared error of the one-hot targets ``y`` on a held-out
+    part of the experience's samples ``h``, fit on ``fit_fraction`` of them (a seeded random
+    part; the official code's loader is shuffled); None when a part would be empty. One
+    eigendecomposition serves every candidate (the official code solves once per candidate),
+    of the smaller of ``H^T H`` and ``H H^T`` (``(H^T H + r I)^-1 H^T = H^T (H H^T + r I)^-1``)."""
+    order = torch.randperm(len(h), generator=generator).to(h.device)
+    cut = int(len(h) * fit_fraction)
+    if cut < 1 or cut >= len(h):
+        return None
+    fit, held = h[order[:cut]], h[order[cut:]]
+    y_fit, y_held = y[order[:cut]], y[order[cut:]]
+    if len(fit) < fit.shape[1]:  # fewer samples than features: the kernel form
+        values, vectors = torch.linalg.eigh(fit @ fit.T)
+        left, right = held @ fit.T @ vectors, vectors.T @ y_fit
+    else:
+        values, vectors = torch.linalg.eigh(fit.T @ fit)
+        left, right = held @ vectors, vectors.T @ (fit.T @ y_fit)
+    return [float(F.mse_loss(left @ (right / (values.clamp_min(0) + ridge).unsqueeze(1)), y_held))
+            for ridge in ridges]
+
+
+def grow(module: nn.Module, name: str, size: int, dim: int) -> None:
+    """Zero-pad buffer ``name`` of ``module`` to ``size`` along ``dim`` (never shrinks)."""
+    old = getattr(module, name)
+    if old.shape[dim] >= size:
+        return
+    shape = list(old.shape)
+    shape[dim] = size - old.shape[dim]
+    setattr(module, name, torch.cat([old, old.new_zeros(shape)], dim=dim))
+
+
+def head_in_features(model: nn.Module) -> int:
+    """The feature size the model's head reads (its first linear layer's input)."""
+    for module in model.head.modules():
+        if isinstance(module, nn.Linear):
+            return module.in_features
+    raise ValueError(f"{type(model.head).__name__} head has no nn.Linear: cannot tell the "
+                     "backbone's feature size")
+
+
+class ClosedFormStrategy(AdapterTemplate):
+    """A frozen backbone under a head solved in closed form after each experience; nothing is
+    trained by gradient (the optimizer is given no parameters). Subclasses make the head
+    (:meth:`make_head`) and update it (:meth:`fit`)."""
+
+    config_cls: type | None = None
+
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, config=None,
+                 plugins: Sequence[SupervisedPlugin] | None = None, **kwargs) -> None:
+        if self.config_cls is not None:
+            config = config if config is not None else self.config_cls()
+            if not isinstance(config, self.config_cls):
+                raise TypeError(f"expected a {self.config_cls.__name__}, got "
+                                f"{type(config).__name__}")
+        elif config is not None:
+            raise ValueError(f"{type(self).__name__} takes no config")
+        self.config = config
+        model.head = self.make_head(head_in_features(model))
+        model.requires_grad_(False)
+        super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
+
+    def make_head(self, in_features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def fit(self, features: Tensor, labels: Tensor) -> None:
+        raise NotImplementedError
+
+    def make_optimizer(self, **kwargs):
+        self.optimizer.state.clear()
+        self.optimizer.param_groups.clear()
+
+    def model_adaptation(self, model=None):
+        model = super().model_adaptation(model)
+        classes = getattr(self.experience, "classes_in_this_experience", None)
+        if classes is None:
+            classes = self.experience.dataset.targets
+        model.head.cover(int(max(classes)) + 1)
+        return model
+
+    @torch.no_grad()
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        self.model.eval()
+        data = experience.dataset.eval()
+        features, labels = [], []
+        for batch in DataLoader(data, batch_size=self.eval_mb_size):
+            features.append(self.model.backbone(batch[0].to(self.device)).float())
+            labels.append(batch[1].to(self.device))
+        self.fit(torch.cat(features), torch.cat(labels))
+
+
+class SimpleCIL(ClosedFormStrategy):
+    """SimpleCIL (Zhou et al., "Revisiting Class-Incremental Learning with Pre-Trained Models:
+    Generalizability and Adaptivity are All You Need", IJCV 2024): a prototype classifier on the
+    frozen backbone (:class:`PrototypeHead`)."""
+
+    def make_head(self, in_features: int) -> nn.Module:
+        return PrototypeHead(in_features)
+
+    def fit(self, features: Tensor, labels: Tensor) -> None:
+        self.model.head.update(features, labels)
+
+
+@dataclass(config=STRICT)
+class RanPACConfig:
+    """RanPAC without its first-session adaptation (the official code's ``ncm`` model with
+    ``use_RP``).
+
+    Args:
+        projection_dim: ``M``, the random projection's width (the official default 10000; 0:
+            no projection, ridge regression on the features themselves).
+        ridges: candidate ridge values, chosen per experience on its own features.
+        fit_fraction: the part of an experience's samples the candidates are fit on; the
+            rest scores them.
+        seed: seeds the projection and the split of the ridge choice (the run seed by default).
+    """
+
+    projection_dim: NonNegativeInt = 10000
+    ridges: list[float] = Field(default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
+    fit_fraction: float = 0.8
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> RanPACConfig:
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise ValueError(f"fit_fraction must be in (0, 1), got {self.fit_fraction}")
+        if any(not math.isfinite(r) or r <= 0 for r in self.ridges):
+            raise ValueError(f"ridges must be positive and finite, got {self.ridges}")
+        return self
+
+
+class RanPAC(ClosedFormStrategy):
+    """RanPAC (McDonnell et al., "RanPAC: Random Projections and Pre-trained Models for
+    Continual Learning", NeurIPS 2023): ridge regression on randomly projected frozen features
+    (:class:`RidgeHead`)."""
+
+    config_cls = RanPACConfig
+
+    def make_head(self, in_features: int) -> nn.Module:
+        return RidgeHead(in_features, self.config.projection_dim,
+                         keyed_generator(self.config.seed, "projection", 0))
+
+    def fit(self, features: Tensor, labels: Tensor) -> None:
+        experience = int(self.experience.current_experience)
+        self.model.head.update(features, labels, self.config.ridges, self.config.fit_fraction,
+                               keyed_generator(self.config.seed, "ridge", experience))
+
+    def method_state_params(self) -> int:
+        """The accumulated ``G`` and ``Q`` (and the fixed projection)."""
+        head = self.model.head
+        return head.gram.numel() + head.targets.numel() + head.projection.numel()
+
+
+register(MethodSpec(
+    name="simplecil",
+    strategy=SimpleCIL,
+    config_cls=None,
+    paper="SimpleCIL (Zhou et al., IJCV 2024): prototypes on the frozen backbone",
+    trains="nothing by gradient: each new class's prototype (its mean feature)",
+    stores="one prototype per class",
+    protocols=SINGLE_HEAD,
+    alignment=False,
+    distributed=False,
+))
+register(MethodSpec(
+    name="ranpac",
+    strategy=RanPAC,
+    config_cls=RanPACConfig,
+    paper="RanPAC (McDonnell et al., NeurIPS 2023), without first-session adaptation",
+    trains="nothing by gradient: the ridge classifier on random-projected frozen features",
+    stores="the Gram matrix of the projected features and their targets",
+    protocols=SINGLE_HEAD,
+    alignment=False,
+    distributed=False,
+))

@@ -1,0 +1,167 @@
+"""SimpleCIL and RanPAC: heads solved in closed form on the frozen backbone, checked against the
+formulas of their official code computed here by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+
+from cl_sulora import RanPAC, RanPACConfig, SimpleCIL
+from cl_sulora.methods.closed_form import RANPAC_RIDGES, ridge_losses, select_ridge
+from cl_sulora.models import ContinualClassifier, make_head
+from tests.helpers import image_stream, tiny_vit
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(cls, protocol="class-incremental", **kwargs):
+    torch.manual_seed(0)
+    model = ContinualClassifier(tiny_vit(), make_head(protocol, 32, 4 if protocol ==
+                                                      "domain-incremental" else None))
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
+    return cls(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+               train_mb_size=8, eval_mb_size=5, evaluator=evaluator, **kwargs)
+
+
+@torch.no_grad()
+def features_of(strategy, experience):
+    """Backbone features and labels of an experience's data, computed here."""
+    data = experience.dataset.eval()
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    strategy.model.eval()
+    return strategy.model.backbone(x), y
+
+
+def test_simplecil_prototypes_are_the_class_means_and_predict_by_cosine():
+    stream = image_stream()
+    strategy = build(SimpleCIL)
+    backbone = {k: v.clone() for k, v in strategy.model.backbone.state_dict().items()}
+    seen = []
+    for exp in stream.train_stream:
+        strategy.train(exp)
+        seen.append(features_of(strategy, exp))
+    f = torch.cat([s[0] for s in seen])
+    y = torch.cat([s[1] for s in seen])
+    means = torch.stack([f[y == c].mean(0) for c in range(4)])
+    head = strategy.model.head
+    torch.testing.assert_close(F.normalize(head.sums, dim=1), F.normalize(means, dim=1))
+    # logits are the cosines of feature and prototype
+    test_f, _ = features_of(strategy, stream.test_stream[1])
+    expected = F.normalize(test_f, dim=1) @ F.normalize(means, dim=1).T
+    torch.testing.assert_close(head(test_f), expected)
+    assert all(torch.equal(backbone[k], v) for k, v in strategy.model.backbone.state_dict().items())
+    assert not strategy.optimizer.param_groups  # nothing trained by gradient
+    accuracy = strategy.eval(stream.test_stream)["Top1_Acc_Stream/eval_phase/test_stream/Task000"]
+    assert accuracy > 0.9  # the classes are separable prototypes of the generated stream
+
+
+def test_simplecil_across_domains_sums_every_domain():
+    stream = image_stream(n_classes=2, n_experiences=1, seed=0)
+    other = image_stream(n_classes=2, n_experiences=1, seed=1)
+    strategy = build(SimpleCIL, "domain-incremental")
+    strategy.train(stream.train_stream[0])
+    strategy.train(other.train_stream[0])
+    f = torch.cat([features_of(strategy, s.train_stream[0])[0] for s in (stream, other)])
+    y = torch.cat([features_of(strategy, s.train_stream[0])[1] for s in (stream, other)])
+    sums = torch.stack([f[y == c].sum(0) for c in range(2)])
+    torch.testing.assert_close(strategy.model.head.sums, sums)
+
+
+def test_ranpac_solves_the_ridge_regression_of_everything_seen():
+    stream = image_stream()
+    config = RanPACConfig(projection_dim=48, seed=3)
+    strategy = build(RanPAC, config=config)
+    head = strategy.model.head
+    projection = head.projection.clone()
+    hs, ys = [], []
+    for exp in stream.train_stream:
+        strategy.train(exp)
+        f, y = features_of(strategy, exp)
+        hs.append(F.relu(f @ projection).double())
+        ys.append(y)
+        # the projection is drawn once: the same for every experience
+        assert torch.equal(head.projection, projection)
+    h, y = torch.cat(hs), torch.cat(ys)
+    onehot = F.one_hot(y, 4).double()
+    torch.testing.assert_close(head.gram, h.T @ h)
+    torch.testing.assert_close(head.targets, h.T @ onehot)
+    eye = torch.eye(48, dtype=torch.float64)
+    weight = torch.linalg.solve(h.T @ h + head.ridge * eye, h.T @ onehot).T.float()
+    torch.testing.assert_close(head.weight, weight)
+    test_f, _ = features_of(strategy, stream.test_stream[0])
+    torch.testing.assert_close(head(test_f), F.relu(test_f @ projection) @ weight.T)
+    assert strategy.adapter_report()["stored_state_params"] == 48 * 48 + 48 * 4 + 32 * 48
+
+
+@pytest.mark.parametrize("samples, width", [(60, 12), (30, 40)])  # primal and kernel forms
+def test_ranpac_ridge_is_the_candidate_with_the_least_held_out_error(samples, width):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(samples, width, generator=g, dtype=torch.float64)
+    y = F.one_hot(torch.randint(0, 3, (samples,), generator=g), 3).double()
+    y = y + 0.5 * (h[:, :3] > 0)  # targets the features partly explain
+    chosen = select_ridge(h, y, RANPAC_RIDGES, 0.8, torch.Generator().manual_seed(5))
+    # the official procedure: a solve per candidate on the fit part, MSE on the rest
+    order = torch.randperm(samples, generator=torch.Generator().manual_seed(5))
+    cut = int(samples * 0.8)
+    fit, held = order[:cut], order[cut:]
+    losses = []
+    for ridge in RANPAC_RIDGES:
+        eye = torch.eye(width, dtype=torch.float64)
+        w = torch.linalg.solve(h[fit].T @ h[fit] + ridge * eye, h[fit].T @ y[fit])
+        losses.append(float(F.mse_loss(h[held] @ w, y[held])))
+    assert chosen == RANPAC_RIDGES[losses.index(min(losses))]
+    fast = ridge_losses(h, y, RANPAC_RIDGES, 0.8, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(losses), rtol=1e-6, atol=1e-9)
+    assert len(set(losses)) > 1  # the candidates differ here: the choice is not trivial
+
+
+def test_closed_form_heads_round_trip_through_a_fresh_model(tmp_path):
+    from cl_sulora import load_model, save_model
+
+    stream = image_stream()
+    for cls, kwargs in ((SimpleCIL, {}), (RanPAC, {"config": RanPACConfig(projection_dim=16)})):
+        strategy = build(cls, **kwargs)
+        strategy.train(stream.train_stream[0])
+        x = next(iter(stream.test_stream[0].dataset))[0][None]
+        strategy.model.eval()
+        before = strategy.model(x)
+        save_model(strategy.model, tmp_path / cls.__name__)
+        fresh = build(cls, **kwargs).model  # an untrained head: smaller buffers
+        restored = load_model(fresh, tmp_path / cls.__name__).eval()
+        torch.testing.assert_close(restored(x), before)
+
+
+def test_config_errors():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="fit_fraction"):
+        RanPACConfig(fit_fraction=1.0)
+    with pytest.raises(ValidationError, match="ridges"):
+        RanPACConfig(ridges=[1.0, -1.0])
+    with pytest.raises(ValueError, match="takes no config"):
+        build(SimpleCIL, config=RanPACConfig())
+
+
+def test_classes_not_seen_yet_are_masked_as_the_growing_head_masks_them():
+    from cl_sulora.training.plugins import MASK_VALUE
+
+    stream = image_stream()
+    for cls, kwargs in ((SimpleCIL, {}), (RanPAC, {"config": RanPACConfig(projection_dim=16)})):
+        strategy = build(cls, **kwargs)
+        strategy.train(stream.train_stream[0])  # classes 0 and 1
+        results = strategy.eval(stream.test_stream)  # the head covers classes 2, 3 too
+        x = torch.stack([stream.test_stream[1].dataset[i][0] for i in range(3)])
+        out = strategy.model(x)
+        assert out.shape == (3, 4) and (out[:, 2:] == MASK_VALUE).all()
+        assert (out[:, :2] > MASK_VALUE).all()
+        assert results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp001"] == 0.0
