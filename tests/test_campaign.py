@@ -60,3 +60,35 @@ def test_campaign_runs_a_job_file_each_in_its_folder_with_its_arguments(tmp_path
                                       ["--protocol", "class-incremental", "--epochs", "1"]]
     assert (out / "glue-task" / "split-glue__sulora__seed1.done").exists()
     assert (out / "glue-class" / "split-glue__sulora__seed1.done").exists()
+
+
+def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_path):
+    import json
+
+    from benchmarks.accuracy import summarize
+    from cl_sulora.runner.report import memory_points
+
+    def record(strategy, seed, a_last, live):
+        matrix = [[a_last, 0.0], [a_last, a_last]]
+        return {"strategy": strategy, "seed": seed, "benchmark": "long-text",
+                "protocol": "class-incremental", "backbone": "minilm-l6", "device": "cpu",
+                "accuracy_matrix": matrix, "A_last": a_last, "live_adapter_params": live,
+                "stored_state_params": 0, "train_seconds": 1.0,
+                "config": {"training": {"epochs": 1}, "data": {}}}
+
+    for k, (a, b) in enumerate([(0.40, 0.30), (0.44, 0.32)]):
+        folder = tmp_path / f"order{k}"
+        folder.mkdir()
+        for strategy, acc, live in (("sulora", a, 100), ("frozen", b, 0)):
+            name = f"long-text-class-incremental-order{k}__{strategy}__seed{k}.json"
+            (folder / name).write_text(json.dumps(record(strategy, k, acc, live)))
+    assert summarize.main([str(tmp_path), "--orders"]) == 0
+    label = "long-text-class-incremental"
+    table = (tmp_path / f"{label}__compare.md").read_text()
+    assert "| sulora | 42.0 ± 2.8 |" in table and "| 0,1 |" in table
+    assert (tmp_path / f"{label}__memory.png").stat().st_size > 0
+    records = summarize.group_results(tmp_path, orders=True)[label]
+    points = {p[0]: p[1:] for p in memory_points(records)}
+    assert points["frozen"][0] == 0 and points["sulora"][0] == 100
+    assert abs(points["sulora"][1] - 0.42) < 1e-12 and points["sulora"][3] == 2
+    assert abs(points["sulora"][2] - 0.02828427) < 1e-6  # the sample std of 0.40 and 0.44

@@ -3,33 +3,44 @@
     python -m benchmarks.accuracy.summarize benchmarks/results/accuracy
 
 reads every ``*.json`` result there and writes ``<label>__compare.md`` and the two PNG plots
-beside them, with :func:`cl_sulora.runner.report.write_report`.
+beside them, with :func:`cl_sulora.runner.report.write_report`. ``--orders`` reads the records
+of the folder's subfolders too and pools the stream orders of a benchmark (``-order<k>`` in
+the file names) into one table, adding the accuracy-against-memory plot
+(``<label>__memory.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
-from cl_sulora.runner.report import write_report
+from cl_sulora.runner.report import plot_memory, write_report
 
 
-def group_results(directory: Path) -> dict[str, list[dict]]:
+def group_results(directory: Path, orders: bool = False) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(directory.glob("**/*.json" if orders else "*.json")):
         record = json.loads(path.read_text())
-        groups[path.name.split("__")[0]].append(record)
+        if "accuracy_matrix" not in record:
+            continue
+        label = path.name.split("__")[0]
+        groups[re.sub(r"-order\d+", "", label) if orders else label].append(record)
     return dict(groups)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
+    parser.add_argument("--orders", action="store_true",
+                        help="pool the stream orders of the subfolders into one table")
     args = parser.parse_args(argv)
-    for label, records in group_results(args.directory).items():
+    for label, records in group_results(args.directory, args.orders).items():
         paths = write_report(records, args.directory, label)
+        if args.orders:
+            plot_memory(records, args.directory / f"{label}__memory.png")
         print(f"{label}: {len(records)} runs -> {paths['table']}")
     return 0
 

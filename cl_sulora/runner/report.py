@@ -169,6 +169,35 @@ def plot_curves(records: Sequence[Record], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def memory_points(records: Sequence[Record]) -> list[tuple[str, float, float, float, int]]:
+    """Per strategy: ``(strategy, live adapter params, A_last mean, A_last sample std, runs)``
+    over its runs (seeds, and stream orders where a study has several)."""
+    points = []
+    for strategy, group in by_strategy(records).items():
+        stats = mean_std([value(r, "A_last") for r in group])
+        live = float(np.mean([r.get("live_adapter_params") or 0 for r in group]))
+        if stats is not None:
+            points.append((strategy, live, stats[0], stats[1], len(group)))
+    return points
+
+
+def plot_memory(records: Sequence[Record], path: str | Path) -> Path:
+    """Accuracy against memory: A_last (mean, error bar one sample std over the runs) against
+    the live adapter values after the stream, a point per strategy (adapter-free ones at 0)."""
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    for strategy, live, mean, std, runs in memory_points(records):
+        ax.errorbar(live, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+        ax.annotate(f"{strategy} ({runs})", (live, 100 * mean), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xscale("symlog", linthresh=1e4)
+    ax.set_xlabel("live adapter values after the stream")
+    ax.set_ylabel("A_last (%)")
+    ax.set_title(f"{benchmark_title(records[0])}: accuracy against memory", fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def is_joint(record: Record) -> bool:
     """Whether the record is of a joint run (a single row after training on the whole stream)."""
     matrix = record["accuracy_matrix"]
