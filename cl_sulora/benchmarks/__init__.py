@@ -3,7 +3,8 @@
 from .bbc_news import build_bbc_news
 from .cifar100 import build_split_cifar100
 from .common import BenchmarkSpec, resolve_data_root
-from .glue import build_split_glue
+from .glue import build_long_text, build_split_glue
+from .image_folders import build_image_folders
 from .pacs import build_pacs_dil
 from .registry import BENCHMARKS, benchmark_options, build_benchmark, register_benchmark
 from .sentiment import build_sentiment_dil
@@ -14,6 +15,8 @@ __all__ = [
     "benchmark_options",
     "build_bbc_news",
     "build_benchmark",
+    "build_image_folders",
+    "build_long_text",
     "build_pacs_dil",
     "build_sentiment_dil",
     "build_split_cifar100",

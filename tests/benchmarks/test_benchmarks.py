@@ -145,6 +145,8 @@ def test_registry_names_and_option_errors(tok):
         "split-cifar100-5", "split-cifar100-10", "split-cifar100-20",
         "split-cifar100-50", "split-cifar100-100",
         "pacs-dil", "split-glue", "long-text", "sentiment-dil", "bbc-news",
+        "imagenet-r-5", "imagenet-r-10", "imagenet-r-20", "imagenet-a-10", "cub200-10",
+        "cub200-20",
     }  # fmt: skip
     with pytest.raises(ValueError, match="valid names.*split-glue"):
         build_benchmark("split-mnist")
@@ -730,3 +732,73 @@ def test_array_image_transforms_equal_torchvision_pil_pipeline_bit_for_bit():
             torch.manual_seed(3)
             got = [arr_tf(chw_tensor(a)) for a in images]
             assert all(torch.equal(e, g) for e, g in zip(expected, got, strict=True))
+
+
+# ---------------------------------------------------------------- ImageNet-R, ImageNet-A, CUB
+
+
+def write_image_folder(folder: Path, per_class: int, classes: int = 200) -> None:
+    """``classes`` class folders of ``per_class`` 6x6 PNGs; red = class index, green = file
+    index (names sort as their indices)."""
+    for c in range(classes):
+        (folder / f"n{c:08d}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.zeros((6, 6, 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = c, i
+            Image.fromarray(pixels).save(folder / f"n{c:08d}" / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folders")
+    write_image_folder(root / "imagenet-r" / "train", 2)
+    write_image_folder(root / "imagenet-r" / "test", 1)
+    write_image_folder(root / "raw" / "imagenet-r", 20, classes=10)  # one folder, as published
+    return root
+
+
+def red(exp) -> list[int]:
+    data = exp.dataset.eval()
+    return sorted({int(round(float(data[i][0][0, 0, 0]) * 255)) for i in range(len(data))})
+
+
+def test_imagenet_r_train_test_folders(folder_root):
+    plain = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "image_size": 6}
+    spec = build_benchmark("imagenet-r-10", data_root=folder_root, check_files=True, **plain)
+    order = np.random.RandomState(1993).permutation(200).tolist()
+    assert spec.notes["class_order"] == order and spec.num_classes == 200
+    assert spec.notes["train_sizes"] == [40] * 10 and spec.notes["test_sizes"] == [20] * 10
+    bm = spec.benchmark
+    # experience 1 holds labels 20..39: the folders order[20:40], in that order
+    assert sorted(targets(bm.train_stream[1])) == sorted(list(range(20, 40)) * 2)
+    assert red(bm.test_stream[1]) == sorted(order[20:40])
+    data = bm.test_stream[1].dataset.eval()
+    x, y = data[0][0], int(data[0][1])
+    assert x.shape == (3, 6, 6) and order[y] == int(round(float(x[0, 0, 0]) * 255))
+    assert spec.notes["class_names"][y] == f"n{order[y]:08d}"
+    # training crops resize to the backbone's size
+    assert bm.train_stream[0].dataset[0][0].shape == (3, 6, 6)
+
+
+def test_imagenet_r_seeded_split_of_one_folder(folder_root, monkeypatch):
+    from cl_sulora.benchmarks import image_folders
+
+    monkeypatch.setitem(image_folders.DATASETS, "imagenet-r", ("imagenet-r", 10, "the web"))
+    spec = image_folders.build_image_folders(5, dataset="imagenet-r", split_seed=0,
+                                             data_root=folder_root / "raw", image_size=6)
+    test_idx = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()[160:]
+    assert sum(spec.notes["train_sizes"]) == 160 and sum(spec.notes["test_sizes"]) == 40
+    # file i of the sorted listing is class i // 20: the test split holds exactly its indices
+    order = spec.notes["class_order"]
+    counts = Counter(order[t] for exp in spec.benchmark.test_stream for t in targets(exp))
+    assert counts == Counter(i // 20 for i in test_idx) and len(counts) == 10
+    assert "seed 0" in spec.notes["split"] and spec.notes["split_seed"] == 0
+
+
+def test_image_folder_errors_name_the_path_and_the_source(folder_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="imagenet-a/train.*published at"):
+        build_benchmark("imagenet-a-10", data_root=folder_root)
+    write_image_folder(tmp_path / "cub" / "train", 1, classes=3)
+    write_image_folder(tmp_path / "cub" / "test", 1, classes=3)
+    with pytest.raises(ValueError, match="3 class folders, cub200 has 200"):
+        build_benchmark("cub200-10", data_root=tmp_path)

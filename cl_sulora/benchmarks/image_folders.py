@@ -1,0 +1,202 @@
+"""The field's class-incremental image benchmarks: ImageNet-R, ImageNet-A and CUB-200 in folders.
+
+The layout is the one the reference loaders read (RanPAC, LAMDA-PILOT and InfLoRA's
+``utils/data.py``, ``datasets.ImageFolder`` on each split): ``<root>/<dir>/train/<class>/*``
+and ``<root>/<dir>/test/<class>/*``, classes numbered in sorted folder order, the class order a
+``numpy.random.RandomState(class_order_seed)`` permutation (1993 in their configs). ImageNet-R
+as published by its authors is one folder of class folders: with ``split_seed`` the builder
+splits it 80/20 itself, as InfLoRA does when it finds no ``train/`` folder (one global
+``torch.randperm`` of the sorted files, the first 80% training). Transforms are the papers':
+``RandomResizedCrop(size, scale=(0.05, 1))`` and a flip for training, ``Resize(size * 8 / 7,
+bicubic)`` and ``CenterCrop(size)`` for evaluation, then the backbone's normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.benchmarks import nc_benchmark
+from torchvision.transforms import (
+    CenterCrop,
+    Compose,
+    InterpolationMode,
+    Normalize,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    Resize,
+    ToTensor,
+)
+
+from .common import (
+    UNPACK_HINT,
+    BenchmarkSpec,
+    LabelledData,
+    carve_validation,
+    check_images,
+    check_positive,
+    class_range_name,
+    keep_first,
+    limit_indices,
+    open_rgb,
+    resolve_data_root,
+)
+from .registry import register_benchmark
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+#: name -> (folder under the data root, classes, where the data is published)
+DATASETS = {
+    "imagenet-r": ("imagenet-r", 200, "https://github.com/hendrycks/imagenet-r (one folder; use "
+                   "split_seed), or the train/test copy linked from the RanPAC and "
+                   "RevisitingCIL READMEs"),
+    "imagenet-a": ("imagenet-a", 200, "the train/test copy linked from the RanPAC and "
+                   "RevisitingCIL READMEs (from https://github.com/hendrycks/natural-adv-examples)"),
+    "cub200": ("cub", 200, "the train/test copy linked from the RanPAC and RevisitingCIL "
+               "READMEs (from https://www.vision.caltech.edu/datasets/cub_200_2011/)"),
+}
+
+
+def crop_transforms(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    augment: bool):
+    """(train, eval) transforms of the papers (see the module docstring)."""
+    check_positive("image_size", image_size)
+    tail = [ToTensor(), Normalize(tuple(mean), tuple(std))]
+    evaluate = Compose([Resize(int(image_size * 8 / 7), interpolation=InterpolationMode.BICUBIC),
+                        CenterCrop(image_size), *tail])
+    if not augment:
+        return evaluate, evaluate
+    train = Compose([RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3)),
+                     RandomHorizontalFlip(), *tail])
+    return train, evaluate
+
+
+def folder_images(folder: Path, hint: str) -> tuple[list[str], list[Path], list[int]]:
+    """(class names in sorted order, image paths, labels) of an ImageFolder tree."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: expected {folder}; {hint}")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    if not paths:
+        raise FileNotFoundError(f"no images in class folders of {folder}; {hint}")
+    return classes, paths, labels
+
+
+def seeded_split(count: int, seed: int, train_fraction: float = 0.8) -> tuple[list[int],
+                                                                              list[int]]:
+    """InfLoRA's split of a one-folder dataset: ``torch.randperm(count)`` from a generator
+    seeded ``seed``, its first ``int(train_fraction * count)`` indices training, the rest test."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = int(train_fraction * count)
+    return order[:cut], order[cut:]
+
+
+def build_image_folders(
+    n_splits: int,
+    *,
+    dataset: str,
+    data_root: str | os.PathLike | None = None,
+    class_order_seed: int = 1993,
+    split_seed: int | None = None,
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool = True,
+    check_files: bool = True,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+    validation: float = 0.0,
+) -> BenchmarkSpec:
+    """``dataset`` (a key of :data:`DATASETS`) in ``n_splits`` class-incremental experiences.
+
+    Reads ``<root>/<dir>/train`` and ``.../test``; with ``split_seed``, ``<root>/<dir>`` is one
+    folder of class folders split 80/20 by :func:`seeded_split`. Labels are positions in the
+    class order (``notes["class_order"]`` maps them to sorted folder indices, and
+    ``notes["class_names"]`` names them). ``check_files`` decodes every image first, so that
+    a damaged file stops the build, not the run."""
+    dirname, expected, published = DATASETS[dataset]
+    root = resolve_data_root(data_root) / dirname
+    hint = f"{UNPACK_HINT}; the data is published at {published}"
+    if not isinstance(n_splits, int) or n_splits < 1 or expected % n_splits:
+        raise ValueError(f"n_splits must divide {expected}, got {n_splits!r}")
+    if split_seed is None:
+        classes, train_paths, train_labels = folder_images(root / "train", hint)
+        test_classes, test_paths, test_labels = folder_images(root / "test", hint)
+        if test_classes != classes:
+            raise ValueError(f"{root}/test has other classes than {root}/train "
+                             f"({len(test_classes)} against {len(classes)}); {hint}")
+    else:
+        classes, paths, labels = folder_images(root, hint)
+        train_idx, test_idx = seeded_split(len(paths), split_seed)
+        train_paths, train_labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+        test_paths, test_labels = [paths[i] for i in test_idx], [labels[i] for i in test_idx]
+    if len(classes) != expected:
+        raise ValueError(f"{root} has {len(classes)} class folders, {dataset} has {expected}; "
+                         f"{hint}")
+    per_exp = expected // n_splits
+    kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
+    order = np.random.RandomState(class_order_seed).permutation(expected).tolist()
+    kept = order[: kept_exps * per_exp]
+
+    def subset(paths: list[Path], labels: list[int]) -> LabelledData:
+        y = np.asarray(labels)
+        idx = np.flatnonzero(np.isin(y, kept))
+        idx = idx[limit_indices(y[idx].tolist(), limit_per_class, seed)]
+        if check_files:
+            check_images([paths[i] for i in idx])
+        return LabelledData([str(paths[i]) for i in idx], y[idx].tolist(), open_rgb)
+
+    train_tf, eval_tf = crop_transforms(image_size, mean, std, augment)
+    benchmark = nc_benchmark(
+        subset(train_paths, train_labels),
+        subset(test_paths, test_labels),
+        n_experiences=kept_exps,
+        task_labels=False,
+        fixed_class_order=kept,
+        class_ids_from_zero_from_first_exp=True,
+        train_transform=train_tf,
+        eval_transform=eval_tf,
+    )
+    spec = BenchmarkSpec(
+        name=f"{dataset}-{n_splits}",
+        benchmark=benchmark,
+        protocol="class-incremental",
+        modality="image",
+        num_classes=len(kept),
+        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
+        notes={
+            "class_order": order,
+            "class_order_seed": class_order_seed,
+            "label_remap": "label i is the class of sorted folder index class_order[i]",
+            "class_names": [classes[c] for c in order],
+            "split": ("the train/test folders" if split_seed is None else
+                      f"seeded 80/20 of one folder (torch.randperm, seed {split_seed})"),
+            "split_seed": split_seed,
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
+            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "augment": augment,
+            "files": str(root),
+        },
+        data_root=root.parent,
+    )
+    return carve_validation(spec, validation, seed)
+
+
+for _name, _splits in (("imagenet-r", (5, 10, 20)), ("imagenet-a", (10,)), ("cub200", (10, 20))):
+    for _n in _splits:
+        register_benchmark(f"{_name}-{_n}", n_splits=_n, dataset=_name)(build_image_folders)
