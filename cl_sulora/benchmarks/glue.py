@@ -6,7 +6,7 @@ long sequence that has data here (14), in its order."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,22 +61,7 @@ def stream_order(task_order: Sequence[str], order_seed: int | None) -> list[str]
     return [tasks[i] for i in np.random.RandomState(order_seed).permutation(len(tasks))]
 
 
-@register_benchmark("split-glue")
-def build_split_glue(
-    *,
-    tokenizer: Any,
-    max_length: int = 128,
-    protocol: str = "task-incremental",
-    task_order: Sequence[str] = DEFAULT_ORDER,
-    order_seed: int | None = None,
-    data_root: str | os.PathLike | None = None,
-    limit_per_class: int | None = None,
-    num_experiences: int | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    validation: float = 0.0,
-) -> BenchmarkSpec:
-    """One experience per task of ``task_order`` (GLUE/SuperGLUE tasks by default).
+TASKS_DOC = """One experience per task of ``task_order`` ({summary}).
 
     ``order_seed`` (an integer) trains the tasks in a seeded permutation of ``task_order``
     instead (:func:`stream_order`; ``notes["task_order"]`` records it).
@@ -88,103 +73,97 @@ def build_split_glue(
     ``validation > 0`` evaluates on that fraction of each task's training data instead of the
     test split, which is then not read or tokenised.
     """
-    return _text_stream("split-glue", tokenizer=tokenizer, max_length=max_length,
-                        protocol=protocol, task_order=task_order, order_seed=order_seed,
-                        data_root=data_root, limit_per_class=limit_per_class,
-                        num_experiences=num_experiences, seed=seed,
-                        test_fraction=test_fraction, validation=validation)
 
 
-@register_benchmark("long-text")
-def build_long_text(
-    *,
-    tokenizer: Any,
-    max_length: int = 128,
-    protocol: str = "task-incremental",
-    task_order: Sequence[str] = LONG_ORDER,
-    order_seed: int | None = None,
-    data_root: str | os.PathLike | None = None,
-    limit_per_class: int | None = None,
-    num_experiences: int | None = None,
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    validation: float = 0.0,
-) -> BenchmarkSpec:
-    """The long text stream: by default the 14 tasks of O-LoRA's long sequence (its order 4)
-    that have data, 50 classes in all; otherwise as :func:`build_split_glue`, whose options
-    it takes. DBpedia has only a test file and Yelp, IMDB and MultiRC only a training file:
-    each is split by ``seed`` and ``test_fraction`` (recorded in ``notes``)."""
-    return _text_stream("long-text", tokenizer=tokenizer, max_length=max_length,
-                        protocol=protocol, task_order=task_order, order_seed=order_seed,
-                        data_root=data_root, limit_per_class=limit_per_class,
-                        num_experiences=num_experiences, seed=seed,
-                        test_fraction=test_fraction, validation=validation)
+def task_stream_builder(name: str, default_order: Sequence[str],
+                        summary: str) -> Callable[..., BenchmarkSpec]:
+    """The builder of the text task stream ``name``, its tasks ``default_order`` unless the
+    user gives ``task_order``; ``summary`` says what they are, in its docstring."""
+
+    def build(
+        *,
+        tokenizer: Any,
+        max_length: int = 128,
+        protocol: str = "task-incremental",
+        task_order: Sequence[str] = default_order,
+        order_seed: int | None = None,
+        data_root: str | os.PathLike | None = None,
+        limit_per_class: int | None = None,
+        num_experiences: int | None = None,
+        seed: int = 0,
+        test_fraction: float = 0.2,
+        validation: float = 0.0,
+    ) -> BenchmarkSpec:
+        held_out = wants_validation(validation)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        tasks = keep_first(stream_order(task_order, order_seed), num_experiences)
+        tokenizer = load_tokenizer(tokenizer)
+        root = resolve_data_root(data_root)
+        folder = find_layout(root, DIRNAME, TASK_PATHS[tasks[0]])
+        loaded = [
+            read_text_task(folder / TASK_PATHS[t], t, test_fraction, seed, with_test=not held_out)
+            for t in tasks
+        ]
+
+        incremental = protocol == "task-incremental"
+        streams: dict[str, list] = {"train": [], "test": []}
+        sizes: dict[str, list[int]] = {"train": [], "test": []}
+        offsets, offset = [], 0
+        for i, task in enumerate(loaded):
+            offsets.append(0 if incremental else offset)
+            label_ids = {name: k + offsets[-1] for k, name in enumerate(task.label_names)}
+            splits = (("train", task.train),) + (() if held_out else (("test", task.test),))
+            for split, (texts, names) in splits:
+                ids = [label_ids[n] for n in names]
+                data = text_dataset(texts, ids, i if incremental else 0, tokenizer, max_length,
+                                    limit_per_class, seed)
+                streams[split].append(data)
+                sizes[split].append(len(data))
+            offset += len(task.label_names)
+
+        classes_per_task = [len(t.label_names) for t in loaded]
+        if held_out:  # placeholder test stream, replaced by carve_validation
+            streams["test"], sizes["test"] = streams["train"], sizes["train"]
+        spec = BenchmarkSpec(
+            name=name,
+            benchmark=stream_benchmark(streams["train"], streams["test"]),
+            protocol=protocol,
+            modality="text",
+            num_classes=sum(classes_per_task),
+            experience_names=tasks,
+            notes={
+                "task_order": tasks,
+                "order_seed": order_seed,
+                "task_order_given": list(task_order),
+                "label_names": {t.name: t.label_names for t in loaded},
+                "label_offsets": dict(zip(tasks, offsets, strict=True)),
+                "test_split_from_train": [t.name for t in loaded if t.test_from_train],
+                "train_split_from_test": [t.name for t in loaded if t.train_from_test],
+                "split_seed": seed,
+                "test_fraction": test_fraction,
+                "dropped_rows": {t.name: t.dropped for t in loaded},
+                "limit_per_class": limit_per_class,
+                "limit_seed": seed,
+                "train_sizes": sizes["train"],
+                "test_sizes": sizes["test"],
+                "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+                "max_length": max_length,
+                "files": str(folder),
+            },
+            data_root=root,
+            classes_per_task=classes_per_task if incremental else None,
+        )
+        return carve_validation(spec, validation, seed)
+
+    build.__name__ = build.__qualname__ = f"build_{name.replace('-', '_')}"
+    build.__doc__ = TASKS_DOC.format(summary=summary)
+    return build
 
 
-def _text_stream(name: str, *, tokenizer: Any, max_length: int, protocol: str,
-                 task_order: Sequence[str], order_seed: int | None,
-                 data_root: str | os.PathLike | None, limit_per_class: int | None,
-                 num_experiences: int | None, seed: int, test_fraction: float,
-                 validation: float) -> BenchmarkSpec:
-    held_out = wants_validation(validation)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    tasks = keep_first(stream_order(task_order, order_seed), num_experiences)
-    tokenizer = load_tokenizer(tokenizer)
-    root = resolve_data_root(data_root)
-    folder = find_layout(root, DIRNAME, TASK_PATHS[tasks[0]])
-    loaded = [
-        read_text_task(folder / TASK_PATHS[t], t, test_fraction, seed, with_test=not held_out)
-        for t in tasks
-    ]
-
-    incremental = protocol == "task-incremental"
-    streams: dict[str, list] = {"train": [], "test": []}
-    sizes: dict[str, list[int]] = {"train": [], "test": []}
-    offsets, offset = [], 0
-    for i, task in enumerate(loaded):
-        offsets.append(0 if incremental else offset)
-        label_ids = {name: k + offsets[-1] for k, name in enumerate(task.label_names)}
-        splits = (("train", task.train),) + (() if held_out else (("test", task.test),))
-        for split, (texts, names) in splits:
-            ids = [label_ids[n] for n in names]
-            data = text_dataset(
-                texts, ids, i if incremental else 0, tokenizer, max_length, limit_per_class, seed
-            )
-            streams[split].append(data)
-            sizes[split].append(len(data))
-        offset += len(task.label_names)
-
-    classes_per_task = [len(t.label_names) for t in loaded]
-    if held_out:  # placeholder test stream, replaced by carve_validation
-        streams["test"], sizes["test"] = streams["train"], sizes["train"]
-    spec = BenchmarkSpec(
-        name=name,
-        benchmark=stream_benchmark(streams["train"], streams["test"]),
-        protocol=protocol,
-        modality="text",
-        num_classes=sum(classes_per_task),
-        experience_names=tasks,
-        notes={
-            "task_order": tasks,
-            "order_seed": order_seed,
-            "task_order_given": list(task_order),
-            "label_names": {t.name: t.label_names for t in loaded},
-            "label_offsets": dict(zip(tasks, offsets, strict=True)),
-            "test_split_from_train": [t.name for t in loaded if t.test_from_train],
-            "train_split_from_test": [t.name for t in loaded if t.train_from_test],
-            "split_seed": seed,
-            "test_fraction": test_fraction,
-            "dropped_rows": {t.name: t.dropped for t in loaded},
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": sizes["train"],
-            "test_sizes": sizes["test"],
-            "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
-            "max_length": max_length,
-            "files": str(folder),
-        },
-        data_root=root,
-        classes_per_task=classes_per_task if incremental else None,
-    )
-    return carve_validation(spec, validation, seed)
+build_split_glue = register_benchmark("split-glue")(task_stream_builder(
+    "split-glue", DEFAULT_ORDER, "by default eight GLUE and SuperGLUE tasks"))
+build_long_text = register_benchmark("long-text")(task_stream_builder(
+    "long-text", LONG_ORDER, "by default the 14 tasks of O-LoRA's long sequence, its order 4, "
+    "that have data: 50 classes; DBpedia has only a test file and Yelp, IMDB and MultiRC only "
+    "a training file, each split by ``seed`` and ``test_fraction``"))

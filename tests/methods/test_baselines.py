@@ -30,15 +30,6 @@ BRANCH_METHODS = ("sdlora", "sdlora-rr", "sdlora-kd", "inflora", "olora", "seqlo
                   "jointlora")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Hook(SupervisedPlugin):
     """Calls ``fn(strategy)`` at one Avalanche event."""
 

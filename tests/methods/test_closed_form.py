@@ -15,14 +15,6 @@ from cl_sulora.models import ContinualClassifier, make_head
 from tests.helpers import image_stream, tiny_vit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(cls, protocol="class-incremental", **kwargs):
     torch.manual_seed(0)
     model = ContinualClassifier(tiny_vit(), make_head(protocol, 32, 4 if protocol ==
