@@ -186,10 +186,10 @@ def plot_memory(records: Sequence[Record], path: str | Path) -> Path:
     the live adapter values after the stream, a point per strategy (adapter-free ones at 0)."""
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
-    for strategy, live, mean, std, runs in memory_points(records):
+    for k, (strategy, live, mean, std, runs) in enumerate(memory_points(records)):
         ax.errorbar(live, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
         ax.annotate(f"{strategy} ({runs})", (live, 100 * mean), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+                    xytext=(5, 4 if k % 2 else -11), fontsize=8)  # neighbours above, below
     ax.set_xscale("symlog", linthresh=1e4)
     ax.set_xlabel("live adapter values after the stream")
     ax.set_ylabel("A_last (%)")
