@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The adapter-free baselines on every table of RESULTS.md, 3 seeds, under each table's recipe
+# (its learning rate, epochs, batch, bf16): frozen (a head trained on the frozen backbone, with
+# classifier alignment like every method of the tables), SimpleCIL and RanPAC (closed-form
+# heads: no alignment, which would re-train them; not on task-incremental split-GLUE, which
+# needs a head per task). They answer whether adapting the backbone helps at all.
+#
+#   VIT=dir MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh text|vision
+set -euo pipefail
+phase=$1
+jobs=$(mktemp)
+common="--device cuda --precision bf16 --data-root $DATA"
+text="$common --backbone $MINILM --batch-size 64 --epochs 2"
+vision="$common --backbone-weights $VIT --batch-size 128"
+
+# folder benchmark "flags" single-head(yes|no)
+add() {
+  local folder=$1 benchmark=$2 flags=$3 single=$4 seed strategy
+  for seed in 0 1 2; do
+    echo "$folder $benchmark frozen $seed $flags --set alignment.enabled=true" >> "$jobs"
+    if [[ $single == yes ]]; then
+      for strategy in simplecil ranpac; do
+        echo "$folder $benchmark $strategy $seed $flags --set alignment.enabled=false" >> "$jobs"
+      done
+    fi
+  done
+}
+
+if [[ $phase == text ]]; then
+  add sentiment-dil sentiment-dil "$text --lr 8e-3" yes
+  add glue-class split-glue "$text --lr 2e-3 --protocol class-incremental" yes
+  add glue-task split-glue "$text --lr 4e-3 --protocol task-incremental" no
+else
+  add cifar-10 split-cifar100-10 "$vision --epochs 2 --lr 1e-3" yes
+  add pacs-dil pacs-dil "$vision --epochs 5 --lr 5e-4" yes
+fi
+mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
+python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"

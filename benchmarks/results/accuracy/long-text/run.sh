@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The long-text study: O-LoRA's long sequence (14 tasks with data, 50 classes) on MiniLM-L6,
+# every method side by side, three stream orders (seeded permutations 0, 1, 2; run seed k
+# with order k). Settings: split-GLUE's validated ones for the protocol (learning rate, each
+# method's scale), 2 epochs, batch 64, classifier alignment on, bf16; 250 examples per class
+# for training and for testing (GPU time). SuLoRA at 10 slots (the preset) and 5 slots
+# (fusion frees a slot for every experience from the sixth on), SuLoRA without fusion at 14
+# slots (one per task); the adapter-free frozen backbone, SimpleCIL and RanPAC (those two
+# without classifier alignment, which would re-train their closed-form heads).
+#
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] bash run.sh class|task
+set -euo pipefail
+phase=$1
+jobs=$(mktemp)
+V=benchmarks/accuracy/variants
+flags="--device cuda --precision bf16 --data-root $DATA --backbone $MINILM --batch-size 64"
+flags="$flags --epochs 2 --limit-per-class 250 --set alignment.enabled=true"
+flags="$flags training.eval_batch_size=256 --protocol $phase-incremental"
+if [[ $phase == class ]]; then
+  flags="$flags --lr 2e-3"
+  sulora="method.alpha=4.0 method.allocator=data method.data_energy=0.9"
+  sd=4.0 inf=8.0
+else
+  flags="$flags --lr 4e-3"
+  sulora="method.alpha=2.0 method.allocator=data method.data_energy=0.9"
+  sd=1.0 inf=10.0
+fi
+for k in 0 1 2; do
+  f="$phase/order$k"
+  common="$flags --order-seed $k"
+  echo "$f long-text frozen $k $common" >> "$jobs"
+  echo "$f long-text sulora $k $common --set $sulora" >> "$jobs"
+  echo "$f long-text $V/sulora-s5.yaml $k $common --set $sulora" >> "$jobs"
+  echo "$f long-text sulora-nofusion $k $common --set $sulora method.num_slots=14" >> "$jobs"
+  echo "$f long-text sdlora $k $common --set method.alpha=$sd" >> "$jobs"
+  echo "$f long-text sdlora-rr $k $common --set method.alpha=$sd" >> "$jobs"
+  echo "$f long-text inflora $k $common --set method.alpha=$inf" >> "$jobs"
+  for strategy in olora inclora seqlora jointlora; do
+    echo "$f long-text $strategy $k $common" >> "$jobs"
+  done
+  if [[ $phase == class ]]; then  # single-head methods
+    for strategy in simplecil ranpac; do
+      echo "$f long-text $strategy $k $common --set alignment.enabled=false" >> "$jobs"
+    done
+  fi
+done
+mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
+resume=()
+[[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
+python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
+  "${resume[@]}"
