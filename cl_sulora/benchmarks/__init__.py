@@ -3,6 +3,7 @@
 from .bbc_news import build_bbc_news
 from .cifar100 import build_split_cifar100
 from .common import BenchmarkSpec, resolve_data_root
+from .domainnet import build_domainnet_dil
 from .glue import build_long_text, build_split_glue
 from .image_folders import build_image_folders
 from .pacs import build_pacs_dil
@@ -15,6 +16,7 @@ __all__ = [
     "benchmark_options",
     "build_bbc_news",
     "build_benchmark",
+    "build_domainnet_dil",
     "build_image_folders",
     "build_long_text",
     "build_pacs_dil",

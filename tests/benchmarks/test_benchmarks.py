@@ -146,7 +146,7 @@ def test_registry_names_and_option_errors(tok):
         "split-cifar100-50", "split-cifar100-100",
         "pacs-dil", "split-glue", "long-text", "sentiment-dil", "bbc-news",
         "imagenet-r-5", "imagenet-r-10", "imagenet-r-20", "imagenet-a-10", "cub200-10",
-        "cub200-20",
+        "cub200-20", "domainnet-dil",
     }  # fmt: skip
     with pytest.raises(ValueError, match="valid names.*split-glue"):
         build_benchmark("split-mnist")
@@ -802,3 +802,46 @@ def test_image_folder_errors_name_the_path_and_the_source(folder_root, tmp_path)
     write_image_folder(tmp_path / "cub" / "test", 1, classes=3)
     with pytest.raises(ValueError, match="3 class folders, cub200 has 200"):
         build_benchmark("cub200-10", data_root=tmp_path)
+
+
+def write_domainnet(root: Path) -> None:
+    """DomainNet's list files for its six domains; domain d's images have red = 40 d, green =
+    the label; 2 training and 1 test image of labels 0, 7 and 344 per domain."""
+    from cl_sulora.benchmarks.domainnet import DOMAINS
+
+    folder = root / "DomainNet"
+    for d, domain in enumerate(DOMAINS):
+        for split, count in (("train", 2), ("test", 1)):
+            lines = []
+            for label in (0, 7, 344):
+                for i in range(count):
+                    name = f"{domain}/class{label}/{domain}_{label:03d}_{split}{i}.jpg"
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    pixels = np.zeros((10, 12, 3), dtype=np.uint8)
+                    pixels[..., 0], pixels[..., 1] = 40 * d, label % 256
+                    Image.fromarray(pixels).save(folder / name, quality=100)
+                    lines.append(f"{name} {label}")
+            (folder / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_domainnet_domain_incremental(tmp_path):
+    write_domainnet(tmp_path)
+    plain = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "image_size": 8}
+    spec = build_benchmark("domainnet-dil", data_root=tmp_path, **plain)
+    assert spec.experience_names == ["real", "quickdraw", "painting", "sketch", "infograph",
+                                     "clipart"]
+    assert spec.protocol == "domain-incremental" and spec.num_classes == 345
+    assert spec.notes["train_sizes"] == [6] * 6 and spec.notes["test_sizes"] == [3] * 6
+    bm = spec.benchmark
+    assert task_labels(bm.train_stream) == [0] * 6
+    assert sorted(targets(bm.test_stream[2])) == [0, 7, 344]
+    x, y, _ = bm.test_stream[2].dataset[0]
+    assert x.shape == (3, 8, 8) and abs(float(x[0, 4, 4]) * 255 - 80) <= 2  # painting
+    short = build_benchmark("domainnet-dil", data_root=tmp_path, domain_order=["sketch", "real"],
+                            check_files=False, **plain)
+    assert short.experience_names == ["sketch", "real"]
+    with pytest.raises(FileNotFoundError, match="real_train.txt.*ai.bu.edu/M3SDA"):
+        build_benchmark("domainnet-dil", data_root=tmp_path / "nowhere")
+    (tmp_path / "DomainNet" / "real_test.txt").write_text("real/class0/a.jpg 999\n")
+    with pytest.raises(ValueError, match="real_test.txt:1: expected"):
+        build_benchmark("domainnet-dil", data_root=tmp_path, **plain)
