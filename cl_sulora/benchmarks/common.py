@@ -361,6 +361,37 @@ def text_dataset(
     return classification_dataset(LabelledData(x, [labels[i] for i in keep]), task_label)
 
 
+def domain_streams(
+    domains: Sequence[str],
+    files: Callable[[str, str], tuple[Sequence[Path], Sequence[int]]],
+    transforms: tuple[Callable, Callable],
+    limit_per_class: int | None,
+    seed: int,
+    held_out: bool,
+    check_files: bool = True,
+) -> tuple[dict[str, list], dict[str, list[int]]]:
+    """(datasets, sizes) per split of a domain-incremental image stream: per domain, the images
+    ``files(split, domain)`` lists (paths, labels), limited per class, task label 0, each image
+    decoded first with ``check_files``. With ``held_out`` (a validation split to be carved) the
+    test files are not read and the training datasets stand in for the test stream."""
+    streams: dict[str, list] = {"train": [], "test": []}
+    sizes: dict[str, list[int]] = {"train": [], "test": []}
+    for split in ("train",) if held_out else ("train", "test"):
+        for domain in domains:
+            paths, labels = files(split, domain)
+            keep = limit_indices(labels, limit_per_class, seed)
+            if check_files:
+                check_images([paths[i] for i in keep])
+            data = LabelledData([str(paths[i]) for i in keep], [labels[i] for i in keep],
+                                open_rgb)
+            group = "train" if split == "train" else "eval"
+            streams[split].append(classification_dataset(data, 0, transforms, group))
+            sizes[split].append(len(data))
+    if held_out:  # placeholder test stream, replaced by carve_validation
+        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    return streams, sizes
+
+
 def stream_benchmark(
     train: list[TaskAwareSupervisedClassificationDataset],
     test: list[TaskAwareSupervisedClassificationDataset],

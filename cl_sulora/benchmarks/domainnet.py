@@ -18,14 +18,10 @@ from pathlib import Path
 from .common import (
     UNPACK_HINT,
     BenchmarkSpec,
-    LabelledData,
     carve_validation,
-    check_images,
     check_order,
-    classification_dataset,
+    domain_streams,
     keep_first,
-    limit_indices,
-    open_rgb,
     resolve_data_root,
     stream_benchmark,
     wants_validation,
@@ -80,21 +76,9 @@ def build_domainnet_dil(
     folder = resolve_data_root(data_root) / DIRNAME
     hint = f"{UNPACK_HINT}; the data is published at {PUBLISHED}"
     transforms = crop_transforms(image_size, mean, std, augment)
-    streams: dict[str, list] = {"train": [], "test": []}
-    sizes: dict[str, list[int]] = {"train": [], "test": []}
-    for split in ("train",) if held_out else ("train", "test"):
-        for domain in domains:
-            paths, labels = read_list(folder / f"{domain}_{split}.txt", hint)
-            keep = limit_indices(labels, limit_per_class, seed)
-            if check_files:
-                check_images([paths[i] for i in keep])
-            data = LabelledData([str(paths[i]) for i in keep], [labels[i] for i in keep],
-                                open_rgb)
-            group = "train" if split == "train" else "eval"
-            streams[split].append(classification_dataset(data, 0, transforms, group))
-            sizes[split].append(len(data))
-    if held_out:  # placeholder test stream, replaced by carve_validation
-        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    streams, sizes = domain_streams(
+        domains, lambda split, domain: read_list(folder / f"{domain}_{split}.txt", hint),
+        transforms, limit_per_class, seed, held_out, check_files)
     spec = BenchmarkSpec(
         name="domainnet-dil",
         benchmark=stream_benchmark(streams["train"], streams["test"]),

@@ -11,16 +11,12 @@ from .common import (
     DEFAULT_STD,
     UNPACK_HINT,
     BenchmarkSpec,
-    LabelledData,
     carve_validation,
-    check_images,
     check_order,
-    classification_dataset,
+    domain_streams,
     find_layout,
     image_transforms,
     keep_first,
-    limit_indices,
-    open_rgb,
     resolve_data_root,
     stream_benchmark,
     wants_validation,
@@ -76,19 +72,9 @@ def build_pacs_dil(
     folder = find_layout(root, DIRNAME, "train")
     classes = sorted(_class_dirs(folder / "train" / domains[0]))
     transforms = image_transforms(image_size, mean, std, augment, resize=True)
-    streams: dict[str, list] = {"train": [], "test": []}
-    sizes: dict[str, list[int]] = {"train": [], "test": []}
-    for split in ("train",) if held_out else ("train", "test"):
-        for domain in domains:
-            paths, labels = _domain_files(folder / split / domain, classes)
-            keep = limit_indices(labels, limit_per_class, seed)
-            check_images([paths[i] for i in keep])
-            data = LabelledData([str(paths[i]) for i in keep], [labels[i] for i in keep], open_rgb)
-            group = "train" if split == "train" else "eval"
-            streams[split].append(classification_dataset(data, 0, transforms, group))
-            sizes[split].append(len(data))
-    if held_out:  # placeholder test stream, replaced by carve_validation
-        streams["test"], sizes["test"] = streams["train"], sizes["train"]
+    streams, sizes = domain_streams(
+        domains, lambda split, domain: _domain_files(folder / split / domain, classes),
+        transforms, limit_per_class, seed, held_out)
     spec = BenchmarkSpec(
         name="pacs-dil",
         benchmark=stream_benchmark(streams["train"], streams["test"]),
