@@ -112,7 +112,7 @@ def task_stream_builder(name: str, default_order: Sequence[str],
         offsets, offset = [], 0
         for i, task in enumerate(loaded):
             offsets.append(0 if incremental else offset)
-            label_ids = {name: k + offsets[-1] for k, name in enumerate(task.label_names)}
+            label_ids = {label: k + offsets[-1] for k, label in enumerate(task.label_names)}
             splits = (("train", task.train),) + (() if held_out else (("test", task.test),))
             for split, (texts, names) in splits:
                 ids = [label_ids[n] for n in names]

@@ -25,7 +25,7 @@ from ..adapters.config import STRICT
 from ..seeding import keyed_generator
 from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
-from .registry import MethodSpec, register
+from .registry import MethodSpec, checked_config, register
 
 SINGLE_HEAD = ("class-incremental", "domain-incremental")
 #: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
@@ -194,14 +194,7 @@ class ClosedFormStrategy(AdapterTemplate):
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, config=None,
                  plugins: Sequence[SupervisedPlugin] | None = None, **kwargs) -> None:
-        if self.config_cls is not None:
-            config = config if config is not None else self.config_cls()
-            if not isinstance(config, self.config_cls):
-                raise TypeError(f"expected a {self.config_cls.__name__}, got "
-                                f"{type(config).__name__}")
-        elif config is not None:
-            raise ValueError(f"{type(self).__name__} takes no config")
-        self.config = config
+        self.config = checked_config(self, self.config_cls, config)
         model.head = self.make_head(head_in_features(model))
         model.requires_grad_(False)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)

@@ -17,7 +17,7 @@ from torch import nn
 from ..adapters.config import STRICT
 from ..adapters.injection import check_trainable_modules
 from ..training.template import AdapterTemplate, freeze_except
-from .registry import MethodSpec, register
+from .registry import MethodSpec, checked_config, register
 
 
 @dataclass(config=STRICT)
@@ -45,11 +45,8 @@ class FrozenBackbone(AdapterTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         **kwargs,
     ) -> None:
-        config = config if config is not None else FrozenConfig()
-        if not isinstance(config, FrozenConfig):
-            raise TypeError(f"expected a FrozenConfig, got {type(config).__name__}")
-        check_trainable_modules(model, config.trainable_modules)
-        self.config = config
+        self.config = checked_config(self, FrozenConfig, config)
+        check_trainable_modules(model, self.config.trainable_modules)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
 
     def make_optimizer(self, **kwargs):

@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters.config import STRICT
 from ..training.plugins import CurrentClassMask
 from ..training.template import AdapterTemplate
-from .registry import MethodSpec, register
+from .registry import MethodSpec, checked_config, register
 
 
 @dataclass(config=STRICT)
@@ -207,13 +207,7 @@ class FullFineTuning(AdapterTemplate):
         mask_logits: bool = True,
         **kwargs,
     ) -> None:
-        if self.config_cls is None and config is not None:
-            raise ValueError(f"{type(self).__name__} takes no config")
-        if self.config_cls is not None:
-            config = config if config is not None else self.config_cls()
-            if not isinstance(config, self.config_cls):
-                raise TypeError(f"expected a {self.config_cls.__name__}, got {type(config)}")
-        self.config = config
+        self.config = checked_config(self, self.config_cls, config)
         model.requires_grad_(True)
         own = [*self.method_plugins(mask_logits), *(plugins or [])]
         mask = self.class_mask() if mask_logits else None

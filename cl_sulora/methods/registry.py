@@ -64,6 +64,20 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
+def checked_config(strategy: object, config_cls: type | None, config: Any) -> Any:
+    """The config a strategy constructor was given, checked against its ``config_cls``: that
+    class's defaults when ``None``, a TypeError for an instance of another class; a ValueError
+    for any config when the strategy takes none (``config_cls`` None)."""
+    if config_cls is None:
+        if config is not None:
+            raise ValueError(f"{type(strategy).__name__} takes no config")
+        return None
+    config = config if config is not None else config_cls()
+    if not isinstance(config, config_cls):
+        raise TypeError(f"expected a {config_cls.__name__}, got a {type(config).__name__}")
+    return config
+
+
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to :data:`METHODS`; names are unique."""
     if spec.name in METHODS:

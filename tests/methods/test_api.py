@@ -61,6 +61,21 @@ def test_a_config_of_another_method_is_a_type_error_naming_the_expected_class():
         SuLoRA(model=model, optimizer=optimizer(model), config=BranchLoRAConfig())
 
 
+@pytest.mark.parametrize("name", ["ewc", "frozen", "ranpac"])
+def test_strategies_with_their_own_config_refuse_another_class(name):
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    expected = METHODS[name].config_cls.__name__
+    with pytest.raises(TypeError, match=f"expected a {expected}, got a SDLoRAConfig"):
+        METHODS[name].strategy(model=model, optimizer=optimizer(model), config=SDLoRAConfig())
+
+
+@pytest.mark.parametrize("name", ["naive", "simplecil"])
+def test_strategies_without_a_config_refuse_one(name):
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    with pytest.raises(ValueError, match="takes no config"):
+        METHODS[name].strategy(model=model, optimizer=optimizer(model), config=SDLoRAConfig())
+
+
 def test_joint_lora_trains_once():
     model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
     strategy = JointLoRA(model=model, optimizer=optimizer(model), train_mb_size=8,
