@@ -113,10 +113,6 @@ def build_experiment(
         raise ConfigError(
             f"{config.strategy!r} runs on {' or '.join(method.protocols)} benchmarks, not on "
             f"{spec.name!r} ({spec.protocol}): choose another strategy or protocol")
-    if config.alignment.enabled and not method.alignment:
-        raise ConfigError(
-            f"{config.strategy!r} solves its head in closed form: classifier alignment would "
-            "re-train it; drop alignment.enabled (--set alignment.enabled=false)")
     # the class-incremental head grows from one unit as classes arrive (every record was made
     # so); only the domain-incremental head is sized up front
     sized = spec.num_classes if spec.protocol == "domain-incremental" else None

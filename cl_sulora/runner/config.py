@@ -146,6 +146,10 @@ def config_from_tree(tree: Mapping[str, Any], overrides: Mapping[str, Any] = {})
     benchmark = config.benchmark
     check_benchmark(benchmark)
     spec = get_method(config.method_name)
+    if config.alignment.enabled and not spec.alignment:
+        raise ConfigError(
+            f"{config.strategy!r} solves its head in closed form: classifier alignment would "
+            "re-train it; drop alignment.enabled (--set alignment.enabled=false)")
 
     options = benchmark_options(benchmark)
     for key in config.data:

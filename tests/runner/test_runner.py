@@ -507,7 +507,7 @@ def test_closed_form_methods_run_and_refuse_what_would_break_them(tiny, tmp_path
     assert record["trainable_params"] == 0 and len(record["accuracy_matrix"]) == 3
     assert record["stored_state_params"] == 32 * 32 + 32 * 6 + 48 * 32
     with pytest.raises(ConfigError, match="classifier alignment.*alignment.enabled=false"):
-        build_experiment(tiny_config(tmp_path, "simplecil", **{"alignment.enabled": True}))
+        tiny_config(tmp_path, "simplecil", **{"alignment.enabled": True})  # before building
     with pytest.raises(ConfigError, match="class-incremental or domain-incremental.*not on"):
         build_experiment(tiny_config(tmp_path, "simplecil",
                                      **{"data.task_incremental": True}))
