@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from avalanche.benchmarks import nc_benchmark
 from PIL import Image
 
 from ..errors import DataError
@@ -20,12 +19,11 @@ from .common import (
     DEFAULT_STD,
     UNPACK_HINT,
     BenchmarkSpec,
-    LabelledData,
     carve_validation,
     class_range_name,
+    class_split_benchmark,
     image_transforms,
     keep_first,
-    limit_indices,
     resolve_data_root,
     wants_validation,
 )
@@ -165,8 +163,7 @@ def build_split_cifar100(
         folder = root / DIRNAME
 
     train_x, train_y = load_split(folder / "train", verify_checksums)
-    test_x, test_y = (train_x, train_y) if held_out else load_split(folder / "test",
-                                                                      verify_checksums)
+    test = None if held_out else load_split(folder / "test", verify_checksums)
     if verify_checksums and (folder / "meta").is_file():
         verify_checksum(folder / "meta")
     names = _unpickle(folder / "meta").get("fine_label_names")
@@ -183,22 +180,8 @@ def build_split_cifar100(
     else:
         load, batch_augment = Image.fromarray, None
         train_tf, eval_tf = image_transforms(image_size, mean, std, augment, resize=True)
-
-    def subset(x: np.ndarray, y: np.ndarray) -> LabelledData:
-        idx = np.flatnonzero(np.isin(y, kept_classes))
-        idx = idx[limit_indices(y[idx].tolist(), limit_per_class, seed)]
-        return LabelledData(x[idx], y[idx].tolist(), load)
-
-    benchmark = nc_benchmark(
-        subset(train_x, train_y),
-        subset(test_x, test_y),
-        n_experiences=kept_exps,
-        task_labels=False,
-        fixed_class_order=kept_classes,
-        class_ids_from_zero_from_first_exp=True,
-        train_transform=train_tf,
-        eval_transform=eval_tf,
-    )
+    benchmark = class_split_benchmark((train_x, train_y), test, kept_classes, kept_exps,
+                                      (train_tf, eval_tf), load, limit_per_class, seed)
     ordered_names = [names[c] for c in order] if names else None
     spec = BenchmarkSpec(
         name=f"split-cifar100-{n_splits}",

@@ -15,7 +15,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from avalanche.benchmarks import benchmark_from_datasets, with_classes_timeline, with_task_labels
+from avalanche.benchmarks import (
+    benchmark_from_datasets,
+    nc_benchmark,
+    with_classes_timeline,
+    with_task_labels,
+)
 from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
 from avalanche.benchmarks.utils import (
     ConstantSequence,
@@ -390,6 +395,45 @@ def domain_streams(
     if held_out:  # placeholder test stream, replaced by carve_validation
         streams["test"], sizes["test"] = streams["train"], sizes["train"]
     return streams, sizes
+
+
+def class_split_benchmark(
+    train: tuple[Sequence[Any], Sequence[int]],
+    test: tuple[Sequence[Any], Sequence[int]] | None,
+    classes: Sequence[int],
+    n_experiences: int,
+    transforms: tuple[Callable, Callable],
+    load: Callable[[Any], Any] | None,
+    limit_per_class: int | None,
+    seed: int,
+    check: Callable[[Sequence[Any]], None] | None = None,
+) -> CLScenario:
+    """Avalanche's ``nc_benchmark`` of the (items, labels) of ``classes`` (a class order: the
+    labels become positions in it) in ``n_experiences`` equal experiences, each class limited
+    to a seeded ``limit_per_class`` items, ``load`` turning an item into the input. ``check``
+    sees each split's kept items first. ``test`` None (a validation split is to be carved):
+    the training data stands in for the test stream, unread."""
+
+    def subset(items: Sequence[Any], labels: Sequence[int]) -> LabelledData:
+        y = np.asarray(labels)
+        idx = np.flatnonzero(np.isin(y, classes))
+        idx = idx[limit_indices(y[idx].tolist(), limit_per_class, seed)]
+        kept = items[idx] if isinstance(items, np.ndarray) else [items[i] for i in idx]
+        if check is not None:
+            check(kept)
+        return LabelledData(kept, y[idx].tolist(), load)
+
+    train_data = subset(*train)
+    return nc_benchmark(
+        train_data,
+        train_data if test is None else subset(*test),
+        n_experiences=n_experiences,
+        task_labels=False,
+        fixed_class_order=list(classes),
+        class_ids_from_zero_from_first_exp=True,
+        train_transform=transforms[0],
+        eval_transform=transforms[1],
+    )
 
 
 def stream_benchmark(

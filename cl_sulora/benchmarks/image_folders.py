@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from avalanche.benchmarks import nc_benchmark
 from torchvision.transforms import (
     CenterCrop,
     Compose,
@@ -34,15 +33,15 @@ from torchvision.transforms import (
 from .common import (
     UNPACK_HINT,
     BenchmarkSpec,
-    LabelledData,
     carve_validation,
     check_images,
     check_positive,
     class_range_name,
+    class_split_benchmark,
     keep_first,
-    limit_indices,
     open_rgb,
     resolve_data_root,
+    wants_validation,
 )
 from .registry import register_benchmark
 
@@ -76,7 +75,7 @@ def crop_transforms(image_size: int, mean: Sequence[float], std: Sequence[float]
     return train, evaluate
 
 
-def folder_images(folder: Path, hint: str) -> tuple[list[str], list[Path], list[int]]:
+def folder_images(folder: Path, hint: str) -> tuple[list[str], list[str], list[int]]:
     """(class names in sorted order, image paths, labels) of an ImageFolder tree."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: expected {folder}; {hint}")
@@ -84,7 +83,7 @@ def folder_images(folder: Path, hint: str) -> tuple[list[str], list[Path], list[
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        paths += files
+        paths += [str(path) for path in files]
         labels += [label] * len(files)
     if not paths:
         raise FileNotFoundError(f"no images in class folders of {folder}; {hint}")
@@ -123,56 +122,44 @@ def build_image_folders(
     folder of class folders split 80/20 by :func:`seeded_split`. Labels are positions in the
     class order (``notes["class_order"]`` maps them to sorted folder indices, and
     ``notes["class_names"]`` names them). ``check_files`` decodes every image first, so that
-    a damaged file stops the build, not the run."""
+    a damaged file stops the build, not the run. ``validation > 0`` evaluates on that fraction
+    of each training experience instead of the test split, whose images are then not read."""
     dirname, expected, published = DATASETS[dataset]
+    held_out = wants_validation(validation)
     root = resolve_data_root(data_root) / dirname
     hint = f"{UNPACK_HINT}; the data is published at {published}"
     if not isinstance(n_splits, int) or n_splits < 1 or expected % n_splits:
         raise ValueError(f"n_splits must divide {expected}, got {n_splits!r}")
+    test = None  # with a validation split to carve, the test images are not read
     if split_seed is None:
-        classes, train_paths, train_labels = folder_images(root / "train", hint)
-        test_classes, test_paths, test_labels = folder_images(root / "test", hint)
-        if test_classes != classes:
-            raise ValueError(f"{root}/test has other classes than {root}/train "
-                             f"({len(test_classes)} against {len(classes)}); {hint}")
+        classes, *train = folder_images(root / "train", hint)
+        if not held_out:
+            test_classes, *test = folder_images(root / "test", hint)
+            if test_classes != classes:
+                raise ValueError(f"{root}/test has other classes than {root}/train "
+                                 f"({len(test_classes)} against {len(classes)}); {hint}")
     else:
         classes, paths, labels = folder_images(root, hint)
         train_idx, test_idx = seeded_split(len(paths), split_seed)
-        train_paths, train_labels = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
-        test_paths, test_labels = [paths[i] for i in test_idx], [labels[i] for i in test_idx]
+        train = [paths[i] for i in train_idx], [labels[i] for i in train_idx]
+        if not held_out:
+            test = [paths[i] for i in test_idx], [labels[i] for i in test_idx]
     if len(classes) != expected:
         raise ValueError(f"{root} has {len(classes)} class folders, {dataset} has {expected}; "
                          f"{hint}")
     per_exp = expected // n_splits
     kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
     order = np.random.RandomState(class_order_seed).permutation(expected).tolist()
-    kept = order[: kept_exps * per_exp]
-
-    def subset(paths: list[Path], labels: list[int]) -> LabelledData:
-        y = np.asarray(labels)
-        idx = np.flatnonzero(np.isin(y, kept))
-        idx = idx[limit_indices(y[idx].tolist(), limit_per_class, seed)]
-        if check_files:
-            check_images([paths[i] for i in idx])
-        return LabelledData([str(paths[i]) for i in idx], y[idx].tolist(), open_rgb)
-
-    train_tf, eval_tf = crop_transforms(image_size, mean, std, augment)
-    benchmark = nc_benchmark(
-        subset(train_paths, train_labels),
-        subset(test_paths, test_labels),
-        n_experiences=kept_exps,
-        task_labels=False,
-        fixed_class_order=kept,
-        class_ids_from_zero_from_first_exp=True,
-        train_transform=train_tf,
-        eval_transform=eval_tf,
-    )
+    benchmark = class_split_benchmark(
+        train, test, order[: kept_exps * per_exp], kept_exps,
+        crop_transforms(image_size, mean, std, augment), open_rgb, limit_per_class, seed,
+        check_images if check_files else None)
     spec = BenchmarkSpec(
         name=f"{dataset}-{n_splits}",
         benchmark=benchmark,
         protocol="class-incremental",
         modality="image",
-        num_classes=len(kept),
+        num_classes=kept_exps * per_exp,
         experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
         notes={
             "class_order": order,

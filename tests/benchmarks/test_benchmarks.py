@@ -795,6 +795,14 @@ def test_imagenet_r_seeded_split_of_one_folder(folder_root, monkeypatch):
     assert "seed 0" in spec.notes["split"] and spec.notes["split_seed"] == 0
 
 
+def test_image_folder_validation_reads_no_test_image(tmp_path):
+    write_image_folder(tmp_path / "cub" / "train", 2)  # no test folder at all
+    spec = build_benchmark("cub200-10", data_root=tmp_path, validation=0.5, image_size=6,
+                           num_experiences=2)
+    assert spec.notes["evaluated_stream"] == "validation"
+    assert spec.notes["train_sizes"] == [20, 20] and spec.notes["validation_sizes"] == [20, 20]
+
+
 def test_image_folder_errors_name_the_path_and_the_source(folder_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="imagenet-a/train.*published at"):
         build_benchmark("imagenet-a-10", data_root=folder_root)
