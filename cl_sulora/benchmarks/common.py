@@ -223,11 +223,10 @@ def read_text_task(
     if train_path.is_file():
         texts, labels, dropped["train"] = _read_rows(train_path, label_names)
         if test_path.is_file():
-            train = (texts, labels)
+            train, test = (texts, labels), ([], [])
             if with_test:
-                *test, dropped["test"] = _read_rows(test_path, label_names)
-            else:
-                test = ([], [])
+                test_texts, test_labels, dropped["test"] = _read_rows(test_path, label_names)
+                test = (test_texts, test_labels)
         else:
             train, test = _split(texts, labels, test_fraction, seed)
     else:
@@ -240,7 +239,7 @@ def read_text_task(
         name=name,
         label_names=label_names,
         train=train,
-        test=tuple(test) if with_test else ([], []),
+        test=test if with_test else ([], []),
         test_from_train=not test_path.is_file(),
         dropped=dropped,
         train_from_test=not train_path.is_file(),
