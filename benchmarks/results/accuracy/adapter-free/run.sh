@@ -6,10 +6,14 @@
 # needs a head per task). They answer whether adapting the backbone helps at all.
 #
 #   VIT=dir MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh text|vision
+#
+# DEVICE (default cuda) and STRATEGIES (default "frozen simplecil ranpac") pick the device and
+# a subset of the strategies.
 set -euo pipefail
 phase=$1
 jobs=$(mktemp)
-common="--device cuda --precision bf16 --data-root $DATA"
+strategies=${STRATEGIES:-frozen simplecil ranpac}
+common="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA"
 text="$common --backbone $MINILM --batch-size 64 --epochs 2"
 vision="$common --backbone-weights $VIT --batch-size 128"
 
@@ -17,12 +21,13 @@ vision="$common --backbone-weights $VIT --batch-size 128"
 add() {
   local folder=$1 benchmark=$2 flags=$3 single=$4 seed strategy
   for seed in 0 1 2; do
-    echo "$folder $benchmark frozen $seed $flags --set alignment.enabled=true" >> "$jobs"
-    if [[ $single == yes ]]; then
-      for strategy in simplecil ranpac; do
+    for strategy in $strategies; do
+      if [[ $strategy == frozen ]]; then
+        echo "$folder $benchmark frozen $seed $flags --set alignment.enabled=true" >> "$jobs"
+      elif [[ $single == yes ]]; then
         echo "$folder $benchmark $strategy $seed $flags --set alignment.enabled=false" >> "$jobs"
-      done
-    fi
+      fi
+    done
   done
 }
 
