@@ -57,6 +57,20 @@ def accuracy_curve(matrix: Matrix) -> list[float]:
     return [float(r[i, : i + 1].mean()) for i in range(len(r))]
 
 
+def sample_weighted_curve(matrix: Matrix, sizes: Sequence[int]) -> list[float]:
+    """Accuracy over all test samples of the experiences seen so far, after each experience:
+    row ``i``'s accuracies on ``0..i`` weighted by the test set sizes ``sizes``. This is the
+    accuracy the reference continual-learning codebases report (SD-LoRA's and InfLoRA's
+    ``_evaluate``: correct predictions over the seen classes' test samples); its last value is
+    their final accuracy ("Acc", "A_T"), its mean their averaged one ("AAA", "A-bar"). It equals
+    :func:`accuracy_curve` where the experiences' test sets have one size."""
+    r = _square(matrix)
+    n = np.asarray(sizes, dtype=float)
+    if n.shape != (len(r),) or (n <= 0).any():
+        raise ValueError(f"sizes must give {len(r)} positive test set sizes, got {list(sizes)}")
+    return [float(r[i, : i + 1] @ n[: i + 1] / n[: i + 1].sum()) for i in range(len(r))]
+
+
 def forgetting(matrix: Matrix) -> float | None:
     """Forgetting from the experience's own training on: mean over ``j < T-1`` of
     ``max_{j <= i < T-1} R[i][j] - R[T-1][j]`` (the best accuracy on ``j`` once it was trained,

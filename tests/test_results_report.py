@@ -24,7 +24,7 @@ def test_results_tables_are_the_records():
     assert len(text.splitlines()) <= 260  # a report of about 250 lines
 
 
-@pytest.mark.parametrize("name", available_recipes())
+@pytest.mark.parametrize("name", available_recipes("tables"))
 def test_each_recipe_is_what_its_recorded_runs_ran(name):
     recipe = load_recipe(name)
     paths = tables.record_paths(recipe)
@@ -40,3 +40,13 @@ def test_each_recipe_is_what_its_recorded_runs_ran(name):
             and not d.startswith("data: None")
         ]
         assert not differing, f"{path.name}: {differing}"
+
+
+def test_a_training_setting_a_record_predates_counts_as_its_default():
+    now = {"training": {"lr": 0.1, "lr_milestones": [], "first_lr": None}, "seed": 0}
+    assert config_differences({"training": {"lr": 0.1}, "seed": 0}, now) == []
+    assert config_differences({"training": {"lr": 0.1}, "seed": 0},
+                              {**now, "training": {"lr": 0.1, "lr_milestones": [4]}}) == [
+        "training.lr_milestones: [] -> [4]"]
+    assert config_differences({"training": {"lr": 0.1}}, {"training": {"lr": 0.1}, "seed": 1}
+                              ) == ["seed: None -> 1"]

@@ -25,6 +25,7 @@ from .common import (
     image_transforms,
     keep_first,
     resolve_data_root,
+    seeded_class_order,
     wants_validation,
 )
 from .registry import register_benchmark
@@ -102,9 +103,9 @@ def _download(parent: Path) -> None:
         socket.setdefaulttimeout(previous)
 
 
-def class_order(seed: int) -> list[int]:
-    """Permutation of 0..99 from ``numpy.random.RandomState(seed)``."""
-    return np.random.RandomState(seed).permutation(NUM_CLASSES).tolist()
+def class_order(seed: int | None) -> list[int]:
+    """Permutation of 0..99 from ``numpy.random.RandomState(seed)``; ``None``: 0..99."""
+    return seeded_class_order(NUM_CLASSES, seed)
 
 
 @register_benchmark("split-cifar100-100", n_splits=100)
@@ -117,7 +118,7 @@ def build_split_cifar100(
     *,
     data_root: str | os.PathLike | None = None,
     download: bool = False,
-    class_order_seed: int = 1993,
+    class_order_seed: int | None = 1993,
     image_size: int = IMAGE_SIZE,
     mean: Sequence[float] = DEFAULT_MEAN,
     std: Sequence[float] = DEFAULT_STD,

@@ -107,6 +107,16 @@ def check_seed(name: str, value: int) -> None:
                          f"got {value!r}")
 
 
+def seeded_class_order(count: int, seed: int | None) -> list[int]:
+    """The class order of the reference codes: a ``numpy.random.RandomState(seed)``
+    permutation of ``0..count-1`` (their ``shuffle: true``, seed 1993 in most configs), or with
+    ``seed=None`` the classes in their own order (``shuffle: false``, as InfLoRA's configs)."""
+    if seed is None:
+        return list(range(count))
+    check_seed("class_order_seed", seed)
+    return np.random.RandomState(seed).permutation(count).tolist()
+
+
 def check_order(name: str, order: Sequence[str], known: Sequence[str]) -> list[str]:
     """Validate a user-given order of known, distinct names."""
     order = list(order)

@@ -3,7 +3,8 @@
 The layout is the one the reference loaders read (RanPAC, LAMDA-PILOT and InfLoRA's
 ``utils/data.py``, ``datasets.ImageFolder`` on each split): ``<root>/<dir>/train/<class>/*``
 and ``<root>/<dir>/test/<class>/*``, classes numbered in sorted folder order, the class order a
-``numpy.random.RandomState(class_order_seed)`` permutation (1993 in their configs). ImageNet-R
+``numpy.random.RandomState(class_order_seed)`` permutation (1993 in their configs; ``None``
+keeps the sorted folder order, as InfLoRA's). ImageNet-R
 as published by its authors is one folder of class folders: with ``split_seed`` the builder
 splits it 80/20 itself, as InfLoRA does when it finds no ``train/`` folder (one global
 ``torch.randperm`` of the sorted files, the first 80% training). Transforms are the papers':
@@ -17,7 +18,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.transforms import (
     CenterCrop,
@@ -41,6 +41,7 @@ from .common import (
     keep_first,
     open_rgb,
     resolve_data_root,
+    seeded_class_order,
     wants_validation,
 )
 from .registry import register_benchmark
@@ -104,7 +105,7 @@ def build_image_folders(
     *,
     dataset: str,
     data_root: str | os.PathLike | None = None,
-    class_order_seed: int = 1993,
+    class_order_seed: int | None = 1993,
     split_seed: int | None = None,
     image_size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -149,7 +150,7 @@ def build_image_folders(
                          f"{hint}")
     per_exp = expected // n_splits
     kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
-    order = np.random.RandomState(class_order_seed).permutation(expected).tolist()
+    order = seeded_class_order(expected, class_order_seed)
     benchmark = class_split_benchmark(
         train, test, order[: kept_exps * per_exp], kept_exps,
         crop_transforms(image_size, mean, std, augment), open_rgb, limit_per_class, seed,

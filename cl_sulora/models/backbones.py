@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -39,7 +39,7 @@ OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HUB_TIMEOUT_S = 3.0
 
 
-@dataclass
+@dataclasses.dataclass
 class Backbone:
     """A module mapping an input batch to ``(N, feature_dim)`` features, plus what the data
     pipeline needs to feed it (image size and normalisation, or tokenizer and length)."""
@@ -88,6 +88,7 @@ def build_backbone(
     pretrained: bool = False,
     pooling: Pooling = "mean",
     max_length: int = 128,
+    normalize: bool = True,
     **kwargs: Any,
 ) -> Backbone:
     """Build a backbone with a float32 module.
@@ -102,8 +103,22 @@ def build_backbone(
         pretrained: load timm's own pretrained weights (needs the Hugging Face hub).
         pooling: text encoders: ``mean`` (masked mean) or ``cls``.
         max_length: text encoders: tokens per input.
+        normalize: image backbones: ``False`` feeds the pixels in [0, 1], without the model's
+            mean and std (as the SD-LoRA and InfLoRA reference loaders feed their ViT-B/16).
         **kwargs: passed to ``timm.create_model`` or ``AutoModel.from_pretrained``.
     """
+    backbone = _build(name, weights, pretrained, pooling, max_length, kwargs)
+    if normalize:
+        return backbone
+    if backbone.modality != "image":
+        raise BackboneError(f"normalize=False is for image backbones; {backbone.name!r} reads "
+                            "text: drop backbone.normalize")
+    channels = len(backbone.mean or (0.0, 0.0, 0.0))
+    return dataclasses.replace(backbone, mean=(0.0,) * channels, std=(1.0,) * channels)
+
+
+def _build(name: str | None, weights: str | os.PathLike | None, pretrained: bool,
+           pooling: Pooling, max_length: int, kwargs: dict[str, Any]) -> Backbone:
     if weights is not None:
         if pretrained:
             raise BackboneError("give either local weights or pretrained=True, not both")

@@ -24,7 +24,7 @@ from ..models.backbones import Backbone, build_backbone
 from ..models.heads import ContinualClassifier, make_head
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
-from ..training.plugins import Autocast, BatchAugment, EpochTimer, Progress
+from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
 from .config import RunConfig
 from .presets import TrainingConfig
 
@@ -99,6 +99,7 @@ def build_experiment(
         pretrained=bb.pretrained,
         pooling=bb.pooling,
         max_length=bb.max_length,
+        normalize=bb.normalize,
         **bb.kwargs,
     )
     if spec is None:
@@ -141,7 +142,9 @@ def build_experiment(
         device=device,
         evaluator=make_evaluator(loggers),
         plugins=[*extra, *plugins],
-        lr_schedule=training.lr_schedule,
+        lr_schedule=LRSchedule(training.lr, training.lr_schedule,
+                               milestones=training.lr_milestones, gamma=training.lr_gamma,
+                               first_lr=training.first_lr),
         divergence_check_every=training.divergence_check_every,
     )
     method_config = None

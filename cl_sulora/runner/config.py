@@ -62,6 +62,8 @@ class BackboneConfig(BaseModel):
     pretrained: bool = False
     pooling: Literal["mean", "cls"] = "mean"
     max_length: PositiveInt = 128
+    #: image backbones: false feeds pixels in [0, 1] (the SD-LoRA and InfLoRA reference loaders)
+    normalize: bool = True
     kwargs: dict[str, Any] = {}
 
 

@@ -23,6 +23,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveInt,
     ValidationError,
+    model_validator,
 )
 
 from ..errors import ConfigError
@@ -44,13 +45,30 @@ class TrainingConfig(BaseModel):
     lr: FinitePositive = 1e-3
     weight_decay: FiniteFloat = 0.0
     momentum: FiniteFloat = 0.9  # sgd only
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"
+    # multistep: the rate times lr_gamma at each of these epochs of an experience
+    lr_milestones: list[PositiveInt] = []
+    lr_gamma: FinitePositive = 0.1
+    # the base rate of the stream's first experience (None: lr), as the reference configs'
+    # init_lr
+    first_lr: FinitePositive | None = None
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 32
     eval_batch_size: PositiveInt = 64
     num_workers: NonNegativeInt = 0  # data-loader worker processes (0: load in the main one)
     # the divergence check (loss, parameters, optimizer state) before every k-th update
     divergence_check_every: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _check_milestones(self) -> TrainingConfig:
+        if self.lr_schedule == "multistep" and not self.lr_milestones:
+            raise ValueError("lr_schedule 'multistep' needs training.lr_milestones, the "
+                             "epochs at which the rate is multiplied by lr_gamma (e.g. [10, 15])")
+        if self.lr_schedule != "multistep" and self.lr_milestones:
+            raise ValueError(f"training.lr_milestones {self.lr_milestones} are only used by "
+                             "lr_schedule 'multistep': set training.lr_schedule=multistep, or "
+                             "drop the milestones")
+        return self
 
 
 class PresetFile(BaseModel):

@@ -108,8 +108,16 @@ def check_result_path(path: Path, config: dict[str, Any], overwrite: bool) -> No
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs."""
+    """``key: old -> new`` for every dotted key whose value differs. A training or backbone
+    setting that ``old`` lacks (it was written before the setting existed) counts as its
+    default, the value that keeps the earlier behaviour."""
+    from .config import BackboneConfig
+    from .presets import TrainingConfig
+
+    defaults = _flatten({"training": TrainingConfig().model_dump(mode="json"),
+                         "backbone": BackboneConfig().model_dump(mode="json")})
     old, new = _flatten(old), _flatten(new)
+    old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 

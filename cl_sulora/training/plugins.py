@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
@@ -20,7 +20,7 @@ from . import distributed
 
 MASK_VALUE = -1e4  # finite, so a masked logit never turns the loss into inf or nan in fp16
 
-Schedule = Literal["constant", "cosine"]
+Schedule = Literal["constant", "cosine", "multistep"]
 
 
 class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
@@ -174,27 +174,51 @@ class BatchAugment(SupervisedPlugin, supports_distributed=True):
 
 
 class LRSchedule(SupervisedPlugin, supports_distributed=True):
-    """Sets the learning rate of ``strategy.optimizer`` before every training iteration:
-    ``constant``, or ``cosine`` from ``lr`` towards 0 over each experience's iterations.
+    """Sets the learning rate of ``strategy.optimizer`` before every training iteration, within
+    each experience: ``constant``; ``cosine`` from the base rate towards 0 over the experience's
+    iterations; or ``multistep``, the base rate times ``gamma`` for every epoch milestone
+    reached (torch's ``MultiStepLR`` stepped once per epoch, as the SD-LoRA and InfLoRA
+    reference loops do). The base rate is ``lr``, or ``first_lr`` on the stream's first
+    experience (the reference configs' ``init_lr``).
 
     Setting it every iteration keeps it right when a strategy rebuilds its optimizer."""
 
-    def __init__(self, lr: float, schedule: Schedule = "constant") -> None:
+    def __init__(self, lr: float, schedule: Schedule = "constant", *,
+                 milestones: Sequence[int] = (), gamma: float = 0.1,
+                 first_lr: float | None = None) -> None:
         super().__init__()
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+        if schedule not in ("constant", "cosine", "multistep"):
+            raise ValueError(
+                f"lr_schedule must be 'constant', 'cosine' or 'multistep', got {schedule!r}")
+        if schedule == "multistep" and not milestones:
+            raise ValueError("lr_schedule 'multistep' needs its epoch milestones "
+                             "(training.lr_milestones, e.g. [10, 15])")
+        if schedule != "multistep" and milestones:
+            raise ValueError(f"lr_milestones {list(milestones)} are only used by "
+                             "lr_schedule 'multistep'; set it, or drop the milestones")
         self.lr = lr
+        self.first_lr = first_lr
         self.schedule = schedule
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = gamma
+        self.base = lr
         self.total = 1
+        self.per_epoch = 1
         self.step = 0
 
     def lr_at(self, step: int) -> float:
         if self.schedule == "constant":
-            return self.lr
-        return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
+            return self.base
+        if self.schedule == "multistep":
+            epoch = step // self.per_epoch
+            return self.base * self.gamma ** sum(epoch >= m for m in self.milestones)
+        return 0.5 * self.base * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
 
     def before_training_exp(self, strategy, **kwargs):
-        self.total = max(1, strategy.train_epochs * len(strategy.dataloader))
+        first = int(strategy.experience.current_experience) == 0
+        self.base = self.first_lr if first and self.first_lr is not None else self.lr
+        self.per_epoch = max(1, len(strategy.dataloader))
+        self.total = max(1, strategy.train_epochs * self.per_epoch)
         self.step = 0
 
     def before_training_iteration(self, strategy, **kwargs):

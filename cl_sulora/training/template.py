@@ -5,7 +5,6 @@ data-parallel under ``torchrun``; plus the freezing and optimizer helpers method
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import torch
 from avalanche.benchmarks.utils.data_loader import (
@@ -24,7 +23,7 @@ from torch.optim import Optimizer
 from ..adapters.injection import adapter_layers
 from . import distributed
 from .loading import EpochSpanningLoader, EvalInputCache
-from .plugins import CurrentClassMask, DivergenceGuard, LRSchedule
+from .plugins import CurrentClassMask, DivergenceGuard, LRSchedule, Schedule
 
 
 def reset_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
@@ -84,7 +83,10 @@ class AdapterTemplate(SupervisedTemplate):
     Evaluation batches are kept on the device after a dataset's first evaluation, up to
     ``eval_cache_gb`` in all (:class:`~cl_sulora.training.loading.EvalInputCache`): later
     evaluations of the same test experiences skip loading. Use ``eval_cache_gb=0`` for a
-    benchmark whose evaluation transform is random."""
+    benchmark whose evaluation transform is random.
+
+    ``lr_schedule`` names a schedule of the optimizer's rate (``constant``, ``cosine``), or is
+    an :class:`~cl_sulora.training.plugins.LRSchedule` with its own settings."""
 
     def __init__(
         self,
@@ -100,7 +102,7 @@ class AdapterTemplate(SupervisedTemplate):
         evaluator=default_evaluator,
         eval_every: int = -1,
         mask_logits: bool = True,
-        lr_schedule: Literal["constant", "cosine"] | None = None,
+        lr_schedule: Schedule | LRSchedule | None = None,
         divergence_check_every: int = 1,
         eval_cache_gb: float = 1.0,
         **kwargs,
@@ -110,7 +112,9 @@ class AdapterTemplate(SupervisedTemplate):
             if any(isinstance(p, LRSchedulerPlugin) for p in plugins):
                 raise ValueError("two learning-rate schedules: lr_schedule and an "
                                  "LRSchedulerPlugin; keep one")
-            plugins.insert(0, LRSchedule(optimizer.defaults["lr"], lr_schedule))
+            if isinstance(lr_schedule, str):
+                lr_schedule = LRSchedule(optimizer.defaults["lr"], lr_schedule)
+            plugins.insert(0, lr_schedule)
         plugins.append(DivergenceGuard(divergence_check_every))
         if mask_logits:
             plugins.append(CurrentClassMask())

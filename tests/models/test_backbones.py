@@ -86,6 +86,15 @@ def test_timm_by_name_random_init():
     assert len(backbone.mean) == 3
 
 
+def test_normalize_false_feeds_pixels_in_0_1_to_image_backbones_only():
+    plain = build_backbone("vit_small_patch16_224", normalize=False, **TINY_VIT)
+    assert plain.benchmark_options()["mean"] == (0.0, 0.0, 0.0)
+    assert plain.benchmark_options()["std"] == (1.0, 1.0, 1.0)
+    assert build_backbone("vit_small_patch16_224", **TINY_VIT).mean != (0.0, 0.0, 0.0)
+    with pytest.raises(BackboneError, match="normalize=False is for image backbones"):
+        build_backbone("minilm-l6", normalize=False)
+
+
 def test_hf_encoder_pooling():
     torch.manual_seed(0)
     bert = TinyBert().encoder.eval()

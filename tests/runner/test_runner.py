@@ -51,6 +51,17 @@ def test_metrics_on_a_hand_made_matrix():
     assert metrics.bwt(r) == pytest.approx((-0.3 - 0.2) / 2)
 
 
+def test_the_papers_accuracy_weighs_each_seen_test_sample_alike():
+    """SD-LoRA's and InfLoRA's "Acc": correct predictions over all seen test samples, so an
+    experience with 3 times the test images counts 3 times."""
+    r = [[0.5, 0.0, 0.0], [0.4, 0.8, 0.0], [0.2, 0.6, 1.0]]
+    curve = metrics.sample_weighted_curve(r, [1, 3, 1])
+    assert curve == pytest.approx([0.5, (0.4 + 3 * 0.8) / 4, (0.2 + 3 * 0.6 + 1.0) / 5])
+    assert metrics.sample_weighted_curve(r, [2, 2, 2]) == pytest.approx(metrics.accuracy_curve(r))
+    with pytest.raises(ValueError, match="3 positive test set sizes"):
+        metrics.sample_weighted_curve(r, [1, 3])
+
+
 def test_forgetting_uses_the_best_earlier_accuracy():
     r = [[0.5, 0.0, 0.0], [0.8, 0.6, 0.0], [0.4, 0.6, 0.7]]
     assert metrics.forgetting(r) == pytest.approx((0.4 + 0.0) / 2)  # max(0.5, 0.8) - 0.4
@@ -256,7 +267,8 @@ def test_cosine_schedule_follows_rebuilt_optimizers():
     schedule = LRSchedule(0.1, "cosine")
     param = torch.nn.Parameter(torch.zeros(1))
     strategy = SimpleNamespace(
-        train_epochs=2, dataloader=[0, 1], optimizer=torch.optim.SGD([param], lr=0.1)
+        train_epochs=2, dataloader=[0, 1], optimizer=torch.optim.SGD([param], lr=0.1),
+        experience=SimpleNamespace(current_experience=0),
     )
     schedule.before_training_exp(strategy)
     seen = []

@@ -11,7 +11,10 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import LRSchedulerPlugin
 
 from cl_sulora import SDLoRA, SubspaceLoRAConfig, SuLoRA
+from cl_sulora.errors import ConfigError
 from cl_sulora.models import ContinualClassifier, make_head
+from cl_sulora.runner import resolve_config
+from cl_sulora.training import LRSchedule
 from tests.helpers import image_stream, tiny_vit
 
 
@@ -69,3 +72,27 @@ def test_two_schedules_are_refused():
     with pytest.raises(ValueError, match="two learning-rate schedules"):
         SuLoRA(model=net, optimizer=optimizer, config=SubspaceLoRAConfig(rank=2, num_slots=2),
                plugins=[plugin], lr_schedule="cosine")
+
+
+def test_multistep_drops_at_each_epoch_milestone_from_the_first_experiences_own_rate():
+    """SD-LoRA's reference loop: ``init_lr`` on the first task, ``lrate`` after, each times
+    ``gamma`` at every epoch milestone reached (MultiStepLR stepped once per epoch)."""
+    net = model()
+    record = RecordLR()
+    schedule = LRSchedule(0.1, "multistep", milestones=[2, 1], gamma=0.5, first_lr=0.4)
+    strategy = SuLoRA(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                      config=SubspaceLoRAConfig(rank=2, num_slots=2), train_mb_size=8,
+                      train_epochs=3, evaluator=None, plugins=[record], lr_schedule=schedule)
+    for experience in image_stream().train_stream:
+        strategy.train(experience)
+    assert [(e, n, round(lr, 6)) for e, n, lr in record.seen] == [
+        (0, 0, 0.4), (0, 1, 0.2), (0, 2, 0.1), (1, 0, 0.1), (1, 1, 0.05), (1, 2, 0.025)]
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"lr_schedule": "multistep"}, "needs training.lr_milestones"),
+    ({"lr_milestones": [3]}, "only used by lr_schedule 'multistep'"),
+])
+def test_milestones_and_multistep_come_together(training, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("bbc-news", "sulora", {f"training.{k}": v for k, v in training.items()})
