@@ -13,6 +13,7 @@ from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
 from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
 from avalanche.training.plugins import EvaluationPlugin
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from cl_sulora import SuLoRA
@@ -181,3 +182,14 @@ def write_cifar(folder: Path, train_per_class: int = 3, test_per_class: int = 2)
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=4))
     for name in ("train", "test", "meta"):  # a known copy, as far as the checksums go
         KNOWN_MD5[name].add(hashlib.md5((folder / name).read_bytes()).hexdigest())
+
+
+def write_image_folder(folder: Path, per_class: int, classes: int = 200) -> None:
+    """``classes`` class folders of ``per_class`` 6x6 PNGs; red = class index, green = file
+    index (names sort as their indices)."""
+    for c in range(classes):
+        (folder / f"n{c:08d}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.zeros((6, 6, 3), dtype=np.uint8)
+            pixels[..., 0], pixels[..., 1] = c, i
+            Image.fromarray(pixels).save(folder / f"n{c:08d}" / f"{i:03d}.png")

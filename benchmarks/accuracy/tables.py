@@ -56,7 +56,8 @@ def record_paths(recipe: Recipe) -> list[Path]:
 
 def used_records() -> set[Path]:
     """Every record a table of RESULTS.md reads."""
-    return {path for name in available_recipes() for path in record_paths(load_recipe(name))}
+    return {path for name in available_recipes("tables")
+            for path in record_paths(load_recipe(name))}
 
 
 def table(recipe: Recipe) -> str:
@@ -117,7 +118,7 @@ def equal_budget() -> str:
         "params (SuLoRA / SD-LoRA 4 / SD-LoRA 10) |",
         "|---|---|---|---|---|---|",
     ]
-    for name in available_recipes():
+    for name in available_recipes("tables"):
         recipe = load_recipe(name)
         paths = {path.name: path for path in record_paths(recipe)}
         folders = [RECORDS / f for f in recipe.spec.records if f.startswith("official-baselines")]
@@ -146,7 +147,7 @@ def plots(recipe: Recipe) -> None:
 def render(text: str) -> str:
     """``text`` (RESULTS.md) with every generated block made anew: each recipe's table
     (``table:NAME``) and the metric formulas (``formulas``)."""
-    blocks = {f"table:{name}": table(load_recipe(name)) for name in available_recipes()}
+    blocks = {f"table:{name}": table(load_recipe(name)) for name in available_recipes("tables")}
     blocks |= {f"reproduction:{folder.name}": reproduction(load_recipe(folder.name))
                for folder in sorted(REPRODUCTIONS.iterdir()) if folder.is_dir()}
     blocks["formulas"] = FORMULAS + "."
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     RESULTS.write_text(new)
-    for name in available_recipes():
+    for name in available_recipes("tables"):
         plots(load_recipe(name))
         print(f"{name}: {len(record_paths(load_recipe(name)))} records")
     return 0

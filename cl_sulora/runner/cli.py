@@ -130,10 +130,13 @@ def _add_reproduce(commands: Any) -> None:
         description="Run every run of a results table (its recipe: benchmark, training "
         "settings, each strategy's method settings, seeds), then write its table and plots. "
         "Runs whose record is already in --out under the same config are skipped, so an "
-        f"interrupted reproduction continues. Tables: {', '.join(tables)}, or all.",
+        f"interrupted reproduction continues. Tables: {', '.join(tables)}, or all (the "
+        "results tables). A paper/NAME recipe runs the field's protocol with each method under "
+        "its official code's settings and writes the published numbers beside the measured.",
     )
     add = parser.add_argument
-    add("table", choices=[*tables, "all"], metavar="TABLE", help=f"one of {tables}, or all")
+    add("table", choices=[*tables, "all"], metavar="TABLE",
+        help=f"one of {tables}, or all (the results tables)")
     add("--dry-run", action="store_true", help="print the runs (as cl-sulora run commands) "
         "and stop")
     add("--seeds", type=_ints, help="comma-separated seeds (default: the recipe's)")
@@ -334,7 +337,7 @@ def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
 
 def reproduce(args: argparse.Namespace) -> int:
     """``cl-sulora reproduce``: the exit status is 1 when a run failed (its log is named)."""
-    tables = available_recipes() if args.table == "all" else [args.table]
+    tables = available_recipes("tables") if args.table == "all" else [args.table]
     recipes = [load_recipe(name) for name in tables]
     user = overrides_from(args)
     plans = []
@@ -355,7 +358,7 @@ def reproduce(args: argparse.Namespace) -> int:
         print(f"\n{recipe.name}: {sum(not r.done for r in runs)} runs to go, {args.parallel} at "
               f"a time, logs in {Path(out) / 'logs'}")
         failed += reproduction.execute(runs, args.parallel, Path(out) / "logs")
-        paths = reproduction.report(runs, Path(out))
+        paths = reproduction.report(recipe, runs, Path(out))
         if paths:
             print(f"table: {paths['table']}; plots: {paths['matrices']}, {paths['curves']}")
     if failed:
@@ -396,8 +399,12 @@ def list_all() -> None:
             paper = f"(unavailable: {str(err).splitlines()[0]})"
         print(f"  {name:<20} {paper}")
     print("Tables (cl-sulora reproduce TABLE [--dry-run]):")
-    for name in available_recipes():
+    for name in available_recipes("tables"):
         print(f"  {name:<20} {load_recipe(name).spec.title}")
+    print("The field's protocol, each method under its official settings "
+          "(cl-sulora reproduce paper/NAME [--dry-run]):")
+    for name in available_recipes("paper"):
+        print(f"  {name:<26} {load_recipe(name).spec.title}")
     missing = sorted(set(METHODS) - set(available_presets()))
     if missing:
         print(f"Registered methods without a preset: {', '.join(missing)}")

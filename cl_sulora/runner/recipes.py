@@ -1,17 +1,25 @@
-"""Recipes: the validated settings of one results table (benchmark, training recipe, and each
-strategy's method settings), shipped as package data (``cl_sulora/recipes/<name>.yaml``) so that
-``cl-sulora reproduce NAME`` runs the table again with one command."""
+"""Recipes: the settings of one table of runs (benchmark, training recipe, and each strategy's
+method settings), shipped as package data so that ``cl-sulora reproduce NAME`` runs it with one
+command. Two kinds:
+
+- ``cl_sulora/recipes/<name>.yaml``: a table of ``benchmarks/RESULTS.md``, every setting
+  validated there, every method under one training recipe;
+- ``cl_sulora/recipes/paper/<name>.yaml`` (``paper/<name>``): the field's protocol (ViT-B/16 at
+  224 px), each method under its official code's own settings, beside the numbers its paper
+  published (``published``) and what the recipe does not match (``deviations``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..benchmarks.common import DATA_ENV_VAR
 from ..errors import ConfigError
@@ -19,8 +27,23 @@ from .config import FLAG_KEYS, resolve_config
 from .presets import describe, parse_yaml
 
 RECIPES = files("cl_sulora") / "recipes"
+#: The folder of the recipes of the field's protocol (names ``paper/<name>``).
+PAPER = "paper"
 #: Run config sections a recipe may nest.
 SECTIONS = ("data", "training", "alignment", "backbone", "method")
+
+
+class Published(BaseModel):
+    """A method's published result on a recipe's benchmark, in its paper's metrics: the
+    accuracy over all test samples of the classes seen, after the last experience (``final``:
+    "Acc", "A_T") and averaged over the experiences (``average``: "AAA", "A-bar"), in %."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    final: float = Field(ge=0, le=100)
+    average: float | None = Field(default=None, ge=0, le=100)
+    #: the paper and table, and the seeds it averages where it says
+    source: str
 
 
 class RecipeFile(BaseModel):
@@ -42,6 +65,17 @@ class RecipeFile(BaseModel):
     #: what the user must point to, as flags of ``cl-sulora reproduce``: ``--data-root`` (or
     #: ``$CL_SULORA_DATA``), ``--backbone-weights`` (the image backbone the table was made with)
     needs: list[Literal["--data-root", "--backbone-weights"]] = []
+    #: per strategy, the number its paper published with these settings (paper recipes)
+    published: dict[str, Published] = {}
+    #: what the recipe does not match of the official code (paper recipes)
+    deviations: list[str] = []
+
+    @model_validator(mode="after")
+    def _check_published(self) -> RecipeFile:
+        unknown = sorted(set(self.published) - set(self.strategies))
+        if unknown:
+            raise ValueError(f"published names strategies the recipe does not run: {unknown}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -62,15 +96,21 @@ class Recipe:
                 for strategy in chosen for seed in (seeds or self.spec.seeds)]
 
 
-def available_recipes() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir()
-                  if p.name.endswith(".yaml"))
+def available_recipes(kind: Literal["tables", "paper", "all"] = "all") -> list[str]:
+    """The shipped recipes' names: the results tables', the paper ones' (``paper/<name>``),
+    or both."""
+    tables = sorted(p.name.removesuffix(".yaml") for p in RECIPES.iterdir()
+                    if p.name.endswith(".yaml"))
+    folder = RECIPES / PAPER
+    paper = sorted(f"{PAPER}/{p.name.removesuffix('.yaml')}" for p in folder.iterdir()
+                   if p.name.endswith(".yaml")) if folder.is_dir() else []
+    return {"tables": tables, "paper": paper, "all": tables + paper}[kind]
 
 
 def load_recipe(name: str) -> Recipe:
     """A shipped recipe by name, validated (every run's config resolves)."""
     path = RECIPES / f"{name}.yaml"
-    if "/" in name or not path.is_file():
+    if not re.fullmatch(rf"(?:{PAPER}/)?[\w-]+", name) or not path.is_file():
         raise ConfigError(f"unknown table {name!r}; choose one of {available_recipes()}")
     try:
         spec = RecipeFile.model_validate(parse_yaml(path.read_text(encoding="utf-8")))

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from .. import metrics
+from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 from .config import resolve_config, result_path
 from .recipes import Recipe, command_line
@@ -49,6 +53,8 @@ def plan(recipe: Recipe, user: Mapping[str, Any], seeds: list[int] | None = None
     runs = []
     for strategy, seed, overrides in recipe.runs(seeds, strategies):
         merged = {**overrides, **user}
+        if "backbone.weights" in user:  # local weights replace the recipe's hub download
+            merged["backbone.pretrained"] = False
         config = resolve_config(recipe.spec.benchmark, strategy, merged)
         record = result_path(config)
         arguments = command_line(recipe, strategy, merged)
@@ -76,7 +82,8 @@ def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]
     lines = [f"{recipe.name}: {recipe.spec.title} ({len(runs)} runs; "
              f"{sum(done)} already done)",
              "  recorded in: benchmarks/results/accuracy/{"
-             + ",".join(recipe.spec.records) + "} of the project repository"]
+             + ",".join(recipe.spec.records) + "} of the project repository"
+             if recipe.spec.records else "  not recorded in the project repository"]
     if changed:
         lines.append("  your settings over the recipe's: "
                      + ", ".join(f"{k}={v}" for k, v in changed.items()))
@@ -135,13 +142,49 @@ def execute(runs: Sequence[PlannedRun], parallel: int, logs: Path,
     return failed
 
 
-def report(runs: Sequence[PlannedRun], out: Path) -> dict[str, Path] | None:
+def report(recipe: Recipe, runs: Sequence[PlannedRun], out: Path) -> dict[str, Path] | None:
     """The table and plots of the runs' records (those written under the planned config) in
-    ``out``; ``None`` when no run has one."""
+    ``out``, and beside a paper recipe's published numbers the same metrics of the records
+    (``published``: ``<benchmark>__published.md``); ``None`` when no run has one."""
     records = [record for record in map(_record_of, runs) if record is not None]
     if not records:
         return None
-    paths = write_report(records, out, runs[0].record.name.split("__")[0])
+    stem = runs[0].record.name.split("__")[0]
+    paths = write_report(records, out, stem)
     print()
     print(markdown_table(records))
+    if recipe.spec.published:
+        paths["published"] = out / f"{stem}__published.md"
+        atomic_write_bytes(paths["published"], published_table(recipe, records).encode())
+        print()
+        print(paths["published"].read_text(encoding="utf-8"))
     return paths
+
+
+def published_table(recipe: Recipe, records: Sequence[Mapping[str, Any]]) -> str:
+    """Each published number of ``recipe`` beside the records' value of the same metric: the
+    accuracy over all seen test samples (:func:`~cl_sulora.metrics.sample_weighted_curve`),
+    after the last experience (final) and averaged over the experiences, mean and standard
+    deviation over the recorded seeds."""
+    lines = [f"# {recipe.spec.title}: measured against published", "",
+             "| Strategy | Seeds | Final (%) | Published final (%) | Average (%) | "
+             "Published average (%) | Source |", "|---|---|---|---|---|---|---|"]
+    for strategy, paper in recipe.spec.published.items():
+        curves = [metrics.sample_weighted_curve(r["accuracy_matrix"], r["notes"]["test_sizes"])
+                  for r in records if r["strategy"] == strategy]
+        final = _mean_std([100 * c[-1] for c in curves])
+        average = _mean_std([100 * float(np.mean(c)) for c in curves])
+        lines.append(f"| {strategy} | {len(curves)} | {final} | {paper.final:.2f} | {average} | "
+                     f"{'-' if paper.average is None else f'{paper.average:.2f}'} | "
+                     f"{paper.source} |")
+    lines += ["", "Not matched of the official code:", ""]
+    lines += [f"- {deviation}" for deviation in recipe.spec.deviations] or ["- nothing listed"]
+    return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "not run"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"

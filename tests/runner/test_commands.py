@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from cl_sulora.runner import cli, loggers, recipes
+from cl_sulora.runner import cli, loggers, recipes, reproduce
 from cl_sulora.runner.cli import build_parser, overrides_from
 from cl_sulora.runner.config import resolve_config
 from cl_sulora.runner.recipes import available_recipes, command_line, load_recipe
@@ -33,9 +33,10 @@ def test_every_recipe_command_line_parses_back_to_its_run_config(name):
 
 
 def test_recipes_ship_the_strategies_and_seeds_of_their_tables():
-    assert set(available_recipes()) == {"cifar100-10", "cifar100-20-fusion", "glue-class",
-                                        "glue-task", "pacs-dil", "sentiment-dil"}
-    for name in available_recipes():
+    assert set(available_recipes("tables")) == {"cifar100-10", "cifar100-20-fusion",
+                                                "glue-class", "glue-task", "pacs-dil",
+                                                "sentiment-dil"}
+    for name in available_recipes("tables"):
         spec = load_recipe(name).spec
         compared = {"sulora", "sulora-nofusion"} if "fusion" in name else {
             "sulora", "sdlora", "inflora", "olora", "seqlora", "jointlora"}
@@ -214,3 +215,17 @@ def test_reproduce_refuses_a_table_without_the_data_and_weights_it_needs(tmp_pat
     assert "needs --backbone-weights" in capsys.readouterr().err
     assert cli.main([*argv, "--dry-run"]) == 0  # listing needs neither
     assert not (tmp_path / "out").exists()
+
+
+def test_a_paper_recipes_report_puts_the_measured_beside_the_published():
+    recipe = load_recipe("paper/imagenet-r-10")
+    matrix = [[0.5, 0.0], [0.4, 0.8]]
+    records = [{"strategy": "sdlora", "accuracy_matrix": matrix, "notes": {"test_sizes": [1, 3]}},
+               {"strategy": "sdlora", "accuracy_matrix": [[1.0, 0.0], [1.0, 1.0]],
+                "notes": {"test_sizes": [1, 3]}}]
+    lines = reproduce.published_table(recipe, records).splitlines()
+    sdlora = next(line for line in lines if line.startswith("| sdlora |"))
+    # final: (0.4 + 2.4) / 4 = 70% and 100%; average: (50 + 70) / 2 = 60% and 100%
+    assert sdlora.startswith("| sdlora | 2 | 85.00 ± 21.21 | 77.34 | 80.00 ± 28.28 | 82.04 |")
+    assert any(line.startswith("| inflora | 0 | not run | 74.75 |") for line in lines)
+    assert f"- {recipe.spec.deviations[0]}" in lines
