@@ -1,4 +1,5 @@
-"""DomainNet domain-incremental: one experience per domain, all 345 classes in each.
+"""DomainNet: domain-incremental (one experience per domain, all 345 classes in each) and
+class-incremental (5 experiences of 69 classes over the domains together).
 
 The layout and rule of RanPAC's loader (``utils/data.py``, class ``domainnet``; domain order
 from its ``trainer.py``): the official "cleaned" release under ``<root>/DomainNet/``, with its
@@ -7,6 +8,14 @@ list files ``<domain>_train.txt`` and ``<domain>_test.txt``, each line ``<domain
 domain's test list is an experience of the test stream, so the accuracy matrix has a column per
 domain (A_last is their mean, not weighted by size). Transforms are those of the image folders
 (:func:`~cl_sulora.benchmarks.image_folders.crop_transforms`).
+
+The class-incremental protocol is CODA-Prompt's, which InfLoRA and SD-LoRA report: 345 classes
+in 5 tasks of 69, the classes in label order (or a seeded permutation). CODA-Prompt and InfLoRA
+read their images from their own split files (``dataloaders/splits/domainnet_{train,test}.yaml``
+in either repository: ``data`` paths and ``targets``); given that folder as ``split_lists`` the
+builder reads them, else it takes the union of the official lists of ``domains`` (all six by
+default). Whether the two select the same images is not known here: the split files could not
+be read.
 """
 
 from __future__ import annotations
@@ -15,14 +24,21 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from .common import (
     UNPACK_HINT,
     BenchmarkSpec,
     carve_validation,
+    check_images,
     check_order,
+    class_range_name,
+    class_split_benchmark,
     domain_streams,
     keep_first,
+    open_rgb,
     resolve_data_root,
+    seeded_class_order,
     stream_benchmark,
     wants_validation,
 )
@@ -92,6 +108,111 @@ def build_domainnet_dil(
             "limit_seed": seed,
             "train_sizes": sizes["train"],
             "test_sizes": sizes["test"],
+            "image_size": image_size,
+            "mean": list(mean),
+            "std": list(std),
+            "augment": augment,
+            "files": str(folder),
+        },
+        data_root=folder.parent,
+    )
+    return carve_validation(spec, validation, seed)
+
+
+def read_split_file(path: Path, folder: Path) -> tuple[list[Path], list[int]]:
+    """Image paths and labels of a CODA-Prompt/InfLoRA split file (YAML with lists ``data`` of
+    paths and ``targets`` of labels), each path taken from its ``DomainNet/`` part on, under
+    ``folder`` (the local ``DomainNet`` folder)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DomainNet split file not found: expected {path} (dataloaders/splits/ of the "
+            "CODA-Prompt or InfLoRA repository); or drop data.split_lists to use the official "
+            "lists of the domains")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list) or not isinstance(
+            raw.get("targets"), list) or len(raw["data"]) != len(raw["targets"]):
+        raise ValueError(f"{path}: expected YAML lists 'data' (image paths) and 'targets' "
+                         "(labels) of one length")
+    paths = []
+    for number, name in enumerate(raw["data"]):
+        parts = Path(str(name)).parts
+        if DIRNAME not in parts:
+            raise ValueError(f"{path}: data[{number}] = {name!r} has no {DIRNAME}/ folder in it")
+        paths.append(folder.joinpath(*parts[parts.index(DIRNAME) + 1:]))
+    labels = [int(t) for t in raw["targets"]]
+    if any(not 0 <= t < NUM_CLASSES for t in labels):
+        raise ValueError(f"{path}: targets must lie in 0..{NUM_CLASSES - 1}")
+    return paths, labels
+
+
+@register_benchmark("domainnet-5", n_splits=5)
+def build_domainnet_cil(
+    n_splits: int = 5,
+    *,
+    data_root: str | os.PathLike | None = None,
+    domains: Sequence[str] = DOMAINS,
+    split_lists: str | os.PathLike | None = None,
+    class_order_seed: int | None = None,
+    image_size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool = True,
+    check_files: bool = True,
+    limit_per_class: int | None = None,
+    num_experiences: int | None = None,
+    seed: int = 0,
+    validation: float = 0.0,
+) -> BenchmarkSpec:
+    """DomainNet's 345 classes in ``n_splits`` class-incremental experiences (69 classes each
+    at 5), every domain's images of a class in its experience. The images: the CODA-Prompt /
+    InfLoRA split files in ``split_lists`` when given, else the official lists of ``domains``.
+    Labels are positions in the class order (``class_order_seed``: a seeded permutation;
+    ``None``: label order, as CODA-Prompt and InfLoRA run it)."""
+    held_out = wants_validation(validation)
+    domains = check_order("domains", domains, DOMAINS)
+    folder = resolve_data_root(data_root) / DIRNAME
+    hint = f"{UNPACK_HINT}; the data is published at {PUBLISHED}"
+    if split_lists is not None:
+        lists = Path(split_lists)
+        train = read_split_file(lists / "domainnet_train.yaml", folder)
+        test = None if held_out else read_split_file(lists / "domainnet_test.yaml", folder)
+        source = f"the split files in {lists}"
+    else:
+        def union(split: str) -> tuple[list[Path], list[int]]:
+            paths: list[Path] = []
+            labels: list[int] = []
+            for domain in domains:
+                more = read_list(folder / f"{domain}_{split}.txt", hint)
+                paths += more[0]
+                labels += more[1]
+            return paths, labels
+
+        train = union("train")
+        test = None if held_out else union("test")
+        source = f"the official lists of {', '.join(domains)}"
+    per_exp = NUM_CLASSES // n_splits
+    kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
+    order = seeded_class_order(NUM_CLASSES, class_order_seed)
+    benchmark = class_split_benchmark(
+        train, test, order[: kept_exps * per_exp], kept_exps,
+        crop_transforms(image_size, mean, std, augment), open_rgb, limit_per_class, seed,
+        check_images if check_files else None)
+    spec = BenchmarkSpec(
+        name=f"domainnet-{n_splits}",
+        benchmark=benchmark,
+        protocol="class-incremental",
+        modality="image",
+        num_classes=kept_exps * per_exp,
+        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
+        notes={
+            "class_order": order,
+            "class_order_seed": class_order_seed,
+            "label_remap": "label i is DomainNet label class_order[i]",
+            "images": source,
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
+            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
             "image_size": image_size,
             "mean": list(mean),
             "std": list(std),

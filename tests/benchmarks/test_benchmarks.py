@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from avalanche.models import IncrementalClassifier
 from PIL import Image
 
@@ -20,7 +21,7 @@ from cl_sulora.benchmarks.bbc_news import data_dir, read_articles
 from cl_sulora.benchmarks.common import read_text_task, stratified_split, validation_split
 from cl_sulora.benchmarks.glue import LONG_ORDER, TASK_PATHS
 from cl_sulora.errors import DataError
-from tests.helpers import write_cifar
+from tests.helpers import write_cifar, write_image_folder
 
 REAL_ROOT = os.environ.get("CL_SULORA_DATA")
 needs_real = pytest.mark.skipif(not REAL_ROOT, reason="CL_SULORA_DATA not set")
@@ -146,7 +147,7 @@ def test_registry_names_and_option_errors(tok):
         "split-cifar100-50", "split-cifar100-100",
         "pacs-dil", "split-glue", "long-text", "sentiment-dil", "bbc-news",
         "imagenet-r-5", "imagenet-r-10", "imagenet-r-20", "imagenet-a-10", "cub200-10",
-        "cub200-20", "domainnet-dil",
+        "cub200-20", "domainnet-dil", "domainnet-5",
     }  # fmt: skip
     with pytest.raises(ValueError, match="valid names.*split-glue"):
         build_benchmark("split-mnist")
@@ -737,17 +738,6 @@ def test_array_image_transforms_equal_torchvision_pil_pipeline_bit_for_bit():
 # ---------------------------------------------------------------- ImageNet-R, ImageNet-A, CUB
 
 
-def write_image_folder(folder: Path, per_class: int, classes: int = 200) -> None:
-    """``classes`` class folders of ``per_class`` 6x6 PNGs; red = class index, green = file
-    index (names sort as their indices)."""
-    for c in range(classes):
-        (folder / f"n{c:08d}").mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.zeros((6, 6, 3), dtype=np.uint8)
-            pixels[..., 0], pixels[..., 1] = c, i
-            Image.fromarray(pixels).save(folder / f"n{c:08d}" / f"{i:03d}.png")
-
-
 @pytest.fixture(scope="module")
 def folder_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("folders")
@@ -778,6 +768,11 @@ def test_imagenet_r_train_test_folders(folder_root):
     assert spec.notes["class_names"][y] == f"n{order[y]:08d}"
     # training crops resize to the backbone's size
     assert bm.train_stream[0].dataset[0][0].shape == (3, 6, 6)
+    # no class order seed: the folders in sorted order (InfLoRA's shuffle false)
+    plain_order = build_benchmark("imagenet-r-10", data_root=folder_root, check_files=False,
+                                  class_order_seed=None, num_experiences=2, **plain)
+    assert plain_order.notes["class_order"] == list(range(200))
+    assert red(plain_order.benchmark.test_stream[1]) == list(range(20, 40))
 
 
 def test_imagenet_r_seeded_split_of_one_folder(folder_root, monkeypatch):
@@ -853,3 +848,61 @@ def test_domainnet_domain_incremental(tmp_path):
     (tmp_path / "DomainNet" / "real_test.txt").write_text("real/class0/a.jpg 999\n")
     with pytest.raises(ValueError, match="real_test.txt:1: expected"):
         build_benchmark("domainnet-dil", data_root=tmp_path, **plain)
+
+
+def write_domainnet_classes(root: Path, domains: tuple[str, ...]) -> None:
+    """Official lists of ``domains`` with one training and one test image of every class;
+    domain d (its index in ``domains``) has red = 40 d, green = the label // 2."""
+    folder = root / "DomainNet"
+    for d, domain in enumerate(domains):
+        for split in ("train", "test"):
+            lines = []
+            for label in range(345):
+                name = f"{domain}/c{label}/{domain}_{label:03d}_{split}.png"
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.zeros((4, 4, 3), dtype=np.uint8)
+                pixels[..., 0], pixels[..., 1] = 40 * d, label // 2
+                Image.fromarray(pixels).save(folder / name)
+                lines.append(f"{name} {label}")
+            (folder / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_domainnet_class_incremental_over_the_domains_together(tmp_path):
+    """5 x 69 classes: each experience holds its classes' images of every domain."""
+    write_domainnet_classes(tmp_path, ("real", "sketch"))
+    plain = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "image_size": 4,
+             "domains": ["real", "sketch"]}
+    spec = build_benchmark("domainnet-5", data_root=tmp_path, **plain)
+    assert spec.protocol == "class-incremental" and spec.num_classes == 345
+    assert spec.notes["class_order"] == list(range(345))  # label order, as CODA-Prompt
+    assert spec.notes["train_sizes"] == [138] * 5 and spec.notes["test_sizes"] == [138] * 5
+    second = spec.benchmark.test_stream[1].dataset.eval()
+    seen = sorted((round(float(second[i][0][0, 0, 0]) * 255 / 40),
+                   round(float(second[i][0][1, 0, 0]) * 255)) for i in range(len(second)))
+    assert seen == sorted((d, label // 2) for d in (0, 1) for label in range(69, 138))
+    with pytest.raises(FileNotFoundError, match="quickdraw_train.txt"):  # all six by default
+        build_benchmark("domainnet-5", data_root=tmp_path, image_size=4)
+    shuffled = build_benchmark("domainnet-5", data_root=tmp_path, class_order_seed=3,
+                               num_experiences=2, check_files=False, **plain)
+    order = np.random.RandomState(3).permutation(345).tolist()
+    assert shuffled.notes["class_order"] == order and shuffled.num_classes == 138
+    assert sorted(targets(shuffled.benchmark.train_stream[1])) == sorted(
+        list(range(69, 138)) * 2)
+
+    # the CODA-Prompt / InfLoRA split files: paths from their DomainNet/ part, under the root
+    lists = tmp_path / "splits"
+    lists.mkdir()
+    for split, domain in (("train", "real"), ("test", "sketch")):
+        data = [f"data/DomainNet/{domain}/c{c}/{domain}_{c:03d}_{split}.png" for c in range(345)]
+        (lists / f"domainnet_{split}.yaml").write_text(
+            yaml.safe_dump({"data": data, "targets": list(range(345))}))
+    coda = build_benchmark("domainnet-5", data_root=tmp_path, split_lists=str(lists), **plain)
+    assert coda.notes["train_sizes"] == [69] * 5 and "split files" in coda.notes["images"]
+    test = coda.benchmark.test_stream[0].dataset.eval()
+    assert {round(float(test[i][0][0, 0, 0]) * 255) for i in range(len(test))} == {40}  # sketch
+    (lists / "domainnet_test.yaml").write_text(yaml.safe_dump({"data": ["x.png"],
+                                                               "targets": [0]}))
+    with pytest.raises(ValueError, match="has no DomainNet/ folder"):
+        build_benchmark("domainnet-5", data_root=tmp_path, split_lists=str(lists), **plain)
+    with pytest.raises(FileNotFoundError, match="dataloaders/splits/ of the CODA-Prompt"):
+        build_benchmark("domainnet-5", data_root=tmp_path, split_lists=str(tmp_path), **plain)
