@@ -20,8 +20,9 @@ from .common import (
     UNPACK_HINT,
     BenchmarkSpec,
     carve_validation,
-    class_range_name,
     class_split_benchmark,
+    class_split_spec,
+    image_notes,
     image_transforms,
     keep_first,
     resolve_data_root,
@@ -183,27 +184,13 @@ def build_split_cifar100(
         train_tf, eval_tf = image_transforms(image_size, mean, std, augment, resize=True)
     benchmark = class_split_benchmark((train_x, train_y), test, kept_classes, kept_exps,
                                       (train_tf, eval_tf), load, limit_per_class, seed)
-    ordered_names = [names[c] for c in order] if names else None
-    spec = BenchmarkSpec(
-        name=f"split-cifar100-{n_splits}",
-        benchmark=benchmark,
-        protocol="class-incremental",
-        modality="image",
-        num_classes=len(kept_classes),
-        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
+    spec = class_split_spec(
+        f"split-cifar100-{n_splits}", benchmark, order, per_exp,
+        class_order_seed=class_order_seed, limit_per_class=limit_per_class, seed=seed,
         notes={
-            "class_order": order,
-            "class_order_seed": class_order_seed,
             "label_remap": "label i is original CIFAR-100 class class_order[i]",
-            "class_names": ordered_names,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
-            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "augment": augment,
+            "class_names": [names[c] for c in order] if names else None,
+            **image_notes(image_size, mean, std, augment),
             "augment_on_device": augment_on_device,
             "files": str(folder),
         },

@@ -445,6 +445,50 @@ def class_split_benchmark(
     )
 
 
+def image_notes(image_size: int, mean: Sequence[float], std: Sequence[float],
+                augment: bool) -> dict[str, Any]:
+    """What a benchmark's notes record of its image transforms."""
+    return {"image_size": image_size, "mean": list(mean), "std": list(std), "augment": augment}
+
+
+def class_split_spec(
+    name: str,
+    benchmark: CLScenario,
+    order: Sequence[int],
+    per_exp: int,
+    *,
+    class_order_seed: int | None,
+    limit_per_class: int | None,
+    seed: int,
+    notes: dict[str, Any],
+    data_root: Path,
+    batch_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+) -> BenchmarkSpec:
+    """The spec of a :func:`class_split_benchmark` of ``per_exp`` classes per experience in
+    ``order``: its notes give the class order, the per-class limit and the sizes, then
+    ``notes``, the benchmark's own (label remap, transforms, files)."""
+    kept = len(benchmark.train_stream)
+    return BenchmarkSpec(
+        name=name,
+        benchmark=benchmark,
+        protocol="class-incremental",
+        modality="image",
+        num_classes=kept * per_exp,
+        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept)],
+        notes={
+            "class_order": list(order),
+            "class_order_seed": class_order_seed,
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
+            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
+            **notes,
+        },
+        data_root=data_root,
+        batch_augment=batch_augment,
+    )
+
+
 def stream_benchmark(
     train: list[TaskAwareSupervisedClassificationDataset],
     test: list[TaskAwareSupervisedClassificationDataset],

@@ -30,19 +30,14 @@ from .common import (
     UNPACK_HINT,
     BenchmarkSpec,
     carve_validation,
-    check_images,
     check_order,
-    class_range_name,
-    class_split_benchmark,
     domain_streams,
     keep_first,
-    open_rgb,
     resolve_data_root,
-    seeded_class_order,
     stream_benchmark,
     wants_validation,
 )
-from .image_folders import IMAGENET_MEAN, IMAGENET_STD, crop_transforms
+from .image_folders import IMAGENET_MEAN, IMAGENET_STD, crop_transforms, file_class_split
 from .registry import register_benchmark
 
 DIRNAME = "DomainNet"
@@ -190,35 +185,13 @@ def build_domainnet_cil(
         train = union("train")
         test = None if held_out else union("test")
         source = f"the official lists of {', '.join(domains)}"
-    per_exp = NUM_CLASSES // n_splits
-    kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
-    order = seeded_class_order(NUM_CLASSES, class_order_seed)
-    benchmark = class_split_benchmark(
-        train, test, order[: kept_exps * per_exp], kept_exps,
-        crop_transforms(image_size, mean, std, augment), open_rgb, limit_per_class, seed,
-        check_images if check_files else None)
-    spec = BenchmarkSpec(
-        name=f"domainnet-{n_splits}",
-        benchmark=benchmark,
-        protocol="class-incremental",
-        modality="image",
-        num_classes=kept_exps * per_exp,
-        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
-        notes={
-            "class_order": order,
-            "class_order_seed": class_order_seed,
-            "label_remap": "label i is DomainNet label class_order[i]",
-            "images": source,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
-            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "augment": augment,
-            "files": str(folder),
-        },
+    spec = file_class_split(
+        f"domainnet-{n_splits}", train, test, NUM_CLASSES, n_splits,
+        num_experiences=num_experiences, class_order_seed=class_order_seed,
+        image_size=image_size, mean=mean, std=std, augment=augment,
+        limit_per_class=limit_per_class, seed=seed, check_files=check_files,
+        notes={"label_remap": "label i is DomainNet label class_order[i]", "images": source,
+               "files": str(folder)},
         data_root=folder.parent,
     )
     return carve_validation(spec, validation, seed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.transforms import (
@@ -36,8 +37,9 @@ from .common import (
     carve_validation,
     check_images,
     check_positive,
-    class_range_name,
     class_split_benchmark,
+    class_split_spec,
+    image_notes,
     keep_first,
     open_rgb,
     resolve_data_root,
@@ -148,41 +150,60 @@ def build_image_folders(
     if len(classes) != expected:
         raise ValueError(f"{root} has {len(classes)} class folders, {dataset} has {expected}; "
                          f"{hint}")
-    per_exp = expected // n_splits
+    spec = file_class_split(
+        f"{dataset}-{n_splits}", train, test, expected, n_splits,
+        num_experiences=num_experiences, class_order_seed=class_order_seed,
+        image_size=image_size, mean=mean, std=std, augment=augment,
+        limit_per_class=limit_per_class, seed=seed, check_files=check_files,
+        notes={
+            "label_remap": "label i is the class of sorted folder index class_order[i]",
+            "split": ("the train/test folders" if split_seed is None else
+                      f"seeded 80/20 of one folder (torch.randperm, seed {split_seed})"),
+            "split_seed": split_seed,
+            "files": str(root),
+        },
+        class_names=classes, data_root=root.parent,
+    )
+    return carve_validation(spec, validation, seed)
+
+
+def file_class_split(
+    name: str,
+    train: tuple[Sequence[Path], Sequence[int]],
+    test: tuple[Sequence[Path], Sequence[int]] | None,
+    num_classes: int,
+    n_splits: int,
+    *,
+    num_experiences: int | None,
+    class_order_seed: int | None,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    limit_per_class: int | None,
+    seed: int,
+    check_files: bool,
+    notes: dict[str, Any],
+    data_root: Path,
+    class_names: Sequence[str] | None = None,
+) -> BenchmarkSpec:
+    """``num_classes`` classes of image files (``(paths, labels)``; ``test`` None while a
+    validation split is to be carved) in ``n_splits`` class-incremental experiences, in the
+    seeded class order, with the papers' crops (:func:`crop_transforms`): the split behind the
+    folder benchmarks and DomainNet's class-incremental one."""
+    per_exp = num_classes // n_splits
     kept_exps = len(keep_first(list(range(n_splits)), num_experiences))
-    order = seeded_class_order(expected, class_order_seed)
+    order = seeded_class_order(num_classes, class_order_seed)
     benchmark = class_split_benchmark(
         train, test, order[: kept_exps * per_exp], kept_exps,
         crop_transforms(image_size, mean, std, augment), open_rgb, limit_per_class, seed,
         check_images if check_files else None)
-    spec = BenchmarkSpec(
-        name=f"{dataset}-{n_splits}",
-        benchmark=benchmark,
-        protocol="class-incremental",
-        modality="image",
-        num_classes=kept_exps * per_exp,
-        experience_names=[class_range_name(i * per_exp, per_exp) for i in range(kept_exps)],
-        notes={
-            "class_order": order,
-            "class_order_seed": class_order_seed,
-            "label_remap": "label i is the class of sorted folder index class_order[i]",
-            "class_names": [classes[c] for c in order],
-            "split": ("the train/test folders" if split_seed is None else
-                      f"seeded 80/20 of one folder (torch.randperm, seed {split_seed})"),
-            "split_seed": split_seed,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": [len(e.dataset) for e in benchmark.train_stream],
-            "test_sizes": [len(e.dataset) for e in benchmark.test_stream],
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "augment": augment,
-            "files": str(root),
-        },
-        data_root=root.parent,
-    )
-    return carve_validation(spec, validation, seed)
+    names = {"class_names": [class_names[c] for c in order]} if class_names else {}
+    return class_split_spec(
+        name, benchmark, order, per_exp, class_order_seed=class_order_seed,
+        limit_per_class=limit_per_class, seed=seed,
+        notes={**notes, **names, **image_notes(image_size, mean, std, augment)},
+        data_root=data_root)
 
 
 for _name, _splits in (("imagenet-r", (5, 10, 20)), ("imagenet-a", (10,)), ("cub200", (10, 20))):
