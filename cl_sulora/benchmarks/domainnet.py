@@ -1,5 +1,7 @@
-"""DomainNet: domain-incremental (one experience per domain, all 345 classes in each) and
-class-incremental (5 experiences of 69 classes over the domains together).
+"""DomainNet: domain-incremental over its six domains, class-incremental in 5 x 69 classes.
+
+Domain-incremental: one experience per domain, all 345 classes in each. Class-incremental: 5
+experiences of 69 classes, each with its classes' images of every domain.
 
 The layout and rule of RanPAC's loader (``utils/data.py``, class ``domainnet``; domain order
 from its ``trainer.py``): the official "cleaned" release under ``<root>/DomainNet/``, with its
