@@ -45,7 +45,7 @@ class TrainingConfig(BaseModel):
     lr: FinitePositive = 1e-3
     weight_decay: FiniteFloat = 0.0
     momentum: FiniteFloat = 0.9  # sgd only
-    lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine"
+    lr_schedule: Literal["constant", "cosine", "multistep", "epoch-cosine"] = "cosine"
     # multistep: the rate times lr_gamma at each of these epochs of an experience
     lr_milestones: list[PositiveInt] = []
     lr_gamma: FinitePositive = 0.1

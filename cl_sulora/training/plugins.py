@@ -20,7 +20,7 @@ from . import distributed
 
 MASK_VALUE = -1e4  # finite, so a masked logit never turns the loss into inf or nan in fp16
 
-Schedule = Literal["constant", "cosine", "multistep"]
+Schedule = Literal["constant", "cosine", "multistep", "epoch-cosine"]
 
 
 class CurrentClassMask(SupervisedPlugin, supports_distributed=True):
@@ -176,10 +176,12 @@ class BatchAugment(SupervisedPlugin, supports_distributed=True):
 class LRSchedule(SupervisedPlugin, supports_distributed=True):
     """Sets the learning rate of ``strategy.optimizer`` before every training iteration, within
     each experience: ``constant``; ``cosine`` from the base rate towards 0 over the experience's
-    iterations; or ``multistep``, the base rate times ``gamma`` for every epoch milestone
-    reached (torch's ``MultiStepLR`` stepped once per epoch, as the SD-LoRA and InfLoRA
-    reference loops do). The base rate is ``lr``, or ``first_lr`` on the stream's first
-    experience (the reference configs' ``init_lr``).
+    iterations; ``multistep``, the base rate times ``gamma`` for every epoch milestone reached
+    (torch's ``MultiStepLR`` stepped once per epoch, as the SD-LoRA reference loop does); or
+    ``epoch-cosine``, the base rate times ``cos(0.495 pi e / (E - 1))`` in epoch ``e`` of ``E``
+    (InfLoRA's ``CosineSchedule``, ``utils/schedulers.py``: a quarter wave ending at 1.6%). The
+    base rate is ``lr``, or ``first_lr`` on the stream's first experience (the reference
+    configs' ``init_lr``).
 
     Setting it every iteration keeps it right when a strategy rebuilds its optimizer."""
 
@@ -187,9 +189,9 @@ class LRSchedule(SupervisedPlugin, supports_distributed=True):
                  milestones: Sequence[int] = (), gamma: float = 0.1,
                  first_lr: float | None = None) -> None:
         super().__init__()
-        if schedule not in ("constant", "cosine", "multistep"):
-            raise ValueError(
-                f"lr_schedule must be 'constant', 'cosine' or 'multistep', got {schedule!r}")
+        if schedule not in ("constant", "cosine", "multistep", "epoch-cosine"):
+            raise ValueError("lr_schedule must be 'constant', 'cosine', 'multistep' or "
+                             f"'epoch-cosine', got {schedule!r}")
         if schedule == "multistep" and not milestones:
             raise ValueError("lr_schedule 'multistep' needs its epoch milestones "
                              "(training.lr_milestones, e.g. [10, 15])")
@@ -204,21 +206,25 @@ class LRSchedule(SupervisedPlugin, supports_distributed=True):
         self.base = lr
         self.total = 1
         self.per_epoch = 1
+        self.epochs = 1
         self.step = 0
 
     def lr_at(self, step: int) -> float:
         if self.schedule == "constant":
             return self.base
+        epoch = step // self.per_epoch
         if self.schedule == "multistep":
-            epoch = step // self.per_epoch
             return self.base * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.schedule == "epoch-cosine":
+            return self.base * math.cos(0.495 * math.pi * epoch / max(1, self.epochs - 1))
         return 0.5 * self.base * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
 
     def before_training_exp(self, strategy, **kwargs):
         first = int(strategy.experience.current_experience) == 0
         self.base = self.first_lr if first and self.first_lr is not None else self.lr
         self.per_epoch = max(1, len(strategy.dataloader))
-        self.total = max(1, strategy.train_epochs * self.per_epoch)
+        self.epochs = strategy.train_epochs
+        self.total = max(1, self.epochs * self.per_epoch)
         self.step = 0
 
     def before_training_iteration(self, strategy, **kwargs):

@@ -3,6 +3,7 @@ LRSchedulerPlugin follows it, and the strategies' lr_schedule argument."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -96,3 +97,15 @@ def test_multistep_drops_at_each_epoch_milestone_from_the_first_experiences_own_
 def test_milestones_and_multistep_come_together(training, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config("bbc-news", "sulora", {f"training.{k}": v for k, v in training.items()})
+
+
+def test_epoch_cosine_is_inflora_s_quarter_wave_stepped_per_epoch():
+    net = model()
+    record = RecordLR()
+    strategy = SuLoRA(model=net, optimizer=torch.optim.Adam(net.parameters(), lr=0.1),
+                      config=SubspaceLoRAConfig(rank=2, num_slots=2), train_mb_size=8,
+                      train_epochs=3, evaluator=None, plugins=[record],
+                      lr_schedule="epoch-cosine")
+    strategy.train(image_stream().train_stream[0])
+    assert [lr for _, _, lr in record.seen] == pytest.approx(
+        [0.1, 0.1 * math.cos(99 * math.pi / 400), 0.1 * math.cos(99 * math.pi / 200)])
