@@ -489,6 +489,41 @@ def class_split_spec(
     )
 
 
+def domain_spec(
+    name: str,
+    streams: dict[str, list[TaskAwareSupervisedClassificationDataset]],
+    sizes: dict[str, list[int]],
+    domains: Sequence[str],
+    *,
+    modality: str,
+    num_classes: int,
+    limit_per_class: int | None,
+    seed: int,
+    notes: dict[str, Any],
+    data_root: Path,
+) -> BenchmarkSpec:
+    """The spec of a domain-incremental stream, one experience per domain of ``domains``
+    (:func:`domain_streams`' ``streams`` and ``sizes``): its notes give the domain order, the
+    per-class limit and the sizes, then ``notes``, the benchmark's own."""
+    return BenchmarkSpec(
+        name=name,
+        benchmark=stream_benchmark(streams["train"], streams["test"]),
+        protocol="domain-incremental",
+        modality=modality,
+        num_classes=num_classes,
+        experience_names=list(domains),
+        notes={
+            "domain_order": list(domains),
+            "limit_per_class": limit_per_class,
+            "limit_seed": seed,
+            "train_sizes": sizes["train"],
+            "test_sizes": sizes["test"],
+            **notes,
+        },
+        data_root=data_root,
+    )
+
+
 def stream_benchmark(
     train: list[TaskAwareSupervisedClassificationDataset],
     test: list[TaskAwareSupervisedClassificationDataset],

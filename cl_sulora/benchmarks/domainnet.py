@@ -33,10 +33,11 @@ from .common import (
     BenchmarkSpec,
     carve_validation,
     check_order,
+    domain_spec,
     domain_streams,
+    image_notes,
     keep_first,
     resolve_data_root,
-    stream_benchmark,
     wants_validation,
 )
 from .image_folders import IMAGENET_MEAN, IMAGENET_STD, crop_transforms, file_class_split
@@ -92,25 +93,10 @@ def build_domainnet_dil(
     streams, sizes = domain_streams(
         domains, lambda split, domain: read_list(folder / f"{domain}_{split}.txt", hint),
         transforms, limit_per_class, seed, held_out, check_files)
-    spec = BenchmarkSpec(
-        name="domainnet-dil",
-        benchmark=stream_benchmark(streams["train"], streams["test"]),
-        protocol="domain-incremental",
-        modality="image",
-        num_classes=NUM_CLASSES,
-        experience_names=domains,
-        notes={
-            "domain_order": domains,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": sizes["train"],
-            "test_sizes": sizes["test"],
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "augment": augment,
-            "files": str(folder),
-        },
+    spec = domain_spec(
+        "domainnet-dil", streams, sizes, domains, modality="image", num_classes=NUM_CLASSES,
+        limit_per_class=limit_per_class, seed=seed,
+        notes={**image_notes(image_size, mean, std, augment), "files": str(folder)},
         data_root=folder.parent,
     )
     return carve_validation(spec, validation, seed)

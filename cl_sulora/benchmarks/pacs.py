@@ -13,12 +13,13 @@ from .common import (
     BenchmarkSpec,
     carve_validation,
     check_order,
+    domain_spec,
     domain_streams,
     find_layout,
+    image_notes,
     image_transforms,
     keep_first,
     resolve_data_root,
-    stream_benchmark,
     wants_validation,
 )
 from .registry import register_benchmark
@@ -75,26 +76,11 @@ def build_pacs_dil(
     streams, sizes = domain_streams(
         domains, lambda split, domain: _domain_files(folder / split / domain, classes),
         transforms, limit_per_class, seed, held_out)
-    spec = BenchmarkSpec(
-        name="pacs-dil",
-        benchmark=stream_benchmark(streams["train"], streams["test"]),
-        protocol="domain-incremental",
-        modality="image",
-        num_classes=len(classes),
-        experience_names=domains,
-        notes={
-            "domain_order": domains,
-            "class_names": classes,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": sizes["train"],
-            "test_sizes": sizes["test"],
-            "image_size": image_size,
-            "mean": list(mean),
-            "std": list(std),
-            "augment": augment,
-            "files": str(folder),
-        },
+    spec = domain_spec(
+        "pacs-dil", streams, sizes, domains, modality="image", num_classes=len(classes),
+        limit_per_class=limit_per_class, seed=seed,
+        notes={"class_names": classes, **image_notes(image_size, mean, std, augment),
+               "files": str(folder)},
         data_root=root,
     )
     return carve_validation(spec, validation, seed)

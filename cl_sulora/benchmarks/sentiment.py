@@ -10,12 +10,12 @@ from .common import (
     BenchmarkSpec,
     carve_validation,
     check_order,
+    domain_spec,
     find_layout,
     keep_first,
     load_tokenizer,
     read_text_task,
     resolve_data_root,
-    stream_benchmark,
     text_dataset,
     wants_validation,
 )
@@ -87,25 +87,16 @@ def build_sentiment_dil(
             sizes[split].append(len(data))
     if held_out:  # placeholder test stream, replaced by carve_validation
         streams["test"], sizes["test"] = streams["train"], sizes["train"]
-    spec = BenchmarkSpec(
-        name="sentiment-dil",
-        benchmark=stream_benchmark(streams["train"], streams["test"]),
-        protocol="domain-incremental",
-        modality="text",
-        num_classes=2,
-        experience_names=domains,
+    spec = domain_spec(
+        "sentiment-dil", streams, sizes, domains, modality="text", num_classes=2,
+        limit_per_class=limit_per_class, seed=seed,
         notes={
-            "domain_order": domains,
             "class_names": ["negative", "positive"],
             "label_mapping": {d: DOMAINS[d][1] for d in domains},
             "test_split_from_train": [t.name for t in loaded if t.test_from_train],
             "split_seed": seed,
             "test_fraction": test_fraction,
             "dropped_rows": dropped,
-            "limit_per_class": limit_per_class,
-            "limit_seed": seed,
-            "train_sizes": sizes["train"],
-            "test_sizes": sizes["test"],
             "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
             "max_length": max_length,
             "files": str(folder),
