@@ -243,3 +243,43 @@ def test_eval_cache_ab_runs_both_ways_and_is_reported(tiny, tmp_path):
     text = "\n".join(report.eval_cache(tmp_path))
     assert "## Evaluation cache" in text and "Accuracy matrices equal: yes" in text
     assert text.count("| off |") == 1 and text.count("| on |") == 1
+
+
+def test_eval_cache_times_one_path_alone(tiny, tmp_path):
+    from benchmarks.perf import eval_cache
+    from tests.helpers import TINY_VIT
+
+    out = tmp_path / "eval_cache"
+    eval_cache.main(["--benchmark", "tiny-images", "--strategy", "sulora", "--device", "cpu",
+                     "--precision", "fp32", "--epochs", "1", "--batch-size", "8",
+                     "--eval-batch-size", "4", "--out", str(out), "--commit", "abc1234",
+                     "--modes", "on", "--set", "backbone.name=vit_small_patch16_224",
+                     f"backbone.kwargs={json.dumps(TINY_VIT)}", "out=" + str(tmp_path / "r")])
+    run = json.loads((out / "eval_cache.json").read_text())
+    assert [r["cache"] for r in run["runs"]] == [True] and run["wall_ratio"] is None
+    text = "\n".join(report.eval_cache(tmp_path))
+    assert text.count("| on |") == 1 and "Without / with" not in text
+
+
+def test_official_harness_counts_nested_evaluation_as_evaluation():
+    """The official loop evaluates inside its training loop: that time is evaluation."""
+    import time
+
+    import torch
+
+    from benchmarks.perf.official_sdlora import Buckets, experience_record, parse_runs
+
+    buckets = Buckets(torch.device("cpu"))
+    with buckets.part("train"):
+        time.sleep(0.05)
+        with buckets.part("eval"):
+            time.sleep(0.1)
+    parts = buckets.take()
+    assert 0.04 < parts["train"] < 0.09 and parts["eval"] >= 0.1
+    record = experience_record(0, 0.2, parts, train_images=10, eval_images=5)
+    assert record["other_s"] == 0.2 - parts["train"] - parts["eval"]
+    assert record["train_images_per_s"] == 10 / parts["train"]
+    assert buckets.take() == {}
+    assert parse_runs("official,sulora:bf16") == [("official", "fp32"), ("sulora", "bf16")]
+    with pytest.raises(SystemExit, match="float32 only"):
+        parse_runs("official:bf16")

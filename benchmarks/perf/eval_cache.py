@@ -1,6 +1,7 @@
 """One run with the evaluation cache against the same run without it, side by side in one
 process: wall time, training time, the rest (mostly evaluating the whole test stream after
-every experience), and whether the two accuracy matrices are equal.
+every experience), and whether the two accuracy matrices are equal. ``--modes on`` times the
+run with the cache alone (the runner's default path), under any ``--set`` values.
 
     python -m benchmarks.perf.eval_cache --benchmark split-cifar100-50 --epochs 2 \
         --batch-size 128 --device cuda --precision bf16 --backbone-weights DIR \
@@ -40,6 +41,13 @@ def timed_run(config, cached: bool) -> dict[str, Any]:
             / 2**20, "accuracy_matrix": result.accuracy_matrix}
 
 
+def ratio(off: list[dict[str, Any]], on: list[dict[str, Any]], field: str) -> float | None:
+    """Time without the cache over time with it, summed over the runs (None: one side ran)."""
+    if not off or not on:
+        return None
+    return sum(r[field] for r in off) / sum(r[field] for r in on)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmark", default="split-cifar100-50")
@@ -52,12 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--backbone-weights")
     parser.add_argument("--data-root")
-    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of runs, alternating")
+    parser.add_argument("--modes", default="off,on",
+                        help="the cache settings of a round, in order: off,on (the A/B), or "
+                        "one of them (a timing of that path alone)")
     parser.add_argument("--set", dest="sets", nargs="+", action="extend", default=[],
                         metavar="KEY=VALUE", help="other run config values, as cl-sulora run")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--commit", help="commit to record when git cannot tell")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if not modes or any(m not in ("off", "on") for m in modes) or len(set(modes)) < len(modes):
+        parser.error(f"--modes {args.modes!r}: give off,on, on,off, off or on")
     overrides = {"training.epochs": args.epochs, "training.batch_size": args.batch_size,
                  "training.eval_batch_size": args.eval_batch_size, "device": args.device,
                  "precision": args.precision, "data.limit_per_class": args.limit_per_class,
@@ -67,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                             {**overrides, **parse_overrides(args.sets)})
     runs = []
     for _ in range(args.repeats):
-        for cached in (False, True):
+        for cached in (mode == "on" for mode in modes):
             runs.append(timed_run(config, cached))
             run = runs[-1]
             print(f"cache {'on ' if cached else 'off'}: {run['wall_s']:.1f} s in all, "
@@ -78,13 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"group": "eval_cache", **env,
                "settings": {"benchmark": args.benchmark, "strategy": args.strategy,
                             "config": config.model_dump(mode="json"), "repeats": args.repeats},
-               "matrices_equal": all(r["accuracy_matrix"] == off[0]["accuracy_matrix"]
+               "matrices_equal": all(r["accuracy_matrix"] == runs[0]["accuracy_matrix"]
                                      for r in runs),
-               "wall_ratio": sum(r["wall_s"] for r in off) / sum(r["wall_s"] for r in on),
-               "rest_ratio": sum(r["rest_s"] for r in off) / sum(r["rest_s"] for r in on),
+               "wall_ratio": ratio(off, on, "wall_s"), "rest_ratio": ratio(off, on, "rest_s"),
                "runs": runs}
-    print(f"matrices equal: {payload['matrices_equal']}; without/with the cache: wall "
-          f"{payload['wall_ratio']:.2f}x, the rest {payload['rest_ratio']:.2f}x", flush=True)
+    if off and on:
+        print(f"matrices equal: {payload['matrices_equal']}; without/with the cache: wall "
+              f"{payload['wall_ratio']:.2f}x, the rest {payload['rest_ratio']:.2f}x", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "eval_cache.json", payload)
 

@@ -499,13 +499,15 @@ def eval_cache(directory: Path) -> list[str]:
              f"{config['training']['batch_size']}, evaluation batch "
              f"{config['training']['eval_batch_size']}, {config['precision']}, the whole test "
              "stream evaluated after every experience) without and with the evaluation cache, "
-             f"alternating, {cfg['repeats']} pair(s). Accuracy matrices equal: "
+             f"alternating, {cfg['repeats']} round(s). Accuracy matrices equal: "
              f"{'yes' if run['matrices_equal'] else 'NO'}.", ""]
     rows = [["on" if r["cache"] else "off", _num(r["wall_s"], 1), _num(r["train_s"], 1),
              _num(r["rest_s"], 1), _num(r["cached_mb"], 0)] for r in run["runs"]]
-    return lines + _table(["Cache", "run s", "training s", "the rest s", "cached MiB"], rows) + [
-        f"Without / with: {run['wall_ratio']:.2f}x the run, {run['rest_ratio']:.2f}x the rest.",
-        ""]
+    lines += _table(["Cache", "run s", "training s", "the rest s", "cached MiB"], rows)
+    if run["wall_ratio"] is not None:
+        lines.append(f"Without / with: {run['wall_ratio']:.2f}x the run, "
+                     f"{run['rest_ratio']:.2f}x the rest.")
+    return lines + [""]
 
 
 def notes(directory: Path) -> list[str]:

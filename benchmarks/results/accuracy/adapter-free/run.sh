@@ -7,8 +7,8 @@
 #
 #   VIT=dir MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh text|vision
 #
-# DEVICE (default cuda) and STRATEGIES (default "frozen simplecil ranpac") pick the device and
-# a subset of the strategies.
+# DEVICE (default cuda), STRATEGIES (default "frozen simplecil ranpac") and TABLES (folder
+# names, default all of the phase's) pick the device and a subset of the strategies and tables.
 set -euo pipefail
 phase=$1
 jobs=$(mktemp)
@@ -20,6 +20,7 @@ vision="$common --backbone-weights $VIT --batch-size 128"
 # folder benchmark "flags" single-head(yes|no)
 add() {
   local folder=$1 benchmark=$2 flags=$3 single=$4 seed strategy
+  [[ -n ${TABLES:-} && " $TABLES " != *" $folder "* ]] && return
   for seed in 0 1 2; do
     for strategy in $strategies; do
       if [[ $strategy == frozen ]]; then
