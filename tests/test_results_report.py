@@ -21,7 +21,7 @@ MACHINE_KEYS = ("data.data_root", "out", "device", "backbone.name", "backbone.we
 def test_results_tables_are_the_records():
     text = tables.RESULTS.read_text()
     assert tables.render(text) == text, "run python -m benchmarks.accuracy.tables"
-    assert len(text.splitlines()) <= 270  # a report of about 250 lines
+    assert len(text.splitlines()) <= 340  # a report, not a lab notebook
 
 
 @pytest.mark.parametrize("name", available_recipes("tables"))
