@@ -241,7 +241,7 @@ def test_eval_cache_ab_runs_both_ways_and_is_reported(tiny, tmp_path):
     assert run["matrices_equal"] and len(run["runs"][0]["accuracy_matrix"]) == 3
     assert run["runs"][0]["cached_mb"] == 0 < run["runs"][1]["cached_mb"]
     text = "\n".join(report.eval_cache(tmp_path))
-    assert "## Evaluation cache" in text and "Accuracy matrices equal: yes" in text
+    assert "## A run end to end" in text and "Accuracy matrices of these runs equal: yes" in text
     assert text.count("| off |") == 1 and text.count("| on |") == 1
 
 
@@ -283,3 +283,33 @@ def test_official_harness_counts_nested_evaluation_as_evaluation():
     assert parse_runs("official,sulora:bf16") == [("official", "fp32"), ("sulora", "bf16")]
     with pytest.raises(SystemExit, match="float32 only"):
         parse_runs("official:bf16")
+
+
+def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
+    from benchmarks.perf.official_sdlora import experience_record, summarize
+
+    def party(name, precision, seconds):
+        return {"party": name, "precision": precision, "peak_memory_mb": 1024.0, "config": None,
+                "experiences": [experience_record(0, seconds + 1, {"train": seconds,
+                                                                   "eval": 0.5}, 1000, 100)]}
+
+    runs = [party("official", "fp32", 2.0), party("sdlora", "fp32", 1.25),
+            party("sulora", "fp32", 1.0)]
+    ratios = summarize(runs)
+    assert ratios["sdlora:fp32"][0]["train_images_per_s"] == pytest.approx(1.6)
+    payload = {"device": "GPU", "commit": "abc1234def", "torch": "2", "versions": {"timm": "1"},
+               "settings": {"backbone": "vit", "benchmark": "b", "image_size": 224,
+                            "experiences": 1, "epochs": 1, "batch_size": 8, "workers": 0,
+                            "official_config": "exps/x.json", "recipe": "paper/x"},
+               "ratios_to_official": ratios, "runs": runs}
+    (tmp_path / "official_sdlora").mkdir()
+    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
+    text = "\n".join(report.official_sdlora(tmp_path))
+    assert "`abc1234`" in text and "| SD-LoRA | fp32 | 1 |" in text
+    assert "- SD-LoRA, training loop: 1.60x (experiences 1-1): met." in text
+    assert "- SuLoRA, training loop: 2.00x (experiences 1-1): met." in text
+    runs[2]["experiences"][0] = experience_record(0, 2.5, {"train": 1.5, "eval": 0.5}, 1000, 100)
+    payload["ratios_to_official"] = summarize(runs)
+    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
+    text = "\n".join(report.official_sdlora(tmp_path))
+    assert "- SuLoRA, training loop: 1.33x (experiences 1-1): **not met**." in text

@@ -487,27 +487,122 @@ def epoch_loading(directory: Path) -> list[str]:
 
 
 def eval_cache(directory: Path) -> list[str]:
-    """The A/B of ``benchmarks.perf.eval_cache`` (``eval_cache/``), if any."""
-    run = _optional_json(directory / "eval_cache" / "eval_cache.json")
+    """The runs of ``benchmarks.perf.eval_cache`` (``eval_cache/*.json``), if any: the A/B of
+    the cache, and whole runs of a long stream timed alone."""
+    paths = sorted((directory / "eval_cache").glob("*.json"))
+    if not paths:
+        return []
+    lines = ["## A run end to end, and the evaluation cache", "",
+             "`python -m benchmarks.perf.eval_cache`: whole runs through the runner's stream "
+             "loop, the whole test stream evaluated after every experience; `the rest` is the "
+             "run's time outside training (mostly those evaluations).", ""]
+    first = None
+    for path in paths:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        cfg, config = run["settings"], run["settings"]["config"]
+        training, data = config["training"], config["data"]
+        extra = [f"{k}={v}" for k, v in sorted(data.items())
+                 if k in ("augment_on_device", "limit_per_class") and v]
+        lines += [f"`{path.name}`, on {run['device']}, commit `{run['commit'][:7]}`: "
+                  f"{cfg['strategy']} on {cfg['benchmark']}, {training['epochs']} epochs per "
+                  f"experience, batch {training['batch_size']}, evaluation batch "
+                  f"{training['eval_batch_size']}, {training['num_workers']} loader workers, "
+                  f"{config['precision']}" + (f", {', '.join(extra)}" if extra else "") + ".", ""]
+        rows = [["on" if r["cache"] else "off", _num(r["wall_s"], 1), _num(r["train_s"], 1),
+                 _num(r["rest_s"], 1), _num(r["cached_mb"], 0),
+                 _num(100 * _a_last(r["accuracy_matrix"]), 2)] for r in run["runs"]]
+        lines += _table(["Cache", "run s", "training s", "the rest s", "cached MiB",
+                         "A_last %"], rows)
+        if len(run["runs"]) > 1:
+            lines.append("Accuracy matrices of these runs equal: "
+                         f"{'yes' if run['matrices_equal'] else 'NO'}.")
+        if run["wall_ratio"] is not None:
+            lines.append(f"Without / with the cache: {run['wall_ratio']:.2f}x the run, "
+                         f"{run['rest_ratio']:.2f}x the rest.")
+        matrix = run["runs"][0]["accuracy_matrix"]
+        gap = None
+        if first is None:
+            first = (path.name, matrix)
+        elif len(matrix) == len(first[1]):
+            gap = max(abs(a - b) for row, other in zip(matrix, first[1], strict=True)
+                      for a, b in zip(row, other, strict=True))
+            lines.append(f"Largest difference from `{first[0]}`'s accuracy matrix: "
+                         f"{100 * gap:.1f} points.")
+        if cfg["benchmark"] == "split-cifar100-50" and training["epochs"] == 2:
+            wall = run["runs"][0]["wall_s"]
+            same = gap is None or gap <= 0.01
+            verdict = ("met" if wall <= 90 and same else "**not met**"
+                       + ("" if same else " (not the first run's accuracy matrix)"))
+            lines.append(f"Target: one such SuLoRA run alone on one GPU in at most 90 s, with "
+                         f"the accuracy matrix of the runner's path: {wall:.1f} s, {verdict}.")
+        lines.append("")
+    return lines
+
+
+def _a_last(matrix: list[list[float]]) -> float:
+    return sum(matrix[-1]) / len(matrix[-1])
+
+
+def official_sdlora(directory: Path) -> list[str]:
+    """The comparison with the official SD-LoRA loop (``official_sdlora/``), if any."""
+    run = _optional_json(directory / "official_sdlora" / "official_sdlora.json")
     if run is None:
         return []
-    cfg, config = run["settings"], run["settings"]["config"]
-    lines = ["## Evaluation cache", "",
-             f"`python -m benchmarks.perf.eval_cache` on {run['device']}, commit "
-             f"`{run['commit']}`: one {cfg['strategy']} run of {cfg['benchmark']} "
-             f"({config['training']['epochs']} epochs per experience, batch "
-             f"{config['training']['batch_size']}, evaluation batch "
-             f"{config['training']['eval_batch_size']}, {config['precision']}, the whole test "
-             "stream evaluated after every experience) without and with the evaluation cache, "
-             f"alternating, {cfg['repeats']} round(s). Accuracy matrices equal: "
-             f"{'yes' if run['matrices_equal'] else 'NO'}.", ""]
-    rows = [["on" if r["cache"] else "off", _num(r["wall_s"], 1), _num(r["train_s"], 1),
-             _num(r["rest_s"], 1), _num(r["cached_mb"], 0)] for r in run["runs"]]
-    lines += _table(["Cache", "run s", "training s", "the rest s", "cached MiB"], rows)
-    if run["wall_ratio"] is not None:
-        lines.append(f"Without / with: {run['wall_ratio']:.2f}x the run, "
-                     f"{run['rest_ratio']:.2f}x the rest.")
+    cfg = run["settings"]
+    lines = ["## One experience at ViT-B/16, 224 px: this library against the official SD-LoRA "
+             "loop", "",
+             f"`python -m benchmarks.perf.official_sdlora` on {run['device']}, commit "
+             f"`{run['commit'][:7]}`, torch {run['torch']}, timm {run['versions']['timm']}: "
+             f"{cfg['backbone']}, {cfg['benchmark']} resized to {cfg['image_size']} px, the first "
+             f"{cfg['experiences']} experiences (10 classes, 5,000 training images each), "
+             f"{cfg['epochs']} epoch each, batch {cfg['batch_size']}, {cfg['workers']} loader "
+             "workers for every party, each party in its own process, one after the other. The "
+             "official loop is github.com/WuYichen-97/SD-Lora-CL's own, with "
+             f"`{cfg['official_config']}` (this library: the `{cfg['recipe']}` recipe's "
+             "settings). An experience's time runs from the start of its training to the end "
+             "of its evaluation on the seen classes' test images; `training` is the training "
+             "loop (data loading included), `evaluation` every test pass (the official loop "
+             "also evaluates inside its training loop, at its epoch 0), `other` the rest "
+             "(set-up, boundary work, the official loop's saving and re-loading of adapters).",
+             ""]
+    official = next((r for r in run["runs"] if r["party"] == "official"), None)
+    rows = []
+    for result in run["runs"]:
+        key = f"{result['party']}:{result['precision']}"
+        ratios = {r["experience"]: r for r in run["ratios_to_official"].get(key, [])}
+        for e in result["experiences"]:
+            ratio = ratios.get(e["experience"])
+            rows.append([_label(result["party"]) if result["party"] != "official"
+                         else "official SD-LoRA loop", result["precision"],
+                         str(e["experience"]), _num(e["wall_s"], 1), _num(e["train_s"], 1),
+                         _num(e["eval_s"], 1), _num(e["other_s"], 1),
+                         _num(e["train_images_per_s"], 0), _num(e["end_to_end_images_per_s"], 0),
+                         _ratio_cell(ratio, "train_images_per_s"),
+                         _ratio_cell(ratio, "end_to_end_images_per_s"),
+                         _num((result["peak_memory_mb"] or 0) / 1024, 1)])
+    lines += _table(["Party", "precision", "experience", "s", "training s", "evaluation s",
+                     "other s", "training images/s", "experience images/s",
+                     "x official (training)", "x official (experience)", "peak GiB"], rows)
+    if official is not None:
+        lines += ["Target: this library's SD-LoRA and SuLoRA at least 1.5x the official "
+                  "loop's images per second at equal batch size and precision (fp32):"]
+        for party in ("sdlora", "sulora"):
+            ratios = run["ratios_to_official"].get(f"{party}:fp32", [])
+            for field, what in (("train_images_per_s", "training loop"),
+                                ("end_to_end_images_per_s", "whole experience")):
+                values = [r[field] for r in ratios if r[field] is not None]
+                if values:
+                    met = "met" if min(values) >= 1.5 else "**not met**"
+                    lines.append(f"- {_label(party)}, {what}: "
+                                 + ", ".join(f"{v:.2f}x" for v in values)
+                                 + f" (experiences 1-{len(values)}): {met}.")
     return lines + [""]
+
+
+def _ratio_cell(ratio: dict[str, Any] | None, field: str) -> str:
+    if ratio is None or ratio[field] is None:
+        return "-"
+    return f"{ratio[field]:.2f}x"
 
 
 def notes(directory: Path) -> list[str]:
@@ -534,7 +629,8 @@ def render(directory: Path, output: Path, plots: Path, summary: dict[str, Any]) 
     for key, groups in by_backbone.items():
         lines += backbone_section(key, groups, plots, output.parent)
     lines += long_stream(directory, output.parent) + data_parallel(directory)
-    lines += data_loading(directory) + epoch_loading(directory) + eval_cache(directory)
+    lines += official_sdlora(directory) + eval_cache(directory)
+    lines += data_loading(directory) + epoch_loading(directory)
     lines += notes(directory)
     return "\n".join(lines).rstrip() + "\n"
 
