@@ -19,7 +19,6 @@ from avalanche.core import SupervisedPlugin
 from pydantic import Field, NonNegativeInt, model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ..adapters.config import STRICT
 from ..seeding import keyed_generator
@@ -222,7 +221,7 @@ class ClosedFormStrategy(AdapterTemplate):
         self.model.eval()
         data = experience.dataset.eval()
         features, labels = [], []
-        for batch in DataLoader(data, batch_size=self.eval_mb_size):
+        for batch in self.experience_loader(data):
             features.append(self.model.backbone(batch[0].to(self.device)).float())
             labels.append(batch[1].to(self.device))
         self.fit(torch.cat(features), torch.cat(labels))

@@ -8,7 +8,6 @@ from avalanche.models.utils import avalanche_forward
 from pydantic import model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
 from ..adapters.config import STRICT, BranchLoRAConfig
@@ -140,7 +139,7 @@ def experience_covariances(strategy, layers: dict[str, BranchLoRALinear],
     """Per-layer input covariance over the current experience's data (eval transforms)."""
     dataset = strategy.experience.dataset.eval()
     gen = torch.Generator().manual_seed(config.seed * 100_003 + experience)
-    loader = DataLoader(dataset, batch_size=strategy.eval_mb_size, shuffle=True, generator=gen)
+    loader = strategy.experience_loader(dataset, shuffle=True, generator=gen)
     device = strategy.device
 
     def forward(batch):

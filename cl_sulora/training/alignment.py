@@ -1,4 +1,5 @@
-"""Classifier alignment from stored class statistics, for any strategy with a single head.
+"""Classifier alignment from stored class statistics, for this library's strategies
+(:class:`~cl_sulora.training.template.AdapterTemplate`) with a single head.
 
 After each training experience the feature mean and covariance of every class in it are
 stored; the head is then re-trained on features sampled from the Gaussians of every class seen
@@ -17,7 +18,6 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from .plugins import strategy_autocast
 
@@ -188,7 +188,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         model = strategy.model
         was_training = model.training
         model.eval()
-        loader = DataLoader(strategy.experience.dataset.eval(), batch_size=strategy.eval_mb_size)
+        loader = strategy.experience_loader(strategy.experience.dataset.eval())
         device = strategy.device
         features, labels = [], []
         for batch in loader:

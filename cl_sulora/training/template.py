@@ -19,6 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.nn import CrossEntropyLoss
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
 
 from ..adapters.injection import adapter_layers
 from . import distributed
@@ -134,6 +135,8 @@ class AdapterTemplate(SupervisedTemplate):
         self._ddp: nn.Module | None = None
         #: evaluation batches kept between evaluations (replace it to change the budget)
         self.eval_cache = EvalInputCache(int(eval_cache_gb * 2**30), self.device)
+        #: loader worker processes of the current training call (its ``num_workers``)
+        self.loader_workers = 0
 
     def train(self, experiences, eval_streams=None, **kwargs):
         """Avalanche's training loop; if it fails part-way through an experience (an error,
@@ -212,6 +215,7 @@ class AdapterTemplate(SupervisedTemplate):
         (:class:`~cl_sulora.loading.EpochSpanningLoader`). Under ``torchrun`` each rank loads its
         shard of every global batch; batches are drawn from the whole experience (no task
         balancing). ``persistent_workers`` is implied: the workers live for the experience."""
+        self.loader_workers = num_workers
         if distributed.is_distributed():
             distributed.check_batch_size(self.train_mb_size)
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # the same on every rank (align_rng)
@@ -223,6 +227,17 @@ class AdapterTemplate(SupervisedTemplate):
         collate_from_data_or_kwargs(self.adapted_dataset, args)
         self.dataloader = EpochSpanningLoader(self.adapted_dataset, sampler,
                                               epochs=self.train_epochs, **args)
+
+    def experience_loader(self, dataset: Dataset, *, shuffle: bool = False,
+                          generator: torch.Generator | None = None) -> DataLoader:
+        """A loader for a method's own pass over the experience's data (input statistics,
+        features for a closed-form head or for classifier alignment): the evaluation batch
+        size and the training call's worker processes, so that a pass over large images
+        (resized to 224 px, say) is not decoded in the main process alone. The batches are
+        those of a loader without workers."""
+        return DataLoader(dataset, batch_size=self.eval_mb_size, shuffle=shuffle,
+                          generator=generator, num_workers=self.loader_workers,
+                          pin_memory=self.device.type == "cuda")
 
     def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None,
                              persistent_workers=False, **kwargs):

@@ -161,3 +161,27 @@ def test_an_evaluation_stopped_part_way_keeps_nothing():
     assert len(replay) == 3 and [b[1].tolist() for b in replay][-1] == [8, 9]
     with pytest.raises(ValueError, match="budget"):
         EvalInputCache(-1, "cpu")
+
+
+def test_methods_passes_over_the_data_use_the_training_calls_workers(tiny, tmp_path):
+    """InfLoRA's input statistics and the alignment's features load with the workers given
+    to the training call, and compute exactly what a loader without workers gives."""
+    from cl_sulora.runner.loop import run
+    from tests.helpers import tiny_config
+
+    records = {}
+    for workers in (0, 2):
+        config = tiny_config(tmp_path / str(workers), "inflora", deterministic=True, **{
+            "training.num_workers": workers, "alignment.enabled": True,
+            "data.num_experiences": 2})
+        result = run(config)
+        assert result.experiment.strategy.loader_workers == workers
+        loader = result.experiment.strategy.experience_loader(
+            result.experiment.spec.benchmark.train_stream[0].dataset)
+        assert loader.num_workers == workers
+        layers = [m for m in result.experiment.model.modules() if hasattr(m, "input_basis")]
+        assert layers
+        records[workers] = (result.record["accuracy_matrix"],
+                            [m.input_basis.clone() for m in layers])
+    assert records[0][0] == records[2][0]
+    assert all(torch.equal(a, b) for a, b in zip(records[0][1], records[2][1], strict=True))
