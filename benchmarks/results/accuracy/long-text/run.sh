@@ -8,7 +8,10 @@
 # slots (one per task); the adapter-free frozen backbone, SimpleCIL and RanPAC (those two
 # without classifier alignment, which would re-train their closed-form heads).
 #
-#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] bash run.sh class|task
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] bash run.sh class|task
+#
+# RECORDED (e.g. gpu-partial): records of runs already made, in the same <phase>/order<k>/
+# folders; they are copied into OUT and those runs are not made again.
 set -euo pipefail
 phase=$1
 jobs=$(mktemp)
@@ -45,6 +48,13 @@ for k in 0 1 2; do
   fi
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
+for record in "${RECORDED:-/nowhere}"/"$phase"/order*/*.json; do
+  [[ -e $record ]] || continue
+  folder="$OUT/${record#"$RECORDED"/}" && folder=${folder%/*}
+  mkdir -p "$folder" && cp "$record" "$folder/"
+  touch "$folder/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print("long-text__%s__seed%d.done" % (r["strategy"], r["seed"]))' "$record")"
+done
 resume=()
 [[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
