@@ -7,6 +7,8 @@
 #
 #   VIT=dir MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh text|vision
 #
+# vision includes split-cifar100-20 (folder cifar-20), the fusion ablation's stream.
+#
 # DEVICE (default cuda), STRATEGIES (default "frozen simplecil ranpac") and TABLES (folder
 # names, default all of the phase's) pick the device and a subset of the strategies and tables.
 set -euo pipefail
@@ -38,6 +40,7 @@ if [[ $phase == text ]]; then
   add glue-task split-glue "$text --lr 4e-3 --protocol task-incremental" no
 else
   add cifar-10 split-cifar100-10 "$vision --epochs 2 --lr 1e-3" yes
+  add cifar-20 split-cifar100-20 "$vision --epochs 2 --lr 1e-3" yes
   add pacs-dil pacs-dil "$vision --epochs 5 --lr 5e-4" yes
 fi
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
