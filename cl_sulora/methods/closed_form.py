@@ -4,18 +4,20 @@ and RanPAC's random-projection ridge regression.
 Neither trains by gradient: after each experience the head's statistics grow by the
 experience's features (computed with the evaluation transform, as the official code does) and
 the head is solved again. They answer whether adapting the backbone helps at all: the field
-knows them to beat many adapter methods on strong backbones. Single-head protocols only
-(class- and domain-incremental), as in their official code.
+knows them to beat many adapter methods on strong backbones. Their official code is
+single-head (class- and domain-incremental); under the task-incremental protocol each task gets
+its own closed-form head (:class:`TaskHeads`), as every method there gets a head per task.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from avalanche.models import MultiTaskModule
 from pydantic import Field, NonNegativeInt, model_validator
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
@@ -26,7 +28,7 @@ from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
 from .registry import MethodSpec, checked_config, register
 
-SINGLE_HEAD = ("class-incremental", "domain-incremental")
+PROTOCOLS = ("class-incremental", "domain-incremental", "task-incremental")
 #: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
 RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
 
@@ -132,6 +134,46 @@ class RidgeHead(_ClassScores):
         return self.project(x) @ self.weight.T
 
 
+class TaskHeads(MultiTaskModule):
+    """One closed-form head per task (task-incremental): each sample's task label picks its
+    task's head, made by ``make`` when the task first arrives. Columns a task's head does not
+    output are at the masking value (Avalanche's multi-task forward would leave them at 0,
+    above a negative score)."""
+
+    def __init__(self, make: Callable[[], _ClassScores]) -> None:
+        super().__init__()
+        self.make = make
+        self.heads = nn.ModuleDict()
+
+    def head(self, task: int) -> _ClassScores:
+        """The head of ``task`` (made, on the device of the others, if new)."""
+        key = str(int(task))
+        if key not in self.heads:
+            other = next(self.buffers(), None)
+            self.heads[key] = self.make().to(other.device if other is not None else "cpu")
+        return self.heads[key]
+
+    def forward(self, x: Tensor, task_labels: Tensor | int | None) -> Tensor | dict:
+        if task_labels is None or isinstance(task_labels, int):
+            return super().forward(x, task_labels)
+        outputs = {int(t): self.forward_single_task(x[task_labels == t], int(t))
+                   for t in torch.unique(task_labels)}
+        width = max(out.shape[1] for out in outputs.values())
+        out = torch.full((len(x), width), MASK_VALUE, dtype=torch.float32, device=x.device)
+        for task, scores in outputs.items():
+            out[task_labels == task, :scores.shape[1]] = scores
+        return out
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self.head(task_label)(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in state_dict:  # make the saved tasks' heads; each then takes its buffers
+            if key.startswith(prefix + "heads."):
+                self.head(int(key[len(prefix) + len("heads."):].split(".")[0]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def select_ridge(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,
                  generator: torch.Generator) -> float:
     """RanPAC's ridge choice: the candidate of least :func:`ridge_losses` (the middle one when
@@ -194,7 +236,10 @@ class ClosedFormStrategy(AdapterTemplate):
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, config=None,
                  plugins: Sequence[SupervisedPlugin] | None = None, **kwargs) -> None:
         self.config = checked_config(self, self.config_cls, config)
-        model.head = self.make_head(head_in_features(model))
+        in_features = head_in_features(model)
+        # the protocol's head regime: a head per task (task-incremental), else one
+        model.head = (TaskHeads(lambda: self.make_head(in_features))
+                      if isinstance(model.head, MultiTaskModule) else self.make_head(in_features))
         model.requires_grad_(False)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
 
@@ -202,7 +247,23 @@ class ClosedFormStrategy(AdapterTemplate):
         raise NotImplementedError
 
     def fit(self, features: Tensor, labels: Tensor) -> None:
+        """Update :meth:`current_head` with an experience's ``features`` and ``labels``."""
         raise NotImplementedError
+
+    def current_head(self) -> _ClassScores:
+        """The head the current experience's data belongs to (its task's, task-incremental)."""
+        head = self.model.head
+        if isinstance(head, TaskHeads):
+            tasks = self.experience.task_labels
+            if len(tasks) != 1:
+                raise ValueError(f"a task-incremental experience holds one task, got {tasks}")
+            return head.head(tasks[0])
+        return head
+
+    def closed_form_heads(self) -> list[_ClassScores]:
+        """Every closed-form head of the model (one per task, task-incremental)."""
+        head = self.model.head
+        return list(head.heads.values()) if isinstance(head, TaskHeads) else [head]
 
     def make_optimizer(self, **kwargs):
         self.optimizer.state.clear()
@@ -213,7 +274,7 @@ class ClosedFormStrategy(AdapterTemplate):
         classes = getattr(self.experience, "classes_in_this_experience", None)
         if classes is None:
             classes = self.experience.dataset.targets
-        model.head.cover(int(max(classes)) + 1)
+        self.current_head().cover(int(max(classes)) + 1)
         return model
 
     @torch.no_grad()
@@ -236,7 +297,7 @@ class SimpleCIL(ClosedFormStrategy):
         return PrototypeHead(in_features)
 
     def fit(self, features: Tensor, labels: Tensor) -> None:
-        self.model.head.update(features, labels)
+        self.current_head().update(features, labels)
 
 
 @dataclass(config=STRICT)
@@ -280,13 +341,14 @@ class RanPAC(ClosedFormStrategy):
 
     def fit(self, features: Tensor, labels: Tensor) -> None:
         experience = int(self.experience.current_experience)
-        self.model.head.update(features, labels, self.config.ridges, self.config.fit_fraction,
-                               keyed_generator(self.config.seed, "ridge", experience))
+        self.current_head().update(features, labels, self.config.ridges,
+                                   self.config.fit_fraction,
+                                   keyed_generator(self.config.seed, "ridge", experience))
 
     def method_state_params(self) -> int:
-        """The accumulated ``G`` and ``Q`` (and the fixed projection)."""
-        head = self.model.head
-        return head.gram.numel() + head.targets.numel() + head.projection.numel()
+        """The accumulated ``G`` and ``Q`` (and the fixed projection) of every head."""
+        return sum(head.gram.numel() + head.targets.numel() + head.projection.numel()
+                   for head in self.closed_form_heads())
 
 
 register(MethodSpec(
@@ -296,7 +358,7 @@ register(MethodSpec(
     paper="SimpleCIL (Zhou et al., IJCV 2024): prototypes on the frozen backbone",
     trains="nothing by gradient: each new class's prototype (its mean feature)",
     stores="one prototype per class",
-    protocols=SINGLE_HEAD,
+    protocols=PROTOCOLS,
     alignment=False,
     distributed=False,
 ))
@@ -307,7 +369,7 @@ register(MethodSpec(
     paper="RanPAC (McDonnell et al., NeurIPS 2023), without first-session adaptation",
     trains="nothing by gradient: the ridge classifier on random-projected frozen features",
     stores="the Gram matrix of the projected features and their targets",
-    protocols=SINGLE_HEAD,
+    protocols=PROTOCOLS,
     alignment=False,
     distributed=False,
 ))

@@ -157,3 +157,56 @@ def test_classes_not_seen_yet_are_masked_as_the_growing_head_masks_them():
         assert out.shape == (3, 4) and (out[:, 2:] == MASK_VALUE).all()
         assert (out[:, :2] > MASK_VALUE).all()
         assert results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp001"] == 0.0
+
+
+def test_task_incremental_closed_form_heads_are_one_per_task(tmp_path):
+    """Under the task-incremental protocol each task's classes (local labels 0, 1 in both
+    tasks here) get their own head: a shared head would mix the two tasks' class 0."""
+    from cl_sulora import load_model, save_model
+    from cl_sulora.methods.closed_form import RidgeHead, TaskHeads
+    from cl_sulora.training.plugins import MASK_VALUE
+
+    stream = image_stream(task_labels=True)
+    strategy = build(SimpleCIL, protocol="task-incremental")
+    seen = []
+    for exp in stream.train_stream:
+        strategy.train(exp)
+        seen.append(features_of(strategy, exp))
+    head = strategy.model.head
+    assert isinstance(head, TaskHeads) and sorted(head.heads) == ["0", "1"]
+    for task, (f, y) in enumerate(seen):
+        means = torch.stack([f[y == c].mean(0) for c in range(2)])
+        torch.testing.assert_close(F.normalize(head.head(task).sums, dim=1),
+                                   F.normalize(means, dim=1))
+    test_f, _ = features_of(strategy, stream.test_stream[1])
+    expected = F.normalize(test_f, dim=1) @ F.normalize(head.head(1).sums, dim=1).T
+    torch.testing.assert_close(head(test_f, torch.ones(len(test_f), dtype=torch.long)), expected)
+    results = strategy.eval(stream.test_stream)
+    assert results["Top1_Acc_Exp/eval_phase/test_stream/Task001/Exp001"] > 0.9
+    assert results["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"] > 0.9
+    # a batch of both tasks: each sample gets its task's scores, the other columns masked
+    mixed = head(test_f[:2], torch.tensor([0, 1]))
+    torch.testing.assert_close(mixed[1], expected[1])
+    torch.testing.assert_close(mixed[0], head.head(0)(test_f[:1])[0])
+    head.head(2).cover(3)  # a task not trained yet, of 3 classes: it scores nothing
+    wide = head(test_f[:2], torch.tensor([0, 2]))
+    assert wide.shape == (2, 3) and wide[1].eq(MASK_VALUE).all()
+    assert wide[0, 2] == MASK_VALUE  # beyond task 0's two classes
+
+    ranpac = build(RanPAC, protocol="task-incremental", config=RanPACConfig(projection_dim=16))
+    for exp in stream.train_stream:
+        ranpac.train(exp)
+    f, y = features_of(ranpac, stream.train_stream[1])
+    alone = RidgeHead(32, 16, torch.Generator())
+    alone.projection.copy_(ranpac.model.head.head(0).projection)
+    alone.update(f, y, RANPAC_RIDGES, 0.8, torch.Generator())
+    alone.ridge = None
+    torch.testing.assert_close(ranpac.model.head.head(1).gram, alone.gram)  # task 1's data only
+    assert ranpac.method_state_params() == 2 * (16 * 16 + 16 * 2 + 32 * 16)
+
+    x = next(iter(stream.test_stream[1].dataset))[0][None]
+    strategy.model.eval()
+    before = strategy.model(x, 1)
+    save_model(strategy.model, tmp_path / "til")
+    restored = load_model(build(SimpleCIL, protocol="task-incremental").model, tmp_path / "til")
+    torch.testing.assert_close(restored.eval()(x, 1), before)
