@@ -210,3 +210,27 @@ def test_task_incremental_closed_form_heads_are_one_per_task(tmp_path):
     save_model(strategy.model, tmp_path / "til")
     restored = load_model(build(SimpleCIL, protocol="task-incremental").model, tmp_path / "til")
     torch.testing.assert_close(restored.eval()(x, 1), before)
+
+
+@pytest.mark.parametrize("protocol", ["class-incremental", "task-incremental"])
+def test_closed_form_runs_resume_from_a_checkpoint_exactly(tmp_path, protocol):
+    from cl_sulora.runner.checkpoint import latest_checkpoint, restore, save_checkpoint
+
+    stream = image_stream(n_classes=6, n_experiences=3,
+                          task_labels=protocol == "task-incremental")
+    x = next(iter(stream.test_stream[2].dataset))[0][None]
+    task = 2 if protocol == "task-incremental" else None
+    for cls, kwargs in ((SimpleCIL, {}), (RanPAC, {"config": RanPACConfig(projection_dim=16)})):
+        straight = build(cls, protocol, **kwargs)
+        for position, exp in enumerate(stream.train_stream):
+            straight.train(exp)
+            if position == 0:
+                save_checkpoint(tmp_path / cls.__name__ / protocol, position=0,
+                                strategy=straight, extra={})
+        resumed = build(cls, protocol, **kwargs)
+        checkpoint = latest_checkpoint(tmp_path / cls.__name__ / protocol)
+        restore(resumed, checkpoint, list(stream.train_stream)[:1])
+        for exp in list(stream.train_stream)[1:]:
+            resumed.train(exp)
+        straight.model.eval(), resumed.model.eval()
+        torch.testing.assert_close(resumed.model(x, task), straight.model(x, task))
