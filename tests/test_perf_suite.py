@@ -313,3 +313,18 @@ def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
     (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
     text = "\n".join(report.official_sdlora(tmp_path))
     assert "- SuLoRA, training loop: 1.33x (experiences 1-1): **not met**." in text
+
+
+def test_eval_cache_profiles_one_run_on_the_host(tiny, tmp_path):
+    from benchmarks.perf import eval_cache
+    from tests.helpers import TINY_VIT
+
+    out = tmp_path / "profiled"
+    eval_cache.main(["--benchmark", "tiny-images", "--strategy", "sulora", "--device", "cpu",
+                     "--precision", "fp32", "--epochs", "1", "--batch-size", "8",
+                     "--modes", "on", "--profile", "--out", str(out),
+                     "--set", "backbone.name=vit_small_patch16_224",
+                     f"backbone.kwargs={json.dumps(TINY_VIT)}", "out=" + str(tmp_path / "r")])
+    text = (out / "profile.txt").read_text()
+    assert "run_stream" in text and "cumulative" in text
+    assert not (out / "eval_cache.json").exists()

@@ -1,7 +1,8 @@
 """One run with the evaluation cache against the same run without it, side by side in one
 process: wall time, training time, the rest (mostly evaluating the whole test stream after
 every experience), and whether the two accuracy matrices are equal. ``--modes on`` times the
-run with the cache alone (the runner's default path), under any ``--set`` values.
+run with the cache alone (the runner's default path), under any ``--set`` values;
+``--profile`` profiles one run on the host instead.
 
     python -m benchmarks.perf.eval_cache --benchmark split-cifar100-50 --epochs 2 \
         --batch-size 128 --device cuda --precision bf16 --backbone-weights DIR \
@@ -11,6 +12,8 @@ run with the cache alone (the runner's default path), under any ``--set`` values
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,11 @@ from cl_sulora.training.loading import EvalInputCache
 from .results import environment, resolve_commit, write_json
 
 
-def timed_run(config, cached: bool) -> dict[str, Any]:
-    """One run of ``config`` through the runner's stream loop, the cache on or off."""
+def timed_run(config, cached: bool, profile: Path | None = None) -> dict[str, Any]:
+    """One run of ``config`` through the runner's stream loop, the cache on or off; with
+    ``profile``, the host's time by function (cProfile, cumulative) is written there: on a GPU
+    a run of small steps waits on the host, so that says where its time goes (the profiler
+    itself slows Python-heavy parts, so the run's times are not recorded then)."""
     with determinism_restored():
         seed_everything(config.seed, config.deterministic)
         experiment = build_experiment(config)
@@ -33,9 +39,17 @@ def timed_run(config, cached: bool) -> dict[str, Any]:
         if not cached:
             strategy.eval_cache = EvalInputCache(0, strategy.device)
         seed_everything(config.seed, config.deterministic)
+        profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()
+        if profiler:
+            profiler.enable()
         result = run_stream(experiment)
+        if profiler:
+            profiler.disable()
         wall = time.perf_counter() - start
+    if profiler:
+        with profile.open("w") as handle:
+            pstats.Stats(profiler, stream=handle).sort_stats("cumulative").print_stats(80)
     return {"cache": cached, "wall_s": wall, "train_s": result.train_seconds,
             "rest_s": wall - result.train_seconds, "cached_mb": strategy.eval_cache.used_bytes
             / 2**20, "accuracy_matrix": result.accuracy_matrix}
@@ -68,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
                         metavar="KEY=VALUE", help="other run config values, as cl-sulora run")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--commit", help="commit to record when git cannot tell")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one run on the host instead (cProfile, written to "
+                        "--out/profile.txt); nothing else is written")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
     if not modes or any(m not in ("off", "on") for m in modes) or len(set(modes)) < len(modes):
@@ -79,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = resolve_config(args.benchmark, args.strategy,
                             {**overrides, **parse_overrides(args.sets)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        timed_run(config, modes[-1] == "on", profile=args.out / "profile.txt")
+        print(f"wrote {args.out / 'profile.txt'}", flush=True)
+        return
     runs = []
     for _ in range(args.repeats):
         for cached in (mode == "on" for mode in modes):
@@ -99,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     if off and on:
         print(f"matrices equal: {payload['matrices_equal']}; without/with the cache: wall "
               f"{payload['wall_ratio']:.2f}x, the rest {payload['rest_ratio']:.2f}x", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "eval_cache.json", payload)
 
 
