@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from .results import environment, resolve_commit, write_json
+from .timing import synchronize
 
 PARTIES = ("official", "sdlora", "sulora", "inflora")
 DEFAULT_RUNS = "official:fp32,sdlora:fp32,sulora:fp32,inflora:fp32,sdlora:bf16,sulora:bf16"
@@ -101,11 +102,6 @@ def parse_runs(text: str) -> list[tuple[str, str]]:
             raise SystemExit("--runs: the official loop trains in float32 only (official:fp32)")
         runs.append((party, precision))
     return runs
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Buckets:
@@ -259,7 +255,7 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
     from cl_sulora.runner.recipes import load_recipe
 
     recipe = load_recipe(RECIPE)
-    (_, seed, overrides), = recipe.runs(seeds=recipe.spec.seeds[:1], strategies=[strategy_name])
+    (_, _, overrides), = recipe.runs(seeds=recipe.spec.seeds[:1], strategies=[strategy_name])
     overrides = {**overrides, "backbone.pretrained": False, "device": str(device),
                  "precision": precision, "data.data_root": str(args.data_root),
                  "training.epochs": args.epochs, "training.batch_size": args.batch_size,

@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cl_sulora.metrics import a_last
+
 from .plots import LABELS, MIB, memory_plot, step_time_plot
 from .results import ROOT, SUMMARY, read_groups
 from .summary import boundary_fractions, build_summary, eval_ms, train_ms
@@ -510,7 +512,7 @@ def eval_cache(directory: Path) -> list[str]:
                   f"{config['precision']}" + (f", {', '.join(extra)}" if extra else "") + ".", ""]
         rows = [["on" if r["cache"] else "off", _num(r["wall_s"], 1), _num(r["train_s"], 1),
                  _num(r["rest_s"], 1), _num(r["cached_mb"], 0),
-                 _num(100 * _a_last(r["accuracy_matrix"]), 2)] for r in run["runs"]]
+                 _num(100 * a_last(r["accuracy_matrix"]), 2)] for r in run["runs"]]
         lines += _table(["Cache", "run s", "training s", "the rest s", "cached MiB",
                          "A_last %"], rows)
         if len(run["runs"]) > 1:
@@ -537,10 +539,6 @@ def eval_cache(directory: Path) -> list[str]:
                          f"the accuracy matrix of the runner's path: {wall:.1f} s, {verdict}.")
         lines.append("")
     return lines
-
-
-def _a_last(matrix: list[list[float]]) -> float:
-    return sum(matrix[-1]) / len(matrix[-1])
 
 
 def official_sdlora(directory: Path) -> list[str]:
