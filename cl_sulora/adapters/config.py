@@ -58,6 +58,10 @@ class SubspaceLoRAConfig(AdapterTargets):
             ``when_full`` (before an experience that does not fit) or ``fraction`` (the lowest
             ``fusion_gamma`` of old pairs after every experience; also fuses when full).
         fusion_gamma: fraction of old pairs fused after each experience under ``fraction``.
+        fusion_score: what ranks the pairs that fusion folds first (lowest first):
+            ``importance`` (SRLoRA's: the importance recorded while the pair trained) or
+            ``norm`` (the Frobenius norm of the pair's update, i.e. of its ``B`` column since
+            ``A``'s rows are orthonormal: the pairs that change the layer least go first).
         importance_beta1: EMA factor of the sensitivity ``|w * grad|`` (AdaLoRA's beta1).
         importance_beta2: EMA factor of the uncertainty ``|I - I_ema|`` (AdaLoRA's beta2).
         recompose_every: SRLoRA's intra-experience recomposition period in optimizer steps
@@ -84,6 +88,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     allocator: Literal["orthogonal", "principal", "data"] = "orthogonal"
     fusion: Literal["never", "when_full", "fraction"] = "when_full"
     fusion_gamma: float = 0.25
+    fusion_score: Literal["importance", "norm"] = "importance"
     importance_beta1: float = 0.85
     importance_beta2: float = 0.85
     recompose_every: int = 0

@@ -178,6 +178,11 @@ class SubspaceLoRALinear(AdaptedLinear):
             return self.lora_B
         return self.lora_B.index_copy(1, self.slots.train_rows, self.lora_B_train.detach())
 
+    def pair_norms(self) -> Tensor:
+        """Norm of each row's ``B`` column (zero for free rows): the Frobenius norm of the row's
+        rank-1 update up to the layer's scaling, since ``A``'s rows are orthonormal."""
+        return self.full_B().detach().float().norm(dim=0)
+
     def live_B(self) -> Tensor:
         """The live rows' ``B``, scaled and placed in ``W0``'s output rows, in the order of
         ``slots.A_live`` (magnitudes applied to the frozen rows)."""

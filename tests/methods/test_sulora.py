@@ -110,6 +110,29 @@ def test_a_full_adapter_fuses_exactly_its_lowest_importance_pairs(vit_model):
         assert int(layer.num_fused) == 2
 
 
+def test_norm_score_fuses_the_pairs_with_the_smallest_update(vit_model):
+    """With fusion_score=norm, the new slot takes the rows of the two pairs whose B columns are
+    smallest, whatever their recorded importance says (set here to the opposite order)."""
+    config = SubspaceLoRAConfig(rank=2, num_slots=2, fusion="when_full", fusion_score="norm")
+    bm = image_stream(n_classes=6, n_experiences=3)
+    strategy = make_strategy(vit_model, config, epochs=1)
+    strategy.train(bm.train_stream[0])
+    strategy.train(bm.train_stream[1])
+    layers = subspace_lora_layers(vit_model)
+    smallest = {}
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        norms = torch.randperm(4, generator=g).float() + 1.0
+        layer.lora_B.mul_(norms / layer.lora_B.norm(dim=0))
+        layer.row_importance.copy_(norms.neg() + 10.0)  # importance would fuse the others
+        assert torch.allclose(layer.pair_norms(), norms)
+        smallest[name] = sorted(torch.argsort(norms)[:2].tolist())
+    strategy.train(bm.train_stream[2])
+    for name, layer in layers.items():
+        assert sorted(layer.slots.rows_of(2)) == smallest[name]
+        assert int(layer.num_fused) == 2
+
+
 def test_fusion_policies_choose_the_lowest_importance_frozen_rows():
     from cl_sulora.methods.sulora.fusion import build_fusion_policy
     from tests.helpers import fill_slot

@@ -124,7 +124,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                 self.allocator.update(layers)
             if self.fusion.fuses_after_experience:
                 fuse_rows(members, [self.fusion.after_experience(layer, importance)
-                                    for layer, importance in zip(members, _importances(members),
+                                    for layer, importance in zip(members, self._scores(members),
                                                                  strict=True)])
 
     @torch.no_grad()
@@ -223,27 +223,30 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self._found = (model, layers)
         return layers
 
+    def _scores(self, layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
+        """Each layer's per-row score that fusion ranks by (``fusion_score``), fetched from the
+        device at once."""
+        layers = list(layers)
+        if not layers:
+            return []
+        if self.config.fusion_score == "norm":
+            rows = [layer.pair_norms() for layer in layers]
+        else:
+            rows = [layer.row_importance for layer in layers]
+        return torch.stack([r.to(rows[0].device) for r in rows]).tolist()
+
     def _make_room(self, layers: dict[str, SubspaceLoRALinear], owner: int) -> None:
         """Fuse, by the fusion policy, what each full layer needs for the new slot."""
         full = {name: layer for name, layer in layers.items()
                 if len(layer.slots.free_rows()) < layer.rank}
         rows = []
-        for (name, layer), importance in zip(full.items(), _importances(full.values()),
+        for (name, layer), importance in zip(full.items(), self._scores(full.values()),
                                              strict=True):
             try:
                 rows.append(self.fusion.make_room(layer, layer.rank, importance))
             except CapacityError as err:
                 raise CapacityError(f"experience {owner}, layer {name}: {err}") from err
         fuse_rows(list(full.values()), rows)
-
-
-def _importances(layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
-    """Each layer's recorded row importance, fetched from the device at once."""
-    layers = list(layers)
-    if not layers:
-        return []
-    rows = [layer.row_importance for layer in layers]
-    return torch.stack([r.to(rows[0].device) for r in rows]).tolist()
 
 
 def _reset_optimizer_columns(optimizer, param: nn.Parameter, columns: torch.Tensor) -> None:
