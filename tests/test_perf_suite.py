@@ -280,9 +280,13 @@ def test_official_harness_counts_nested_evaluation_as_evaluation():
     assert record["other_s"] == 0.2 - parts["train"] - parts["eval"]
     assert record["train_images_per_s"] == 10 / parts["train"]
     assert buckets.take() == {}
-    assert parse_runs("official,sulora:bf16") == [("official", "fp32"), ("sulora", "bf16")]
-    with pytest.raises(SystemExit, match="float32 only"):
-        parse_runs("official:bf16")
+    assert parse_runs("official,sulora:bf16,sdlora:fp32:compile") == [
+        ("official", "fp32", False), ("sulora", "bf16", False), ("sdlora", "fp32", True)]
+    for wrong in ("official:bf16", "official:fp32:compile"):
+        with pytest.raises(SystemExit, match="float32 only"):
+            parse_runs(wrong)
+    with pytest.raises(SystemExit, match="PARTY:PRECISION"):
+        parse_runs("sulora:fp32:fast")
 
 
 def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
@@ -313,6 +317,17 @@ def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
     (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
     text = "\n".join(report.official_sdlora(tmp_path))
     assert "- SuLoRA, training loop: 1.33x (experiences 1-1): **not met**." in text
+    compiled = party("sulora", "fp32", 4.0)  # compilation in its first epoch
+    compiled["compile"] = True
+    compiled["experiences"][0]["epoch_images_per_s"] = [100.0, 900.0]
+    runs.append(compiled)
+    payload["ratios_to_official"] = summarize(runs)
+    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
+    text = "\n".join(report.official_sdlora(tmp_path))
+    assert "| SuLoRA | fp32, compiled | 1 |" in text
+    assert "- SuLoRA compiled, training loop: 0.50x (experiences 1-1): **not met**." in text
+    assert ("- SuLoRA compiled, its last epoch against the official training loop: 1.80x "
+            "(experiences 1-1): met.") in text
 
 
 def test_eval_cache_profiles_one_run_on_the_host(tiny, tmp_path):

@@ -5,7 +5,8 @@ per second, and where the time goes.
 
     python -m benchmarks.perf.official_sdlora --official DIR --data-root DATA \
         --out benchmarks/perf/results/official_sdlora [--device cuda] [--epochs 1] \
-        [--experiences 2] [--batch-size 128] [--workers 8] [--runs official:fp32,sulora:fp32]
+        [--experiences 2] [--batch-size 128] [--workers 8] \
+        [--runs official:fp32,sulora:fp32,sulora:fp32:compile]
 
 ``--official`` is a checkout of github.com/WuYichen-97/SD-Lora-CL, kept outside this library.
 Its code runs unchanged, driven as its ``trainer.py`` drives it (``incremental_train``,
@@ -17,7 +18,11 @@ of the published archive; ``torch.load`` keeps the default of the torch it was w
 (``weights_only=False``: it re-loads whole modules it saved itself); its data loaders get
 ``--workers`` processes (its own ``num_workers``, 8, by default). This library's methods run
 the ``paper/cifar100-10`` recipe's settings (the same class order, batch and float32),
-randomly initialised likewise, with the same number of loader processes.
+randomly initialised likewise, with the same number of loader processes; a run named
+``PARTY:PRECISION:compile`` sets the runner's ``compile`` (``torch.compile`` of the backbone),
+whose compilation falls in the first training steps of each experience that needs one: for such
+runs each epoch's images per second is recorded too (the last epoch: the rate once compiled,
+what a recipe's 20 epochs per experience mostly see).
 
 Every party runs in its own process, one after the other. For each experience: the wall time
 from the start of its training to the end of its evaluation on the seen classes' test images
@@ -71,8 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=8, help="data-loader processes")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
-                        help="PARTY:PRECISION,... in order; parties: " + ", ".join(PARTIES)
-                        + " (official: fp32 only)")
+                        help="PARTY:PRECISION[:compile],... in order; parties: "
+                        + ", ".join(PARTIES) + " (official: fp32 only, never compiled)")
     parser.add_argument("--depth", type=int, help="smoke test: transformer blocks (default 12)")
     parser.add_argument("--limit-per-class", type=int,
                         help="smoke test: images per class, training and test")
@@ -90,18 +95,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_runs(text: str) -> list[tuple[str, str]]:
+def parse_runs(text: str) -> list[tuple[str, str, bool]]:
+    """``PARTY:PRECISION[:compile],...`` as (party, precision, compiled) triples."""
     runs = []
     for item in text.split(","):
-        party, _, precision = item.partition(":")
+        party, _, rest = item.partition(":")
+        precision, _, mode = rest.partition(":")
         precision = precision or "fp32"
-        if party not in PARTIES or precision not in ("fp32", "bf16"):
-            raise SystemExit(f"--runs: {item!r} is not PARTY:PRECISION with PARTY one of "
-                             f"{', '.join(PARTIES)} and PRECISION fp32 or bf16")
-        if party == "official" and precision != "fp32":
-            raise SystemExit("--runs: the official loop trains in float32 only (official:fp32)")
-        runs.append((party, precision))
+        if party not in PARTIES or precision not in ("fp32", "bf16") or mode not in ("",
+                                                                                     "compile"):
+            raise SystemExit(f"--runs: {item!r} is not PARTY:PRECISION[:compile] with PARTY one "
+                             f"of {', '.join(PARTIES)} and PRECISION fp32 or bf16")
+        if party == "official" and (precision != "fp32" or mode):
+            raise SystemExit("--runs: the official loop trains in float32 only, as written "
+                             "(official:fp32)")
+        runs.append((party, precision, mode == "compile"))
     return runs
+
+
+def run_key(party: str, precision: str, compiled: bool) -> str:
+    """The name of a run in the ratios and the file names: ``party:precision[:compile]``."""
+    return f"{party}:{precision}" + (":compile" if compiled else "")
 
 
 class Buckets:
@@ -249,7 +263,7 @@ def run_official(args: argparse.Namespace, device: torch.device) -> list[dict[st
 # --- this library --------------------------------------------------------------------------
 
 def run_library(args: argparse.Namespace, device: torch.device, strategy_name: str,
-                precision: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                precision: str, compiled: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from cl_sulora.runner.build import build_experiment, seed_everything
     from cl_sulora.runner.config import resolve_config
     from cl_sulora.runner.recipes import load_recipe
@@ -260,7 +274,7 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
                  "precision": precision, "data.data_root": str(args.data_root),
                  "training.epochs": args.epochs, "training.batch_size": args.batch_size,
                  "training.eval_batch_size": args.batch_size,
-                 "training.num_workers": args.workers}
+                 "training.num_workers": args.workers, "compile": compiled}
     if args.depth:
         overrides["backbone.kwargs"] = {"depth": args.depth}
     if args.limit_per_class:
@@ -273,6 +287,7 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
     stream = experiment.spec.benchmark
     loading = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
     buckets = Buckets(device)
+    epochs = epoch_timer(strategy, device)
     records = []
     for index in range(args.experiences):
         train_before = experiment.timer.seconds
@@ -287,48 +302,73 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
         parts = {**buckets.take(), "train": experiment.timer.seconds - train_before}
         train_images = len(stream.train_stream[index].dataset) * args.epochs
         eval_images = sum(len(e.dataset) for e in seen)
-        records.append(experience_record(index, wall, parts, train_images, eval_images))
+        record = experience_record(index, wall, parts, train_images, eval_images)
+        record["epoch_images_per_s"] = [train_images / args.epochs / s for s in epochs]
+        epochs.clear()
+        records.append(record)
     return records, config.model_dump(mode="json")
+
+
+def epoch_timer(strategy: Any, device: torch.device) -> list[float]:
+    """Times each of ``strategy``'s training epochs from now on (the device synchronised at
+    both ends) into the list returned."""
+    seconds: list[float] = []
+    inner = strategy.training_epoch
+
+    @functools.wraps(inner)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        synchronize(device)
+        start = time.perf_counter()
+        result = inner(*args, **kwargs)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        return result
+
+    strategy.training_epoch = timed
+    return seconds
 
 
 # --- the parent ----------------------------------------------------------------------------
 
 def child_main(args: argparse.Namespace) -> None:
-    party, precision = args.child.split(":")
+    (party, precision, compiled), = parse_runs(args.child)
     device = torch.device(args.device)
     if party == "official":
         records, config = run_official(args, device), None
     else:
-        records, config = run_library(args, device, party, precision)
+        records, config = run_library(args, device, party, precision, compiled)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    write_json(args.child_out, {"party": party, "precision": precision, "experiences": records,
+    write_json(args.child_out, {"party": party, "precision": precision, "compile": compiled,
+                                "experiences": records,
                                 "peak_memory_mb": peak / 2**20 if peak else None,
                                 "config": config})
 
 
-def run_child(argv: list[str], party: str, precision: str, out: Path,
+def run_child(argv: list[str], run: tuple[str, str, bool], out: Path,
               echo: Callable[[str], None]) -> dict[str, Any]:
-    path = out / f"{party}-{precision}.json"
-    log = out / f"{party}-{precision}.log"
+    key = run_key(*run)
+    path = out / f"{key.replace(':', '-')}.json"
+    log = path.with_suffix(".log")
     command = [sys.executable, "-m", "benchmarks.perf.official_sdlora", *argv,
-               "--child", f"{party}:{precision}", "--child-out", str(path.resolve())]
+               "--child", key, "--child-out", str(path.resolve())]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    echo(f"{party} ({precision}) ...")
+    echo(f"{key} ...")
     with log.open("w") as handle:
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                               cwd=root)
     if done.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise SystemExit(f"{party} ({precision}) failed (exit {done.returncode}); the end of "
+        raise SystemExit(f"{key} failed (exit {done.returncode}); the end of "
                          f"{log}:\n" + "\n".join(tail))
     return json.loads(path.read_text())
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios against the official loop, per experience: training images per second and
-    images per second of the whole experience."""
+    """Ratios against the official loop, per experience: training images per second, images
+    per second of the whole experience, and the last epoch's training rate against the official
+    loop's training rate (for a compiled run: the rate once compiled)."""
     official = next((r for r in results if r["party"] == "official"), None)
     ratios: dict[str, Any] = {}
     if official is None:
@@ -336,14 +376,18 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for result in results:
         if result is official:
             continue
-        key = f"{result['party']}:{result['precision']}"
+        key = run_key(result["party"], result["precision"], result.get("compile", False))
         ratios[key] = [
             {"experience": mine["experience"],
              "train_images_per_s": (mine["train_images_per_s"] / theirs["train_images_per_s"]
                                     if mine["train_images_per_s"]
                                     and theirs["train_images_per_s"] else None),
              "end_to_end_images_per_s": (mine["end_to_end_images_per_s"]
-                                         / theirs["end_to_end_images_per_s"])}
+                                         / theirs["end_to_end_images_per_s"]),
+             "last_epoch_images_per_s": (mine["epoch_images_per_s"][-1]
+                                         / theirs["train_images_per_s"]
+                                         if mine.get("epoch_images_per_s")
+                                         and theirs["train_images_per_s"] else None)}
             for mine, theirs in zip(result["experiences"], official["experiences"],
                                     strict=True)]
     return ratios
@@ -356,13 +400,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child_main(args)
         return {}
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [run_child(argv, party, precision, args.out, lambda s: print(s, flush=True))
-               for party, precision in args.runs]
+    results = [run_child(argv, run, args.out, lambda s: print(s, flush=True))
+               for run in args.runs]
     for result in results:
         rows = ", ".join(f"exp {e['experience']}: {e['wall_s']:.1f} s, train "
                          f"{e['train_images_per_s'] or 0:.0f} img/s"
+                         + "".join(f", epoch {i + 1} {v:.0f} img/s"
+                                   for i, v in enumerate(e.get("epoch_images_per_s", [])))
                          for e in result["experiences"])
-        print(f"{result['party']:>8} {result['precision']}: {rows}", flush=True)
+        key = run_key(result["party"], result["precision"], result["compile"])
+        print(f"{key:>20}: {rows}", flush=True)
     env = environment(torch.device(args.device), resolve_commit(args.commit))
     settings = {"epochs": args.epochs, "experiences": args.experiences,
                 "batch_size": args.batch_size, "workers": args.workers,
