@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# SuLoRA's levers on the long text stream, on validation: stream order 0, seed 0, 20% of each
+# class's training examples held out (--validation 0.2) and evaluated instead of the test split.
+# The base is the study's SuLoRA at 5 slots (sulora-s5, the study's settings per protocol: the
+# data allocator at energy 0.9, alpha 4 class-incremental and 2 task-incremental; fusion frees a
+# slot for every experience from the sixth on); each lever changes one thing and writes into its
+# own folder <protocol>/<lever>/.
+#
+# Which pairs fusion folds (fusion_score, fusion, fusion_gamma) cannot change a class-incremental
+# run with the data allocator: a fused pair keeps its exact contribution in the weight, and that
+# allocator's new rows do not depend on which rows are live. Under task-aware inference they can
+# (a fused pair can no longer be left out of an earlier task's evaluation), so those levers run
+# task-incremental; the others run class-incremental. References on the same split: SuLoRA
+# without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
+#
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh
+set -euo pipefail
+jobs=$(mktemp)
+V=benchmarks/accuracy/variants
+flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone $MINILM"
+flags="$flags --batch-size 64 --epochs 2 --limit-per-class 250 --validation 0.2 --order-seed 0"
+sets="--set alignment.enabled=true training.eval_batch_size=256"  # extra values go on after it
+class="$flags --protocol class-incremental --lr 2e-3 $sets"
+task="$flags --protocol task-incremental --lr 4e-3 $sets"
+sulora="method.allocator=data method.data_energy=0.9"
+lever() {  # PROTOCOL LEVER EXTRA-SET-VALUES...
+  local protocol=$1 name=$2; shift 2
+  if [[ $protocol == class ]]; then
+    echo "class/$name long-text $V/sulora-s5.yaml 0 $class $sulora method.alpha=4.0 $*" >> "$jobs"
+  else
+    echo "task/$name long-text $V/sulora-s5.yaml 0 $task $sulora method.alpha=2.0 $*" >> "$jobs"
+  fi
+}
+lever class base
+lever class recompose-10 method.recompose_every=10
+lever class magnitudes method.slot_magnitudes=true
+lever class orthogonal method.allocator=orthogonal
+lever class principal method.allocator=principal
+lever class rank2-slots10 method.rank=2 method.num_slots=10
+lever class rank10-slots2 method.rank=10 method.num_slots=2
+lever class alpha-2 method.alpha=2.0
+lever task base
+lever task score-norm method.fusion_score=norm
+lever task fraction-0.25 method.fusion=fraction method.fusion_gamma=0.25
+lever task fraction-0.5 method.fusion=fraction method.fusion_gamma=0.5
+echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
+echo "class/refs long-text frozen 0 $class" >> "$jobs"
+echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
+echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
+echo "task/refs long-text frozen 0 $task" >> "$jobs"
+mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
+python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"
