@@ -6,9 +6,10 @@
 # slot for every experience from the sixth on); each lever changes one thing and writes into its
 # own folder <protocol>/<lever>/.
 #
-# Which pairs fusion folds (fusion_score, fusion, fusion_gamma) cannot change a class-incremental
+# Which pairs fusion folds (fusion_score, fusion, fusion_gamma) barely changes a class-incremental
 # run with the data allocator: a fused pair keeps its exact contribution in the weight, and that
-# allocator's new rows do not depend on which rows are live. Under task-aware inference they can
+# allocator's new rows lie outside the earlier inputs' subspace, which holds the earlier slots'
+# rows, whichever of them are live (docs/methods.md). Under task-aware inference they can
 # (a fused pair can no longer be left out of an earlier task's evaluation), so those levers run
 # task-incremental; the others run class-incremental. References on the same split: SuLoRA
 # without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
