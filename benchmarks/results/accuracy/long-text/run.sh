@@ -8,8 +8,11 @@
 # slots (one per task); the adapter-free frozen backbone, SimpleCIL and RanPAC (those two
 # without classifier alignment, which would re-train their closed-form heads).
 #
-#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] bash run.sh class|task
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] [SEEDS="0 1 2"] \
+#     bash run.sh class|task
 #
+# SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
+# full 3 seeds x 3 orders).
 # RECORDED (e.g. gpu-partial): records of runs already made, in the same <phase>/order<k>/
 # folders; they are copied into OUT and those runs are not made again.
 set -euo pipefail
@@ -29,23 +32,25 @@ else
   sd=1.0 inf=10.0
 fi
 for k in 0 1 2; do
-  f="$phase/order$k"
-  common="$flags --order-seed $k"
-  echo "$f long-text frozen $k $common" >> "$jobs"
-  echo "$f long-text sulora $k $common --set $sulora" >> "$jobs"
-  echo "$f long-text $V/sulora-s5.yaml $k $common --set $sulora" >> "$jobs"
-  echo "$f long-text sulora-nofusion $k $common --set $sulora method.num_slots=14" >> "$jobs"
-  echo "$f long-text sdlora $k $common --set method.alpha=$sd" >> "$jobs"
-  echo "$f long-text sdlora-rr $k $common --set method.alpha=$sd" >> "$jobs"
-  echo "$f long-text inflora $k $common --set method.alpha=$inf" >> "$jobs"
-  for strategy in olora inclora seqlora jointlora; do
-    echo "$f long-text $strategy $k $common" >> "$jobs"
-  done
-  if [[ $phase == class ]]; then  # single-head methods
-    for strategy in simplecil ranpac; do
-      echo "$f long-text $strategy $k $common --set alignment.enabled=false" >> "$jobs"
+  for seed in ${SEEDS:-$k}; do
+    f="$phase/order$k"
+    common="$flags --order-seed $k"
+    echo "$f long-text frozen $seed $common" >> "$jobs"
+    echo "$f long-text sulora $seed $common --set $sulora" >> "$jobs"
+    echo "$f long-text $V/sulora-s5.yaml $seed $common --set $sulora" >> "$jobs"
+    echo "$f long-text sulora-nofusion $seed $common --set $sulora method.num_slots=14" >> "$jobs"
+    echo "$f long-text sdlora $seed $common --set method.alpha=$sd" >> "$jobs"
+    echo "$f long-text sdlora-rr $seed $common --set method.alpha=$sd" >> "$jobs"
+    echo "$f long-text inflora $seed $common --set method.alpha=$inf" >> "$jobs"
+    for strategy in olora inclora seqlora jointlora; do
+      echo "$f long-text $strategy $seed $common" >> "$jobs"
     done
-  fi
+    if [[ $phase == class ]]; then  # single-head methods
+      for strategy in simplecil ranpac; do
+        echo "$f long-text $strategy $seed $common --set alignment.enabled=false" >> "$jobs"
+      done
+    fi
+  done
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
 for record in "${RECORDED:-/nowhere}"/"$phase"/order*/*.json; do
