@@ -4,7 +4,9 @@ They apply torchvision's ``RandomCrop(size, padding)``, ``RandomHorizontalFlip()
 and ``Normalize`` to uint8 tensors, drawing the same random numbers in the same order, so their
 outputs are bit-identical to the PIL pipeline's, at about a fifth of its per-sample cost (the
 training data loader is the bottleneck of a ViT-S/4 run on one GPU). :class:`BatchPadCropFlip`
-draws the same crops and flips for a whole normalised minibatch on the training device instead.
+crops and flips a whole normalised minibatch on the training device instead, from the same
+draws when asked (then moving the augmentation to the device changes where it runs, not what a
+run computes) or from a device generator.
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ def chw_tensor(image: np.ndarray) -> Tensor:
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
+def draw_crop_flip(height: int, width: int, size: int) -> tuple[int, int, bool]:
+    """Row and column offsets of a ``size`` crop of a ``height`` x ``width`` image and whether
+    to flip it: torchvision's RandomCrop + RandomHorizontalFlip draws, from torch's default
+    (CPU) generator, in their order."""
+    i = j = 0
+    if (height, width) != (size, size):
+        i = int(torch.randint(0, height - size + 1, size=(1,)))
+        j = int(torch.randint(0, width - size + 1, size=(1,)))
+    return i, j, bool(torch.rand(1) < 0.5)
+
+
 class PadCropFlip:
     """Zero-pad by ``padding``, crop ``size`` x ``size`` at a random place, flip horizontally
-    with probability 1/2; the random draws of torchvision's RandomCrop + RandomHorizontalFlip."""
+    with probability 1/2 (:func:`draw_crop_flip`)."""
 
     def __init__(self, size: int, padding: int) -> None:
         self.size = size
@@ -33,14 +46,9 @@ class PadCropFlip:
         p, size = self.padding, self.size
         if p:
             image = torch.nn.functional.pad(image, (p, p, p, p))
-        h, w = image.shape[-2:]
-        if (h, w) != (size, size):
-            i = int(torch.randint(0, h - size + 1, size=(1,)))
-            j = int(torch.randint(0, w - size + 1, size=(1,)))
-            image = image[..., i:i + size, j:j + size]
-        if torch.rand(1) < 0.5:
-            image = image.flip(-1)
-        return image
+        i, j, flip = draw_crop_flip(*image.shape[-2:], size)
+        image = image[..., i:i + size, j:j + size]
+        return image.flip(-1) if flip else image
 
 
 class Uint8Normalize:
@@ -56,8 +64,15 @@ class Uint8Normalize:
 
 class BatchPadCropFlip:
     """:class:`PadCropFlip` for every image of a float batch ``(B, C, H, W)`` already normalised
-    by ``mean`` and ``std``, on the batch's device: the padding is the normalised value of black,
-    each image gets its own offset and flip, drawn from the given generator."""
+    by ``mean`` and ``std``, on the batch's device; the padding is the normalised value of black.
+
+    With ``generator`` None, each image's offsets and flip are drawn on the host as the loader's
+    per-image transform draws them (:func:`draw_crop_flip`, image after image, about 8 us an
+    image): called where the loader would have transformed the batch's images, with nothing
+    drawing from torch's default generator in between, it gives exactly the per-image path's
+    batch (the runner's :class:`~cl_sulora.training.plugins.BatchAugment` does so when the
+    loader has no worker processes). With a generator, they are drawn from it on the batch's
+    device, all at once: the same distribution, other draws."""
 
     def __init__(
         self, size: int, padding: int, mean: Sequence[float], std: Sequence[float]
@@ -76,15 +91,22 @@ class BatchPadCropFlip:
             self._fills[key] = self.fill.to(x).view(1, -1, 1, 1)
         return self._fills[key]
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, c, h, w = x.shape
         p, size, device = self.padding, self.size, x.device
         padded = x.new_empty(b, c, h + 2 * p, w + 2 * p)
         padded[:] = self._fill_like(x)
         padded[..., p:p + h, p:p + w] = x
-        i = torch.randint(0, h + 2 * p - size + 1, (b, 1), generator=generator, device=device)
-        j = torch.randint(0, w + 2 * p - size + 1, (b, 1), generator=generator, device=device)
-        flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
+        if generator is None:
+            draws = torch.tensor([draw_crop_flip(h + 2 * p, w + 2 * p, size) for _ in range(b)])
+            i, j, flip = draws.to(device).view(b, 3, 1).unbind(1)
+            flip = flip.bool()
+        else:
+            i = torch.randint(0, h + 2 * p - size + 1, (b, 1), generator=generator,
+                              device=device)
+            j = torch.randint(0, w + 2 * p - size + 1, (b, 1), generator=generator,
+                              device=device)
+            flip = torch.rand(b, 1, generator=generator, device=device) < 0.5
         steps = torch.arange(size, device=device)
         rows = i + steps
         cols = j + torch.where(flip, steps.flip(0), steps)

@@ -74,8 +74,9 @@ class BenchmarkSpec:
     data_root: Path | None = None
     classes_per_task: list[int] | None = None  # task-incremental only
     #: training-time augmentation applied to each minibatch on the training device, as
-    #: ``batch_augment(inputs, generator)`` (None: done per sample by the loader)
-    batch_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    #: ``batch_augment(inputs, generator)`` (None: done per sample by the loader); a None
+    #: generator asks for the per-sample transform's own draws
+    batch_augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
@@ -462,7 +463,7 @@ def class_split_spec(
     seed: int,
     notes: dict[str, Any],
     data_root: Path,
-    batch_augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    batch_augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
 ) -> BenchmarkSpec:
     """The spec of a :func:`class_split_benchmark` of ``per_exp`` classes per experience in
     ``order``: its notes give the class order, the per-class limit and the sizes, then

@@ -150,14 +150,20 @@ class DivergenceGuard(SupervisedPlugin, supports_distributed=True):
 class BatchAugment(SupervisedPlugin, supports_distributed=True):
     """Replaces the inputs of every training minibatch, once on the training device, by
     ``augment(inputs, generator)`` (evaluation and other passes over the data are left as
-    they are).
+    they are). It runs first (the runner puts it before every other plugin), where the
+    loader's per-image transforms of the batch would just have run.
 
-    The generator is seeded at the start of each experience from ``seed``, the experience and
-    the rank: a run, and a run resumed at an experience boundary, draws the same augmentations,
-    and data-parallel ranks draw different ones."""
+    When the training loader has no worker processes, ``generator`` is None: the augmentation
+    draws as the loader's per-image transform would (torch's default generator, image after
+    image), so the run sees exactly the batches of the per-image path. With workers, whose
+    draws come from their own generators, speed matters more: ``generator`` is then a device
+    generator seeded at the start of each experience from ``seed``, the experience and the
+    rank (a run, and a run resumed at an experience boundary, draws the same augmentations, and
+    data-parallel ranks draw different ones)."""
 
     def __init__(
-        self, augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *, seed: int = 0
+        self, augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor], *,
+        seed: int = 0
     ) -> None:
         super().__init__()
         self.augment = augment
@@ -165,9 +171,11 @@ class BatchAugment(SupervisedPlugin, supports_distributed=True):
         self.generator: torch.Generator | None = None
 
     def before_training_exp(self, strategy, **kwargs):
-        experience = int(strategy.experience.current_experience)
-        self.generator = keyed_generator("batch-augment", self.seed, experience,
-                                         distributed.rank(), device=strategy.device)
+        self.generator = None
+        if getattr(strategy, "loader_workers", 0):
+            experience = int(strategy.experience.current_experience)
+            self.generator = keyed_generator("batch-augment", self.seed, experience,
+                                             distributed.rank(), device=strategy.device)
 
     def before_training_iteration(self, strategy, **kwargs):
         strategy.mbatch[0] = self.augment(strategy.mbatch[0], self.generator)

@@ -1,5 +1,6 @@
-"""Crop + flip of whole minibatches on the training device (``data.augment_on_device``): the same
-distribution as the per-image loader transforms, seeded draws, and the plugin that applies it."""
+"""Crop + flip of whole minibatches on the training device (``data.augment_on_device``): the
+per-image loader transform's own draws (a run without loader workers sees the same batches),
+or seeded device draws from the same distribution, and the plugin that applies it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cl_sulora.benchmarks.array_images import (
     array_image_transforms,
     chw_tensor,
 )
-from cl_sulora.runner.build import build_experiment
+from cl_sulora.runner.build import build_experiment, seed_everything
 from cl_sulora.runner.config import resolve_config
 from cl_sulora.training.plugins import BatchAugment, EpochTimer
 from tests.helpers import write_cifar
@@ -97,6 +98,18 @@ def test_padding_is_normalised_black():
     assert (is_black == corner).all((1, 2)).any()
 
 
+def test_without_a_generator_the_batch_is_the_per_image_paths_batch():
+    raws = [image(seed) for seed in range(24)]
+    normalize, crop_flip = Uint8Normalize(MEAN, STD), PadCropFlip(32, P)
+    torch.manual_seed(3)
+    expected = torch.stack([normalize(crop_flip(raw)) for raw in raws])
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    out = BatchPadCropFlip(32, P, MEAN, STD)(torch.stack([normalize(raw) for raw in raws]))
+    assert torch.equal(out, expected)
+    assert torch.equal(torch.rand(1), after)  # the same draws, no more, no fewer
+
+
 def test_seeded_draws_and_output_layout():
     augment = BatchPadCropFlip(32, P, MEAN, STD)
     batch = torch.randn(16, 3, 32, 32)
@@ -152,10 +165,10 @@ def test_cifar_augment_on_device_needs_augment_and_32_pixels(cifar_root):
 
 
 # ---------------------------------------------------------------------------------- plugin
-def fake_strategy(experience: int) -> SimpleNamespace:
+def fake_strategy(experience: int, workers: int = 2) -> SimpleNamespace:
     return SimpleNamespace(
         experience=SimpleNamespace(current_experience=experience),
-        device=torch.device("cpu"),
+        device=torch.device("cpu"), loader_workers=workers,
         mbatch=[torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))],
     )
 
@@ -175,6 +188,14 @@ def test_plugin_draws_are_seeded_by_seed_experience_and_rank(monkeypatch):
     assert not torch.equal(first, plugin_draw(0, 2))
     monkeypatch.setattr("cl_sulora.training.distributed.rank", lambda: 1)
     assert not torch.equal(first, plugin_draw(0, 1))
+
+
+def test_plugin_draws_as_the_loader_when_the_loader_has_no_workers():
+    plugin = BatchAugment(BatchPadCropFlip(32, P, MEAN, STD), seed=0)
+    plugin.before_training_exp(fake_strategy(1, workers=0))
+    assert plugin.generator is None
+    plugin.before_training_exp(fake_strategy(1, workers=2))
+    assert plugin.generator is not None
 
 
 class Inputs(SupervisedPlugin):
@@ -234,3 +255,32 @@ def test_run_augments_training_batches_only(cifar_root, tmp_path):
     test = stream.test_stream[0].dataset
     expected = torch.stack([test[i][0] for i in range(len(test))])
     assert torch.equal(torch.cat(inputs.eval), expected)
+
+
+def test_a_run_without_loader_workers_trains_on_the_per_image_paths_batches(cifar_root,
+                                                                           tmp_path):
+    """augment_on_device moves the crop + flip, not the draws: with training.num_workers=0
+    the training inputs, and so the results, are those of the per-image path."""
+    tiny_vit = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2}
+    runs = []
+    for on_device in (False, True):
+        config = resolve_config("split-cifar100-10", "sulora", {
+            "backbone.name": "vit_small_patch16_224", "backbone.kwargs": tiny_vit,
+            "training.epochs": 2, "training.batch_size": 4, "device": "cpu",
+            "out": str(tmp_path / str(on_device)), "data.data_root": str(cifar_root),
+            "data.limit_per_class": 2, "data.num_experiences": 2,
+            "data.augment_on_device": on_device,
+        })
+        seed_everything(0)
+        inputs = Inputs()
+        experiment = build_experiment(config, plugins=[inputs])
+        seed_everything(0)
+        stream = experiment.spec.benchmark
+        for experience in stream.train_stream:
+            experiment.strategy.train(experience)
+        head = [p.detach().clone() for p in experiment.model.parameters() if p.requires_grad]
+        runs.append((inputs.train, head))
+    (plain, plain_head), (moved, moved_head) = runs
+    assert len(plain) == len(moved) == 2 * 2 * 5  # 2 experiences, 2 epochs, 20 images / 4
+    assert all(torch.equal(a, b) for a, b in zip(plain, moved, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain_head, moved_head, strict=True))
