@@ -542,18 +542,25 @@ def eval_cache(directory: Path) -> list[str]:
 
 
 def official_sdlora(directory: Path) -> list[str]:
-    """The comparison with the official SD-LoRA loop (``official_sdlora/``), if any."""
-    run = _optional_json(directory / "official_sdlora" / "official_sdlora.json")
-    if run is None:
+    """The comparisons with the official SD-LoRA loop (``official_sdlora*/``, one run each)."""
+    paths = sorted(directory.glob("official_sdlora*/official_sdlora.json"))
+    if not paths:
         return []
-    cfg = run["settings"]
     lines = ["## One experience at ViT-B/16, 224 px: this library against the official SD-LoRA "
-             "loop", "",
-             f"`python -m benchmarks.perf.official_sdlora` on {run['device']}, commit "
+             "loop", ""]
+    for path in paths:
+        lines += _official_run(json.loads(path.read_text(encoding="utf-8")), path.parent.name)
+    return lines
+
+
+def _official_run(run: dict[str, Any], folder: str) -> list[str]:
+    cfg = run["settings"]
+    lines = [f"`{folder}/`: `python -m benchmarks.perf.official_sdlora` on {run['device']}, "
+             "commit "
              f"`{run['commit'][:7]}`, torch {run['torch']}, timm {run['versions']['timm']}: "
              f"{cfg['backbone']}, {cfg['benchmark']} resized to {cfg['image_size']} px, the first "
-             f"{cfg['experiences']} experiences (10 classes, 5,000 training images each), "
-             f"{cfg['epochs']} epoch each, batch {cfg['batch_size']}, {cfg['workers']} loader "
+             f"{cfg['experiences']} experience(s) (10 classes, 5,000 training images each), "
+             f"{cfg['epochs']} epoch(s) each, batch {cfg['batch_size']}, {cfg['workers']} loader "
              "workers for every party, each party in its own process, one after the other. The "
              "official loop is github.com/WuYichen-97/SD-Lora-CL's own, with "
              f"`{cfg['official_config']}` (this library: the `{cfg['recipe']}` recipe's "
