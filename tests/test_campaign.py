@@ -92,3 +92,30 @@ def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_pat
     assert points["frozen"][0] == 0 and points["sulora"][0] == 100
     assert abs(points["sulora"][1] - 0.42) < 1e-12 and points["sulora"][3] == 2
     assert abs(points["sulora"][2] - 0.02828427) < 1e-6  # the sample std of 0.40 and 0.44
+    assert (tmp_path / f"{label}__memory-kept.png").stat().st_size > 0
+
+
+def test_memory_measures_and_dominance():
+    from cl_sulora.runner.report import dominated, memory_points
+
+    def record(strategy, a_last, live, stored, aligned):
+        return {"strategy": strategy, "seed": 0, "accuracy_matrix": [[a_last]],
+                "A_last": a_last, "live_adapter_params": live, "stored_state_params": stored,
+                "alignment_stored_params": aligned}
+
+    records = [record("sulora-s5", 0.52, 100, 50, 1000), record("sulora", 0.53, 200, 50, 1000),
+               record("ranpac", 0.535, 0, 10**6, None), record("frozen", 0.40, 0, 0, 1000),
+               record("sdlora", 0.525, 500, 0, 1000), record("jointlora", 0.61, 50, 0, 1000)]
+    live = {p[0]: p[1] for p in memory_points(records, "live")}
+    kept = {p[0]: p[1] for p in memory_points(records, "kept")}
+    assert live == {"sulora-s5": 100, "sulora": 200, "ranpac": 0, "frozen": 0, "sdlora": 500,
+                    "jointlora": 50}
+    assert kept == {"sulora-s5": 1150, "sulora": 1250, "ranpac": 10**6, "frozen": 1000,
+                    "sdlora": 1500, "jointlora": 1050}
+    # RanPAC: more accurate than both SuLoRA points at no live adapter value, but it keeps a
+    # million values; SD-LoRA is above sulora-s5 but with more memory; JointLoRA is a bound
+    assert dominated(memory_points(records, "live")) == [("ranpac", "sulora-s5"),
+                                                         ("ranpac", "sulora")]
+    assert dominated(memory_points(records, "kept")) == []
+    assert dominated(memory_points(records, "kept"), upper_bounds=()) == [
+        ("jointlora", "sulora-s5"), ("jointlora", "sulora")]

@@ -5,8 +5,10 @@
 reads every ``*.json`` result there and writes ``<label>__compare.md`` and the two PNG plots
 beside them, with :func:`cl_sulora.runner.report.write_report`. ``--orders`` reads the records
 of the folder's subfolders too and pools the stream orders of a benchmark (``-order<k>`` in
-the file names) into one table, adding the accuracy-against-memory plot
-(``<label>__memory.png``).
+the file names) into one table, adding the accuracy-against-memory plots: against live adapter
+values (``<label>__memory.png``) and against every value a run keeps besides the backbone and
+the head (``<label>__memory-kept.png``), and prints, for each, the SuLoRA points that a
+baseline dominates (higher mean A_last at equal or lower memory).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from cl_sulora.runner.report import plot_memory, write_report
+from cl_sulora.runner.report import dominated, memory_points, plot_memory, write_report
 
 
 def group_results(directory: Path, orders: bool = False) -> dict[str, list[dict]]:
@@ -39,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for label, records in group_results(args.directory, args.orders).items():
         paths = write_report(records, args.directory, label)
-        if args.orders:
-            plot_memory(records, args.directory / f"{label}__memory.png")
         print(f"{label}: {len(records)} runs -> {paths['table']}")
+        if args.orders:
+            for measure, suffix in (("live", ""), ("kept", "-kept")):
+                plot_memory(records, args.directory / f"{label}__memory{suffix}.png", measure)
+                pairs = dominated(memory_points(records, measure))
+                print(f"  {measure} memory: " + ("; ".join(f"{a} dominates {b}" for a, b in pairs)
+                                                 or "no baseline dominates a SuLoRA point"))
     return 0
 
 

@@ -169,29 +169,57 @@ def plot_curves(records: Sequence[Record], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def memory_points(records: Sequence[Record]) -> list[tuple[str, float, float, float, int]]:
-    """Per strategy: ``(strategy, live adapter params, A_last mean, A_last sample std, runs)``
-    over its runs (seeds, and stream orders where a study has several)."""
+#: what the accuracy-against-memory plot counts: ``live``, the adapter values in use after the
+#: stream (the issue's measure); ``kept``, every value a run keeps besides the backbone's
+#: weights and the head: live adapter values, stored state (input bases, statistics, random
+#: projections) and classifier alignment's class statistics
+MEMORY_MEASURES = {
+    "live": ("live adapter values after the stream", ("live_adapter_params",)),
+    "kept": ("values kept besides the backbone and the head (adapters, state, alignment)",
+             ("live_adapter_params", "stored_state_params", "alignment_stored_params")),
+}
+
+
+def memory_points(records: Sequence[Record], measure: str = "live",
+                  ) -> list[tuple[str, float, float, float, int]]:
+    """Per strategy: ``(strategy, memory, A_last mean, A_last sample std, runs)`` over its runs
+    (seeds, and stream orders where a study has several); ``memory`` as ``measure`` counts it
+    (:data:`MEMORY_MEASURES`), averaged over the runs."""
+    fields = MEMORY_MEASURES[measure][1]
     points = []
     for strategy, group in by_strategy(records).items():
         stats = mean_std([value(r, "A_last") for r in group])
-        live = float(np.mean([r.get("live_adapter_params") or 0 for r in group]))
+        memory = float(np.mean([sum(r.get(f) or 0 for f in fields) for r in group]))
         if stats is not None:
-            points.append((strategy, live, stats[0], stats[1], len(group)))
+            points.append((strategy, memory, stats[0], stats[1], len(group)))
     return points
 
 
-def plot_memory(records: Sequence[Record], path: str | Path) -> Path:
+def dominated(points: Sequence[tuple[str, float, float, float, int]], ours: str = "sulora",
+              upper_bounds: Sequence[str] = ("jointlora",)) -> list[tuple[str, str]]:
+    """``(baseline, ours)`` for every point of ours (strategies named ``ours`` or
+    ``ours-...``) that a baseline dominates: a higher mean A_last at equal or lower memory.
+    Upper bounds (trained on the whole stream at once) are not baselines."""
+    def mine(name: str) -> bool:
+        return name == ours or name.startswith(ours + "-")
+
+    return [(other, name) for name, memory, acc, *_ in points if mine(name)
+            for other, other_memory, other_acc, *_ in points
+            if not mine(other) and other not in upper_bounds
+            and other_acc > acc and other_memory <= memory]
+
+
+def plot_memory(records: Sequence[Record], path: str | Path, measure: str = "live") -> Path:
     """Accuracy against memory: A_last (mean, error bar one sample std over the runs) against
-    the live adapter values after the stream, a point per strategy (adapter-free ones at 0)."""
+    the memory that ``measure`` counts (:data:`MEMORY_MEASURES`), a point per strategy."""
     fig = Figure(figsize=(7.0, 4.5))
     ax = fig.add_subplot()
-    for k, (strategy, live, mean, std, runs) in enumerate(memory_points(records)):
-        ax.errorbar(live, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
-        ax.annotate(f"{strategy} ({runs})", (live, 100 * mean), textcoords="offset points",
+    for k, (strategy, memory, mean, std, runs) in enumerate(memory_points(records, measure)):
+        ax.errorbar(memory, 100 * mean, yerr=100 * std, fmt="o", capsize=3)
+        ax.annotate(f"{strategy} ({runs})", (memory, 100 * mean), textcoords="offset points",
                     xytext=(5, 4 if k % 2 else -11), fontsize=8)  # neighbours above, below
     ax.set_xscale("symlog", linthresh=1e4)
-    ax.set_xlabel("live adapter values after the stream")
+    ax.set_xlabel(MEMORY_MEASURES[measure][0])
     ax.set_ylabel("A_last (%)")
     ax.set_title(f"{benchmark_title(records[0])}: accuracy against memory", fontsize=9)
     ax.grid(alpha=0.3)
