@@ -14,13 +14,18 @@
 # task-incremental; the others run class-incremental. References on the same split: SuLoRA
 # without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
 #
-#   MINILM=dir DATA=dir OUT=dir PARALLEL=n bash run.sh
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] bash run.sh
+#
+# EXTRA (run arguments) and EXTRA_SETS (config values) go to every run after the study's, e.g.
+# a smaller pilot on a CPU: DEVICE=cpu EXTRA="--precision fp32 --limit-per-class 60 --batch-size 16"
+# EXTRA_SETS="backbone.max_length=64 method.data_max_samples=64".
 set -euo pipefail
 jobs=$(mktemp)
 V=benchmarks/accuracy/variants
 flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone $MINILM"
 flags="$flags --batch-size 64 --epochs 2 --limit-per-class 250 --validation 0.2 --order-seed 0"
-sets="--set alignment.enabled=true training.eval_batch_size=256"  # extra values go on after it
+flags="$flags ${EXTRA:-}"
+sets="--set alignment.enabled=true training.eval_batch_size=256 ${EXTRA_SETS:-}"  # more follow
 class="$flags --protocol class-incremental --lr 2e-3 $sets"
 task="$flags --protocol task-incremental --lr 4e-3 $sets"
 sulora="method.allocator=data method.data_energy=0.9"
