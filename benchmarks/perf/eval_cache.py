@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     config = resolve_config(args.benchmark, args.strategy,
                             {**overrides, **parse_overrides(args.sets)})
     args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(local_device(config.device), resolve_commit(args.commit))  # before runs
     if args.profile:
         timed_run(config, modes[-1] == "on", profile=args.out / "profile.txt")
         print(f"wrote {args.out / 'profile.txt'}", flush=True)
@@ -110,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"{run['train_s']:.1f} s training, {run['rest_s']:.1f} s the rest", flush=True)
     off = [r for r in runs if not r["cache"]]
     on = [r for r in runs if r["cache"]]
-    env = environment(local_device(config.device), resolve_commit(args.commit))
     payload = {"group": "eval_cache", **env,
                "settings": {"benchmark": args.benchmark, "strategy": args.strategy,
                             "config": config.model_dump(mode="json"), "repeats": args.repeats},

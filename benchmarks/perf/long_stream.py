@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.synthetic and 100 % args.experiences:
         raise SystemExit("the real stream splits CIFAR-100: --experiences must divide 100")
     device = torch.device(args.device)
+    env = environment(device, resolve_commit(None))  # the code about to run
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     records: list[dict[str, Any]] = []
     for method in methods:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"group": "long_stream", **environment(device, resolve_commit(None)),
+    payload = {"group": "long_stream", **env,
                "settings": {k: str(v) if isinstance(v, Path) else v
                             for k, v in vars(args).items()},
                "results": {"records": records,

@@ -400,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         child_main(args)
         return {}
     args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(torch.device(args.device), resolve_commit(args.commit))  # before the runs
     results = [run_child(argv, run, args.out, lambda s: print(s, flush=True))
                for run in args.runs]
     for result in results:
@@ -410,7 +411,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          for e in result["experiences"])
         key = run_key(result["party"], result["precision"], result["compile"])
         print(f"{key:>20}: {rows}", flush=True)
-    env = environment(torch.device(args.device), resolve_commit(args.commit))
     settings = {"epochs": args.epochs, "experiences": args.experiences,
                 "batch_size": args.batch_size, "workers": args.workers,
                 "depth": args.depth or 12, "limit_per_class": args.limit_per_class,

@@ -8,7 +8,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,14 @@ from ..training.alignment import ClassifierAlignment
 from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
 from .config import RunConfig
 from .presets import TrainingConfig
+from .records import git_commit
 
 
 @dataclass
 class Experiment:
-    """A built run: benchmark, backbone, model, the method and its Avalanche strategy, and the
-    runner's own plugins whose state the records read."""
+    """A built run: benchmark, backbone, model, the method and its Avalanche strategy, the
+    runner's own plugins whose state the records read, and the commit of the code it runs
+    (read when it is built: a checkout that changes during a long run does not change it)."""
 
     config: RunConfig
     spec: BenchmarkSpec
@@ -42,6 +44,7 @@ class Experiment:
     strategy: Any
     timer: EpochTimer
     alignment: ClassifierAlignment | None = None
+    commit: dict[str, Any] | None = field(default_factory=git_commit)
 
 
 @contextmanager

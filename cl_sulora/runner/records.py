@@ -49,7 +49,7 @@ def make_record(
         "strategy": config.strategy,
         "seed": config.seed,
         "backbone": experiment.backbone.name,
-        "commit": git_commit(),
+        "commit": experiment.commit,
         "versions": versions(),
         "device": device_name(device),
         # data-parallel ranks; training.batch_size is the global batch, split over them

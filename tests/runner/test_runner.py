@@ -523,3 +523,19 @@ def test_closed_form_methods_run_and_refuse_what_would_break_them(tiny, tmp_path
     til = run(tiny_config(tmp_path / "til", "simplecil", **{"data.task_incremental": True}))
     assert sorted(til.experiment.model.head.heads) == ["0", "1", "2"]  # a head per task
     assert min(til.record["accuracy_matrix"][-1]) > 0.5  # each task's two classes, told apart
+
+
+def test_a_record_names_the_commit_its_run_was_built_from(tiny, tmp_path, monkeypatch):
+    """The checkout may move on during a long run: the record keeps the commit of the code
+    the run was built from, not the one found when it ends."""
+    from avalanche.core import SupervisedPlugin
+
+    class CheckoutMovesOn(SupervisedPlugin):
+        def after_training_exp(self, strategy, **kwargs):
+            monkeypatch.setenv("CL_SULORA_COMMIT", "after")
+
+    monkeypatch.setenv("CL_SULORA_COMMIT", "before")
+    config = tiny_config(tmp_path, **{"data.num_experiences": 1})
+    result = run(config, plugins=[CheckoutMovesOn()])
+    assert result.record["commit"] == {"sha": "before", "dirty": None}
+    assert json.loads(result_path(config).read_text())["commit"]["sha"] == "before"
