@@ -14,11 +14,13 @@
 # task-incremental; the others run class-incremental. References on the same split: SuLoRA
 # without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
 #
-#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] bash run.sh
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
+#     [SULORA_SETS="..."] bash run.sh
 #
-# EXTRA (run arguments) and EXTRA_SETS (config values) go to every run after the study's, e.g.
-# a smaller pilot on a CPU: DEVICE=cpu EXTRA="--precision fp32 --limit-per-class 60 --batch-size 16"
-# EXTRA_SETS="backbone.max_length=64 method.data_max_samples=64".
+# EXTRA (run arguments) and EXTRA_SETS (config values) go to every run after the study's,
+# SULORA_SETS to the SuLoRA runs only; e.g. the smaller pilot on a CPU (cpu-pilot/):
+# DEVICE=cpu EXTRA="--precision fp32 --limit-per-class 60 --batch-size 16"
+# EXTRA_SETS="backbone.max_length=64" SULORA_SETS="method.data_max_samples=64".
 set -euo pipefail
 jobs=$(mktemp)
 V=benchmarks/accuracy/variants
@@ -28,7 +30,7 @@ flags="$flags ${EXTRA:-}"
 sets="--set alignment.enabled=true training.eval_batch_size=256 ${EXTRA_SETS:-}"  # more follow
 class="$flags --protocol class-incremental --lr 2e-3 $sets"
 task="$flags --protocol task-incremental --lr 4e-3 $sets"
-sulora="method.allocator=data method.data_energy=0.9"
+sulora="method.allocator=data method.data_energy=0.9 ${SULORA_SETS:-}"
 lever() {  # PROTOCOL LEVER EXTRA-SET-VALUES...
   local protocol=$1 name=$2; shift 2
   if [[ $protocol == class ]]; then
