@@ -3,7 +3,8 @@
 SRLoRA fuses the pairs of lowest importance. A policy is consulted twice per experience: before
 it (to free the rows its slot needs) and after it; it also says, before any training, whether a
 stream of a given length fits. The choices are made on the host, from each layer's slot table
-and the recorded importance of each row (``importance``, e.g. ``layer.row_importance.tolist()``;
+and a score per row, lowest fused first (``importance``: SRLoRA's recorded importance,
+``layer.row_importance.tolist()``, or another score such as ``layer.pair_norms().tolist()``;
 callers deciding for many layers fetch them all at once).
 """
 

@@ -123,9 +123,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             if self.allocator.needs_data:
                 self.allocator.update(layers)
             if self.fusion.fuses_after_experience:
-                fuse_rows(members, [self.fusion.after_experience(layer, importance)
-                                    for layer, importance in zip(members, self._scores(members),
-                                                                 strict=True)])
+                fuse_rows(members, [self.fusion.after_experience(layer, scores)
+                                    for layer, scores in zip(members, self._scores(members),
+                                                             strict=True)])
 
     @torch.no_grad()
     def point_slot(self, strategy) -> None:
@@ -240,10 +240,10 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         full = {name: layer for name, layer in layers.items()
                 if len(layer.slots.free_rows()) < layer.rank}
         rows = []
-        for (name, layer), importance in zip(full.items(), self._scores(full.values()),
-                                             strict=True):
+        for (name, layer), scores in zip(full.items(), self._scores(full.values()),
+                                         strict=True):
             try:
-                rows.append(self.fusion.make_room(layer, layer.rank, importance))
+                rows.append(self.fusion.make_room(layer, layer.rank, scores))
             except CapacityError as err:
                 raise CapacityError(f"experience {owner}, layer {name}: {err}") from err
         fuse_rows(list(full.values()), rows)
