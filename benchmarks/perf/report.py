@@ -16,6 +16,7 @@ from typing import Any
 
 from cl_sulora.metrics import a_last
 
+from .official_sdlora import run_key
 from .plots import LABELS, MIB, memory_plot, step_time_plot
 from .results import ROOT, SUMMARY, read_groups
 from .summary import boundary_fractions, build_summary, eval_ms, train_ms
@@ -574,7 +575,7 @@ def _official_run(run: dict[str, Any], folder: str) -> list[str]:
     rows = []
     for result in run["runs"]:
         compiled = result.get("compile", False)
-        key = f"{result['party']}:{result['precision']}" + (":compile" if compiled else "")
+        key = run_key(result["party"], result["precision"], compiled)
         ratios = {r["experience"]: r for r in run["ratios_to_official"].get(key, [])}
         for e in result["experiences"]:
             ratio = ratios.get(e["experience"])
@@ -597,9 +598,9 @@ def _official_run(run: dict[str, Any], folder: str) -> list[str]:
         lines += ["Target: this library's SD-LoRA and SuLoRA at least 1.5x the official "
                   "loop's images per second at equal batch size and precision (fp32):"]
         for party in ("sdlora", "sulora"):
-            for mode in ("", ":compile"):
-                ratios = run["ratios_to_official"].get(f"{party}:fp32{mode}", [])
-                name = _label(party) + (" compiled" if mode else "")
+            for compiled in (False, True):
+                ratios = run["ratios_to_official"].get(run_key(party, "fp32", compiled), [])
+                name = _label(party) + (" compiled" if compiled else "")
                 for field, what in (("train_images_per_s", "training loop"),
                                     ("end_to_end_images_per_s", "whole experience"),
                                     ("last_epoch_images_per_s",
