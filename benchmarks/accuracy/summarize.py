@@ -19,7 +19,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from cl_sulora.runner.report import dominated, memory_points, plot_memory, write_report
+from cl_sulora.runner.report import dominated, plot_memory, write_report
 
 
 def group_results(directory: Path, orders: bool = False) -> dict[str, list[dict]]:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.orders:
             for measure, suffix in (("live", ""), ("kept", "-kept")):
                 plot_memory(records, args.directory / f"{label}__memory{suffix}.png", measure)
-                pairs = dominated(memory_points(records, measure))
+                pairs = dominated(records, measure)
                 print(f"  {measure} memory: " + ("; ".join(f"{a} dominates {b}" for a, b in pairs)
                                                  or "no baseline dominates a SuLoRA point"))
     return 0

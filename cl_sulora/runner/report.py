@@ -195,17 +195,20 @@ def memory_points(records: Sequence[Record], measure: str = "live",
     return points
 
 
-def dominated(points: Sequence[tuple[str, float, float, float, int]], ours: str = "sulora",
-              upper_bounds: Sequence[str] = ("jointlora",)) -> list[tuple[str, str]]:
+def dominated(records: Sequence[Record], measure: str = "live",
+              ours: str = "sulora") -> list[tuple[str, str]]:
     """``(baseline, ours)`` for every point of ours (strategies named ``ours`` or
-    ``ours-...``) that a baseline dominates: a higher mean A_last at equal or lower memory.
-    Upper bounds (trained on the whole stream at once) are not baselines."""
+    ``ours-...``) that a baseline dominates in :func:`memory_points` of ``measure``: a higher
+    mean A_last at equal or lower memory. Joint runs (:func:`is_joint`: upper bounds, trained
+    on the whole stream at once) are not baselines."""
     def mine(name: str) -> bool:
         return name == ours or name.startswith(ours + "-")
 
+    bounds = {r["strategy"] for r in records if is_joint(r)}
+    points = memory_points(records, measure)
     return [(other, name) for name, memory, acc, *_ in points if mine(name)
             for other, other_memory, other_acc, *_ in points
-            if not mine(other) and other not in upper_bounds
+            if not mine(other) and other not in bounds
             and other_acc > acc and other_memory <= memory]
 
 
