@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     config = resolve_config(args.benchmark, args.strategy,
                             {**overrides, **parse_overrides(args.sets)})
     args.out.mkdir(parents=True, exist_ok=True)
-    env = environment(local_device(config.device), resolve_commit(args.commit))  # before runs
     if args.profile:
         timed_run(config, modes[-1] == "on", profile=args.out / "profile.txt")
         print(f"wrote {args.out / 'profile.txt'}", flush=True)
         return
+    env = environment(local_device(config.device), resolve_commit(args.commit))  # before runs
     runs = []
     for _ in range(args.repeats):
         for cached in (mode == "on" for mode in modes):
