@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -226,10 +227,66 @@ def head_in_features(model: nn.Module) -> int:
                      "backbone's feature size")
 
 
+class FeatureStore:
+    """The frozen backbone's features of evaluation batches, kept after a dataset's first
+    complete evaluation.
+
+    The runner evaluates every test experience after each training experience, so a stream of
+    ``T`` experiences passes each test sample through the backbone ``T`` times; a closed-form
+    strategy never changes its backbone, and evaluation transforms are deterministic (the
+    premise of :class:`~cl_sulora.training.loading.EvalInputCache`), so every pass after the
+    first computes the same features. Each batch's features are kept under the dataset object
+    and the batch's position in the (unshuffled) pass, and later passes only run the head. A
+    pass that stops part-way keeps nothing; a dataset whose features would take the store past
+    ``budget_bytes`` is encoded again every time."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        # id -> (dataset, features per batch); the dataset is held so that its id is not reused
+        self._kept: dict[int, tuple[Any, list[Tensor]]] = {}
+        self._batches: list[Tensor] = []  # the current pass's
+        self._recording: Any = None  # the dataset whose features the current pass computes
+        self._position = 0
+
+    def start(self, dataset: Any) -> None:
+        """Begin an evaluation pass over ``dataset``."""
+        kept = self._kept.get(id(dataset))
+        self._batches = kept[1] if kept is not None else []
+        self._recording = dataset if kept is None else None
+        self._position = 0
+
+    def features(self, encode: Callable[[], Tensor], batch_size: int) -> Tensor:
+        """The features of the pass's next batch (of ``batch_size`` samples): the kept ones,
+        or ``encode()``'s, recorded."""
+        position, self._position = self._position, self._position + 1
+        if self._recording is not None:
+            self._batches.append(encode())
+            return self._batches[-1]
+        if position >= len(self._batches) or len(self._batches[position]) != batch_size:
+            raise RuntimeError(f"evaluation batch {position} ({batch_size} samples) does not match "
+                               f"the {len(self._batches)} batches of features kept for its "
+                               "dataset: its batches changed between evaluations")
+        return self._batches[position]
+
+    def finish(self) -> None:
+        """End the pass; a recorded one is kept, within the budget."""
+        if self._recording is not None:
+            size = sum(f.numel() * f.element_size() for f in self._batches)
+            if self.used_bytes + size <= self.budget_bytes:
+                self._kept[id(self._recording)] = (self._recording, self._batches)
+                self.used_bytes += size
+        self._recording, self._batches = None, []
+
+
 class ClosedFormStrategy(AdapterTemplate):
     """A frozen backbone under a head solved in closed form after each experience; nothing is
     trained by gradient (the optimizer is given no parameters). Subclasses make the head
-    (:meth:`make_head`) and update it (:meth:`fit`)."""
+    (:meth:`make_head`) and update it (:meth:`fit`).
+
+    Evaluation computes a test set's features once (:class:`FeatureStore`, within
+    ``eval_cache_gb``, beside the input cache: 0 turns both off); later evaluations run the head
+    alone."""
 
     config_cls: type | None = None
 
@@ -242,9 +299,28 @@ class ClosedFormStrategy(AdapterTemplate):
                       if isinstance(model.head, MultiTaskModule) else self.make_head(in_features))
         model.requires_grad_(False)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
+        #: the backbone's features of evaluation batches, within the input cache's budget
+        self.eval_features = FeatureStore(self.eval_cache.budget_bytes)
 
     def make_head(self, in_features: int) -> nn.Module:
         raise NotImplementedError
+
+    def _before_eval_exp(self, **kwargs):
+        super()._before_eval_exp(**kwargs)
+        self.eval_features.start(self.experience.dataset)
+
+    def forward(self):
+        """The logits of the evaluation batch, from its kept features where there are."""
+        if self.is_training:
+            return super().forward()
+        features = self.eval_features.features(lambda: self.model.backbone(self.mb_x),
+                                               len(self.mb_y))
+        task_labels = self.mb_task_id if hasattr(self.experience, "task_labels") else None
+        return self.model.classify(features, task_labels)
+
+    def _after_eval_exp(self, **kwargs):
+        self.eval_features.finish()
+        super()._after_eval_exp(**kwargs)
 
     def fit(self, features: Tensor, labels: Tensor) -> None:
         """Update :meth:`current_head` with an experience's ``features`` and ``labels``."""

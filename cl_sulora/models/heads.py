@@ -86,7 +86,11 @@ class ContinualClassifier(MultiTaskModule):
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor | dict:
         """Logits. In the multi-head regime ``task_labels`` picks each sample's head; ``None``
         gives every known task's logits, by task (as Avalanche's ``MultiTaskModule`` does)."""
-        features = self.backbone(x)
+        return self.classify(self.backbone(x), task_labels)
+
+    def classify(self, features: Tensor, task_labels: Tensor | int | None = None
+                 ) -> Tensor | dict:
+        """:meth:`forward` from the backbone's ``features`` of the batch: the head's logits."""
         if isinstance(self.head, MultiTaskModule):
             # Avalanche gathers the heads' outputs into an fp32 tensor: keep them fp32
             with torch.autocast(features.device.type, enabled=False):

@@ -234,3 +234,69 @@ def test_closed_form_runs_resume_from_a_checkpoint_exactly(tmp_path, protocol):
             resumed.train(exp)
         straight.model.eval(), resumed.model.eval()
         torch.testing.assert_close(resumed.model(x, task), straight.model(x, task))
+
+
+def encoded_samples(strategy) -> list[int]:
+    """A counter of the samples the strategy's backbone encodes from now on."""
+    count = [0]
+    strategy.model.backbone.register_forward_hook(lambda m, args, out: count.__setitem__(
+        0, count[0] + len(out)))
+    return count
+
+
+@pytest.mark.parametrize("protocol", ["class-incremental", "task-incremental"])
+@pytest.mark.parametrize("cls", [SimpleCIL, RanPAC])
+def test_evaluation_encodes_each_test_set_once_and_changes_no_result(cls, protocol):
+    """After a test set's first evaluation only the head runs on it (its features are kept):
+    every evaluation gives what encoding again would, per experience and task."""
+    stream = image_stream(n_classes=6, n_experiences=3,
+                          task_labels=protocol == "task-incremental")
+    kwargs = {"config": RanPACConfig(projection_dim=16)} if cls is RanPAC else {}
+    train = sum(len(exp.dataset) for exp in stream.train_stream)
+    test = sum(len(exp.dataset) for exp in stream.test_stream)
+    runs = {}
+    for budget in (0.0, 1.0):
+        strategy = build(cls, protocol, eval_cache_gb=budget, **kwargs)
+        encoded = encoded_samples(strategy)
+        results = []
+        for exp in stream.train_stream:
+            strategy.train(exp)
+            results.append(strategy.eval(stream.test_stream))
+        runs[budget] = results, encoded[0]
+    assert runs[1.0][0] == runs[0.0][0]
+    assert runs[0.0][1] == train + 3 * test
+    assert runs[1.0][1] == train + test
+    last = runs[1.0][0][-1]
+    assert min(v for k, v in last.items() if k.startswith("Top1_Acc_Exp")) > 0.9
+
+
+def test_a_part_evaluation_keeps_no_features_and_the_budget_holds():
+    from avalanche.core import SupervisedPlugin
+
+    class StopAfterOneBatch(SupervisedPlugin):
+        armed = True
+
+        def after_eval_iteration(self, strategy, **kwargs):
+            if self.armed:
+                raise KeyboardInterrupt
+
+    stream = image_stream()
+    stop = StopAfterOneBatch()
+    strategy = build(SimpleCIL, plugins=[stop])
+    strategy.train(stream.train_stream[0])
+    with pytest.raises(KeyboardInterrupt):
+        strategy.eval(stream.test_stream[0])
+    stop.armed = False
+    reference = build(SimpleCIL, eval_cache_gb=0.0)
+    reference.train(stream.train_stream[0])
+    assert strategy.eval(stream.test_stream) == reference.eval(stream.test_stream)
+    test = sum(len(e.dataset) for e in stream.test_stream)
+    assert strategy.eval_features.used_bytes == test * 32 * 4  # fp32 features of width 32
+
+    small = build(SimpleCIL, eval_cache_gb=100 / 2**30)  # below one test set's features
+    small.train(stream.train_stream[0])
+    encoded = encoded_samples(small)
+    small.eval(stream.test_stream)
+    small.eval(stream.test_stream)
+    assert encoded[0] == 2 * test
+    assert small.eval_features.used_bytes == 0
