@@ -6,11 +6,15 @@
 # for training and for testing (GPU time). SuLoRA at 10 slots (the preset) and 5 slots
 # (fusion frees a slot for every experience from the sixth on), SuLoRA without fusion at 14
 # slots (one per task); the adapter-free frozen backbone, SimpleCIL and RanPAC (those two
-# without classifier alignment, which would re-train their closed-form heads).
+# without classifier alignment, which would re-train their closed-form heads; task-incremental,
+# one closed-form head per task).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] [SEEDS="0 1 2"] \
-#     bash run.sh class|task
+#     [STRATEGIES="..."] [DEVICE=cpu] bash run.sh class|task
 #
+# STRATEGIES: the runs of these strategies only (names as in the jobs file: frozen sulora
+# sulora-s5 sulora-nofusion sdlora sdlora-rr inflora olora inclora seqlora jointlora simplecil
+# ranpac); DEVICE: the device (default cuda).
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders).
 # RECORDED (e.g. gpu-partial): records of runs already made, in the same <phase>/order<k>/
@@ -19,7 +23,7 @@ set -euo pipefail
 phase=$1
 jobs=$(mktemp)
 V=benchmarks/accuracy/variants
-flags="--device cuda --precision bf16 --data-root $DATA --backbone $MINILM --batch-size 64"
+flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone $MINILM --batch-size 64"
 flags="$flags --epochs 2 --limit-per-class 250 --set alignment.enabled=true"
 flags="$flags training.eval_batch_size=256 --protocol $phase-incremental"
 if [[ $phase == class ]]; then
@@ -31,25 +35,31 @@ else
   sulora="method.alpha=2.0 method.allocator=data method.data_energy=0.9"
   sd=1.0 inf=10.0
 fi
-for k in 0 1 2; do
+# NAME STRATEGY ARGS: a run of STRATEGY (a preset or a preset file) in every order and seed,
+# unless STRATEGIES leaves NAME out
+runs=()
+add() {
+  [[ -n ${STRATEGIES:-} && " $STRATEGIES " != *" $1 "* ]] || runs+=("${*:2}")
+}
+add frozen frozen
+add sulora sulora --set "$sulora"
+add sulora-s5 $V/sulora-s5.yaml --set "$sulora"
+add sulora-nofusion sulora-nofusion --set "$sulora" method.num_slots=14
+add sdlora sdlora --set method.alpha=$sd
+add sdlora-rr sdlora-rr --set method.alpha=$sd
+add inflora inflora --set method.alpha=$inf
+for strategy in olora inclora seqlora jointlora; do
+  add $strategy $strategy
+done
+for strategy in simplecil ranpac; do
+  add $strategy $strategy --set alignment.enabled=false
+done
+for k in 0 1 2; do  # order by order: a campaign cut short leaves whole orders
   for seed in ${SEEDS:-$k}; do
-    f="$phase/order$k"
-    common="$flags --order-seed $k"
-    echo "$f long-text frozen $seed $common" >> "$jobs"
-    echo "$f long-text sulora $seed $common --set $sulora" >> "$jobs"
-    echo "$f long-text $V/sulora-s5.yaml $seed $common --set $sulora" >> "$jobs"
-    echo "$f long-text sulora-nofusion $seed $common --set $sulora method.num_slots=14" >> "$jobs"
-    echo "$f long-text sdlora $seed $common --set method.alpha=$sd" >> "$jobs"
-    echo "$f long-text sdlora-rr $seed $common --set method.alpha=$sd" >> "$jobs"
-    echo "$f long-text inflora $seed $common --set method.alpha=$inf" >> "$jobs"
-    for strategy in olora inclora seqlora jointlora; do
-      echo "$f long-text $strategy $seed $common" >> "$jobs"
+    for run in "${runs[@]}"; do
+      read -r strategy args <<< "$run"
+      echo "$phase/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
     done
-    if [[ $phase == class ]]; then  # single-head methods
-      for strategy in simplecil ranpac; do
-        echo "$f long-text $strategy $seed $common --set alignment.enabled=false" >> "$jobs"
-      done
-    fi
   done
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
