@@ -134,8 +134,8 @@ def test_the_package_under_test_is_the_installed_one_where_ci_asks():
 
 
 #: The areas in dependency order (docs/architecture.md): each imports only areas before it.
-AREAS = ["_third_party", "errors", "linalg", "seeding", "atomic", "metrics", "adapters", "models",
-         "training", "methods", "saving", "benchmarks", "runner", "__main__"]
+AREAS = ["_third_party", "errors", "linalg", "ridge", "seeding", "atomic", "metrics", "adapters",
+         "models", "training", "methods", "saving", "benchmarks", "runner", "__main__"]
 
 
 def test_each_area_imports_only_the_areas_before_it():

@@ -24,14 +24,13 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..adapters.config import STRICT
+from ..ridge import RANPAC_RIDGES, select_ridge, solve_ridge
 from ..seeding import keyed_generator
 from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
 from .registry import MethodSpec, checked_config, register
 
 PROTOCOLS = ("class-incremental", "domain-incremental", "task-incremental")
-#: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
-RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
 
 
 class _ClassScores(nn.Module):
@@ -127,9 +126,7 @@ class RidgeHead(_ClassScores):
         self.gram += h.T @ h
         self.targets += h.T @ y
         self.ridge = select_ridge(h, y, ridges, fit_fraction, generator)
-        eye = torch.eye(len(self.gram), dtype=self.gram.dtype, device=self.gram.device)
-        factor = torch.linalg.cholesky(self.gram + self.ridge * eye)  # positive definite
-        self.weight = torch.cholesky_solve(self.targets, factor).T.float()
+        self.weight = solve_ridge(self.gram, self.targets, self.ridge).T.float()
 
     def scores(self, x: Tensor) -> Tensor:
         return self.project(x) @ self.weight.T
@@ -173,39 +170,6 @@ class TaskHeads(MultiTaskModule):
             if key.startswith(prefix + "heads."):
                 self.head(int(key[len(prefix) + len("heads."):].split(".")[0]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def select_ridge(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,
-                 generator: torch.Generator) -> float:
-    """RanPAC's ridge choice: the candidate of least :func:`ridge_losses` (the middle one when
-    the experience is too small to split)."""
-    losses = ridge_losses(h, y, ridges, fit_fraction, generator)
-    if losses is None:
-        return float(ridges[len(ridges) // 2])
-    return float(ridges[min(range(len(ridges)), key=losses.__getitem__)])
-
-
-def ridge_losses(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,
-                 generator: torch.Generator) -> list[float] | None:
-    """Per candidate ridge, the mean squared error of the one-hot targets ``y`` on a held-out
-    part of the experience's samples ``h``, fit on ``fit_fraction`` of them (a seeded random
-    part; the official code's loader is shuffled); None when a part would be empty. One
-    eigendecomposition serves every candidate (the official code solves once per candidate),
-    of the smaller of ``H^T H`` and ``H H^T`` (``(H^T H + r I)^-1 H^T = H^T (H H^T + r I)^-1``)."""
-    order = torch.randperm(len(h), generator=generator).to(h.device)
-    cut = int(len(h) * fit_fraction)
-    if cut < 1 or cut >= len(h):
-        return None
-    fit, held = h[order[:cut]], h[order[cut:]]
-    y_fit, y_held = y[order[:cut]], y[order[cut:]]
-    if len(fit) < fit.shape[1]:  # fewer samples than features: the kernel form
-        values, vectors = torch.linalg.eigh(fit @ fit.T)
-        left, right = held @ fit.T @ vectors, vectors.T @ y_fit
-    else:
-        values, vectors = torch.linalg.eigh(fit.T @ fit)
-        left, right = held @ vectors, vectors.T @ (fit.T @ y_fit)
-    return [float(F.mse_loss(left @ (right / (values.clamp_min(0) + ridge).unsqueeze(1)), y_held))
-            for ridge in ridges]
 
 
 def grow(module: nn.Module, name: str, size: int, dim: int) -> None:

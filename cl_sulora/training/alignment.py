@@ -6,6 +6,12 @@ stored; the head is then re-trained on features sampled from the Gaussians of ev
 so far, balanced across classes (SLCA, Zhang et al., ICCV 2023). This corrects the head's bias
 towards the newest classes without storing exemplars. Statistics are taken once, with the
 backbone of the experience that brought the class, and are not refreshed later.
+
+``fit="ridge"`` solves the head from the same statistics instead of sampling: the ridge
+regression of one-hot targets on the features of every class seen (``G = sum x x^T`` and
+``Q = sum x y^T`` are sums of the stored per-class moments), as RanPAC solves its classifier
+without its random projection, the ridge chosen as RanPAC chooses it
+(:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate.
 """
 
 from __future__ import annotations
@@ -16,9 +22,19 @@ from typing import Annotated, Literal
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
 from torch import Tensor, nn
 
+from ..ridge import RANPAC_RIDGES, select_ridge, solve_ridge
+from ..seeding import keyed_generator
 from .plugins import strategy_autocast
 
 
@@ -40,6 +56,13 @@ class AlignmentConfig(BaseModel):
             over the experience.
         drift_bandwidth: the Gaussian kernel's width; ``None``: per class, the median distance
             of the experience's features (before training) to the class mean.
+        fit: ``sampled`` (SLCA: SGD on sampled pseudo-features, the settings above) or
+            ``ridge`` (the head solved in closed form from the statistics; needs ``full``
+            covariance; the sampling settings are unused).
+        ridges: the ridge candidates of ``fit="ridge"``, chosen per experience on its own
+            features (RanPAC's 1e-8 ... 1e8).
+        ridge_fit_fraction: the part of the experience's features the candidates are fit on;
+            the rest scores them.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +76,16 @@ class AlignmentConfig(BaseModel):
     shrinkage: NonNegativeFloat = 0.01
     drift_compensation: bool = False
     drift_bandwidth: PositiveFloat | None = None
+    fit: Literal["sampled", "ridge"] = "sampled"
+    ridges: list[PositiveFloat] = Field(default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
+    ridge_fit_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
+
+    @model_validator(mode="after")
+    def _check(self) -> AlignmentConfig:
+        if self.fit == "ridge" and self.covariance != "full":
+            raise ValueError("alignment.fit=ridge solves the head from the full second moments: "
+                             "set alignment.covariance=full (or alignment.fit=sampled)")
+        return self
 
 
 class ClassStatistics:
@@ -129,9 +162,10 @@ def _cholesky(cov: Tensor) -> Tensor:
 
 class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     """Re-trains the head after each experience on features sampled from stored class
-    Gaussians. Works with a single head (growing or fixed); a multi-head model (task-
-    incremental) is left unchanged, since its heads never compete. Under data-parallel training
-    every rank collects the whole experience and draws the same samples, so heads stay equal."""
+    Gaussians (``fit="ridge"``: solves it from their moments). Works with a single head
+    (growing or fixed); a multi-head model (task-incremental) is left unchanged, since its heads
+    never compete. Under data-parallel training every rank collects the whole experience and
+    draws the same samples, so heads stay equal."""
 
     def __init__(self, config: AlignmentConfig, *, seed: int = 0) -> None:
         super().__init__()
@@ -167,7 +201,10 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
             self._before = None
         self.stats.add(features, labels)
         experience = int(strategy.experience.current_experience)
-        self._align(strategy.model.head, strategy.device, experience)
+        if self.config.fit == "ridge":
+            self._solve(strategy.model.head, features, labels, experience)
+        else:
+            self._align(strategy.model.head, strategy.device, experience)
 
     def compensate_drift(self, before: Tensor, after: Tensor) -> None:
         """Move each stored class mean by the kernel-weighted displacement ``after - before``
@@ -198,6 +235,25 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
             labels.append(batch[1].to(device))
         model.train(was_training)
         return torch.cat(features), torch.cat(labels)
+
+    @torch.no_grad()
+    def _solve(self, head: nn.Module, features: Tensor, labels: Tensor, experience: int) -> None:
+        """``fit="ridge"``: every seen class's row of the head's linear layer becomes the
+        ridge regression's (bias 0), the ridge chosen on the experience's ``features``."""
+        seen = sorted(self.stats.count)
+        gram = sum(self.stats.square[c] for c in seen)
+        targets = torch.stack([self.stats.total[c] for c in seen], dim=1)
+        column = torch.full((max(seen) + 1,), -1, dtype=torch.long, device=labels.device)
+        column[seen] = torch.arange(len(seen), device=labels.device)
+        y = nn.functional.one_hot(column[labels], len(seen)).double()
+        ridge = select_ridge(features.double(), y, self.config.ridges,
+                             self.config.ridge_fit_fraction,
+                             keyed_generator(self.seed, "alignment-ridge", experience))
+        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+        rows = torch.tensor(seen, device=linear.weight.device)
+        linear.weight[rows] = solve_ridge(gram, targets, ridge).T.to(linear.weight)
+        if linear.bias is not None:
+            linear.bias[rows] = 0.0
 
     def _align(self, head: nn.Module, device: torch.device, experience: int) -> None:
         cfg = self.config

@@ -10,8 +10,8 @@ from avalanche.evaluation.metrics import accuracy_metrics
 from avalanche.training.plugins import EvaluationPlugin
 
 from cl_sulora import RanPAC, RanPACConfig, SimpleCIL
-from cl_sulora.methods.closed_form import RANPAC_RIDGES, ridge_losses, select_ridge
 from cl_sulora.models import ContinualClassifier, make_head
+from cl_sulora.ridge import RANPAC_RIDGES, ridge_losses, select_ridge
 from tests.helpers import image_stream, tiny_vit
 
 

@@ -134,3 +134,43 @@ def test_drift_compensated_run_moves_the_first_classes_statistics(tiny, tmp_path
     # experience 1's classes are identical until experience 2 trains, then only b moves them
     assert not torch.allclose(a.total[0], b.total[0])
     assert len(drift.record["accuracy_matrix"]) == 3
+
+
+def test_ridge_fit_solves_the_head_from_every_experience_seen():
+    """``fit="ridge"``: the head's rows are the ridge regression of one-hot targets on the
+    features of both experiences (from the stored moments), the ridge RanPAC's choice on the
+    newest experience; the recency bias is gone."""
+    from cl_sulora.ridge import RANPAC_RIDGES, select_ridge
+    from cl_sulora.seeding import keyed_generator
+
+    torch.manual_seed(0)
+    means = 3 * torch.eye(4, 8)
+    x = means.repeat_interleave(50, 0) + torch.randn(200, 8)
+    y = torch.arange(4).repeat_interleave(50)
+    head = IncrementalClassifier(8, initial_out_features=4)
+    with torch.no_grad():
+        head.active_units.fill_(1)
+        head.classifier.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 12.0]))  # recency bias
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, fit="ridge"), seed=3)
+    for experience, part in enumerate((slice(0, 100), slice(100, 200))):
+        plugin.stats.add(x[part], y[part])
+        plugin._solve(head, x[part], y[part], experience)
+    h, targets = x.double(), torch.nn.functional.one_hot(y).double()
+    ridge = select_ridge(x[100:].double(), targets[100:], RANPAC_RIDGES, 0.8,
+                         keyed_generator(3, "alignment-ridge", 1))
+    expected = torch.linalg.solve(h.T @ h + ridge * torch.eye(8, dtype=torch.float64),
+                                  h.T @ targets).T
+    torch.testing.assert_close(head.classifier.weight, expected.float())
+    assert head.classifier.bias.eq(0).all()
+    assert (head(x).argmax(1) == y).float().mean() >= 0.9
+
+
+def test_ridge_fit_needs_full_covariance(tiny, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="alignment.covariance=full"):
+        tiny_config(tmp_path, **{"alignment.fit": "ridge", "alignment.covariance": "diagonal"})
+    result = run(tiny_config(tmp_path / "run", **{"alignment.enabled": True,
+                                                   "alignment.fit": "ridge"}))
+    head = result.experiment.model.head
+    seen = head.active_units.bool()
+    assert seen.sum() == 6 and head.classifier.bias[seen].eq(0).all()
+    assert result.record["config"]["alignment"]["fit"] == "ridge"
