@@ -13,6 +13,8 @@
 # (a fused pair can no longer be left out of an earlier task's evaluation), so those levers run
 # task-incremental; the others run class-incremental. References on the same split: SuLoRA
 # without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
+# The head's fit (alignment.fit=ridge: solved from the class moments instead of SGD on sampled
+# features) is a lever of every method: its references are `frozen` and SD-LoRA with it.
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
 #     [SULORA_SETS="..."] bash run.sh
@@ -47,6 +49,7 @@ lever class principal method.allocator=principal
 lever class rank2-slots10 method.rank=2 method.num_slots=10
 lever class rank10-slots2 method.rank=10 method.num_slots=2
 lever class alpha-2 method.alpha=2.0
+lever class ridge-head alignment.fit=ridge
 lever task base
 lever task score-norm method.fusion_score=norm
 lever task fraction-0.25 method.fusion=fraction method.fusion_gamma=0.25
@@ -54,6 +57,9 @@ lever task fraction-0.5 method.fusion=fraction method.fusion_gamma=0.5
 echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
+# the ridge head on the frozen backbone and under SD-LoRA: is a gain SuLoRA's or the head's?
+echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
+echo "class/refs-ridge long-text sdlora 0 $class method.alpha=4.0 alignment.fit=ridge" >> "$jobs"
 echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
 echo "task/refs long-text frozen 0 $task" >> "$jobs"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
