@@ -2,7 +2,8 @@
 process: wall time, training time, the rest (mostly evaluating the whole test stream after
 every experience), and whether the two accuracy matrices are equal. ``--modes on`` times the
 run with the cache alone (the runner's default path), under any ``--set`` values;
-``--profile`` profiles one run on the host instead.
+``--profile`` profiles one run on the host instead. For SimpleCIL and RanPAC (``--strategy``)
+"the cache" includes the backbone features they keep of each test set.
 
     python -m benchmarks.perf.eval_cache --benchmark split-cifar100-50 --epochs 2 \
         --batch-size 128 --device cuda --precision bf16 --backbone-weights DIR \
@@ -22,7 +23,6 @@ from cl_sulora.runner.build import build_experiment, determinism_restored, seed_
 from cl_sulora.runner.config import parse_overrides, resolve_config
 from cl_sulora.runner.loop import run_stream
 from cl_sulora.training.distributed import local_device
-from cl_sulora.training.loading import EvalInputCache
 
 from .results import environment, resolve_commit, write_json
 
@@ -37,7 +37,7 @@ def timed_run(config, cached: bool, profile: Path | None = None) -> dict[str, An
         experiment = build_experiment(config)
         strategy = experiment.strategy
         if not cached:
-            strategy.eval_cache = EvalInputCache(0, strategy.device)
+            strategy.set_eval_cache(0)
         seed_everything(config.seed, config.deterministic)
         profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()

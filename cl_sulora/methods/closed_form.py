@@ -263,7 +263,12 @@ class ClosedFormStrategy(AdapterTemplate):
                       if isinstance(model.head, MultiTaskModule) else self.make_head(in_features))
         model.requires_grad_(False)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
-        #: the backbone's features of evaluation batches, within the input cache's budget
+
+    def set_eval_cache(self, budget_gb: float) -> None:
+        """The input cache's budget, and as much again for the features of evaluation
+        batches."""
+        super().set_eval_cache(budget_gb)
+        #: the backbone's features of evaluation batches
         self.eval_features = FeatureStore(self.eval_cache.budget_bytes)
 
     def make_head(self, in_features: int) -> nn.Module:

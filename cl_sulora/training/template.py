@@ -133,8 +133,7 @@ class AdapterTemplate(SupervisedTemplate):
             **kwargs,
         )
         self._ddp: nn.Module | None = None
-        #: evaluation batches kept between evaluations (replace it to change the budget)
-        self.eval_cache = EvalInputCache(int(eval_cache_gb * 2**30), self.device)
+        self.set_eval_cache(eval_cache_gb)
         #: loader worker processes of the current training call (its ``num_workers``)
         self.loader_workers = 0
 
@@ -153,6 +152,12 @@ class AdapterTemplate(SupervisedTemplate):
                     if abort is not None:
                         abort(self)
             raise
+
+    def set_eval_cache(self, budget_gb: float) -> None:
+        """Keep at most ``budget_gb`` of evaluation batches from now on (0: none); what was
+        kept before is dropped."""
+        #: evaluation batches kept between evaluations
+        self.eval_cache = EvalInputCache(int(budget_gb * 2**30), self.device)
 
     def make_optimizer(self, **kwargs):
         reset_optimizer(self.optimizer, self.model)

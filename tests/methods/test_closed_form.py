@@ -300,3 +300,9 @@ def test_a_part_evaluation_keeps_no_features_and_the_budget_holds():
     small.eval(stream.test_stream)
     assert encoded[0] == 2 * test
     assert small.eval_features.used_bytes == 0
+
+    strategy.set_eval_cache(0)  # both caches off, what they kept dropped
+    encoded = encoded_samples(strategy)
+    strategy.eval(stream.test_stream)
+    strategy.eval(stream.test_stream)
+    assert encoded[0] == 2 * test and strategy.eval_features.used_bytes == 0
