@@ -58,6 +58,7 @@ echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 met
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
 # the ridge head on the frozen backbone and under SD-LoRA: is a gain SuLoRA's or the head's?
+echo "class/refs long-text sdlora 0 $class method.alpha=4.0" >> "$jobs"
 echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-ridge long-text sdlora 0 $class method.alpha=4.0 alignment.fit=ridge" >> "$jobs"
 echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
