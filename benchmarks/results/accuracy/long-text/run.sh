@@ -14,7 +14,9 @@
 #
 # STRATEGIES: the runs of these strategies only (names as in the jobs file: frozen sulora
 # sulora-s5 sulora-nofusion sdlora sdlora-rr inflora olora inclora seqlora jointlora simplecil
-# ranpac); DEVICE: the device (default cuda).
+# ranpac); DEVICE: the device (default cuda). FIT=ridge (class-incremental only): every aligned
+# run solves its head from the class statistics (alignment.fit=ridge) instead of SGD on sampled
+# features, into class-ridge/order<k>/ (SimpleCIL and RanPAC, which are not aligned, left out).
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders).
 # RECORDED (e.g. gpu-partial): records of runs already made, in the same <phase>/order<k>/
@@ -26,6 +28,11 @@ V=benchmarks/accuracy/variants
 flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone $MINILM --batch-size 64"
 flags="$flags --epochs 2 --limit-per-class 250 --set alignment.enabled=true"
 flags="$flags training.eval_batch_size=256 --protocol $phase-incremental"
+folder=$phase
+if [[ -n ${FIT:-} ]]; then
+  [[ $phase == class ]] || { echo "FIT: alignment applies to the single head of class-incremental runs" >&2; exit 2; }
+  flags="$flags --set alignment.fit=$FIT" folder=$phase-$FIT
+fi
 if [[ $phase == class ]]; then
   flags="$flags --lr 2e-3"
   sulora="method.alpha=4.0 method.allocator=data method.data_energy=0.9"
@@ -52,13 +59,13 @@ for strategy in olora inclora seqlora jointlora; do
   add $strategy $strategy
 done
 for strategy in simplecil ranpac; do
-  add $strategy $strategy --set alignment.enabled=false
+  [[ -n ${FIT:-} ]] || add $strategy $strategy --set alignment.enabled=false
 done
 for k in 0 1 2; do  # order by order: a campaign cut short leaves whole orders
   for seed in ${SEEDS:-$k}; do
     for run in "${runs[@]}"; do
       read -r strategy args <<< "$run"
-      echo "$phase/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
+      echo "$folder/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
     done
   done
 done
