@@ -16,10 +16,15 @@ RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
 
 
 def solve_ridge(gram: Tensor, targets: Tensor, ridge: float) -> Tensor:
-    """``(gram + ridge I)^-1 targets``, for a symmetric positive semi-definite ``gram``."""
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    factor = torch.linalg.cholesky(gram + ridge * eye)  # positive definite
-    return torch.cholesky_solve(targets, factor)
+    """``(gram + ridge I)^-1 targets``, for a symmetric positive semi-definite ``gram``: by
+    Cholesky, or where a ridge too small for the floating point leaves the matrix not
+    positive definite, by its pseudo-inverse (the least-squares solution) rather than an
+    error at the end of an experience."""
+    system = gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0:
+        return torch.cholesky_solve(targets, factor)
+    return torch.linalg.pinv(system, hermitian=True) @ targets
 
 
 def select_ridge(h: Tensor, y: Tensor, ridges: Sequence[float], fit_fraction: float,

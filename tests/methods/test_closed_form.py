@@ -306,3 +306,16 @@ def test_a_part_evaluation_keeps_no_features_and_the_budget_holds():
     strategy.eval(stream.test_stream)
     strategy.eval(stream.test_stream)
     assert encoded[0] == 2 * test and strategy.eval_features.used_bytes == 0
+
+
+def test_ridge_solution_survives_a_ridge_too_small_for_the_floating_point():
+    from cl_sulora.ridge import solve_ridge
+
+    v = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    gram, targets = v.T @ v, v.T @ torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(gram + 1e-30 * torch.eye(3, dtype=torch.float64))[1])
+    solution = solve_ridge(gram, targets, 1e-30)  # the least-squares solution
+    torch.testing.assert_close(gram @ solution, targets)
+    torch.testing.assert_close(solve_ridge(gram, targets, 1.0),
+                               torch.linalg.solve(gram + torch.eye(3, dtype=torch.float64),
+                                                  targets))
