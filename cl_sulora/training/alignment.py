@@ -77,7 +77,8 @@ class AlignmentConfig(BaseModel):
     drift_compensation: bool = False
     drift_bandwidth: PositiveFloat | None = None
     fit: Literal["sampled", "ridge"] = "sampled"
-    ridges: list[PositiveFloat] = Field(default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
+    ridges: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
     ridge_fit_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
 
     @model_validator(mode="after")

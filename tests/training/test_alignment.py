@@ -168,6 +168,9 @@ def test_ridge_fit_solves_the_head_from_every_experience_seen():
 def test_ridge_fit_needs_full_covariance(tiny, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="alignment.covariance=full"):
         tiny_config(tmp_path, **{"alignment.fit": "ridge", "alignment.covariance": "diagonal"})
+    for ridges in ([1.0, float("inf")], [0.0], []):  # RanPAC's ridges are refused alike
+        with pytest.raises(ConfigError, match="alignment.ridges"):
+            tiny_config(tmp_path, **{"alignment.fit": "ridge", "alignment.ridges": ridges})
     result = run(tiny_config(tmp_path / "run", **{"alignment.enabled": True,
                                                    "alignment.fit": "ridge"}))
     head = result.experiment.model.head
