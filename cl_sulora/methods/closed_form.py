@@ -315,12 +315,13 @@ class ClosedFormStrategy(AdapterTemplate):
         self.optimizer.param_groups.clear()
 
     def model_adaptation(self, model=None):
-        model = super().model_adaptation(model)
+        # the experience's head first (a new task's is made here), then the template moves
+        # the whole model, that head included, to the strategy's device
         classes = getattr(self.experience, "classes_in_this_experience", None)
         if classes is None:
             classes = self.experience.dataset.targets
         self.current_head().cover(int(max(classes)) + 1)
-        return model
+        return super().model_adaptation(model)
 
     @torch.no_grad()
     def _train_exp(self, experience, eval_streams=None, **kwargs):

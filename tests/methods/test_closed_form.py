@@ -212,6 +212,19 @@ def test_task_incremental_closed_form_heads_are_one_per_task(tmp_path):
     torch.testing.assert_close(restored.eval()(x, 1), before)
 
 
+@pytest.mark.parametrize("cls", [SimpleCIL, RanPAC])
+def test_a_new_task_head_is_made_on_the_strategy_device(cls):
+    """A task-incremental experience's head is made when its task first arrives; it must end
+    on the strategy's device with the rest of the model (made after the model was moved, it
+    stayed on the CPU and the first GPU fit failed). The meta device stands for the GPU."""
+    stream = image_stream(task_labels=True)
+    strategy = build(cls, protocol="task-incremental", device="meta")
+    strategy.experience = stream.train_stream[0]
+    model = strategy.model_adaptation()
+    assert "0" in model.head.heads
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
+
+
 @pytest.mark.parametrize("protocol", ["class-incremental", "task-incremental"])
 def test_closed_form_runs_resume_from_a_checkpoint_exactly(tmp_path, protocol):
     from cl_sulora.runner.checkpoint import latest_checkpoint, restore, save_checkpoint
