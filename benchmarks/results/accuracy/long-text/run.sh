@@ -19,7 +19,7 @@
 # features, into class-ridge/order<k>/ (SimpleCIL and RanPAC, which are not aligned, left out).
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders).
-# RECORDED (e.g. gpu-partial): records of runs already made, in the same <phase>/order<k>/
+# RECORDED (e.g. study): records of runs already made, in the same <phase>/order<k>/
 # folders; they are copied into OUT and those runs are not made again.
 set -euo pipefail
 phase=$1
