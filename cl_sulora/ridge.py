@@ -6,13 +6,21 @@ the RanPAC strategy and by classifier alignment's closed-form fit."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 #: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
 RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
+
+#: A config's ridge candidates: at least one, each positive and finite.
+Ridges = Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1)]
+#: The part of the newest samples the candidates are fit on, strictly between 0 and 1 (the rest
+#: scores them).
+FitFraction = Annotated[float, Field(gt=0, lt=1)]
 
 
 def solve_ridge(gram: Tensor, targets: Tensor, ridge: float) -> Tensor:

@@ -11,7 +11,6 @@ its own closed-form head (:class:`TaskHeads`), as every method there gets a head
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
-from pydantic import Field, NonNegativeInt, model_validator
+from pydantic import Field, NonNegativeInt
 from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..adapters.config import STRICT
-from ..ridge import RANPAC_RIDGES, select_ridge, solve_ridge
+from ..ridge import RANPAC_RIDGES, FitFraction, Ridges, select_ridge, solve_ridge
 from ..seeding import keyed_generator
 from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
@@ -361,17 +360,9 @@ class RanPACConfig:
     """
 
     projection_dim: NonNegativeInt = 10000
-    ridges: list[float] = Field(default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
-    fit_fraction: float = 0.8
+    ridges: Ridges = Field(default_factory=lambda: list(RANPAC_RIDGES))
+    fit_fraction: FitFraction = 0.8
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> RanPACConfig:
-        if not 0.0 < self.fit_fraction < 1.0:
-            raise ValueError(f"fit_fraction must be in (0, 1), got {self.fit_fraction}")
-        if any(not math.isfinite(r) or r <= 0 for r in self.ridges):
-            raise ValueError(f"ridges must be positive and finite, got {self.ridges}")
-        return self
 
 
 class RanPAC(ClosedFormStrategy):

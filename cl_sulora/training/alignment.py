@@ -33,7 +33,7 @@ from pydantic import (
 )
 from torch import Tensor, nn
 
-from ..ridge import RANPAC_RIDGES, select_ridge, solve_ridge
+from ..ridge import RANPAC_RIDGES, FitFraction, Ridges, select_ridge, solve_ridge
 from ..seeding import keyed_generator
 from .plugins import strategy_autocast
 
@@ -77,9 +77,8 @@ class AlignmentConfig(BaseModel):
     drift_compensation: bool = False
     drift_bandwidth: PositiveFloat | None = None
     fit: Literal["sampled", "ridge"] = "sampled"
-    ridges: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        default_factory=lambda: list(RANPAC_RIDGES), min_length=1)
-    ridge_fit_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    ridges: Ridges = Field(default_factory=lambda: list(RANPAC_RIDGES))
+    ridge_fit_fraction: FitFraction = 0.8
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentConfig:
