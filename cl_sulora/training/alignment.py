@@ -1,5 +1,5 @@
 """Classifier alignment from stored class statistics, for this library's strategies
-(:class:`~cl_sulora.training.template.AdapterTemplate`) with a single head.
+(:class:`~cl_sulora.training.template.AdapterTemplate`).
 
 After each training experience the feature mean and covariance of every class in it are
 stored; the head is then re-trained on features sampled from the Gaussians of every class seen
@@ -12,6 +12,12 @@ regression of one-hot targets on the features of every class seen (``G = sum x x
 ``Q = sum x y^T`` are sums of the stored per-class moments), as RanPAC solves its classifier
 without its random projection, the ridge chosen as RanPAC chooses it
 (:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate.
+
+A multi-head model's heads never compete, so there is no bias between tasks to correct and they
+are left as trained, unless ``task_heads`` is on: then each task keeps its own statistics and,
+after each experience, only that experience's task's head is aligned (or solved) from the
+statistics of the task's own classes. Where a task's features do not move once it is trained
+(SuLoRA's task-aware inference), its solved head stays exact.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from torch import Tensor, nn
 from ..ridge import RANPAC_RIDGES, FitFraction, Ridges, select_ridge, solve_ridge
 from ..seeding import keyed_generator
 from .plugins import strategy_autocast
+from .template import task_label
 
 
 class AlignmentConfig(BaseModel):
@@ -63,6 +70,10 @@ class AlignmentConfig(BaseModel):
             features (RanPAC's 1e-8 ... 1e8).
         ridge_fit_fraction: the part of the experience's features the candidates are fit on;
             the rest scores them.
+        task_heads: in a multi-head model (task-incremental), align each task's head from the
+            statistics of its own classes after each of its experiences; off, the heads are
+            left as trained (they never compete). Not with ``drift_compensation``, which would
+            move other tasks' statistics after their heads were aligned.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,12 +90,17 @@ class AlignmentConfig(BaseModel):
     fit: Literal["sampled", "ridge"] = "sampled"
     ridges: Ridges = Field(default_factory=lambda: list(RANPAC_RIDGES))
     ridge_fit_fraction: FitFraction = 0.8
+    task_heads: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentConfig:
         if self.fit == "ridge" and self.covariance != "full":
             raise ValueError("alignment.fit=ridge solves the head from the full second moments: "
                              "set alignment.covariance=full (or alignment.fit=sampled)")
+        if self.task_heads and self.drift_compensation:
+            raise ValueError("alignment.task_heads aligns each task's head once, from its own "
+                             "statistics; alignment.drift_compensation would move them later: "
+                             "turn one off")
         return self
 
 
@@ -162,61 +178,86 @@ def _cholesky(cov: Tensor) -> Tensor:
 
 class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
     """Re-trains the head after each experience on features sampled from stored class
-    Gaussians (``fit="ridge"``: solves it from their moments). Works with a single head
-    (growing or fixed); a multi-head model (task-incremental) is left unchanged, since its heads
-    never compete. Under data-parallel training every rank collects the whole experience and
-    draws the same samples, so heads stay equal."""
+    Gaussians (``fit="ridge"``: solves it from their moments). A single head (growing or fixed)
+    is aligned on every class seen; a multi-head model (task-incremental) is left unchanged,
+    unless ``task_heads`` is on (then the trained task's head, on its own classes). Under
+    data-parallel training every rank collects the whole experience and draws the same samples,
+    so heads stay equal."""
 
     def __init__(self, config: AlignmentConfig, *, seed: int = 0) -> None:
         super().__init__()
         self.config = config
         self.seed = seed
-        self.stats = ClassStatistics(diagonal=config.covariance == "diagonal")
+        self.tasks: dict[int, ClassStatistics] = {}
         self._before: Tensor | None = None
 
+    def statistics(self, task: int = 0) -> ClassStatistics:
+        """The stored statistics of ``task``'s classes (of every class, with a single head:
+        task 0), made empty on first use."""
+        if task not in self.tasks:
+            self.tasks[task] = ClassStatistics(diagonal=self.config.covariance == "diagonal")
+        return self.tasks[task]
+
     def stored_state_params(self) -> int:
-        """Values stored: a mean and a covariance (or variances) per class."""
-        return sum(t.numel() + self.stats.square[c].numel() for c, t in self.stats.total.items())
+        """Values stored: a mean and a covariance (or variances) per class (per task's class)."""
+        return sum(t.numel() + stats.square[c].numel()
+                   for stats in self.tasks.values() for c, t in stats.total.items())
 
     def state_dict(self) -> dict:
-        return self.stats.state_dict()
+        return {"tasks": {task: stats.state_dict() for task, stats in self.tasks.items()}}
 
     def load_state_dict(self, state: dict, strategy) -> None:
-        self.stats.load_state_dict(state, strategy.device)
+        tasks = state["tasks"] if "tasks" in state else {0: state}  # saved before task_heads
+        self.tasks = {}
+        for task, saved in tasks.items():
+            self.statistics(int(task)).load_state_dict(saved, strategy.device)
 
-    def _applies(self, strategy) -> bool:
+    def _head(self, strategy) -> tuple[nn.Module, int] | None:
+        """The head to align after the current experience and its statistics' task, or
+        ``None`` when nothing is aligned."""
         head = getattr(strategy.model, "head", None)
-        return head is not None and not isinstance(head, MultiTaskModule)
+        if head is None:
+            return None
+        if not isinstance(head, MultiTaskModule):
+            return head, 0
+        if not self.config.task_heads:
+            return None
+        task = task_label(strategy.experience)
+        return head.classifiers[str(task)], task
 
     def before_training_exp(self, strategy, **kwargs):
-        if self.config.drift_compensation and self.stats.count and self._applies(strategy):
+        if self.config.drift_compensation and self.tasks and self._head(strategy) is not None:
             self._before = self._features(strategy)[0]
 
     def after_training_exp(self, strategy, **kwargs):
-        if not self._applies(strategy):
+        found = self._head(strategy)
+        if found is None:
             return
+        head, task = found
         features, labels = self._features(strategy)
         if self._before is not None:
             self.compensate_drift(self._before, features)
             self._before = None
-        self.stats.add(features, labels)
+        stats = self.statistics(task)
+        stats.add(features, labels)
         experience = int(strategy.experience.current_experience)
         if self.config.fit == "ridge":
-            self._solve(strategy.model.head, features, labels, experience)
+            self._solve(head, stats, features, labels, experience)
         else:
-            self._align(strategy.model.head, strategy.device, experience)
+            self._align(head, stats, strategy.device, experience)
 
     def compensate_drift(self, before: Tensor, after: Tensor) -> None:
         """Move each stored class mean by the kernel-weighted displacement ``after - before``
         of the features near it (rows: the same samples before and after training)."""
         before, moved = before.double(), (after - before).double()
-        for label in list(self.stats.count):
-            mean = self.stats.total[label] / self.stats.count[label]
+        stats = self.statistics()
+        for label in list(stats.count):
+            mean = stats.total[label] / stats.count[label]
             dist = (before - mean).norm(dim=1)
             width = self.config.drift_bandwidth or float(dist.median().clamp_min(1e-12))
             weights = torch.exp(-0.5 * (dist / width) ** 2)
             if float(weights.sum()) > 0:
-                self.stats.shift(label, (weights[:, None] * moved).sum(0) / weights.sum())
+                stats.shift(label, (weights[:, None] * moved).sum(0) / weights.sum())
 
     @torch.no_grad()
     def _features(self, strategy) -> tuple[Tensor, Tensor]:
@@ -237,12 +278,13 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         return torch.cat(features), torch.cat(labels)
 
     @torch.no_grad()
-    def _solve(self, head: nn.Module, features: Tensor, labels: Tensor, experience: int) -> None:
-        """``fit="ridge"``: every seen class's row of the head's linear layer becomes the
-        ridge regression's (bias 0), the ridge chosen on the experience's ``features``."""
-        seen = sorted(self.stats.count)
-        gram = sum(self.stats.square[c] for c in seen)
-        targets = torch.stack([self.stats.total[c] for c in seen], dim=1)
+    def _solve(self, head: nn.Module, stats: ClassStatistics, features: Tensor, labels: Tensor,
+               experience: int) -> None:
+        """``fit="ridge"``: every row of the head's linear layer of a class in ``stats`` becomes
+        the ridge regression's (bias 0), the ridge chosen on the experience's ``features``."""
+        seen = sorted(stats.count)
+        gram = sum(stats.square[c] for c in seen)
+        targets = torch.stack([stats.total[c] for c in seen], dim=1)
         column = torch.full((max(seen) + 1,), -1, dtype=torch.long, device=labels.device)
         column[seen] = torch.arange(len(seen), device=labels.device)
         y = nn.functional.one_hot(column[labels], len(seen)).double()
@@ -255,9 +297,11 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         if linear.bias is not None:
             linear.bias[rows] = 0.0
 
-    def _align(self, head: nn.Module, device: torch.device, experience: int) -> None:
+    def _align(self, head: nn.Module, stats: ClassStatistics, device: torch.device,
+                experience: int) -> None:
+        """``fit="sampled"``: SGD on the head over features drawn from ``stats``' classes."""
         cfg = self.config
-        gaussians = self.stats.gaussians(cfg.shrinkage)
+        gaussians = stats.gaussians(cfg.shrinkage)
         labels = torch.tensor(sorted(gaussians), device=device)
         means = torch.stack([gaussians[c][0] for c in labels.tolist()]).float()
         scales = torch.stack([gaussians[c][1] for c in labels.tolist()]).float()
@@ -275,7 +319,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         step = 0
         with torch.enable_grad():
             for _ in range(cfg.epochs):
-                features, targets = self._sample(means, scales, labels, gen)
+                features, targets = self._sample(means, scales, labels, gen, stats.diagonal)
                 order = torch.randperm(per_epoch, generator=gen, device=device)
                 for start in range(0, per_epoch, cfg.batch_size):
                     idx = order[start:start + cfg.batch_size]
@@ -290,11 +334,11 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         for p, flag in zip(params, grad_state, strict=True):
             p.requires_grad_(flag)
 
-    def _sample(self, means: Tensor, scales: Tensor, labels: Tensor,
-                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _sample(self, means: Tensor, scales: Tensor, labels: Tensor, gen: torch.Generator,
+                diagonal: bool) -> tuple[Tensor, Tensor]:
         n, d = self.config.samples_per_class, means.shape[1]
         z = torch.randn(len(labels), n, d, generator=gen, device=means.device)
-        if self.stats.diagonal:
+        if diagonal:
             features = means[:, None] + z * scales[:, None]
         else:
             features = means[:, None] + z @ scales.transpose(1, 2)

@@ -54,9 +54,9 @@ def test_alignment_removes_a_head_bias_towards_the_newest_classes():
     x = means.repeat_interleave(50, 0) + torch.randn(200, 8)
     y = torch.arange(4).repeat_interleave(50)
     plugin = ClassifierAlignment(AlignmentConfig(enabled=True, epochs=5, lr=0.1))
-    plugin.stats.add(x, y)
+    plugin.statistics().add(x, y)
     before = (head(x).argmax(1) == y).float().mean()
-    plugin._align(head, torch.device("cpu"), experience=1)
+    plugin._align(head, plugin.statistics(), torch.device("cpu"), experience=1)
     after = (head(x).argmax(1) == y).float().mean()
     assert before <= 0.55 and after >= 0.9  # near the Bayes rate (about 0.95)
     assert plugin.stored_state_params() == 4 * (8 + 64)
@@ -97,12 +97,12 @@ def test_drift_compensation_moves_means_and_keeps_covariances(diagonal):
     plugin = ClassifierAlignment(AlignmentConfig(enabled=True, drift_compensation=True,
                                                  covariance="diagonal" if diagonal else "full"))
     x, y = torch.randn(40, 6, generator=g), torch.arange(2).repeat(20)
-    plugin.stats.add(x, y)
-    old = plugin.stats.gaussians(0.0)
+    plugin.statistics().add(x, y)
+    old = plugin.statistics().gaussians(0.0)
     before = torch.randn(30, 6, generator=g)
     step = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 0.25])
     plugin.compensate_drift(before, before + step)  # the whole space translated
-    new = plugin.stats.gaussians(0.0)
+    new = plugin.statistics().gaussians(0.0)
     for c in (0, 1):
         assert torch.allclose(new[c][0], old[c][0] + step.double())
         assert torch.allclose(new[c][1], old[c][1], atol=1e-9)
@@ -111,11 +111,12 @@ def test_drift_compensation_moves_means_and_keeps_covariances(diagonal):
 def test_drift_compensation_weights_nearby_samples_more():
     plugin = ClassifierAlignment(AlignmentConfig(enabled=True, drift_compensation=True,
                                                  drift_bandwidth=1.0))
-    plugin.stats.add(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))  # class 0 at the origin
+    origin = torch.zeros(4, dtype=torch.long)
+    plugin.statistics().add(torch.zeros(4, 2), origin)  # class 0 at the origin
     before = torch.tensor([[0.1, 0.0], [10.0, 0.0]])
     after = before + torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # near moves right, far moves up
     plugin.compensate_drift(before, after)
-    mean = plugin.stats.gaussians(0.0)[0][0]
+    mean = plugin.statistics().gaussians(0.0)[0][0]
     assert mean[0] > 0.99 and abs(float(mean[1])) < 1e-6
 
 
@@ -127,7 +128,7 @@ def test_drift_compensated_run_moves_the_first_classes_statistics(tiny, tmp_path
     def stats(result):
         plugin = next(p for p in result.experiment.strategy.plugins
                       if isinstance(p, ClassifierAlignment))
-        return plugin.stats
+        return plugin.statistics()
 
     a, b = stats(plain), stats(drift)
     assert a.count == b.count and len(a.count) == 6
@@ -153,8 +154,8 @@ def test_ridge_fit_solves_the_head_from_every_experience_seen():
         head.classifier.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 12.0]))  # recency bias
     plugin = ClassifierAlignment(AlignmentConfig(enabled=True, fit="ridge"), seed=3)
     for experience, part in enumerate((slice(0, 100), slice(100, 200))):
-        plugin.stats.add(x[part], y[part])
-        plugin._solve(head, x[part], y[part], experience)
+        plugin.statistics().add(x[part], y[part])
+        plugin._solve(head, plugin.statistics(), x[part], y[part], experience)
     h, targets = x.double(), torch.nn.functional.one_hot(y).double()
     ridge = select_ridge(x[100:].double(), targets[100:], RANPAC_RIDGES, 0.8,
                          keyed_generator(3, "alignment-ridge", 1))
@@ -177,3 +178,121 @@ def test_ridge_fit_needs_full_covariance(tiny, tmp_path):  # noqa: F811
     seen = head.active_units.bool()
     assert seen.sum() == 6 and head.classifier.bias[seen].eq(0).all()
     assert result.record["config"]["alignment"]["fit"] == "ridge"
+
+
+def _task_features(experiment, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``task``'s training features under task-aware inference, and its labels."""
+    strategy = experiment.strategy
+    dataset = experiment.spec.benchmark.train_stream[task].dataset.eval()
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    layers = strategy.sulora._layers(strategy.model)
+    for layer in layers.values():
+        layer.set_owner_filter(strategy.sulora.task_owners(task))
+    with torch.no_grad():
+        features = strategy.model.backbone(x).float()
+    for layer in layers.values():
+        layer.set_owner_filter(None)
+    return features, y
+
+
+def test_task_heads_are_each_solved_from_their_own_tasks_statistics(tiny, tmp_path):  # noqa: F811
+    """Task-incremental, ``task_heads`` with ``fit="ridge"``: the labels restart at 0 in every
+    task, so statistics pooled across tasks would mix three tasks' classes; each head is the
+    ridge solution of its own task's features (task-aware SuLoRA: exact after training), with
+    the ridge chosen on that task's experience."""
+    from cl_sulora.ridge import RANPAC_RIDGES, select_ridge, solve_ridge
+    from cl_sulora.seeding import keyed_generator
+
+    overrides = {"data.task_incremental": True, "alignment.enabled": True,
+                 "alignment.fit": "ridge", "alignment.task_heads": True, "seed": 5}
+    result = run(tiny_config(tmp_path / "a", **overrides))
+    experiment = result.experiment
+    plugin = experiment.alignment
+    assert sorted(plugin.tasks) == [0, 1, 2]
+    assert result.record["alignment_stored_params"] == 3 * 2 * (48 + 48 * 48)
+    heads = experiment.model.head.classifiers
+    for task in range(3):
+        features, y = _task_features(experiment, task)
+        stats = plugin.statistics(task)
+        assert sorted(stats.count) == [0, 1] and sum(stats.count.values()) == len(y)
+        h = features.double()
+        torch.testing.assert_close(stats.square[0] + stats.square[1], h.T @ h)
+        targets = torch.nn.functional.one_hot(y).double()
+        ridge = select_ridge(h, targets, RANPAC_RIDGES, 0.8,
+                             keyed_generator(5, "alignment-ridge", task))
+        expected = solve_ridge(h.T @ h, h.T @ targets, ridge).T
+        linear = heads[str(task)].classifier
+        torch.testing.assert_close(linear.weight[:2], expected.float(), rtol=1e-4, atol=1e-5)
+        assert linear.bias[:2].eq(0).all()
+
+    # without task_heads the heads stay as trained and nothing is stored
+    plain = run(tiny_config(tmp_path / "b", **{**overrides, "alignment.task_heads": False}))
+    assert plain.record["alignment_stored_params"] == 0
+    assert not plain.experiment.model.head.classifiers["0"].classifier.bias[:2].eq(0).all()
+
+
+class _Dataset(torch.utils.data.TensorDataset):
+    def eval(self):
+        return self
+
+
+def test_task_heads_sampled_aligns_only_the_trained_tasks_head_on_its_own_classes():
+    """Two tasks whose local labels 0 and 1 mean opposite things; each head starts with a bias
+    towards label 1. After task 0, head 0 is aligned on task 0's classes; after task 1, head 1
+    on task 1's (pooled statistics would mix the two tasks' class 0), and head 0 is untouched."""
+    from types import SimpleNamespace
+
+    from avalanche.models import MultiHeadClassifier
+
+    from cl_sulora.models.heads import ContinualClassifier, grow_head
+
+    torch.manual_seed(0)
+    model = ContinualClassifier(torch.nn.Identity(), MultiHeadClassifier(8, 2, masking=False))
+    grow_head(model.head, {"kind": "multi-head", "classes": {0: 2, 1: 2}})
+    means = {0: 3 * torch.eye(2, 8), 1: 3 * torch.eye(2, 8).flip(0)}  # labels swapped in task 1
+    y = torch.arange(2).repeat_interleave(100)
+    data = {t: (means[t][y] + torch.randn(200, 8), y) for t in (0, 1)}
+    for task in ("0", "1"):
+        with torch.no_grad():
+            model.head.classifiers[task].classifier.weight.zero_()
+            model.head.classifiers[task].classifier.bias.copy_(torch.tensor([0.0, 5.0]))
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, epochs=5, lr=0.1,
+                                                 task_heads=True))
+
+    def after(task):
+        x, labels = data[task]
+        strategy = SimpleNamespace(
+            model=model, device=torch.device("cpu"), plugins=[],
+            experience=SimpleNamespace(task_label=task, current_experience=task,
+                                       dataset=_Dataset(x, labels)),
+            experience_loader=lambda d: torch.utils.data.DataLoader(d, batch_size=64))
+        plugin.after_training_exp(strategy)
+
+    def accuracy(task):
+        x, labels = data[task]
+        return float((model.head.classifiers[str(task)](x).argmax(1) == labels).float().mean())
+
+    assert accuracy(0) == accuracy(1) == 0.5
+    after(0)
+    head0 = model.head.classifiers["0"].classifier.weight.clone()
+    assert accuracy(0) >= 0.9 and accuracy(1) == 0.5
+    after(1)
+    assert accuracy(1) >= 0.9
+    assert torch.equal(model.head.classifiers["0"].classifier.weight, head0)
+    assert sorted(plugin.tasks) == [0, 1]
+
+
+def test_task_heads_refuse_drift_compensation(tiny, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="alignment.task_heads.*drift_compensation"):
+        tiny_config(tmp_path, **{"alignment.task_heads": True,
+                                 "alignment.drift_compensation": True})
+
+
+def test_statistics_saved_before_task_heads_still_load():
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True))
+    plugin.statistics().add(torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1]))
+    old_format = plugin.statistics().state_dict()
+    restored = ClassifierAlignment(AlignmentConfig(enabled=True))
+    restored.load_state_dict(old_format, type("S", (), {"device": torch.device("cpu")}))
+    assert torch.equal(restored.statistics().square[1], plugin.statistics().square[1])
