@@ -14,11 +14,12 @@
 #
 # STRATEGIES: the runs of these strategies only (names as in the jobs file: frozen sulora
 # sulora-s5 sulora-nofusion sdlora sdlora-rr inflora olora inclora seqlora jointlora simplecil
-# ranpac); DEVICE: the device (default cuda). FIT=ridge (class-incremental only): every aligned
-# run solves its head from the class statistics (alignment.fit=ridge) instead of SGD on sampled
-# features, into class-ridge/order<k>/ (SimpleCIL and RanPAC, which are not aligned, left out).
+# ranpac); DEVICE: the device (default cuda). FIT=ridge: every aligned run solves its head from
+# the class statistics (alignment.fit=ridge) instead of SGD on sampled features, into
+# <phase>-ridge/order<k>/ (SimpleCIL and RanPAC, which are not aligned, left out);
+# task-incremental, each task's head from its own classes' (alignment.task_heads=true).
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
-# full 3 seeds x 3 orders).
+# full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # RECORDED (e.g. study): records of runs already made, in the same <phase>/order<k>/
 # folders; they are copied into OUT and those runs are not made again.
 set -euo pipefail
@@ -30,8 +31,8 @@ flags="$flags --epochs 2 --limit-per-class 250 --set alignment.enabled=true"
 flags="$flags training.eval_batch_size=256 --protocol $phase-incremental"
 folder=$phase
 if [[ -n ${FIT:-} ]]; then
-  [[ $phase == class ]] || { echo "FIT: alignment applies to the single head of class-incremental runs" >&2; exit 2; }
   flags="$flags --set alignment.fit=$FIT" folder=$phase-$FIT
+  [[ $phase == class ]] || flags="$flags alignment.task_heads=true"
 fi
 if [[ $phase == class ]]; then
   flags="$flags --lr 2e-3"
@@ -61,12 +62,17 @@ done
 for strategy in simplecil ranpac; do
   [[ -n ${FIT:-} ]] || add $strategy $strategy --set alignment.enabled=false
 done
-for k in 0 1 2; do  # order by order: a campaign cut short leaves whole orders
-  for seed in ${SEEDS:-$k}; do
-    for run in "${runs[@]}"; do
-      read -r strategy args <<< "$run"
-      echo "$folder/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
-    done
+pairs=()  # "order seed", seed by seed
+if [[ -n ${SEEDS:-} ]]; then
+  for seed in $SEEDS; do for k in 0 1 2; do pairs+=("$k $seed"); done; done
+else
+  for k in 0 1 2; do pairs+=("$k $k"); done
+fi
+for pair in "${pairs[@]}"; do
+  read -r k seed <<< "$pair"
+  for run in "${runs[@]}"; do
+    read -r strategy args <<< "$run"
+    echo "$folder/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
   done
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"

@@ -16,9 +16,14 @@
 # The head's fit (alignment.fit=ridge: solved from the class moments instead of SGD on sampled
 # features) is a lever of every method: its references are `frozen` and SD-LoRA with it.
 #
-#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
-#     [SULORA_SETS="..."] bash run.sh
+# Task-incremental, each task's head can be aligned from its own classes' statistics
+# (alignment.task_heads=true; with alignment.fit=ridge, solved in closed form): its references are
+# `frozen` with it and the closed-form SimpleCIL and RanPAC.
 #
+#   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
+#     [SULORA_SETS="..."] [ONLY="task/ridge-heads ..."] bash run.sh
+#
+# ONLY: the runs of these folders only.
 # EXTRA (run arguments) and EXTRA_SETS (config values) go to every run after the study's,
 # SULORA_SETS to the SuLoRA runs only; e.g. the smaller pilot on a CPU (cpu-pilot/):
 # DEVICE=cpu EXTRA="--precision fp32 --limit-per-class 60 --batch-size 16"
@@ -54,6 +59,8 @@ lever task base
 lever task score-norm method.fusion_score=norm
 lever task fraction-0.25 method.fusion=fraction method.fusion_gamma=0.25
 lever task fraction-0.5 method.fusion=fraction method.fusion_gamma=0.5
+lever task ridge-heads alignment.fit=ridge alignment.task_heads=true
+lever task sampled-heads alignment.task_heads=true
 echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
@@ -63,5 +70,17 @@ echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-ridge long-text sdlora 0 $class method.alpha=4.0 alignment.fit=ridge" >> "$jobs"
 echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
 echo "task/refs long-text frozen 0 $task" >> "$jobs"
+echo "task/refs-ridge-heads long-text frozen 0 $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
+echo "task/refs-ridge-heads long-text sdlora 0 $task method.alpha=1.0 alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
+echo "task/refs-sdlora long-text sdlora 0 $task method.alpha=1.0" >> "$jobs"
+echo "task/refs-closed-form long-text simplecil 0 $task alignment.enabled=false" >> "$jobs"
+echo "task/refs-closed-form long-text ranpac 0 $task alignment.enabled=false" >> "$jobs"
+if [[ -n ${ONLY:-} ]]; then
+  kept=$(mktemp)
+  while read -r line; do
+    [[ " $ONLY " == *" ${line%% *} "* ]] && echo "$line" >> "$kept"
+  done < "$jobs"
+  mv "$kept" "$jobs"
+fi
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"
