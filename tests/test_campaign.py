@@ -94,6 +94,22 @@ def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_pat
     assert abs(points["sulora"][2] - 0.02828427) < 1e-6  # the sample std of 0.40 and 0.44
     assert (tmp_path / f"{label}__memory-kept.png").stat().st_size > 0
 
+    # --with: another folder's strategies join the table; those the folder has are its own
+    other = tmp_path.parent / "closed-form" / "order0"
+    other.mkdir(parents=True)
+    for strategy, acc in (("ranpac", 0.5), ("sulora", 0.9), ("sdlora", 0.6)):
+        name = f"long-text-class-incremental-order0__{strategy}__seed0.json"
+        (other / name).write_text(json.dumps(record(strategy, 0, acc, 0)))
+    flags = ["--with", str(other.parent), "ranpac", "sulora"]
+    assert summarize.main([str(tmp_path), "--orders", *flags]) == 0
+    table = (tmp_path / f"{label}__compare.md").read_text()
+    assert "| ranpac | 50.0 |" in table and "| sulora | 42.0 ± 2.8 |" in table
+    assert "sdlora" not in table
+    assert "- device: cpu\n" in table  # one device: named alone
+    from cl_sulora.runner.report import devices
+    mixed = [{"device": "H200"}, {"device": "H100"}, {"device": "H100"}]
+    assert devices(mixed) == "H100 (2 runs), H200 (1 run)"
+
 
 def test_memory_measures_and_dominance():
     from cl_sulora.runner.report import dominated, memory_points

@@ -8,7 +8,11 @@ of the folder's subfolders too and pools the stream orders of a benchmark (``-or
 the file names) into one table, adding the accuracy-against-memory plots: against live adapter
 values (``<label>__memory.png``) and against every value a run keeps besides the backbone and
 the head (``<label>__memory-kept.png``), and prints, for each, the SuLoRA points that a
-baseline dominates (higher mean A_last at equal or lower memory).
+baseline dominates (higher mean A_last at equal or lower memory). ``--with DIR STRATEGY...``
+joins the runs of those strategies in ``DIR`` (read as with ``--orders``) that the folder does not
+hold, for the same benchmark and protocol, to every table and plot: e.g. the closed-form
+baselines, whose heads no alignment setting touches, beside the runs of a head regime recorded
+in a folder of its own.
 """
 
 from __future__ import annotations
@@ -38,8 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--orders", action="store_true",
                         help="pool the stream orders of the subfolders into one table")
+    parser.add_argument("--with", dest="joined", nargs="+", metavar=("DIR", "STRATEGY"),
+                        help="join the runs of these strategies in DIR that DIRECTORY lacks")
     args = parser.parse_args(argv)
-    for label, records in group_results(args.directory, args.orders).items():
+    groups = group_results(args.directory, args.orders)
+    if args.joined:
+        if len(args.joined) < 2:
+            parser.error("--with needs a folder and at least one strategy")
+        folder, wanted = Path(args.joined[0]), set(args.joined[1:])
+        for label, records in group_results(folder, orders=True).items():
+            if label in groups:
+                have = {r["strategy"] for r in groups[label]}
+                groups[label] += [r for r in records
+                                  if r["strategy"] in wanted - have]
+    for label, records in groups.items():
         paths = write_report(records, args.directory, label)
         print(f"{label}: {len(records)} runs -> {paths['table']}")
         if args.orders:

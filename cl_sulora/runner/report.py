@@ -4,6 +4,7 @@ plots (accuracy-matrix heatmaps, accuracy after each experience)."""
 from __future__ import annotations
 
 import io
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,15 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def devices(records: list[dict]) -> str:
+    """The records' device, or each device with its number of runs where they differ (their
+    training times are then not comparable across devices)."""
+    counts = Counter(str(r.get("device")) for r in records)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{device} ({n} run{'s' * (n > 1)})" for device, n in counts.most_common())
+
+
 def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict[str, Path]:
     """``<out>/<label>__compare.md`` (table and settings) and the two plots; returns the paths."""
     out = Path(out)
@@ -257,7 +267,7 @@ def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict
         f"experiences: {len(first['accuracy_matrix'][0])}{subsampled(first)}",
         f"- backbone: {first['backbone']}",
         f"- training: {', '.join(f'{k}={v}' for k, v in training.items())}",
-        f"- device: {first['device']}",
+        f"- device: {devices(records)}",
         "- accuracies in percent, mean ± sample std over seeds; " + FORMULAS,
         "",
         markdown_table(records),
