@@ -296,3 +296,23 @@ def test_statistics_saved_before_task_heads_still_load():
     restored = ClassifierAlignment(AlignmentConfig(enabled=True))
     restored.load_state_dict(old_format, type("S", (), {"device": torch.device("cpu")}))
     assert torch.equal(restored.statistics().square[1], plugin.statistics().square[1])
+
+
+def test_task_heads_resume_identically(tiny, tmp_path):  # noqa: F811
+    """Each task's statistics are checkpointed: resumed after the second experience, the run
+    solves the third task's head, and ends, exactly as an uninterrupted one."""
+    overrides = {"data.task_incremental": True, "alignment.enabled": True,
+                 "alignment.fit": "ridge", "alignment.task_heads": True, "deterministic": True}
+    whole = run(tiny_config(tmp_path / "a", **overrides),
+                checkpointing=Checkpointing(tmp_path / "ck"))
+    last = sorted((tmp_path / "ck").iterdir())[-1]
+    for f in last.iterdir():
+        f.unlink()
+    last.rmdir()
+    resumed = run(tiny_config(tmp_path / "a", **overrides),
+                  checkpointing=Checkpointing(tmp_path / "ck", resume=True))
+    assert resumed.record["accuracy_matrix"] == whole.record["accuracy_matrix"]
+    assert sorted(resumed.experiment.alignment.tasks) == [0, 1, 2]
+    a = whole.experiment.model.state_dict()
+    b = resumed.experiment.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
