@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models import MultiTaskModule
+from avalanche.models import MultiHeadClassifier, MultiTaskModule
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -222,6 +222,9 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
             return head, 0
         if not self.config.task_heads:
             return None
+        if not isinstance(head, MultiHeadClassifier):
+            raise TypeError("alignment.task_heads aligns the heads of Avalanche's "
+                            f"MultiHeadClassifier; this model's head is a {type(head).__name__}")
         task = task_label(strategy.experience)
         return head.classifiers[str(task)], task
 

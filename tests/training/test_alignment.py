@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from avalanche.models import IncrementalClassifier
+from avalanche.models import IncrementalClassifier, MultiTaskModule
 
 from cl_sulora.errors import ConfigError
 from cl_sulora.runner.checkpoint import latest_checkpoint
@@ -281,6 +281,14 @@ def test_task_heads_sampled_aligns_only_the_trained_tasks_head_on_its_own_classe
     assert accuracy(1) >= 0.9
     assert torch.equal(model.head.classifiers["0"].classifier.weight, head0)
     assert sorted(plugin.tasks) == [0, 1]
+
+    class OwnHeads(MultiTaskModule):  # a multi-head model of another kind: refused, by name
+        def forward_single_task(self, x, task_label):
+            return x
+
+    model.head = OwnHeads()
+    with pytest.raises(TypeError, match="task_heads.*OwnHeads"):
+        after(0)
 
 
 def test_task_heads_refuse_drift_compensation(tiny, tmp_path):  # noqa: F811
