@@ -6,6 +6,7 @@ import pytest
 import torch
 from avalanche.models import IncrementalClassifier, MultiTaskModule
 
+from cl_sulora.adapters.injection import subspace_lora_layers
 from cl_sulora.errors import ConfigError
 from cl_sulora.runner.checkpoint import latest_checkpoint
 from cl_sulora.runner.loop import Checkpointing, run
@@ -186,7 +187,7 @@ def _task_features(experiment, task: int) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = experiment.spec.benchmark.train_stream[task].dataset.eval()
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     y = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
-    layers = strategy.sulora._layers(strategy.model)
+    layers = subspace_lora_layers(strategy.model)
     for layer in layers.values():
         layer.set_owner_filter(strategy.sulora.task_owners(task))
     with torch.no_grad():
