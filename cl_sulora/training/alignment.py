@@ -13,6 +13,11 @@ regression of one-hot targets on the features of every class seen (``G = sum x x
 without its random projection, the ridge chosen as RanPAC chooses it
 (:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate.
 
+``fit="prototype"`` makes the head SimpleCIL's prototype classifier on the adapted features:
+each seen class's row becomes its mean feature scaled to unit length (bias 0), so a sample's
+top class is the one whose mean has the highest cosine with its features. Only the class means
+are stored.
+
 A multi-head model's heads never compete, so there is no bias between tasks to correct and they
 are left as trained, unless ``task_heads`` is on: then each task keeps its own statistics and,
 after each experience, only that experience's task's head is aligned (or solved) from the
@@ -63,9 +68,11 @@ class AlignmentConfig(BaseModel):
             over the experience.
         drift_bandwidth: the Gaussian kernel's width; ``None``: per class, the median distance
             of the experience's features (before training) to the class mean.
-        fit: ``sampled`` (SLCA: SGD on sampled pseudo-features, the settings above) or
+        fit: ``sampled`` (SLCA: SGD on sampled pseudo-features, the settings above),
             ``ridge`` (the head solved in closed form from the statistics; needs ``full``
-            covariance; the sampling settings are unused).
+            covariance; the sampling settings are unused) or ``prototype`` (each class's row
+            its unit-length mean feature: SimpleCIL's cosine classifier; only the means are
+            stored; the covariance and sampling settings are unused).
         ridges: the ridge candidates of ``fit="ridge"``, chosen per experience on its own
             features (RanPAC's 1e-8 ... 1e8).
         ridge_fit_fraction: the part of the experience's features the candidates are fit on;
@@ -87,7 +94,7 @@ class AlignmentConfig(BaseModel):
     shrinkage: NonNegativeFloat = 0.01
     drift_compensation: bool = False
     drift_bandwidth: PositiveFloat | None = None
-    fit: Literal["sampled", "ridge"] = "sampled"
+    fit: Literal["sampled", "ridge", "prototype"] = "sampled"
     ridges: Ridges = Field(default_factory=lambda: list(RANPAC_RIDGES))
     ridge_fit_fraction: FitFraction = 0.8
     task_heads: bool = False
@@ -105,10 +112,12 @@ class AlignmentConfig(BaseModel):
 
 
 class ClassStatistics:
-    """Running per-class sums of features and of their outer products (float64)."""
+    """Running per-class sums of features and of their outer products (float64; without
+    ``squares``, of the features only)."""
 
-    def __init__(self, diagonal: bool) -> None:
+    def __init__(self, diagonal: bool, squares: bool = True) -> None:
         self.diagonal = diagonal
+        self.squares = squares
         self.count: dict[int, int] = {}
         self.total: dict[int, Tensor] = {}
         self.square: dict[int, Tensor] = {}
@@ -117,21 +126,22 @@ class ClassStatistics:
         features = features.double()
         for label in labels.unique().tolist():
             f = features[labels == label]
-            sq = (f * f).sum(0) if self.diagonal else f.T @ f
             if label in self.count:
                 self.count[label] += len(f)
                 self.total[label] += f.sum(0)
-                self.square[label] += sq
             else:
-                self.count[label], self.total[label], self.square[label] = len(f), f.sum(0), sq
+                self.count[label], self.total[label] = len(f), f.sum(0)
+            if self.squares:
+                sq = (f * f).sum(0) if self.diagonal else f.T @ f
+                self.square[label] = self.square[label] + sq if label in self.square else sq
 
     def shift(self, label: int, by: Tensor) -> None:
         """Move class ``label``'s mean by ``by``, keeping its covariance."""
         n, mean = self.count[label], self.total[label] / self.count[label]
         by = by.double()
-        if self.diagonal:
+        if self.squares and self.diagonal:
             self.square[label] += n * (2 * mean * by + by * by)
-        else:
+        elif self.squares:
             self.square[label] += n * (torch.outer(mean, by) + torch.outer(by, mean)
                                        + torch.outer(by, by))
         self.total[label] += n * by
@@ -141,13 +151,15 @@ class ClassStatistics:
         return {"labels": torch.tensor(labels, dtype=torch.long),
                 "count": torch.tensor([self.count[c] for c in labels], dtype=torch.long),
                 "total": [self.total[c].cpu() for c in labels],
-                "square": [self.square[c].cpu() for c in labels]}
+                "square": [self.square[c].cpu() for c in labels if c in self.square]}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         labels = state["labels"].tolist()
         self.count = dict(zip(labels, state["count"].tolist(), strict=True))
         self.total = {c: t.to(device) for c, t in zip(labels, state["total"], strict=True)}
-        self.square = {c: t.to(device) for c, t in zip(labels, state["square"], strict=True)}
+        squares = state["square"]  # none where only the means are stored
+        self.square = ({c: t.to(device) for c, t in zip(labels, squares, strict=True)}
+                       if squares else {})
 
     def gaussians(self, shrinkage: float) -> dict[int, tuple[Tensor, Tensor]]:
         """``{class: (mean, scale)}``: sample as ``mean + z @ scale.T`` (scale a Cholesky factor,
@@ -195,12 +207,14 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         """The stored statistics of ``task``'s classes (of every class, with a single head:
         task 0), made empty on first use."""
         if task not in self.tasks:
-            self.tasks[task] = ClassStatistics(diagonal=self.config.covariance == "diagonal")
+            self.tasks[task] = ClassStatistics(diagonal=self.config.covariance == "diagonal",
+                                               squares=self.config.fit != "prototype")
         return self.tasks[task]
 
     def stored_state_params(self) -> int:
-        """Values stored: a mean and a covariance (or variances) per class (per task's class)."""
-        return sum(t.numel() + stats.square[c].numel()
+        """Values stored: a mean and a covariance (or variances; ``fit="prototype"``: none) per
+        class (per task's class)."""
+        return sum(t.numel() + (stats.square[c].numel() if c in stats.square else 0)
                    for stats in self.tasks.values() for c, t in stats.total.items())
 
     def state_dict(self) -> dict:
@@ -246,6 +260,8 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         experience = int(strategy.experience.current_experience)
         if self.config.fit == "ridge":
             self._solve(head, stats, features, labels, experience)
+        elif self.config.fit == "prototype":
+            self._prototypes(head, stats)
         else:
             self._align(head, stats, strategy.device, experience)
 
@@ -297,6 +313,19 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
         rows = torch.tensor(seen, device=linear.weight.device)
         linear.weight[rows] = solve_ridge(gram, targets, ridge).T.to(linear.weight)
+        if linear.bias is not None:
+            linear.bias[rows] = 0.0
+
+    @torch.no_grad()
+    def _prototypes(self, head: nn.Module, stats: ClassStatistics) -> None:
+        """``fit="prototype"``: every row of the head's linear layer of a class in ``stats``
+        becomes the class's mean feature at unit length (bias 0): the logit is the feature's
+        norm times its cosine with the mean, so the top class is the cosine classifier's."""
+        seen = sorted(stats.count)
+        means = torch.stack([stats.total[c] / stats.count[c] for c in seen])
+        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+        rows = torch.tensor(seen, device=linear.weight.device)
+        linear.weight[rows] = nn.functional.normalize(means, dim=1).to(linear.weight)
         if linear.bias is not None:
             linear.bias[rows] = 0.0
 

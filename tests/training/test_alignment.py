@@ -181,6 +181,65 @@ def test_ridge_fit_needs_full_covariance(tiny, tmp_path):  # noqa: F811
     assert result.record["config"]["alignment"]["fit"] == "ridge"
 
 
+def test_prototype_fit_makes_the_head_a_cosine_classifier():
+    """``fit="prototype"``: each seen class's row is its mean at unit length, bias 0. Class 1's
+    mean is long and close in angle to class 0's, so a head of raw means (a dot product) would
+    take class 0's samples for class 1; the cosine does not. Only the means are stored, and
+    they survive a state round trip."""
+    torch.manual_seed(0)
+    means = torch.zeros(2, 8)
+    means[0, 0], means[1, :2] = 1.0, torch.tensor([4.0, 2.0])
+    y = torch.arange(2).repeat_interleave(50)
+    x = means[y] + 0.05 * torch.randn(100, 8)
+    head = IncrementalClassifier(8, initial_out_features=2)
+    with torch.no_grad():
+        head.active_units.fill_(1)
+        head.classifier.bias.copy_(torch.tensor([0.0, 12.0]))  # recency bias
+    plugin = ClassifierAlignment(AlignmentConfig(enabled=True, fit="prototype"))
+    plugin.statistics().add(x, y)
+    plugin._prototypes(head, plugin.statistics())
+    expected = torch.nn.functional.normalize(torch.stack([x[y == c].mean(0) for c in (0, 1)]))
+    torch.testing.assert_close(head.classifier.weight, expected)
+    assert head.classifier.bias.eq(0).all()
+    assert (head(x).argmax(1) == y).all()
+    assert ((x @ means.T).argmax(1) == y).float().mean() <= 0.5  # raw means would fail
+    assert plugin.stored_state_params() == 2 * 8 and not plugin.statistics().square
+    restored = ClassifierAlignment(AlignmentConfig(enabled=True, fit="prototype"))
+    restored.load_state_dict(plugin.state_dict(), type("S", (), {"device": torch.device("cpu")}))
+    assert torch.equal(restored.statistics().total[1], plugin.statistics().total[1])
+
+
+@pytest.mark.parametrize("task_incremental", [False, True])
+def test_prototype_fit_on_the_frozen_backbone_predicts_as_simplecil(tiny, tmp_path,  # noqa: F811
+                                                                    task_incremental):
+    """On the frozen backbone the prototype head is SimpleCIL: whatever the head learnt by SGD,
+    its accuracy on every experience seen, after every experience, is SimpleCIL's (a head per
+    task, task-incremental, each from its own task's classes). Tasks not trained yet have no
+    prototypes, so they are not compared."""
+    flags = {"data.task_incremental": task_incremental, "deterministic": True}
+
+    def seen(result):
+        return [row[:i + 1] for i, row in enumerate(result.record["accuracy_matrix"])]
+
+    aligned = run(tiny_config(tmp_path / "a", "frozen", **flags, **{
+        "alignment.enabled": True, "alignment.fit": "prototype",
+        "alignment.task_heads": task_incremental}))
+    simplecil = run(tiny_config(tmp_path / "b", "simplecil", **flags))
+    assert seen(aligned) == seen(simplecil)
+    experiment = aligned.experiment
+    for task in range(3 if task_incremental else 0):  # each head from its own task's means
+        dataset = experiment.spec.benchmark.train_stream[task].dataset.eval()
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        y = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+        with torch.no_grad():
+            features = experiment.model.backbone(x).double()
+        means = torch.stack([features[y == c].mean(0) for c in (0, 1)])
+        torch.testing.assert_close(experiment.model.head.classifiers[str(task)].classifier
+                                   .weight[:2], torch.nn.functional.normalize(means).float())
+    trained = run(tiny_config(tmp_path / "c", "frozen", **flags))
+    assert seen(trained) != seen(simplecil)
+
+
 def _task_features(experiment, task: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Task ``task``'s training features under task-aware inference, and its labels."""
     strategy = experiment.strategy
