@@ -19,6 +19,9 @@
 # Task-incremental, each task's head can be aligned from its own classes' statistics
 # (alignment.task_heads=true; with alignment.fit=ridge, solved in closed form): its references are
 # `frozen` with it and the closed-form SimpleCIL and RanPAC.
+# alignment.fit=prototype makes the head SimpleCIL's cosine classifier on the adapted features
+# (on the frozen backbone it is SimpleCIL itself): does SuLoRA's adaptation improve on it?
+# Its reference under another adapter method is SD-LoRA with it.
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
 #     [SULORA_SETS="..."] [ONLY="task/ridge-heads ..."] bash run.sh
@@ -38,6 +41,8 @@ sets="--set alignment.enabled=true training.eval_batch_size=256 ${EXTRA_SETS:-}"
 class="$flags --protocol class-incremental --lr 2e-3 $sets"
 task="$flags --protocol task-incremental --lr 4e-3 $sets"
 sulora="method.allocator=data method.data_energy=0.9 ${SULORA_SETS:-}"
+sdlora_class="method.alpha=4.0"  # SD-LoRA's validated alpha per protocol
+sdlora_task="method.alpha=1.0"
 lever() {  # PROTOCOL LEVER EXTRA-SET-VALUES...
   local protocol=$1 name=$2; shift 2
   if [[ $protocol == class ]]; then
@@ -61,18 +66,22 @@ lever task fraction-0.25 method.fusion=fraction method.fusion_gamma=0.25
 lever task fraction-0.5 method.fusion=fraction method.fusion_gamma=0.5
 lever task ridge-heads alignment.fit=ridge alignment.task_heads=true
 lever task sampled-heads alignment.task_heads=true
+lever class prototype-head alignment.fit=prototype
+lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
 echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
 # the ridge head on the frozen backbone and under SD-LoRA: is a gain SuLoRA's or the head's?
-echo "class/refs long-text sdlora 0 $class method.alpha=4.0" >> "$jobs"
+echo "class/refs long-text sdlora 0 $class $sdlora_class" >> "$jobs"
 echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
-echo "class/refs-ridge long-text sdlora 0 $class method.alpha=4.0 alignment.fit=ridge" >> "$jobs"
+echo "class/refs-ridge long-text sdlora 0 $class $sdlora_class alignment.fit=ridge" >> "$jobs"
+echo "class/refs-prototype long-text sdlora 0 $class $sdlora_class alignment.fit=prototype" >> "$jobs"
 echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
 echo "task/refs long-text frozen 0 $task" >> "$jobs"
 echo "task/refs-ridge-heads long-text frozen 0 $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
-echo "task/refs-ridge-heads long-text sdlora 0 $task method.alpha=1.0 alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
-echo "task/refs-sdlora long-text sdlora 0 $task method.alpha=1.0" >> "$jobs"
+echo "task/refs-ridge-heads long-text sdlora 0 $task $sdlora_task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
+echo "task/refs-prototype-heads long-text sdlora 0 $task $sdlora_task alignment.fit=prototype alignment.task_heads=true" >> "$jobs"
+echo "task/refs-sdlora long-text sdlora 0 $task $sdlora_task" >> "$jobs"
 echo "task/refs-closed-form long-text simplecil 0 $task alignment.enabled=false" >> "$jobs"
 echo "task/refs-closed-form long-text ranpac 0 $task alignment.enabled=false" >> "$jobs"
 if [[ -n ${ONLY:-} ]]; then
