@@ -71,6 +71,7 @@ lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
 echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
+echo "class/refs-closed-form long-text simplecil 0 $class alignment.enabled=false" >> "$jobs"
 # the ridge head on the frozen backbone and under SD-LoRA: is a gain SuLoRA's or the head's?
 echo "class/refs long-text sdlora 0 $class $sdlora_class" >> "$jobs"
 echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
