@@ -1,7 +1,8 @@
 """Ridge regression of one-hot targets, as RanPAC solves its classifier: ``W^T = (G + r I)^-1 Q``
 from the accumulated ``G = H^T H`` and ``Q = H^T Y``, with the ridge ``r`` chosen among
-candidates on a held-out part of the newest samples (its ``optimise_ridge_parameter``). Used by
-the RanPAC strategy and by classifier alignment's closed-form fit."""
+candidates on a held-out part of the newest samples (its ``optimise_ridge_parameter``), and
+RanPAC's random features ``H = ReLU(f R)``. Used by the RanPAC strategy, by classifier
+alignment's closed-form fit and by a backbone's random features (``backbone.random_features``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ Ridges = Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Fie
 #: The part of the newest samples the candidates are fit on, strictly between 0 and 1 (the rest
 #: scores them).
 FitFraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+def random_projection(in_features: int, width: int, generator: torch.Generator) -> Tensor:
+    """RanPAC's fixed random projection ``R``: ``in_features`` x ``width``, standard Gaussian."""
+    return torch.randn(in_features, width, generator=generator)
+
+
+def random_features(x: Tensor, projection: Tensor) -> Tensor:
+    """RanPAC's random features ``ReLU(x R)``, in float32 whatever the autocast."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.relu(x.float() @ projection)
 
 
 def solve_ridge(gram: Tensor, targets: Tensor, ridge: float) -> Tensor:

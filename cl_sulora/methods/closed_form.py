@@ -23,7 +23,15 @@ from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..adapters.config import STRICT
-from ..ridge import RANPAC_RIDGES, FitFraction, Ridges, select_ridge, solve_ridge
+from ..ridge import (
+    RANPAC_RIDGES,
+    FitFraction,
+    Ridges,
+    random_features,
+    random_projection,
+    select_ridge,
+    solve_ridge,
+)
 from ..seeding import keyed_generator
 from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
@@ -102,7 +110,7 @@ class RidgeHead(_ClassScores):
     def __init__(self, in_features: int, projection_dim: int, generator: torch.Generator) -> None:
         super().__init__()
         width = projection_dim or in_features
-        projection = (torch.randn(in_features, projection_dim, generator=generator)
+        projection = (random_projection(in_features, projection_dim, generator)
                       if projection_dim else torch.zeros(0))
         self.register_buffer("projection", projection)
         self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
@@ -111,7 +119,7 @@ class RidgeHead(_ClassScores):
         self.ridge: float | None = None
 
     def project(self, x: Tensor) -> Tensor:
-        return F.relu(x.float() @ self.projection) if self.projection.numel() else x.float()
+        return random_features(x, self.projection) if self.projection.numel() else x.float()
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, ridges: Sequence[float],

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import BackboneError
+from ..ridge import random_features, random_projection
 
 Pooling = Literal["mean", "cls"]
 
@@ -59,6 +61,26 @@ class Backbone:
         if self.modality == "text":
             return {"tokenizer": self.tokenizer, "max_length": self.max_length}
         return {"image_size": self.image_size, "mean": self.mean, "std": self.std}
+
+
+class RandomFeatures(nn.Module):
+    """RanPAC's random features appended to a backbone: ``ReLU(f R)``, ``R`` a fixed Gaussian
+    ``in_features`` x ``width`` (a buffer, never trained), in float32."""
+
+    def __init__(self, in_features: int, width: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.register_buffer("projection", random_projection(in_features, width, generator))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return random_features(features, self.projection)
+
+
+def with_random_features(backbone: Backbone, width: int, generator: torch.Generator
+                         ) -> Backbone:
+    """``backbone`` followed by :class:`RandomFeatures` of ``width``: every head then reads
+    ``width`` random ReLU features of the backbone's (RanPAC's projection, under any method)."""
+    module = nn.Sequential(backbone.module, RandomFeatures(backbone.feature_dim, width, generator))
+    return dataclasses.replace(backbone, module=module, feature_dim=width)
 
 
 class HFEncoder(nn.Module):

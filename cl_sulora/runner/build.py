@@ -20,8 +20,9 @@ from avalanche.training.plugins import EvaluationPlugin
 from ..benchmarks import BenchmarkSpec, build_benchmark
 from ..errors import ConfigError
 from ..methods import MethodSpec, get_method
-from ..models.backbones import Backbone, build_backbone
+from ..models.backbones import Backbone, build_backbone, with_random_features
 from ..models.heads import ContinualClassifier, make_head
+from ..seeding import keyed_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
 from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
@@ -105,6 +106,9 @@ def build_experiment(
         normalize=bb.normalize,
         **bb.kwargs,
     )
+    if bb.random_features:
+        backbone = with_random_features(
+            backbone, bb.random_features, keyed_generator(config.seed, "projection", 0))
     if spec is None:
         spec = load_benchmark(config, backbone)
     if spec.modality != backbone.modality:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 from ..benchmarks import BENCHMARKS, benchmark_options
 from ..benchmarks.common import wants_validation
@@ -64,6 +64,9 @@ class BackboneConfig(BaseModel):
     max_length: PositiveInt = 128
     #: image backbones: false feeds pixels in [0, 1] (the SD-LoRA and InfLoRA reference loaders)
     normalize: bool = True
+    #: > 0: RanPAC's random projection to this many ReLU features follows the backbone, seeded
+    #: by the run seed (as the ``ranpac`` strategy's); every method's head reads them
+    random_features: NonNegativeInt = 0
     kwargs: dict[str, Any] = {}
 
 

@@ -7,11 +7,12 @@ so far, balanced across classes (SLCA, Zhang et al., ICCV 2023). This corrects t
 towards the newest classes without storing exemplars. Statistics are taken once, with the
 backbone of the experience that brought the class, and are not refreshed later.
 
-``fit="ridge"`` solves the head from the same statistics instead of sampling: the ridge
-regression of one-hot targets on the features of every class seen (``G = sum x x^T`` and
-``Q = sum x y^T`` are sums of the stored per-class moments), as RanPAC solves its classifier
-without its random projection, the ridge chosen as RanPAC chooses it
-(:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate.
+``fit="ridge"`` solves the head instead of sampling: the ridge regression of one-hot targets on
+the features of every class seen, from the stored ``G = sum x x^T`` (one Gram matrix over every
+class) and ``Q = sum x y^T`` (the class sums), as RanPAC solves its classifier, the ridge chosen
+as RanPAC chooses it (:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate. On a
+backbone followed by random features (``backbone.random_features``) it is RanPAC's classifier
+on whatever features the method adapts.
 
 ``fit="prototype"`` makes the head SimpleCIL's prototype classifier on the adapted features:
 each seen class's row becomes its mean feature scaled to unit length (bias 0), so a sample's
@@ -69,10 +70,10 @@ class AlignmentConfig(BaseModel):
         drift_bandwidth: the Gaussian kernel's width; ``None``: per class, the median distance
             of the experience's features (before training) to the class mean.
         fit: ``sampled`` (SLCA: SGD on sampled pseudo-features, the settings above),
-            ``ridge`` (the head solved in closed form from the statistics; needs ``full``
-            covariance; the sampling settings are unused) or ``prototype`` (each class's row
-            its unit-length mean feature: SimpleCIL's cosine classifier; only the means are
-            stored; the covariance and sampling settings are unused).
+            ``ridge`` (the head solved in closed form from the class sums and one Gram matrix;
+            needs ``full`` covariance; the sampling settings are unused) or ``prototype``
+            (each class's row its unit-length mean feature: SimpleCIL's cosine classifier;
+            only the means are stored; the covariance and sampling settings are unused).
         ridges: the ridge candidates of ``fit="ridge"``, chosen per experience on its own
             features (RanPAC's 1e-8 ... 1e8).
         ridge_fit_fraction: the part of the experience's features the candidates are fit on;
@@ -111,19 +112,28 @@ class AlignmentConfig(BaseModel):
         return self
 
 
-class ClassStatistics:
-    """Running per-class sums of features and of their outer products (float64; without
-    ``squares``, of the features only)."""
+Squares = Literal["class", "pooled", "none"]
 
-    def __init__(self, diagonal: bool, squares: bool = True) -> None:
+
+class ClassStatistics:
+    """Running per-class sums of features (float64) and of their outer products: per class
+    (``squares="class"``: the Gaussians that sampling draws from), summed over every class
+    (``"pooled"``: the Gram matrix, all the ridge fit needs; one ``d x d`` in all, so wide
+    random features fit) or none (``"none"``: prototypes need the means only)."""
+
+    def __init__(self, diagonal: bool, squares: Squares = "class") -> None:
         self.diagonal = diagonal
         self.squares = squares
         self.count: dict[int, int] = {}
         self.total: dict[int, Tensor] = {}
-        self.square: dict[int, Tensor] = {}
+        self.square: dict[int, Tensor] = {}  # squares="class"
+        self.gram: Tensor | None = None  # squares="pooled"
 
     def add(self, features: Tensor, labels: Tensor) -> None:
         features = features.double()
+        if self.squares == "pooled":
+            sq = (features * features).sum(0) if self.diagonal else features.T @ features
+            self.gram = sq if self.gram is None else self.gram + sq
         for label in labels.unique().tolist():
             f = features[labels == label]
             if label in self.count:
@@ -131,35 +141,55 @@ class ClassStatistics:
                 self.total[label] += f.sum(0)
             else:
                 self.count[label], self.total[label] = len(f), f.sum(0)
-            if self.squares:
+            if self.squares == "class":
                 sq = (f * f).sum(0) if self.diagonal else f.T @ f
                 self.square[label] = self.square[label] + sq if label in self.square else sq
 
     def shift(self, label: int, by: Tensor) -> None:
-        """Move class ``label``'s mean by ``by``, keeping its covariance."""
+        """Move class ``label``'s mean by ``by``, keeping its covariance (its part of the
+        pooled Gram matrix moves alike)."""
         n, mean = self.count[label], self.total[label] / self.count[label]
         by = by.double()
-        if self.squares and self.diagonal:
-            self.square[label] += n * (2 * mean * by + by * by)
-        elif self.squares:
-            self.square[label] += n * (torch.outer(mean, by) + torch.outer(by, mean)
-                                       + torch.outer(by, by))
+        if self.diagonal:
+            change = n * (2 * mean * by + by * by)
+        else:
+            change = n * (torch.outer(mean, by) + torch.outer(by, mean) + torch.outer(by, by))
+        if self.squares == "class":
+            self.square[label] += change
+        elif self.squares == "pooled":
+            self.gram += change
         self.total[label] += n * by
+
+    def gram_matrix(self) -> Tensor:
+        """The sum of every stored feature's outer product with itself."""
+        return self.gram if self.gram is not None else sum(self.square.values())
+
+    def stored_values(self) -> int:
+        """Values held: the per-class sums and the squares kept."""
+        squares = self.gram.numel() if self.gram is not None else 0
+        return (sum(t.numel() for t in self.total.values()) + squares
+                + sum(t.numel() for t in self.square.values()))
 
     def state_dict(self) -> dict:
         labels = sorted(self.count)
-        return {"labels": torch.tensor(labels, dtype=torch.long),
-                "count": torch.tensor([self.count[c] for c in labels], dtype=torch.long),
-                "total": [self.total[c].cpu() for c in labels],
-                "square": [self.square[c].cpu() for c in labels if c in self.square]}
+        state = {"labels": torch.tensor(labels, dtype=torch.long),
+                 "count": torch.tensor([self.count[c] for c in labels], dtype=torch.long),
+                 "total": [self.total[c].cpu() for c in labels],
+                 "square": [self.square[c].cpu() for c in labels if c in self.square]}
+        if self.gram is not None:
+            state["gram"] = self.gram.cpu()
+        return state
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         labels = state["labels"].tolist()
         self.count = dict(zip(labels, state["count"].tolist(), strict=True))
         self.total = {c: t.to(device) for c, t in zip(labels, state["total"], strict=True)}
-        squares = state["square"]  # none where only the means are stored
+        squares = state["square"]  # none where only the means or the pooled Gram are stored
         self.square = ({c: t.to(device) for c, t in zip(labels, squares, strict=True)}
                        if squares else {})
+        self.gram = state["gram"].to(device) if "gram" in state else None
+        if self.squares == "pooled" and self.square:  # saved per class before pooling
+            self.gram, self.square = self.gram_matrix(), {}
 
     def gaussians(self, shrinkage: float) -> dict[int, tuple[Tensor, Tensor]]:
         """``{class: (mean, scale)}``: sample as ``mean + z @ scale.T`` (scale a Cholesky factor,
@@ -207,15 +237,16 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         """The stored statistics of ``task``'s classes (of every class, with a single head:
         task 0), made empty on first use."""
         if task not in self.tasks:
+            squares = {"sampled": "class", "ridge": "pooled", "prototype": "none"}
             self.tasks[task] = ClassStatistics(diagonal=self.config.covariance == "diagonal",
-                                               squares=self.config.fit != "prototype")
+                                               squares=squares[self.config.fit])
         return self.tasks[task]
 
     def stored_state_params(self) -> int:
-        """Values stored: a mean and a covariance (or variances; ``fit="prototype"``: none) per
-        class (per task's class)."""
-        return sum(t.numel() + (stats.square[c].numel() if c in stats.square else 0)
-                   for stats in self.tasks.values() for c, t in stats.total.items())
+        """Values stored: a mean per class (per task's class) and a covariance (or variances)
+        per class (``fit="sampled"``), the Gram matrix of every class (per task; ``"ridge"``)
+        or nothing more (``"prototype"``)."""
+        return sum(stats.stored_values() for stats in self.tasks.values())
 
     def state_dict(self) -> dict:
         return {"tasks": {task: stats.state_dict() for task, stats in self.tasks.items()}}
@@ -302,7 +333,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         """``fit="ridge"``: every row of the head's linear layer of a class in ``stats`` becomes
         the ridge regression's (bias 0), the ridge chosen on the experience's ``features``."""
         seen = sorted(stats.count)
-        gram = sum(stats.square[c] for c in seen)
+        gram = stats.gram_matrix()
         targets = torch.stack([stats.total[c] for c in seen], dim=1)
         column = torch.full((max(seen) + 1,), -1, dtype=torch.long, device=labels.device)
         column[seen] = torch.arange(len(seen), device=labels.device)

@@ -240,6 +240,27 @@ def test_prototype_fit_on_the_frozen_backbone_predicts_as_simplecil(tiny, tmp_pa
     assert seen(trained) != seen(simplecil)
 
 
+def test_ridge_fit_on_random_features_of_the_frozen_backbone_is_ranpac(tiny, tmp_path):  # noqa: F811
+    """``backbone.random_features`` appends RanPAC's projection (seeded by the run seed) to the
+    backbone; under the ridge fit, on the frozen backbone, the model is RanPAC: the same logits
+    for every class seen. The statistics pool one Gram matrix over the classes (a per-class
+    square of 64 x 64 each would be 6 times larger)."""
+    common = {"seed": 3, "deterministic": True}
+    aligned = run(tiny_config(tmp_path / "a", "frozen", **common, **{
+        "backbone.random_features": 64, "alignment.enabled": True, "alignment.fit": "ridge",
+        "alignment.ridges": [10.0]}))
+    ranpac = run(tiny_config(tmp_path / "b", "ranpac", **common, **{
+        "method.projection_dim": 64, "method.ridges": [10.0]}))
+    stream = aligned.experiment.spec.benchmark.test_stream
+    x = torch.stack([stream[i].dataset[j][0] for i in range(3) for j in range(4)])
+    models = [aligned.experiment.model.eval(), ranpac.experiment.model.eval()]
+    with torch.no_grad():
+        a, b = (model(x)[:, :6] for model in models)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert aligned.record["alignment_stored_params"] == 6 * 64 + 64 * 64
+    assert aligned.record["config"]["backbone"]["random_features"] == 64
+
+
 def _task_features(experiment, task: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Task ``task``'s training features under task-aware inference, and its labels."""
     strategy = experiment.strategy
@@ -270,14 +291,16 @@ def test_task_heads_are_each_solved_from_their_own_tasks_statistics(tiny, tmp_pa
     experiment = result.experiment
     plugin = experiment.alignment
     assert sorted(plugin.tasks) == [0, 1, 2]
-    assert result.record["alignment_stored_params"] == 3 * 2 * (48 + 48 * 48)
+    # per task: two class sums and one Gram matrix (embed_dim 48)
+    assert result.record["alignment_stored_params"] == 3 * (2 * 48 + 48 * 48)
     heads = experiment.model.head.classifiers
     for task in range(3):
         features, y = _task_features(experiment, task)
         stats = plugin.statistics(task)
         assert sorted(stats.count) == [0, 1] and sum(stats.count.values()) == len(y)
         h = features.double()
-        torch.testing.assert_close(stats.square[0] + stats.square[1], h.T @ h)
+        torch.testing.assert_close(stats.gram_matrix(), h.T @ h)
+        assert not stats.square
         targets = torch.nn.functional.one_hot(y).double()
         ridge = select_ridge(h, targets, RANPAC_RIDGES, 0.8,
                              keyed_generator(5, "alignment-ridge", task))
@@ -364,6 +387,23 @@ def test_statistics_saved_before_task_heads_still_load():
     restored = ClassifierAlignment(AlignmentConfig(enabled=True))
     restored.load_state_dict(old_format, type("S", (), {"device": torch.device("cpu")}))
     assert torch.equal(restored.statistics().square[1], plugin.statistics().square[1])
+
+
+def test_pooled_statistics_hold_the_per_class_squares_sum_through_shifts_and_old_states():
+    """The ridge fit's pooled Gram matrix is the sum of the per-class squares: after a drift
+    shift too, and when a state saved with per-class squares (before pooling) is loaded."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(30, 4, generator=g), torch.arange(3).repeat(10)
+    per_class, pooled = ClassStatistics(False, "class"), ClassStatistics(False, "pooled")
+    for stats in (per_class, pooled):
+        stats.add(x, y)
+        stats.shift(1, torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    torch.testing.assert_close(pooled.gram_matrix(), per_class.gram_matrix())
+    assert not pooled.square and pooled.stored_values() == 3 * 4 + 16
+    restored = ClassStatistics(False, "pooled")
+    restored.load_state_dict(per_class.state_dict(), torch.device("cpu"))
+    torch.testing.assert_close(restored.gram_matrix(), per_class.gram_matrix())
+    assert not restored.square
 
 
 def test_task_heads_resume_identically(tiny, tmp_path):  # noqa: F811
