@@ -18,6 +18,8 @@
 # the class statistics (alignment.fit=ridge) instead of SGD on sampled features, into
 # <phase>-ridge/order<k>/ (SimpleCIL and RanPAC, which are not aligned, left out);
 # task-incremental, each task's head from its own classes' (alignment.task_heads=true).
+# FIT=prototype likewise, with each class's unit-length mean as its row (alignment.fit=prototype:
+# on the frozen backbone, SimpleCIL), into <phase>-prototype/order<k>/.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # RECORDED (e.g. study): records of runs already made, in the same <phase>/order<k>/
