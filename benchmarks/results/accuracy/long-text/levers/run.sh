@@ -22,6 +22,8 @@
 # alignment.fit=prototype makes the head SimpleCIL's cosine classifier on the adapted features
 # (on the frozen backbone it is SimpleCIL itself): does SuLoRA's adaptation improve on it?
 # Its reference under another adapter method is SD-LoRA with it.
+# backbone.random_features=10000 with alignment.fit=ridge puts RanPAC's classifier (random
+# ReLU projection, ridge) on the adapted features; on `frozen` it is RanPAC (class/refs).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
 #     [SULORA_SETS="..."] [ONLY="task/ridge-heads ..."] bash run.sh
@@ -68,6 +70,9 @@ lever task ridge-heads alignment.fit=ridge alignment.task_heads=true
 lever task sampled-heads alignment.task_heads=true
 lever class prototype-head alignment.fit=prototype
 lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
+rp="backbone.random_features=10000 alignment.fit=ridge"
+lever class rp-ridge-head $rp
+lever task rp-ridge-heads $rp alignment.task_heads=true
 echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen 0 $class" >> "$jobs"
 echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
@@ -77,6 +82,7 @@ echo "class/refs long-text sdlora 0 $class $sdlora_class" >> "$jobs"
 echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-ridge long-text sdlora 0 $class $sdlora_class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-prototype long-text sdlora 0 $class $sdlora_class alignment.fit=prototype" >> "$jobs"
+echo "class/refs-rp-ridge long-text sdlora 0 $class $sdlora_class $rp" >> "$jobs"
 echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
 echo "task/refs long-text frozen 0 $task" >> "$jobs"
 echo "task/refs-ridge-heads long-text frozen 0 $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
