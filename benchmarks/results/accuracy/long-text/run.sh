@@ -10,7 +10,8 @@
 # one closed-form head per task).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] [SEEDS="0 1 2"] \
-#     [STRATEGIES="..."] [DEVICE=cpu] bash run.sh class|task
+#     [STRATEGIES="..."] [DEVICE=cpu] [FIT=ridge|prototype] [SETS="..." TAG=name] \
+#     bash run.sh class|task
 #
 # STRATEGIES: the runs of these strategies only (names as in the jobs file: frozen sulora
 # sulora-s5 sulora-nofusion sdlora sdlora-rr inflora olora inclora seqlora jointlora simplecil
@@ -20,6 +21,9 @@
 # task-incremental, each task's head from its own classes' (alignment.task_heads=true).
 # FIT=prototype likewise, with each class's unit-length mean as its row (alignment.fit=prototype:
 # on the frozen backbone, SimpleCIL), into <phase>-prototype/order<k>/.
+# SETS: more config values for every run, named by TAG, the output folder's suffix; e.g.
+# FIT=ridge SETS=backbone.random_features=10000 TAG=rf (RanPAC's classifier on every method's
+# features) writes <phase>-ridge-rf/order<k>/.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # RECORDED (e.g. study): records of runs already made, in the same <phase>/order<k>/
@@ -35,6 +39,10 @@ folder=$phase
 if [[ -n ${FIT:-} ]]; then
   flags="$flags --set alignment.fit=$FIT" folder=$phase-$FIT
   [[ $phase == class ]] || flags="$flags alignment.task_heads=true"
+fi
+if [[ -n ${SETS:-} ]]; then
+  [[ -n ${TAG:-} ]] || { echo "SETS needs TAG, the suffix of the folder its runs go to" >&2; exit 2; }
+  flags="$flags --set $SETS" folder=$folder-$TAG
 fi
 if [[ $phase == class ]]; then
   flags="$flags --lr 2e-3"
