@@ -1,8 +1,9 @@
-"""Models: feature backbones (timm vision transformers, Hugging Face text encoders) and the
-continual classifier with the head of each protocol."""
+"""Models: feature backbones (timm vision transformers, Hugging Face text encoders, optionally
+followed by RanPAC's random features) and the continual classifier with the head of each
+protocol."""
 
-from .backbones import Backbone, HFEncoder, build_backbone
+from .backbones import Backbone, HFEncoder, RandomFeatures, build_backbone, with_random_features
 from .heads import PROTOCOLS, ContinualClassifier, grow_head, head_structure, make_head
 
-__all__ = ["PROTOCOLS", "Backbone", "ContinualClassifier", "HFEncoder", "build_backbone",
-           "grow_head", "head_structure", "make_head"]
+__all__ = ["PROTOCOLS", "Backbone", "ContinualClassifier", "HFEncoder", "RandomFeatures",
+           "build_backbone", "grow_head", "head_structure", "make_head", "with_random_features"]
