@@ -132,7 +132,7 @@ class ClassStatistics:
     def add(self, features: Tensor, labels: Tensor) -> None:
         features = features.double()
         if self.squares == "pooled":
-            sq = (features * features).sum(0) if self.diagonal else features.T @ features
+            sq = self._square(features)
             self.gram = sq if self.gram is None else self.gram + sq
         for label in labels.unique().tolist():
             f = features[labels == label]
@@ -142,8 +142,12 @@ class ClassStatistics:
             else:
                 self.count[label], self.total[label] = len(f), f.sum(0)
             if self.squares == "class":
-                sq = (f * f).sum(0) if self.diagonal else f.T @ f
+                sq = self._square(f)
                 self.square[label] = self.square[label] + sq if label in self.square else sq
+
+    def _square(self, features: Tensor) -> Tensor:
+        """The sum of the rows' outer products (of their squares, diagonal statistics)."""
+        return (features * features).sum(0) if self.diagonal else features.T @ features
 
     def shift(self, label: int, by: Tensor) -> None:
         """Move class ``label``'s mean by ``by``, keeping its covariance (its part of the
@@ -210,6 +214,21 @@ class ClassStatistics:
         return out
 
 
+#: What each fit keeps of the features' outer products (:class:`ClassStatistics`).
+SQUARES_OF_FIT: dict[str, Squares] = {"sampled": "class", "ridge": "pooled", "prototype": "none"}
+
+
+@torch.no_grad()
+def _set_rows(head: nn.Module, classes: list[int], weight: Tensor) -> None:
+    """Set the rows of ``classes`` in the head's linear layer to ``weight`` (one row per class,
+    in that order) and their bias to 0: the one write of every closed-form fit."""
+    linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
+    rows = torch.tensor(classes, device=linear.weight.device)
+    linear.weight[rows] = weight.to(linear.weight)
+    if linear.bias is not None:
+        linear.bias[rows] = 0.0
+
+
 def _cholesky(cov: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(cov)
     if int(info) == 0:
@@ -237,9 +256,8 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         """The stored statistics of ``task``'s classes (of every class, with a single head:
         task 0), made empty on first use."""
         if task not in self.tasks:
-            squares = {"sampled": "class", "ridge": "pooled", "prototype": "none"}
             self.tasks[task] = ClassStatistics(diagonal=self.config.covariance == "diagonal",
-                                               squares=squares[self.config.fit])
+                                               squares=SQUARES_OF_FIT[self.config.fit])
         return self.tasks[task]
 
     def stored_state_params(self) -> int:
@@ -341,11 +359,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         ridge = select_ridge(features.double(), y, self.config.ridges,
                              self.config.ridge_fit_fraction,
                              keyed_generator(self.seed, "alignment-ridge", experience))
-        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
-        rows = torch.tensor(seen, device=linear.weight.device)
-        linear.weight[rows] = solve_ridge(gram, targets, ridge).T.to(linear.weight)
-        if linear.bias is not None:
-            linear.bias[rows] = 0.0
+        _set_rows(head, seen, solve_ridge(gram, targets, ridge).T)
 
     @torch.no_grad()
     def _prototypes(self, head: nn.Module, stats: ClassStatistics) -> None:
@@ -354,11 +368,7 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         norm times its cosine with the mean, so the top class is the cosine classifier's."""
         seen = sorted(stats.count)
         means = torch.stack([stats.total[c] / stats.count[c] for c in seen])
-        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
-        rows = torch.tensor(seen, device=linear.weight.device)
-        linear.weight[rows] = nn.functional.normalize(means, dim=1).to(linear.weight)
-        if linear.bias is not None:
-            linear.bias[rows] = 0.0
+        _set_rows(head, seen, nn.functional.normalize(means, dim=1))
 
     def _align(self, head: nn.Module, stats: ClassStatistics, device: torch.device,
                 experience: int) -> None:
