@@ -26,7 +26,7 @@
 # features) writes <phase>-ridge-rf/order<k>/.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
-# RECORDED (e.g. study): records of runs already made, in the same <phase>/order<k>/
+# RECORDED (e.g. study): records of runs already made, in the same <phase>[-FIT][-TAG]/order<k>/
 # folders; they are copied into OUT and those runs are not made again.
 set -euo pipefail
 phase=$1
@@ -86,11 +86,11 @@ for pair in "${pairs[@]}"; do
   done
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
-for record in "${RECORDED:-/nowhere}"/"$phase"/order*/*.json; do
+for record in "${RECORDED:-/nowhere}"/"$folder"/order*/*.json; do
   [[ -e $record ]] || continue
-  folder="$OUT/${record#"$RECORDED"/}" && folder=${folder%/*}
-  mkdir -p "$folder" && cp "$record" "$folder/"
-  touch "$folder/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
+  dest="$OUT/${record#"$RECORDED"/}" && dest=${dest%/*}
+  mkdir -p "$dest" && cp "$record" "$dest/"
+  touch "$dest/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
 print("long-text__%s__seed%d.done" % (r["strategy"], r["seed"]))' "$record")"
 done
 resume=()
