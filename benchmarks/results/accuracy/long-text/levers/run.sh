@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SuLoRA's levers on the long text stream, on validation: stream order 0, seed 0, 20% of each
+# SuLoRA's levers on the long text stream, on validation: stream order 0, seed 0 (SEED), 20% of each
 # class's training examples held out (--validation 0.2) and evaluated instead of the test split.
 # The base is the study's SuLoRA at 5 slots (sulora-s5, the study's settings per protocol: the
 # data allocator at energy 0.9, alpha 4 class-incremental and 2 task-incremental; fusion frees a
@@ -26,15 +26,17 @@
 # ReLU projection, ridge) on the adapted features; on `frozen` it is RanPAC (class/refs).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
-#     [SULORA_SETS="..."] [ONLY="task/ridge-heads ..."] bash run.sh
+#     [SULORA_SETS="..."] [ONLY="task/ridge-heads class/refs:ranpac ..."] [SEED=k] bash run.sh
 #
-# ONLY: the runs of these folders only.
+# ONLY: the runs of these folders only (FOLDER:STRATEGY: that strategy's run of the folder).
+# SEED: the run seed of every run (default 0).
 # EXTRA (run arguments) and EXTRA_SETS (config values) go to every run after the study's,
 # SULORA_SETS to the SuLoRA runs only; e.g. the smaller pilot on a CPU (cpu-pilot/):
 # DEVICE=cpu EXTRA="--precision fp32 --limit-per-class 60 --batch-size 16"
 # EXTRA_SETS="backbone.max_length=64" SULORA_SETS="method.data_max_samples=64".
 set -euo pipefail
 jobs=$(mktemp)
+seed=${SEED:-0}
 V=benchmarks/accuracy/variants
 flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone $MINILM"
 flags="$flags --batch-size 64 --epochs 2 --limit-per-class 250 --validation 0.2 --order-seed 0"
@@ -48,9 +50,9 @@ sdlora_task="method.alpha=1.0"
 lever() {  # PROTOCOL LEVER EXTRA-SET-VALUES...
   local protocol=$1 name=$2; shift 2
   if [[ $protocol == class ]]; then
-    echo "class/$name long-text $V/sulora-s5.yaml 0 $class $sulora method.alpha=4.0 $*" >> "$jobs"
+    echo "class/$name long-text $V/sulora-s5.yaml $seed $class $sulora method.alpha=4.0 $*" >> "$jobs"
   else
-    echo "task/$name long-text $V/sulora-s5.yaml 0 $task $sulora method.alpha=2.0 $*" >> "$jobs"
+    echo "task/$name long-text $V/sulora-s5.yaml $seed $task $sulora method.alpha=2.0 $*" >> "$jobs"
   fi
 }
 lever class base
@@ -73,28 +75,30 @@ lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
-echo "class/refs long-text sulora-nofusion 0 $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
-echo "class/refs long-text frozen 0 $class" >> "$jobs"
-echo "class/refs long-text ranpac 0 $class alignment.enabled=false" >> "$jobs"
-echo "class/refs-closed-form long-text simplecil 0 $class alignment.enabled=false" >> "$jobs"
+echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
+echo "class/refs long-text frozen $seed $class" >> "$jobs"
+echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
+echo "class/refs-closed-form long-text simplecil $seed $class alignment.enabled=false" >> "$jobs"
 # the ridge head on the frozen backbone and under SD-LoRA: is a gain SuLoRA's or the head's?
-echo "class/refs long-text sdlora 0 $class $sdlora_class" >> "$jobs"
-echo "class/refs-ridge long-text frozen 0 $class alignment.fit=ridge" >> "$jobs"
-echo "class/refs-ridge long-text sdlora 0 $class $sdlora_class alignment.fit=ridge" >> "$jobs"
-echo "class/refs-prototype long-text sdlora 0 $class $sdlora_class alignment.fit=prototype" >> "$jobs"
-echo "class/refs-rp-ridge long-text sdlora 0 $class $sdlora_class $rp" >> "$jobs"
-echo "task/refs long-text sulora-nofusion 0 $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
-echo "task/refs long-text frozen 0 $task" >> "$jobs"
-echo "task/refs-ridge-heads long-text frozen 0 $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
-echo "task/refs-ridge-heads long-text sdlora 0 $task $sdlora_task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
-echo "task/refs-prototype-heads long-text sdlora 0 $task $sdlora_task alignment.fit=prototype alignment.task_heads=true" >> "$jobs"
-echo "task/refs-sdlora long-text sdlora 0 $task $sdlora_task" >> "$jobs"
-echo "task/refs-closed-form long-text simplecil 0 $task alignment.enabled=false" >> "$jobs"
-echo "task/refs-closed-form long-text ranpac 0 $task alignment.enabled=false" >> "$jobs"
+echo "class/refs long-text sdlora $seed $class $sdlora_class" >> "$jobs"
+echo "class/refs-ridge long-text frozen $seed $class alignment.fit=ridge" >> "$jobs"
+echo "class/refs-ridge long-text sdlora $seed $class $sdlora_class alignment.fit=ridge" >> "$jobs"
+echo "class/refs-prototype long-text sdlora $seed $class $sdlora_class alignment.fit=prototype" >> "$jobs"
+echo "class/refs-rp-ridge long-text sdlora $seed $class $sdlora_class $rp" >> "$jobs"
+echo "task/refs long-text sulora-nofusion $seed $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
+echo "task/refs long-text frozen $seed $task" >> "$jobs"
+echo "task/refs-ridge-heads long-text frozen $seed $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
+echo "task/refs-ridge-heads long-text sdlora $seed $task $sdlora_task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
+echo "task/refs-prototype-heads long-text sdlora $seed $task $sdlora_task alignment.fit=prototype alignment.task_heads=true" >> "$jobs"
+echo "task/refs-sdlora long-text sdlora $seed $task $sdlora_task" >> "$jobs"
+echo "task/refs-closed-form long-text simplecil $seed $task alignment.enabled=false" >> "$jobs"
+echo "task/refs-closed-form long-text ranpac $seed $task alignment.enabled=false" >> "$jobs"
 if [[ -n ${ONLY:-} ]]; then
   kept=$(mktemp)
   while read -r line; do
-    [[ " $ONLY " == *" ${line%% *} "* ]] && echo "$line" >> "$kept"
+    read -r folder _ strategy _ <<< "$line" && strategy=${strategy##*/}
+    [[ " $ONLY " == *" $folder "* || " $ONLY " == *" $folder:${strategy%.yaml} "* ]] \
+      && echo "$line" >> "$kept"
   done < "$jobs"
   mv "$kept" "$jobs"
 fi
