@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.accuracy import campaign
 from cl_sulora.runner import reproduce
 
@@ -39,6 +41,33 @@ def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
     assert runs["sulora"].cmd[-4:-2] == ["--epochs", "1"]
     assert all(p.env["OMP_NUM_THREADS"] == "4" for p in FakeProcess.started)
     assert (out / "pacs-dil__sulora-r10__seed0.done").exists()
+
+
+class CheckpointingProcess(FakeProcess):
+    """Writes a checkpoint into its --checkpoint-dir; the run of seed 1 fails."""
+
+    def __init__(self, cmd, stdout, stderr, env):
+        super().__init__(cmd, stdout, stderr, env)
+        (Path(cmd[cmd.index("--checkpoint-dir") + 1]) / "exp-0000").mkdir(parents=True)
+        self.returncode = int(cmd[cmd.index("--seed") + 1] == "1")
+
+
+def test_campaign_removes_a_finished_runs_checkpoints_unless_asked_and_keeps_a_failed_ones(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce.subprocess, "Popen", CheckpointingProcess)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    for keep in (False, True):
+        FakeProcess.started = []
+        out, ckpt = tmp_path / f"out-{keep}", tmp_path / f"ckpt-{keep}"
+        flags = ["--keep-checkpoints"] if keep else []
+        code = campaign.main(["--benchmarks", "pacs-dil", "--strategies", "sulora", "--seeds",
+                              "0,1", "--parallel", "2", "--out", str(out), "--checkpoint-root",
+                              str(ckpt), *flags])
+        assert code == 1 and len(FakeProcess.started) == 2
+        assert (out / "pacs-dil__sulora__seed0.done").exists()
+        assert not (out / "pacs-dil__sulora__seed1.done").exists()
+        assert (ckpt / "pacs-dil__sulora__seed0").exists() == keep  # its record is written
+        assert (ckpt / "pacs-dil__sulora__seed1" / "exp-0000").is_dir()  # resumes next time
 
 
 def test_campaign_runs_a_job_file_each_in_its_folder_with_its_arguments(tmp_path, monkeypatch):

@@ -4,7 +4,11 @@ Each (benchmark, strategy, seed) is one process writing its result JSON and log 
 ``--parallel`` processes share the device. Extra arguments after ``--`` go to every run. A
 strategy is a preset name or a preset file (e.g. a variant under ``benchmarks/accuracy/variants``).
 With ``--checkpoint-root`` every run checkpoints after each experience and, when the campaign is
-started again, finished runs are skipped and unfinished ones resume. The processes run
+started again, finished runs are skipped and unfinished ones resume. A run's checkpoints serve
+that resumption only: once the run has written its record they are removed
+(``--keep-checkpoints`` keeps them), so the disk holds those of the runs in progress, not of
+every run made (a checkpoint can be large: a ridge head on 10,000 random features keeps an
+800 MB moment matrix). The processes run
 as ``cl-sulora reproduce`` runs them (:func:`cl_sulora.runner.reproduce.run_processes`).
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, default=None)
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep a finished run's checkpoints (default: removed once its "
+                        "record is written)")
     args = parser.parse_args(argv)
     if args.jobs is not None:
         todo = list(jobs_from_file(args.jobs))
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                          [int(s) for s in args.seeds.split(",")]))
     else:
         parser.error("give --benchmarks and --strategies, or --jobs")
-    runs = []  # (arguments, log, folder, name)
+    runs = []  # (arguments, log, folder, name, checkpoint folder or None)
     for folder, benchmark, strategy, seed, own in todo:
         out = args.out / folder
         name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
@@ -76,26 +84,29 @@ def main(argv: list[str] | None = None) -> int:
             continue
         arguments = ["run", "--benchmark", benchmark, "--strategy", strategy, "--seed",
                      str(seed), "--out", str(out), *own, *extra]
+        directory = None
         if args.checkpoint_root:
             directory = args.checkpoint_root / folder / name
             arguments += ["--checkpoint-dir", str(directory)]
             if directory.is_dir() and any(directory.iterdir()):
                 arguments.append("--resume-fallback")
-        runs.append((arguments, out / f"{name}.log", out, name))
+        runs.append((arguments, out / f"{name}.log", out, name, directory))
     failed = []
     start = time.time()
 
     def finished(index: int, status: int, seconds: float) -> None:
-        _, _, out, name = runs[index]
+        _, _, out, name, directory = runs[index]
         if status:
             failed.append(name)
         else:
             (out / f"{name}.done").touch()
+            if directory is not None and not args.keep_checkpoints:
+                shutil.rmtree(directory, ignore_errors=True)
         state = "ok" if status == 0 else f"FAILED ({status})"
         print(f"[{time.time() - start:7.1f}s] {out.relative_to(args.out)}/{name}: {state} in "
               f"{seconds:.0f}s", flush=True)
 
-    run_processes([(arguments, log) for arguments, log, _, _ in runs], args.parallel, finished)
+    run_processes([(arguments, log) for arguments, log, *_ in runs], args.parallel, finished)
     print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
     return 1 if failed else 0
 
