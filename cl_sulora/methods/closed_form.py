@@ -27,6 +27,7 @@ from ..ridge import (
     RANPAC_RIDGES,
     FitFraction,
     Ridges,
+    projection_generator,
     random_features,
     random_projection,
     select_ridge,
@@ -382,7 +383,7 @@ class RanPAC(ClosedFormStrategy):
 
     def make_head(self, in_features: int) -> nn.Module:
         return RidgeHead(in_features, self.config.projection_dim,
-                         keyed_generator(self.config.seed, "projection", 0))
+                         projection_generator(self.config.seed))
 
     def fit(self, features: Tensor, labels: Tensor) -> None:
         experience = int(self.experience.current_experience)

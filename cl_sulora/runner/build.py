@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..methods import MethodSpec, get_method
 from ..models.backbones import Backbone, build_backbone, with_random_features
 from ..models.heads import ContinualClassifier, make_head
-from ..seeding import keyed_generator
+from ..ridge import projection_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
 from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
@@ -108,7 +108,7 @@ def build_experiment(
     )
     if bb.random_features:
         backbone = with_random_features(
-            backbone, bb.random_features, keyed_generator(config.seed, "projection", 0))
+            backbone, bb.random_features, projection_generator(config.seed))
     if spec is None:
         spec = load_benchmark(config, backbone)
     if spec.modality != backbone.modality:
