@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from .seeding import keyed_generator
-
 #: RanPAC's ridge candidates (its ``optimise_ridge_parameter``): 1e-8 ... 1e8.
 RANPAC_RIDGES = [10.0**k for k in range(-8, 9)]
 
@@ -24,12 +22,6 @@ Ridges = Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Fie
 #: The part of the newest samples the candidates are fit on, strictly between 0 and 1 (the rest
 #: scores them).
 FitFraction = Annotated[float, Field(gt=0, lt=1)]
-
-
-def projection_generator(seed: int) -> torch.Generator:
-    """The generator of a run's random projection: the ``ranpac`` strategy and
-    ``backbone.random_features`` draw the same ``R`` for the same run seed."""
-    return keyed_generator(seed, "projection", 0)
 
 
 def random_projection(in_features: int, width: int, generator: torch.Generator) -> Tensor:

@@ -13,3 +13,10 @@ def keyed_generator(*parts: object, device: torch.device | str | None = None) ->
     key = "/".join(str(part) for part in parts)
     generator = torch.Generator() if device is None else torch.Generator(device=device)
     return generator.manual_seed(zlib.crc32(key.encode()))
+
+
+def projection_generator(seed: int) -> torch.Generator:
+    """The generator of a run's random projection (:func:`cl_sulora.ridge.random_projection`):
+    the ``ranpac`` strategy and ``backbone.random_features`` draw the same ``R`` for the same
+    run seed."""
+    return keyed_generator(seed, "projection", 0)

@@ -27,13 +27,12 @@ from ..ridge import (
     RANPAC_RIDGES,
     FitFraction,
     Ridges,
-    projection_generator,
     random_features,
     random_projection,
     select_ridge,
     solve_ridge,
 )
-from ..seeding import keyed_generator
+from ..seeding import keyed_generator, projection_generator
 from ..training.plugins import MASK_VALUE
 from ..training.template import AdapterTemplate
 from .registry import MethodSpec, checked_config, register

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..methods import MethodSpec, get_method
 from ..models.backbones import Backbone, build_backbone, with_random_features
 from ..models.heads import ContinualClassifier, make_head
-from ..ridge import projection_generator
+from ..seeding import projection_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
 from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
