@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from cl_sulora import load_model, merge_and_unload, save_model
 from cl_sulora.methods import METHODS
-from cl_sulora.models import ContinualClassifier, make_head
+from cl_sulora.models import ContinualClassifier, make_head, split_head
+from cl_sulora.training.alignment import AlignmentConfig, ClassifierAlignment
 from tests.helpers import TINY_VIT, image_stream
 
 
@@ -21,14 +22,21 @@ def build(protocol: str = "class-incremental"):
     return ContinualClassifier(backbone, make_head(protocol, 48))
 
 
-def trained(name: str, protocol: str = "class-incremental"):
-    model = build(protocol)
+def split_model():
+    """:func:`build`'s model with RanPAC's split head (``alignment.random_features``)."""
+    model = build()
+    model.head = split_head("class-incremental", 48, 16, torch.Generator().manual_seed(0))
+    return model
+
+
+def trained(name: str, protocol: str = "class-incremental", model=None, plugins=()):
+    model = build(protocol) if model is None else model
     spec = METHODS[name]
     values = dict(spec.defaults) | ({"rank": 2, "num_slots": 4} if "sulora" in name
                                     else {"rank": 2})
     strategy = spec.strategy(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                              config=spec.config_cls(**values), train_mb_size=8, train_epochs=1,
-                             evaluator=None,
+                             evaluator=None, plugins=list(plugins),
                              **({"inference": "task-aware"} if protocol == "task-incremental"
                                 and spec.task_aware_inference else {}))
     stream = image_stream(n_classes=6, n_experiences=3,
@@ -47,6 +55,21 @@ def test_a_grown_model_round_trips_its_predictions_exactly(tmp_path, name):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert model.head.classifier.out_features == fresh.head.classifier.out_features == 6
+
+
+def test_a_split_head_round_trips_its_solved_predictions(tmp_path):
+    alignment = ClassifierAlignment(AlignmentConfig(enabled=True, fit="ridge",
+                                                    random_features=16, ridges=[1.0]))
+    model = trained("sulora", model=split_model(), plugins=[alignment])
+    save_model(model, tmp_path)
+    fresh = load_model(split_model(), tmp_path).eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    assert model.head.solved.classifier.out_features == fresh.head.solved.classifier.out_features
+    assert fresh.head.solved.classifier.out_features == 6
+    with pytest.raises(ValueError, match="loaded into a IncrementalClassifier"):
+        load_model(build(), tmp_path)
 
 
 def test_a_multi_head_model_round_trips_every_task(tmp_path):

@@ -3,7 +3,16 @@ followed by RanPAC's random features) and the continual classifier with the head
 protocol."""
 
 from .backbones import Backbone, HFEncoder, RandomFeatures, build_backbone, with_random_features
-from .heads import PROTOCOLS, ContinualClassifier, grow_head, head_structure, make_head
+from .heads import (
+    PROTOCOLS,
+    ContinualClassifier,
+    SolvedHead,
+    grow_head,
+    head_structure,
+    make_head,
+    split_head,
+)
 
 __all__ = ["PROTOCOLS", "Backbone", "ContinualClassifier", "HFEncoder", "RandomFeatures",
-           "build_backbone", "grow_head", "head_structure", "make_head", "with_random_features"]
+           "SolvedHead", "build_backbone", "grow_head", "head_structure", "make_head",
+           "split_head", "with_random_features"]

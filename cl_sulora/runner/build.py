@@ -21,7 +21,7 @@ from ..benchmarks import BenchmarkSpec, build_benchmark
 from ..errors import ConfigError
 from ..methods import MethodSpec, get_method
 from ..models.backbones import Backbone, build_backbone, with_random_features
-from ..models.heads import ContinualClassifier, make_head
+from ..models.heads import ContinualClassifier, make_head, split_head
 from ..seeding import projection_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
@@ -124,7 +124,15 @@ def build_experiment(
     # the class-incremental head grows from one unit as classes arrive (every record was made
     # so); only the domain-incremental head is sized up front
     sized = spec.num_classes if spec.protocol == "domain-incremental" else None
-    head = make_head(spec.protocol, backbone.feature_dim, sized)
+    width = config.alignment.random_features
+    if width and spec.protocol == "task-incremental":
+        raise ConfigError(
+            "alignment.random_features splits a single head; a task-incremental model has a "
+            "head per task: set alignment.random_features=0 (backbone.random_features puts the "
+            "projection under every task's head)")
+    head = (split_head(spec.protocol, backbone.feature_dim, width,
+                       projection_generator(config.seed), sized) if width
+            else make_head(spec.protocol, backbone.feature_dim, sized))
     model = ContinualClassifier(backbone.module, head)
     device = distributed.local_device(config.device)
     training = config.training

@@ -155,6 +155,14 @@ def config_from_tree(tree: Mapping[str, Any], overrides: Mapping[str, Any] = {})
         raise ConfigError(
             f"{config.strategy!r} solves its head in closed form: classifier alignment would "
             "re-train it; drop alignment.enabled (--set alignment.enabled=false)")
+    if config.alignment.random_features:
+        if not config.alignment.enabled:
+            raise ConfigError("alignment.random_features splits the head that alignment solves: "
+                              "set alignment.enabled=true (or alignment.random_features=0)")
+        if config.backbone.random_features:
+            raise ConfigError(
+                "alignment.random_features puts RanPAC's projection under the solved head only; "
+                "backbone.random_features puts it under training too: set one of them to 0")
 
     options = benchmark_options(benchmark)
     for key in config.data:

@@ -12,7 +12,10 @@ the features of every class seen, from the stored ``G = sum x x^T`` (one Gram ma
 class) and ``Q = sum x y^T`` (the class sums), as RanPAC solves its classifier, the ridge chosen
 as RanPAC chooses it (:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate. On a
 backbone followed by random features (``backbone.random_features``) it is RanPAC's classifier
-on whatever features the method adapts.
+on whatever features the method adapts, and the training head reads those features too.
+``random_features`` instead splits the head as RanPAC does (:class:`~cl_sulora.models.heads.
+SolvedHead`): a plain head on the backbone's features trains with the method, and the head
+every evaluation reads is solved on the random features, which the training loss never sees.
 
 ``fit="prototype"`` makes the head SimpleCIL's prototype classifier on the adapted features:
 each seen class's row becomes its mean feature scaled to unit length (bias 0), so a sample's
@@ -39,12 +42,14 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     model_validator,
 )
 from torch import Tensor, nn
 
+from ..models.heads import SolvedHead
 from ..ridge import RANPAC_RIDGES, FitFraction, Ridges, select_ridge, solve_ridge
 from ..seeding import keyed_generator
 from .plugins import strategy_autocast
@@ -82,6 +87,12 @@ class AlignmentConfig(BaseModel):
             statistics of its own classes after each of its experiences; off, the heads are
             left as trained (they never compete). Not with ``drift_compensation``, which would
             move other tasks' statistics after their heads were aligned.
+        random_features: > 0 (``fit="ridge"``, single head): RanPAC's split of the head. The
+            model's head is a :class:`~cl_sulora.models.heads.SolvedHead`: training reads the
+            backbone's features through a plain head; evaluation reads this many random ReLU
+            features of them (RanPAC's projection, seeded by the run seed) through a head
+            solved here, whose statistics are taken of the random features. Not with
+            ``backbone.random_features``, which puts the projection under training too.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -99,9 +110,17 @@ class AlignmentConfig(BaseModel):
     ridges: Ridges = Field(default_factory=lambda: list(RANPAC_RIDGES))
     ridge_fit_fraction: FitFraction = 0.8
     task_heads: bool = False
+    random_features: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> AlignmentConfig:
+        if self.random_features and self.fit != "ridge":
+            raise ValueError("alignment.random_features solves the head on random features as "
+                             "RanPAC does: set alignment.fit=ridge (or alignment.random_features"
+                             "=0)")
+        if self.random_features and self.task_heads:
+            raise ValueError("alignment.random_features splits a single head (class- or "
+                             "domain-incremental); turn alignment.task_heads off")
         if self.fit == "ridge" and self.covariance != "full":
             raise ValueError("alignment.fit=ridge solves the head from the full second moments: "
                              "set alignment.covariance=full (or alignment.fit=sampled)")
@@ -281,6 +300,8 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         head = getattr(strategy.model, "head", None)
         if head is None:
             return None
+        if isinstance(head, SolvedHead):
+            return head.solved, 0
         if not isinstance(head, MultiTaskModule):
             return head, 0
         if not self.config.task_heads:
@@ -329,9 +350,12 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
 
     @torch.no_grad()
     def _features(self, strategy) -> tuple[Tensor, Tensor]:
-        """Backbone features (float32) and labels of the experience, in dataset order, under
-        the strategy's autocast."""
+        """Features (float32) and labels of the experience, in dataset order, under the
+        strategy's autocast: the backbone's, or their random features where the head that is
+        aligned reads those (:class:`~cl_sulora.models.heads.SolvedHead`)."""
         model = strategy.model
+        head = getattr(model, "head", None)
+        solved_input = head.solved_input if isinstance(head, SolvedHead) else None
         was_training = model.training
         model.eval()
         loader = strategy.experience_loader(strategy.experience.dataset.eval())
@@ -340,7 +364,8 @@ class ClassifierAlignment(SupervisedPlugin, supports_distributed=True):
         for batch in loader:
             x = batch[0].to(device)
             with strategy_autocast(strategy):
-                features.append(model.backbone(x).float())
+                f = model.backbone(x).float()
+            features.append(solved_input(f) if solved_input is not None else f)
             labels.append(batch[1].to(device))
         model.train(was_training)
         return torch.cat(features), torch.cat(labels)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from avalanche.models import IncrementalClassifier, MultiTaskModule
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
 
 from cl_sulora.adapters.injection import subspace_lora_layers
 from cl_sulora.errors import ConfigError
+from cl_sulora.models.heads import SolvedHead, make_head, split_head
 from cl_sulora.runner.checkpoint import latest_checkpoint
 from cl_sulora.runner.loop import Checkpointing, run
 from cl_sulora.training.alignment import AlignmentConfig, ClassifierAlignment, ClassStatistics
@@ -259,6 +263,103 @@ def test_ridge_fit_on_random_features_of_the_frozen_backbone_is_ranpac(tiny, tmp
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert aligned.record["alignment_stored_params"] == 6 * 64 + 64 * 64
     assert aligned.record["config"]["backbone"]["random_features"] == 64
+
+
+def test_split_head_on_the_frozen_backbone_is_ranpac(tiny, tmp_path):  # noqa: F811
+    """``alignment.random_features`` splits the head as RanPAC does: evaluated, the model is
+    RanPAC on the frozen backbone (the same logits for every class seen: the projection is the
+    ``ranpac`` strategy's, seeded by the run seed); training reads the backbone's own features
+    through a plain head. The statistics are of the random features (one 64 x 64 Gram)."""
+    common = {"seed": 3, "deterministic": True}
+    split = run(tiny_config(tmp_path / "a", "frozen", **common, **{
+        "alignment.random_features": 64, "alignment.enabled": True, "alignment.fit": "ridge",
+        "alignment.ridges": [10.0]}))
+    ranpac = run(tiny_config(tmp_path / "b", "ranpac", **common, **{
+        "method.projection_dim": 64, "method.ridges": [10.0]}))
+    stream = split.experiment.spec.benchmark.test_stream
+    x = torch.stack([stream[i].dataset[j][0] for i in range(3) for j in range(4)])
+    model = split.experiment.model
+    assert isinstance(model.head, SolvedHead)
+    with torch.no_grad():
+        a, b = model.eval()(x)[:, :6], ranpac.experiment.model.eval()(x)[:, :6]
+        trained = model.train()(x)
+        features = model.backbone(x)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert model.head.trained.classifier.in_features == features.shape[1] == 48
+    torch.testing.assert_close(trained, model.head.trained(features))
+    assert split.record["alignment_stored_params"] == 6 * 64 + 64 * 64
+    assert split.record["config"]["alignment"]["random_features"] == 64
+
+
+def test_split_head_trains_as_the_plain_head_and_changes_only_the_classifier(tiny, tmp_path):  # noqa: F811
+    """Under an adapting method the projection never reaches the training loss: a run with
+    ``alignment.random_features`` ends with the same backbone and adapters as the run with the
+    plain ridge head (whose solved rows, masked while other classes train, are all that differ
+    in its head), and evaluates differently. It resumes from a checkpoint to the same state."""
+    common = {"deterministic": True, "alignment.enabled": True, "alignment.fit": "ridge",
+              "alignment.ridges": [10.0]}
+    split = run(tiny_config(tmp_path / "a", **common, **{"alignment.random_features": 32}),
+                checkpointing=Checkpointing(tmp_path / "ck"))
+    plain = run(tiny_config(tmp_path / "b", **common))
+    a, b = split.experiment.model.state_dict(), plain.experiment.model.state_dict()
+    backbone = [k for k in b if not k.startswith("head.")]
+    assert backbone and all(torch.equal(a[k], b[k]) for k in backbone)
+    assert a["head.random_features.projection"].shape == (48, 32)
+    stream = split.experiment.spec.benchmark.test_stream
+    x = torch.stack([stream[i].dataset[j][0] for i in range(3) for j in range(4)])
+    model = split.experiment.model.eval()
+    with torch.no_grad():
+        features = model.backbone(x)
+        solved = model.head.solved(torch.relu(features @ a["head.random_features.projection"]))
+        torch.testing.assert_close(model(x), solved)
+        assert not torch.allclose(model(x)[:, :6], plain.experiment.model.eval()(x)[:, :6])
+
+    last = sorted((tmp_path / "ck").iterdir())[-1]
+    for f in last.iterdir():
+        f.unlink()
+    last.rmdir()
+    resumed = run(tiny_config(tmp_path / "a", **common, **{"alignment.random_features": 32}),
+                  checkpointing=Checkpointing(tmp_path / "ck", resume=True))
+    assert resumed.record["accuracy_matrix"] == split.record["accuracy_matrix"]
+    c = resumed.experiment.model.state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_split_head_is_made_and_grown_without_touching_the_random_state():
+    """So a run with the split head draws the same random numbers as one without it."""
+    experience = SimpleNamespace(classes_in_this_experience=[0, 1, 2], task_labels=[0])
+    draws = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        head = (split_head("class-incremental", 8, 16, torch.Generator().manual_seed(1))
+                if split else make_head("class-incremental", 8))
+        avalanche_model_adaptation(head, experience)
+        draws.append(torch.rand(4))
+        if split:
+            assert head.solved.classifier.out_features == head.trained.classifier.out_features
+            assert head.trained.classifier.out_features == 3
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"alignment.fit": "sampled"}, "alignment.fit=ridge"),
+    ({"alignment.enabled": False}, "alignment.enabled=true"),
+    ({"backbone.random_features": 16}, "backbone.random_features"),
+    ({"alignment.task_heads": True}, "alignment.task_heads"),
+])
+def test_bad_split_head_settings_are_rejected(tiny, tmp_path, overrides, field):  # noqa: F811
+    settings = {"alignment.enabled": True, "alignment.fit": "ridge",
+                "alignment.random_features": 16, **overrides}
+    with pytest.raises(ConfigError, match=field):
+        tiny_config(tmp_path, **settings)
+
+
+def test_split_head_is_refused_on_a_task_incremental_stream_before_training(tiny, tmp_path):  # noqa: F811
+    config = tiny_config(tmp_path, **{"data.task_incremental": True, "alignment.enabled": True,
+                                      "alignment.fit": "ridge", "alignment.random_features": 16})
+    with pytest.raises(ConfigError, match="task-incremental"):
+        run(config)
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def _task_features(experiment, task: int) -> tuple[torch.Tensor, torch.Tensor]:
