@@ -24,6 +24,9 @@
 # Its reference under another adapter method is SD-LoRA with it.
 # backbone.random_features=10000 with alignment.fit=ridge puts RanPAC's classifier (random
 # ReLU projection, ridge) on the adapted features; on `frozen` it is RanPAC (class/refs).
+# alignment.random_features=10000 with alignment.fit=ridge is RanPAC's own split: the projection
+# only under the solved head, a plain head for training (rp-split-head; SD-LoRA with it:
+# class/refs-rp-split).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [DEVICE=cuda] [EXTRA="..."] [EXTRA_SETS="..."] \
 #     [SULORA_SETS="..."] [ONLY="task/ridge-heads class/refs:ranpac ..."] [SEED=k] bash run.sh
@@ -75,6 +78,8 @@ lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
+split="alignment.random_features=10000 alignment.fit=ridge"
+lever class rp-split-head $split
 echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen $seed $class" >> "$jobs"
 echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
@@ -85,6 +90,7 @@ echo "class/refs-ridge long-text frozen $seed $class alignment.fit=ridge" >> "$j
 echo "class/refs-ridge long-text sdlora $seed $class $sdlora_class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-prototype long-text sdlora $seed $class $sdlora_class alignment.fit=prototype" >> "$jobs"
 echo "class/refs-rp-ridge long-text sdlora $seed $class $sdlora_class $rp" >> "$jobs"
+echo "class/refs-rp-split long-text sdlora $seed $class $sdlora_class $split" >> "$jobs"
 echo "task/refs long-text sulora-nofusion $seed $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
 echo "task/refs long-text frozen $seed $task" >> "$jobs"
 echo "task/refs-ridge-heads long-text frozen $seed $task alignment.fit=ridge alignment.task_heads=true" >> "$jobs"
