@@ -23,7 +23,10 @@
 # on the frozen backbone, SimpleCIL), into <phase>-prototype/order<k>/.
 # SETS: more config values for every run, named by TAG, the output folder's suffix; e.g.
 # FIT=ridge SETS=backbone.random_features=10000 TAG=rf (RanPAC's classifier on every method's
-# features) writes <phase>-ridge-rf/order<k>/.
+# features) writes <phase>-ridge-rf/order<k>/; FIT=ridge SETS=alignment.random_features=10000
+# TAG=rfsplit (RanPAC's split: a plain head trains, the projection feeds the solved head only;
+# class-incremental) writes <phase>-ridge-rfsplit/order<k>/. A random-features run holds 5-9 GB
+# of GPU memory: 15 side by side ran out on an 80 GB card, 14 did not.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # RECORDED (e.g. study): records of runs already made, in the same <phase>[-FIT][-TAG]/order<k>/
