@@ -244,51 +244,35 @@ def test_prototype_fit_on_the_frozen_backbone_predicts_as_simplecil(tiny, tmp_pa
     assert seen(trained) != seen(simplecil)
 
 
-def test_ridge_fit_on_random_features_of_the_frozen_backbone_is_ranpac(tiny, tmp_path):  # noqa: F811
-    """``backbone.random_features`` appends RanPAC's projection (seeded by the run seed) to the
-    backbone; under the ridge fit, on the frozen backbone, the model is RanPAC: the same logits
-    for every class seen. The statistics pool one Gram matrix over the classes (a per-class
-    square of 64 x 64 each would be 6 times larger)."""
+@pytest.mark.parametrize("key", ["backbone.random_features", "alignment.random_features"])
+def test_ridge_fit_on_random_features_of_the_frozen_backbone_is_ranpac(tiny, tmp_path, key):  # noqa: F811
+    """RanPAC's projection (seeded by the run seed, as the ``ranpac`` strategy's) after the
+    backbone (``backbone.random_features``) or under the solved head only (``alignment.
+    random_features``, RanPAC's split); under the ridge fit, on the frozen backbone, the
+    evaluated model is RanPAC: the same logits for every class seen. The statistics pool one
+    Gram matrix of the random features (a per-class 64 x 64 square would be 6 times larger).
+    With the split, training reads the backbone's own features through a plain head."""
     common = {"seed": 3, "deterministic": True}
     aligned = run(tiny_config(tmp_path / "a", "frozen", **common, **{
-        "backbone.random_features": 64, "alignment.enabled": True, "alignment.fit": "ridge",
+        key: 64, "alignment.enabled": True, "alignment.fit": "ridge",
         "alignment.ridges": [10.0]}))
     ranpac = run(tiny_config(tmp_path / "b", "ranpac", **common, **{
         "method.projection_dim": 64, "method.ridges": [10.0]}))
     stream = aligned.experiment.spec.benchmark.test_stream
     x = torch.stack([stream[i].dataset[j][0] for i in range(3) for j in range(4)])
-    models = [aligned.experiment.model.eval(), ranpac.experiment.model.eval()]
-    with torch.no_grad():
-        a, b = (model(x)[:, :6] for model in models)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert aligned.record["alignment_stored_params"] == 6 * 64 + 64 * 64
-    assert aligned.record["config"]["backbone"]["random_features"] == 64
-
-
-def test_split_head_on_the_frozen_backbone_is_ranpac(tiny, tmp_path):  # noqa: F811
-    """``alignment.random_features`` splits the head as RanPAC does: evaluated, the model is
-    RanPAC on the frozen backbone (the same logits for every class seen: the projection is the
-    ``ranpac`` strategy's, seeded by the run seed); training reads the backbone's own features
-    through a plain head. The statistics are of the random features (one 64 x 64 Gram)."""
-    common = {"seed": 3, "deterministic": True}
-    split = run(tiny_config(tmp_path / "a", "frozen", **common, **{
-        "alignment.random_features": 64, "alignment.enabled": True, "alignment.fit": "ridge",
-        "alignment.ridges": [10.0]}))
-    ranpac = run(tiny_config(tmp_path / "b", "ranpac", **common, **{
-        "method.projection_dim": 64, "method.ridges": [10.0]}))
-    stream = split.experiment.spec.benchmark.test_stream
-    x = torch.stack([stream[i].dataset[j][0] for i in range(3) for j in range(4)])
-    model = split.experiment.model
-    assert isinstance(model.head, SolvedHead)
+    model = aligned.experiment.model
     with torch.no_grad():
         a, b = model.eval()(x)[:, :6], ranpac.experiment.model.eval()(x)[:, :6]
-        trained = model.train()(x)
-        features = model.backbone(x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert model.head.trained.classifier.in_features == features.shape[1] == 48
-    torch.testing.assert_close(trained, model.head.trained(features))
-    assert split.record["alignment_stored_params"] == 6 * 64 + 64 * 64
-    assert split.record["config"]["alignment"]["random_features"] == 64
+    assert aligned.record["alignment_stored_params"] == 6 * 64 + 64 * 64
+    section, name = key.split(".")
+    assert aligned.record["config"][section][name] == 64
+    if section == "alignment":
+        assert isinstance(model.head, SolvedHead)
+        with torch.no_grad():
+            trained, features = model.train()(x), model.backbone(x)
+        assert model.head.trained.classifier.in_features == features.shape[1] == 48
+        torch.testing.assert_close(trained, model.head.trained(features))
 
 
 def test_split_head_trains_as_the_plain_head_and_changes_only_the_classifier(tiny, tmp_path):  # noqa: F811
