@@ -309,6 +309,28 @@ def test_split_head_trains_as_the_plain_head_and_changes_only_the_classifier(tin
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_lwf_with_the_split_head_distils_the_trained_head_also_after_a_resume(tiny, tmp_path):  # noqa: F811
+    """Which part of a split head answers follows the module's mode: LwF's previous model must
+    answer with the trained head, as the loss it is distilled into does, in a whole run and
+    after a resume from a checkpoint (which ends in the same state)."""
+    overrides = {"deterministic": True, "alignment.enabled": True, "alignment.fit": "ridge",
+                 "alignment.random_features": 32}
+    whole = run(tiny_config(tmp_path / "a", "lwf", **overrides),
+                checkpointing=Checkpointing(tmp_path / "ck"))
+    last = sorted((tmp_path / "ck").iterdir())[-1]
+    for f in last.iterdir():
+        f.unlink()
+    last.rmdir()
+    resumed = run(tiny_config(tmp_path / "a", "lwf", **overrides),
+                  checkpointing=Checkpointing(tmp_path / "ck", resume=True))
+    assert resumed.record["accuracy_matrix"] == whole.record["accuracy_matrix"]
+    for result in (whole, resumed):
+        teacher = next(p.lwf.prev_model for p in result.experiment.strategy.plugins
+                       if hasattr(p, "lwf"))
+        heads = [m for m in teacher.modules() if isinstance(m, SolvedHead)]
+        assert len(heads) == 1 and heads[0].training
+
+
 def test_split_head_is_made_and_grown_without_touching_the_random_state():
     """So a run with the split head draws the same random numbers as one without it."""
     experience = SimpleNamespace(classes_in_this_experience=[0, 1, 2], task_labels=[0])
