@@ -13,9 +13,10 @@ class) and ``Q = sum x y^T`` (the class sums), as RanPAC solves its classifier, 
 as RanPAC chooses it (:mod:`cl_sulora.ridge`). Exact, with no draws and no learning rate. On a
 backbone followed by random features (``backbone.random_features``) it is RanPAC's classifier
 on whatever features the method adapts, and the training head reads those features too.
-``random_features`` instead splits the head as RanPAC does (:class:`~cl_sulora.models.heads.
-SolvedHead`): a plain head on the backbone's features trains with the method, and the head
-every evaluation reads is solved on the random features, which the training loss never sees.
+``random_features`` instead splits the head as RanPAC does
+(:class:`~cl_sulora.models.heads.SolvedHead`): a plain head on the backbone's features trains
+with the method, and the head every evaluation reads is solved on the random features, which
+the training loss never sees.
 
 ``fit="prototype"`` makes the head SimpleCIL's prototype classifier on the adapted features:
 each seen class's row becomes its mean feature scaled to unit length (bias 0), so a sample's
