@@ -14,11 +14,12 @@ Its code runs unchanged, driven as its ``trainer.py`` drives it (``incremental_t
 (epochs and batch size from the flags). Substituted from outside: ``timm.create_model`` builds
 the model with random weights (no hub download); ``./data``, where its CIFAR-100 loader looks,
 is a link to ``--data-root`` in a scratch working folder, read without torchvision's checksums
-of the published archive; ``torch.load`` keeps the default of the torch it was written for
-(``weights_only=False``: it re-loads whole modules it saved itself); its data loaders get
-``--workers`` processes (its own ``num_workers``, 8, by default). This library's methods run
-the ``paper/cifar100-10`` recipe's settings (the same class order, batch and float32),
-randomly initialised likewise, with the same number of loader processes; a run named
+of the published archive (this library's parties skip theirs too, so a copy holding only the
+timed experiences' classes in full serves both); ``torch.load`` keeps the default of the torch
+it was written for (``weights_only=False``: it re-loads whole modules it saved itself); its
+data loaders get ``--workers`` processes (its own ``num_workers``, 8, by default). This
+library's methods run the ``paper/cifar100-10`` recipe's settings (the same class order, batch
+and float32), randomly initialised likewise, with the same number of loader processes; a run named
 ``PARTY:PRECISION:compile`` sets the runner's ``compile`` (``torch.compile`` of the backbone),
 whose compilation falls in the first training steps of each experience that needs one: for such
 runs each epoch's images per second is recorded too (the last epoch: the rate once compiled,
@@ -272,6 +273,7 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
     (_, _, overrides), = recipe.runs(seeds=recipe.spec.seeds[:1], strategies=[strategy_name])
     overrides = {**overrides, "backbone.pretrained": False, "device": str(device),
                  "precision": precision, "data.data_root": str(args.data_root),
+                 "data.verify_checksums": False,
                  "training.epochs": args.epochs, "training.batch_size": args.batch_size,
                  "training.eval_batch_size": args.batch_size,
                  "training.num_workers": args.workers, "compile": compiled}
