@@ -6,7 +6,7 @@ per second, and where the time goes.
     python -m benchmarks.perf.official_sdlora --official DIR --data-root DATA \
         --out benchmarks/perf/results/official_sdlora [--device cuda] [--epochs 1] \
         [--experiences 2] [--batch-size 128] [--workers 8] \
-        [--runs official:fp32,sulora:fp32,sulora:fp32:compile]
+        [--runs official:fp32,sulora:fp32,sulora:fp32:compile] [--set KEY=VALUE ...]
 
 ``--official`` is a checkout of github.com/WuYichen-97/SD-Lora-CL, kept outside this library.
 Its code runs unchanged, driven as its ``trainer.py`` drives it (``incremental_train``,
@@ -23,7 +23,8 @@ and float32), randomly initialised likewise, with the same number of loader proc
 ``PARTY:PRECISION:compile`` sets the runner's ``compile`` (``torch.compile`` of the backbone),
 whose compilation falls in the first training steps of each experience that needs one: for such
 runs each epoch's images per second is recorded too (the last epoch: the rate once compiled,
-what a recipe's 20 epochs per experience mostly see).
+what a recipe's 20 epochs per experience mostly see). ``--set`` gives this library's parties
+more config values (recorded in the settings), to time a setting against the official loop.
 
 Every party runs in its own process, one after the other. For each experience: the wall time
 from the start of its training to the end of its evaluation on the seen classes' test images
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="PARTY:PRECISION[:compile],... in order; parties: "
                         + ", ".join(PARTIES) + " (official: fp32 only, never compiled)")
+    parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config values for this library's parties (as the CLI's --set)")
     parser.add_argument("--depth", type=int, help="smoke test: transformer blocks (default 12)")
     parser.add_argument("--limit-per-class", type=int,
                         help="smoke test: images per class, training and test")
@@ -266,7 +269,7 @@ def run_official(args: argparse.Namespace, device: torch.device) -> list[dict[st
 def run_library(args: argparse.Namespace, device: torch.device, strategy_name: str,
                 precision: str, compiled: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from cl_sulora.runner.build import build_experiment, seed_everything
-    from cl_sulora.runner.config import resolve_config
+    from cl_sulora.runner.config import parse_overrides, resolve_config
     from cl_sulora.runner.recipes import load_recipe
 
     recipe = load_recipe(RECIPE)
@@ -276,7 +279,8 @@ def run_library(args: argparse.Namespace, device: torch.device, strategy_name: s
                  "data.verify_checksums": False,
                  "training.epochs": args.epochs, "training.batch_size": args.batch_size,
                  "training.eval_batch_size": args.batch_size,
-                 "training.num_workers": args.workers, "compile": compiled}
+                 "training.num_workers": args.workers, "compile": compiled,
+                 **parse_overrides(args.sets)}
     if args.depth:
         overrides["backbone.kwargs"] = {"depth": args.depth}
     if args.limit_per_class:
@@ -416,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {"epochs": args.epochs, "experiences": args.experiences,
                 "batch_size": args.batch_size, "workers": args.workers,
                 "depth": args.depth or 12, "limit_per_class": args.limit_per_class,
+                "library_sets": args.sets,
                 "image_size": 224, "backbone": "vit_base_patch16_224, random init",
                 "benchmark": "split-cifar100-10", "recipe": RECIPE,
                 "official_config": OFFICIAL_CONFIG, "command": ["python", "-m",
