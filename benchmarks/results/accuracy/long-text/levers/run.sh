@@ -81,6 +81,8 @@ lever task rp-ridge-heads $rp alignment.task_heads=true
 split="alignment.random_features=10000 alignment.fit=ridge"
 lever class rp-split-head $split
 lever class rp-split-alpha-8 $split method.alpha=8.0
+lever class rp-split-orthogonal $split method.allocator=orthogonal
+lever class rp-split-principal $split method.allocator=principal
 echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen $seed $class" >> "$jobs"
 echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
