@@ -328,6 +328,25 @@ def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
     assert "- SuLoRA compiled, training loop: 0.50x (experiences 1-1): **not met**." in text
     assert ("- SuLoRA compiled, its last epoch against the official training loop: 1.80x "
             "(experiences 1-1): met.") in text
+    payload["settings"]["library_sets"] = ["training.divergence_check_every=1000"]
+    payload["note"] = "Assembled from the parties' records."
+    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
+    text = "\n".join(report.official_sdlora(tmp_path))
+    assert ("This library's parties with `--set training.divergence_check_every=1000`. "
+            "Assembled from the parties' records.") in text
+
+
+def test_step_ceiling_times_every_model_kernel_and_sync(tmp_path):
+    from benchmarks.perf import step_ceiling
+
+    record = step_ceiling.main(["--tiny", "--out", str(tmp_path / "ceiling.json"),
+                                "--commit", "abc"])
+    cells = {(r["state"], r["sdpa"], r["sync"]) for r in record["rows"]}
+    assert cells == {(state, kernel, sync) for state in ("bare", "sulora", "sdlora")
+                     for kernel in ("default", "math") for sync in (False, True)}
+    assert all(r["median_ms"] > 0 for r in record["rows"])
+    assert record["settings"]["precision"] == "fp32" and record["profile_sulora"]["top_ops"]
+    assert json.loads((tmp_path / "ceiling.json").read_text())["rows"] == record["rows"]
 
 
 def test_eval_cache_profiles_one_run_on_the_host(tiny, tmp_path):

@@ -569,7 +569,10 @@ def _official_run(run: dict[str, Any], folder: str) -> list[str]:
              "of its evaluation on the seen classes' test images; `training` is the training "
              "loop (data loading included), `evaluation` every test pass (the official loop "
              "also evaluates inside its training loop, at its epoch 0), `other` the rest "
-             "(set-up, boundary work, the official loop's saving and re-loading of adapters).",
+             "(set-up, boundary work, the official loop's saving and re-loading of adapters)."
+             + (" This library's parties with `--set " + " ".join(cfg["library_sets"]) + "`."
+                if cfg.get("library_sets") else "")
+             + (" " + run["note"] if run.get("note") else ""),
              ""]
     official = next((r for r in run["runs"] if r["party"] == "official"), None)
     rows = []
