@@ -187,6 +187,15 @@ class Continual(Adapted):
         """End the experience: the plugin's ``after_training_exp``."""
         self.plugin.after_training_exp(self.stub)
 
+    def start(self, experience: int) -> None:
+        """Begin 1-based ``experience`` after every earlier one, each given trained values
+        (:meth:`fake_train`) and finished."""
+        for earlier in range(1, experience):
+            self.begin(earlier)
+            self.fake_train()
+            self.finish()
+        self.begin(experience)
+
     def fake_train(self) -> None:
         """Give the trainable adapter tensors random values, as training would."""
         raise NotImplementedError

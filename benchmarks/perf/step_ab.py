@@ -44,13 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(spec, settings, device, template, random_batch(spec, settings, device))
     state = continual_state(args.method, fresh(template, device), settings, device,
                             spec.batch_size)
-    timing = None
-    for experience in range(1, args.experience + 1):
-        state.begin(experience)
-        if experience == args.experience:
-            timing = bench.timed(bench.train_step(state, state.model))
-        state.fake_train()
-        state.finish()
+    state.start(args.experience)
+    timing = bench.timed(bench.train_step(state, state.model))
     commit = resolve_commit(None)
     record = {"backbone": spec.to_dict(), "method": args.method, "experience": args.experience,
               **timing, **environment(device, commit)}

@@ -19,7 +19,6 @@ most any method on this backbone can reach at equal precision. ``--tiny`` is the
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,21 +32,9 @@ from .results import environment, resolve_commit, write_json
 from .settings import FULL_BACKBONES, TINY_BACKBONES, make_settings
 from .states import Adapted, Bare, continual_state
 from .steps import Bench
-from .timing import synchronize
+from .timing import matmul_rate, synchronize
 
 BACKENDS = {"default": None, "math": SDPBackend.MATH}
-
-
-def matmul_tflops(device: torch.device, size: int = 8192, iters: int = 10) -> float:
-    """float32 ``size x size`` matrix products per second, in TFLOP/s."""
-    a = torch.randn(size, size, device=device)
-    a @ a
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ a
-    synchronize(device)
-    return iters * 2 * size**3 / (time.perf_counter() - start) / 1e12
 
 
 def states(template: torch.nn.Module, settings: Any, device: torch.device,
@@ -56,10 +43,7 @@ def states(template: torch.nn.Module, settings: Any, device: torch.device,
     yield "bare", Bare(fresh(template, device))
     for method in ("sulora", "sdlora"):
         state = continual_state(method, fresh(template, device), settings, device, batch_size)
-        state.begin(1)
-        state.fake_train()
-        state.finish()
-        state.begin(2)
+        state.start(2)
         yield method, state
 
 
@@ -105,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"backbone": spec.to_dict(), "precision": "fp32", "tf32": False,
                      "rank": settings.rank, "experience": 2, "warmup": settings.warmup,
                      "iters": settings.iters},
-        "matmul_tflops": None if args.tiny else matmul_tflops(device), "rows": []}
+        "matmul_tflops": matmul_rate(device, settings.matmul_size, warmup=settings.warmup,
+                                     iters=settings.iters, dtype=torch.float32)["tflops"],
+        "rows": []}
     for name, state in states(template, settings, device, spec.batch_size):
         for row in measure(bench, state, spec.batch_size):
             record["rows"].append({"state": name, **row})

@@ -78,12 +78,13 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_rate(device: torch.device, size: int, *, warmup: int, iters: int) -> dict[str, Any]:
-    """The measured rate of a ``size``-cubed bf16 matmul, in TFLOP/s (median call)."""
+def matmul_rate(device: torch.device, size: int, *, warmup: int, iters: int,
+                dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """The measured rate of a ``size``-cubed matmul in ``dtype``, in TFLOP/s (median call)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=gen)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     times = time_calls(lambda: torch.mm(a, b), device, warmup=warmup, iters=iters)
     median = statistics.median(times)
-    return {"size": size, "dtype": "bfloat16", **summarise(times),
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), **summarise(times),
             "tflops": 2 * size**3 / (median * 1e-3) / 1e12}
