@@ -1,0 +1,61 @@
+"""How much of each new experience's input energy the ``data`` allocator's rows can reach.
+
+Runs ``cl-sulora ARGS`` (a SuLoRA run with ``method.allocator=data``) with the allocator's
+``prepare`` observed: for every experience and adapted layer, before the slot takes its rows,
+it records the size of the kept input basis, the share of the experience's input energy (the
+trace of its recorded input covariance) that basis already holds, the share the top ``rank``
+eigendirections of the covariance hold (the most any ``rank`` rows could reach), and the share
+the rows the slot is given hold. The file is rewritten after every experience, so a run cut
+short keeps what it measured.
+
+    python allocator_energy.py OUT.json run --benchmark long-text --strategy sulora ... \
+        --set method.allocator=data
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from cl_sulora.methods.sulora.allocators import DataAllocator
+from cl_sulora.runner.cli import main
+from cl_sulora.runner.records import git_commit, versions
+
+
+def energy_share(rows: torch.Tensor, cov: torch.Tensor) -> float:
+    """Share of ``trace(cov)`` that the orthonormal ``rows`` hold."""
+    return float(((rows @ cov) * rows).sum() / cov.diagonal().sum())
+
+
+def observe(out: str, argv: list[str]) -> None:
+    record = {"command": ["python", "allocator_energy.py", out, *argv], "commit": git_commit(),
+              "versions": versions(), "torch_threads": torch.get_num_threads(),
+              "experiences": []}
+    prepare = DataAllocator.prepare
+
+    def observed(self, layers, covariances):
+        before = {}
+        for name, layer in layers.items():
+            cov = covariances[name].double()
+            basis = layer.input_basis.double().to(cov.device)
+            top = torch.linalg.eigvalsh(cov).flip(0)[: layer.rank].sum()
+            before[name] = dict(basis_rows=basis.shape[0], in_features=layer.in_features,
+                                basis_share=energy_share(basis, cov) if basis.numel() else 0.0,
+                                top_rank_share=float(top / cov.diagonal().sum()))
+        prepare(self, layers, covariances)
+        rows = self.directions_for(layers, owner=len(record["experiences"]))
+        for name in layers:
+            cov = covariances[name].double().to(rows[name].device)
+            before[name]["slot_share"] = energy_share(rows[name].double(), cov)
+        record["experiences"].append(before)
+        with open(out, "w") as f:
+            json.dump(record, f, indent=1)
+
+    DataAllocator.prepare = observed
+    main(argv)
+
+
+if __name__ == "__main__":
+    observe(sys.argv[1], sys.argv[2:])
