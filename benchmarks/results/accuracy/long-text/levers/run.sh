@@ -72,6 +72,11 @@ lever task score-norm method.fusion_score=norm
 lever task fraction-0.25 method.fusion=fraction method.fusion_gamma=0.25
 lever task fraction-0.5 method.fusion=fraction method.fusion_gamma=0.5
 lever task ridge-heads alignment.fit=ridge alignment.task_heads=true
+# under task-aware inference a task reads only its own slot and the fused pairs: rows that
+# overlap earlier inputs cost an earlier task only once fused, and may give each task more of
+# its own inputs than the data allocator's rows outside them
+lever task orthogonal method.allocator=orthogonal
+lever task principal method.allocator=principal
 lever task sampled-heads alignment.task_heads=true
 lever class prototype-head alignment.fit=prototype
 lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
