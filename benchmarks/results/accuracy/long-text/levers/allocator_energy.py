@@ -5,8 +5,10 @@ Runs ``cl-sulora ARGS`` (a SuLoRA run with ``method.allocator=data``) with the a
 it records the size of the kept input basis, the share of the experience's input energy (the
 trace of its recorded input covariance) that basis already holds, the share the top ``rank``
 eigendirections of the covariance hold (the most any ``rank`` rows could reach), and the share
-the rows the slot is given hold. The file is rewritten after every experience, so a run cut
-short keeps what it measured.
+the rows the slot is given hold; and how much of those rows lies in the span of every row given
+to an earlier slot (rows still in use are excluded by construction, so this is the overlap with
+rows that fusion freed). The file is rewritten after every experience, so a run cut short keeps
+what it measured.
 
     python allocator_energy.py OUT.json run --benchmark long-text --strategy sulora ... \
         --set method.allocator=data
@@ -29,11 +31,20 @@ def energy_share(rows: torch.Tensor, cov: torch.Tensor) -> float:
     return float(((rows @ cov) * rows).sum() / cov.diagonal().sum())
 
 
+def span_share(rows: torch.Tensor, earlier: torch.Tensor | None) -> float:
+    """Mean squared norm of the unit ``rows`` inside the span of ``earlier`` (0 without any)."""
+    if earlier is None:
+        return 0.0
+    basis = torch.linalg.qr(earlier.mT)[0].mT
+    return float((rows @ basis.mT).square().sum() / rows.shape[0])
+
+
 def observe(out: str, argv: list[str]) -> None:
     record = {"command": ["python", "allocator_energy.py", out, *argv], "commit": git_commit(),
               "versions": versions(), "torch_threads": torch.get_num_threads(),
               "experiences": []}
     prepare = DataAllocator.prepare
+    given: dict[str, torch.Tensor] = {}  # every row given to a slot so far, per layer
 
     def observed(self, layers, covariances):
         before = {}
@@ -47,8 +58,11 @@ def observe(out: str, argv: list[str]) -> None:
         prepare(self, layers, covariances)
         rows = self.directions_for(layers, owner=len(record["experiences"]))
         for name in layers:
-            cov = covariances[name].double().to(rows[name].device)
-            before[name]["slot_share"] = energy_share(rows[name].double(), cov)
+            new = rows[name].double()
+            cov = covariances[name].double().to(new.device)
+            before[name]["slot_share"] = energy_share(new, cov)
+            before[name]["earlier_rows_share"] = span_share(new, given.get(name))
+            given[name] = new if name not in given else torch.cat([given[name], new])
         record["experiences"].append(before)
         with open(out, "w") as f:
             json.dump(record, f, indent=1)
