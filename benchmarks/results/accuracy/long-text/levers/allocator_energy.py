@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from cl_sulora.linalg import project_out, span_rows
 from cl_sulora.methods.sulora.allocators import DataAllocator
 from cl_sulora.runner.cli import main
 from cl_sulora.runner.records import git_commit, versions
@@ -32,11 +33,12 @@ def energy_share(rows: torch.Tensor, cov: torch.Tensor) -> float:
 
 
 def span_share(rows: torch.Tensor, earlier: torch.Tensor | None) -> float:
-    """Mean squared norm of the unit ``rows`` inside the span of ``earlier`` (0 without any)."""
+    """Mean squared norm of the unit ``rows`` inside the span of ``earlier`` (0 without any),
+    however many of ``earlier`` are linearly dependent."""
     if earlier is None:
         return 0.0
-    basis = torch.linalg.qr(earlier.mT)[0].mT
-    return float((rows @ basis.mT).square().sum() / rows.shape[0])
+    outside = project_out(rows, span_rows(earlier))
+    return float(1 - outside.square().sum() / rows.shape[0])
 
 
 def observe(out: str, argv: list[str]) -> None:
@@ -47,20 +49,19 @@ def observe(out: str, argv: list[str]) -> None:
     given: dict[str, torch.Tensor] = {}  # every row given to a slot so far, per layer
 
     def observed(self, layers, covariances):
-        before = {}
+        before, covs = {}, {}
         for name, layer in layers.items():
-            cov = covariances[name].double()
+            cov = covs[name] = covariances[name].double()
             basis = layer.input_basis.double().to(cov.device)
             top = torch.linalg.eigvalsh(cov).flip(0)[: layer.rank].sum()
             before[name] = dict(basis_rows=basis.shape[0], in_features=layer.in_features,
-                                basis_share=energy_share(basis, cov) if basis.numel() else 0.0,
+                                basis_share=energy_share(basis, cov),
                                 top_rank_share=float(top / cov.diagonal().sum()))
         prepare(self, layers, covariances)
         rows = self.directions_for(layers, owner=len(record["experiences"]))
         for name in layers:
-            new = rows[name].double()
-            cov = covariances[name].double().to(new.device)
-            before[name]["slot_share"] = energy_share(new, cov)
+            new = rows[name].double().to(covs[name].device)
+            before[name]["slot_share"] = energy_share(new, covs[name])
             before[name]["earlier_rows_share"] = span_share(new, given.get(name))
             given[name] = new if name not in given else torch.cat([given[name], new])
         record["experiences"].append(before)
