@@ -73,6 +73,11 @@ class SubspaceLoRAConfig(AdapterTargets):
             ``ceil(data_max_samples / batch_size)`` training batches, after which the slot's
             rows are set (zero until then); the covariance is kept for the basis update after
             training.
+        data_keep_slot_rows: the ``data`` allocator also adds each experience's slot rows to the
+            kept input basis, so no later slot is given a direction of an earlier slot once
+            fusion has freed it (without it only the rows in use are excluded, and a slot's
+            rows beyond what the energy rule kept may be handed out again after their fusion).
+            Costs up to ``rank`` more basis rows per experience.
         slot_magnitudes: also train, in every experience, one scale per earlier slot and layer
             (SD-LoRA's learned magnitudes of frozen directions), folded into those slots' ``B``
             when the experience ends: the directions stay fixed, their weights adapt.
@@ -95,6 +100,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     recompose_gamma: float = 0.25
     data_energy: float = 0.95
     data_max_samples: int = 256
+    data_keep_slot_rows: bool = False
     slot_magnitudes: bool = False
     trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
     seed: int = 0
@@ -112,6 +118,10 @@ class SubspaceLoRAConfig(AdapterTargets):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.data_keep_slot_rows and self.allocator != "data":
+            raise ValueError("data_keep_slot_rows applies to allocator='data' only (the kept "
+                             f"input basis), not {self.allocator!r}: set allocator='data' or "
+                             "leave data_keep_slot_rows false")
         check_targets(self.target_modules, self.qkv_parts)
         return self
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from cl_sulora.adapters.subspace_layer import SubspaceLoRALinear
+from cl_sulora.linalg import project_out
 from cl_sulora.methods.sulora.allocators import DataAllocator, build_allocator
 
 
@@ -51,6 +52,55 @@ def test_data_allocator_rows_are_orthonormal_disjoint_and_follow_the_inputs():
         basis = layer.input_basis.double()
         assert (basis @ torch.eye(d, dtype=torch.float64)[4 * owner]).norm() > 0.99
     assert_orthonormal_and_disjoint(layer)
+
+
+def _experience_cov(d, scales):
+    """Input covariance of an experience whose inputs have these scales on the first axes."""
+    x = torch.zeros(500, d)
+    x[:, :len(scales)] = torch.randn(500, len(scales)) * torch.tensor(scales)
+    return (x.T @ x / 500).double()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_data_allocator_keep_slot_rows_never_hands_out_fused_rows_again(keep):
+    torch.manual_seed(0)
+    d = 16
+    layer = SubspaceLoRALinear(nn.Linear(d, 5), rank=2, num_slots=1, alpha=1.0)
+    alloc = DataAllocator(energy=0.9, keep_slot_rows=keep)
+    given = []
+    for owner in range(3):
+        # one dominant axis (the energy rule keeps it) and a weaker second one (it does not):
+        # the slot's second row lies outside the kept basis
+        alloc.prepare({"l": layer}, {"l": _experience_cov(d, [10.0, 1.0, 0.5, 0.2])})
+        if owner:
+            layer.fuse(layer.slots.rows_of(owner - 1))  # frees the only slot
+        rows = alloc.directions("l", layer, 2, owner)
+        layer.start_slot(owner, rows)
+        layer.end_slot()
+        alloc.update({"l": layer})
+        given.append(rows)
+    overlap = max((given[i] @ given[j].T).abs().max() for i in range(3) for j in range(i))
+    basis = layer.input_basis.double()
+    if keep:
+        # every row given out is in the basis, and no row is handed out twice
+        for rows in given:
+            torch.testing.assert_close(project_out(rows, basis), torch.zeros_like(rows),
+                                       rtol=0, atol=1e-5)  # the basis is kept in float32
+        assert overlap < 1e-5
+    else:
+        # the freed second axis is the next experience's best direction outside the basis
+        assert overlap > 0.99
+        assert basis.shape[0] < 3 * 2
+
+
+def test_data_keep_slot_rows_is_wired_and_needs_the_data_allocator():
+    from cl_sulora.adapters.config import SubspaceLoRAConfig
+    from cl_sulora.methods.sulora.plugin import SuLoRAPlugin
+
+    plugin = SuLoRAPlugin(SubspaceLoRAConfig(allocator="data", data_keep_slot_rows=True))
+    assert plugin.allocator.keep_slot_rows
+    with pytest.raises(ValueError, match="data_keep_slot_rows applies to allocator='data'"):
+        SubspaceLoRAConfig(allocator="orthogonal", data_keep_slot_rows=True)
 
 
 def test_principal_allocator_takes_top_singular_directions_first():

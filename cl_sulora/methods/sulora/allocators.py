@@ -12,6 +12,8 @@ from ...adapters.subspace_layer import SubspaceLoRALinear
 from ...linalg import (
     directions_outside_batch,
     grow_bases,
+    orthonormal_rows,
+    pad_stack,
     project_out,
     random_block,
     span_rows,
@@ -70,12 +72,17 @@ class Allocator:
         found = {}
         for (_, _, count), names in groups.items():
             members = [layers[name] for name in names]
-            used = used_basis(members)
+            used = self.excluded(members)
             cands = self.candidates(names, members, used, count, owner)
             gens = [self.generator(name, owner) for name in names]
             rows = self.choose(cands, used, count, gens)
             found.update(zip(names, rows.unbind(), strict=True))
         return found
+
+    def excluded(self, layers: list[SubspaceLoRALinear]) -> Tensor:
+        """``L x R x d`` orthonormal basis (zero rows allowed) of what new rows must avoid:
+        the rows in use."""
+        return used_basis(layers)
 
     def choose(self, candidates: Tensor, used: Tensor, n: int,
                generators: list[torch.Generator]) -> Tensor:
@@ -143,17 +150,25 @@ class DataAllocator(Allocator):
     with the rows in use projected out (Rayleigh-Ritz on that span). ``prepare`` computes both
     from the covariance recorded over the experience's first training batches; ``update``
     stores the grown bases after its training.
+
+    The energy rule may keep fewer directions than a slot has rows: the slot's other rows then
+    lie outside the basis, excluded from later slots only while they are in use. With
+    ``keep_slot_rows`` ``update`` adds the slot's rows to the basis too, so rows that fusion
+    frees are never handed out again (while the basis has room: it stops at the input
+    dimension less the rows of ``A``).
     """
 
     name = "data"
     needs_data = True
 
-    def __init__(self, seed: int = 0, energy: float = 0.95) -> None:
+    def __init__(self, seed: int = 0, energy: float = 0.95, keep_slot_rows: bool = False) -> None:
         super().__init__(seed)
         self.energy = energy
+        self.keep_slot_rows = keep_slot_rows
         self._covariances: dict[str, Tensor] = {}
         self._top: dict[str, Tensor] = {}
         self._grown: dict[str, Tensor] = {}
+        self._given: dict[str, Tensor] = {}
 
     @property
     def prepared(self) -> bool:
@@ -178,6 +193,23 @@ class DataAllocator(Allocator):
         vectors = torch.linalg.eigh(span @ cov @ span.mT)[1]
         return vectors.flip(-1).mT @ span
 
+    def excluded(self, layers):
+        """The rows in use and, with ``keep_slot_rows``, the kept input basis (which then holds
+        every earlier slot's rows): a slot that has fewer input directions left than rows
+        fills the rest outside both."""
+        used = used_basis(layers)
+        if not self.keep_slot_rows:
+            return used
+        bases = [layer.input_basis for layer in layers]
+        if max(basis.shape[0] for basis in bases) == 0:
+            return used
+        return span_rows(torch.cat([used, pad_stack(bases, used.shape[-1], used.device)], -2))
+
+    def directions_for(self, layers, owner, n=None):
+        found = super().directions_for(layers, owner, n)
+        self._given.update(found)
+        return found
+
     def choose(self, candidates, used, n, generators):
         """The first ``n`` candidates: orthonormal and outside ``used`` by construction (Ritz
         vectors of an orthonormal span outside it), unless the span had fewer than ``n``
@@ -188,11 +220,16 @@ class DataAllocator(Allocator):
         return super().choose(candidates, used, n, generators)
 
     def discard(self):
-        self._covariances, self._top, self._grown = {}, {}, {}
+        self._covariances, self._top, self._grown, self._given = {}, {}, {}, {}
 
     def update(self, layers):
         for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
                                strict=True):
+            if self.keep_slot_rows and name in self._given:
+                layer = layers[name]
+                room = layer.in_features - layer.lora_A.shape[0] - basis.shape[0]
+                rows = orthonormal_rows(project_out(self._given[name].to(basis), basis))
+                basis = torch.cat([basis, rows[:max(room, 0)]])
             layers[name].input_basis = basis.to(layers[name].input_basis)
         self.discard()
 
@@ -217,10 +254,11 @@ ALLOCATORS: dict[str, type[Allocator]] = {
 }
 
 
-def build_allocator(name: str, *, seed: int = 0, energy: float = 0.95) -> Allocator:
+def build_allocator(name: str, *, seed: int = 0, energy: float = 0.95,
+                    keep_slot_rows: bool = False) -> Allocator:
     """Allocator by name: ``orthogonal``, ``principal`` or ``data``."""
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {sorted(ALLOCATORS)}")
     if name == "data":
-        return DataAllocator(seed, energy)
+        return DataAllocator(seed, energy, keep_slot_rows)
     return ALLOCATORS[name](seed)

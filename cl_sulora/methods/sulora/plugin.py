@@ -64,7 +64,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.config = config
         self.inference = inference
         self.allocator = build_allocator(config.allocator, seed=config.seed,
-                                         energy=config.data_energy)
+                                         energy=config.data_energy,
+                                         keep_slot_rows=config.data_keep_slot_rows)
         self.fusion = build_fusion_policy(config.fusion, gamma=config.fusion_gamma)
         self._principal = PrincipalAllocator(config.seed)
         self.owner_task: dict[int, int] = {}
