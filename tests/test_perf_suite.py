@@ -282,9 +282,13 @@ def test_official_harness_counts_nested_evaluation_as_evaluation():
     assert buckets.take() == {}
     assert parse_runs("official,sulora:bf16,sdlora:fp32:compile") == [
         ("official", "fp32", False), ("sulora", "bf16", False), ("sdlora", "fp32", True)]
-    for wrong in ("official:bf16", "official:fp32:compile"):
+    assert parse_runs("official:tf32,sulora:tf32") == [("official", "tf32", False),
+                                                      ("sulora", "tf32", False)]
+    for wrong in ("official:bf16", "official:fp32:compile", "official:tf32:compile"):
         with pytest.raises(SystemExit, match="float32 only"):
             parse_runs(wrong)
+    with pytest.raises(SystemExit, match="PRECISION one of fp32, tf32, bf16"):
+        parse_runs("sulora:fp16")
     with pytest.raises(SystemExit, match="PARTY:PRECISION"):
         parse_runs("sulora:fp32:fast")
 
@@ -334,6 +338,36 @@ def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
     text = "\n".join(report.official_sdlora(tmp_path))
     assert ("This library's parties with `--set training.divergence_check_every=1000`. "
             "Assembled from the parties' records.") in text
+
+
+def test_official_comparison_pairs_each_run_with_the_official_loop_of_its_precision(tmp_path):
+    from benchmarks.perf.official_sdlora import experience_record, summarize
+
+    def party(name, precision, seconds):
+        return {"party": name, "precision": precision, "compile": False, "peak_memory_mb": None,
+                "config": None,
+                "experiences": [experience_record(0, seconds + 1, {"train": seconds,
+                                                                   "eval": 0.5}, 1000, 100)]}
+
+    runs = [party("official", "fp32", 4.0), party("official", "tf32", 2.0),
+            party("sulora", "tf32", 1.0), party("sulora", "fp32", 3.2),
+            party("sulora", "bf16", 0.5)]
+    ratios = summarize(runs)
+    assert ratios["sulora:tf32"][0]["train_images_per_s"] == pytest.approx(2.0)
+    assert ratios["sulora:tf32"][0]["against"] == "official:tf32"
+    assert ratios["sulora:fp32"][0]["train_images_per_s"] == pytest.approx(1.25)
+    assert ratios["sulora:bf16"][0]["against"] == "official:fp32"  # no official bf16 loop
+    assert ratios["sulora:bf16"][0]["train_images_per_s"] == pytest.approx(8.0)
+    payload = {"device": "GPU", "commit": "abc1234def", "torch": "2", "versions": {"timm": "1"},
+               "settings": {"backbone": "vit", "benchmark": "b", "image_size": 224,
+                            "experiences": 1, "epochs": 1, "batch_size": 8, "workers": 0,
+                            "official_config": "exps/x.json", "recipe": "paper/x"},
+               "ratios_to_official": ratios, "runs": runs}
+    (tmp_path / "official_sdlora").mkdir()
+    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
+    text = "\n".join(report.official_sdlora(tmp_path))
+    assert "at equal batch size and precision (fp32):\n- SuLoRA, training loop: 1.25x" in text
+    assert "at equal batch size and precision (tf32):\n- SuLoRA, training loop: 2.00x" in text
 
 
 def test_step_ceiling_times_every_model_kernel_and_sync(tmp_path):

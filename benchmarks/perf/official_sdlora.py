@@ -26,6 +26,12 @@ runs each epoch's images per second is recorded too (the last epoch: the rate on
 what a recipe's 20 epochs per experience mostly see). ``--set`` gives this library's parties
 more config values (recorded in the settings), to time a setting against the official loop.
 
+Precisions: ``fp32`` (float32, torch's defaults: matrix products in full float32), ``tf32``
+(float32 tensors, matrix products and convolutions on TF32 tensor cores; for the official loop
+the process turns torch's two backend switches on before its code runs, which changes nothing
+in that code) and ``bf16`` (this library's autocast; the official loop has none). Each party is
+compared with the official loop at its own precision when that was run, else with ``fp32``.
+
 Every party runs in its own process, one after the other. For each experience: the wall time
 from the start of its training to the end of its evaluation on the seen classes' test images
 (what the official loop evaluates after a task; the runner of this library evaluates the whole
@@ -59,6 +65,7 @@ from .results import environment, resolve_commit, write_json
 from .timing import synchronize
 
 PARTIES = ("official", "sdlora", "sulora", "inflora")
+PRECISIONS = ("fp32", "tf32", "bf16")
 DEFAULT_RUNS = "official:fp32,sdlora:fp32,sulora:fp32,inflora:fp32,sdlora:bf16,sulora:bf16"
 RECIPE = "paper/cifar100-10"
 OFFICIAL_CONFIG = "exps/sdlora_c100.json"
@@ -79,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=8, help="data-loader processes")
     parser.add_argument("--runs", default=DEFAULT_RUNS,
                         help="PARTY:PRECISION[:compile],... in order; parties: "
-                        + ", ".join(PARTIES) + " (official: fp32 only, never compiled)")
+                        + ", ".join(PARTIES) + "; PRECISION: fp32, tf32 or bf16 (official: fp32 or "
+                        "tf32, never compiled)")
     parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config values for this library's parties (as the CLI's --set)")
     parser.add_argument("--depth", type=int, help="smoke test: transformer blocks (default 12)")
@@ -106,13 +114,13 @@ def parse_runs(text: str) -> list[tuple[str, str, bool]]:
         party, _, rest = item.partition(":")
         precision, _, mode = rest.partition(":")
         precision = precision or "fp32"
-        if party not in PARTIES or precision not in ("fp32", "bf16") or mode not in ("",
-                                                                                     "compile"):
+        if party not in PARTIES or precision not in PRECISIONS or mode not in ("", "compile"):
             raise SystemExit(f"--runs: {item!r} is not PARTY:PRECISION[:compile] with PARTY one "
-                             f"of {', '.join(PARTIES)} and PRECISION fp32 or bf16")
-        if party == "official" and (precision != "fp32" or mode):
+                             f"of {', '.join(PARTIES)} and PRECISION one of "
+                             f"{', '.join(PRECISIONS)}")
+        if party == "official" and (precision == "bf16" or mode):
             raise SystemExit("--runs: the official loop trains in float32 only, as written "
-                             "(official:fp32)")
+                             "(official:fp32, or official:tf32 with TF32 matrix products)")
         runs.append((party, precision, mode == "compile"))
     return runs
 
@@ -340,6 +348,9 @@ def child_main(args: argparse.Namespace) -> None:
     (party, precision, compiled), = parse_runs(args.child)
     device = torch.device(args.device)
     if party == "official":
+        if precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         records, config = run_official(args, device), None
     else:
         records, config = run_library(args, device, party, precision, compiled)
@@ -374,17 +385,19 @@ def run_child(argv: list[str], run: tuple[str, str, bool], out: Path,
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Ratios against the official loop, per experience: training images per second, images
     per second of the whole experience, and the last epoch's training rate against the official
-    loop's training rate (for a compiled run: the rate once compiled)."""
-    official = next((r for r in results if r["party"] == "official"), None)
+    loop's training rate (for a compiled run: the rate once compiled). Each run is compared with
+    the official run of its own precision, or the ``fp32`` one when there is none (``against``
+    names it)."""
+    officials = {r["precision"]: r for r in results if r["party"] == "official"}
     ratios: dict[str, Any] = {}
-    if official is None:
-        return ratios
     for result in results:
-        if result is official:
+        official = officials.get(result["precision"], officials.get("fp32"))
+        if result["party"] == "official" or official is None:
             continue
         key = run_key(result["party"], result["precision"], result.get("compile", False))
+        against = run_key("official", official["precision"], False)
         ratios[key] = [
-            {"experience": mine["experience"],
+            {"experience": mine["experience"], "against": against,
              "train_images_per_s": (mine["train_images_per_s"] / theirs["train_images_per_s"]
                                     if mine["train_images_per_s"]
                                     and theirs["train_images_per_s"] else None),

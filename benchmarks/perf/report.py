@@ -574,7 +574,7 @@ def _official_run(run: dict[str, Any], folder: str) -> list[str]:
                 if cfg.get("library_sets") else "")
              + (" " + run["note"] if run.get("note") else ""),
              ""]
-    official = next((r for r in run["runs"] if r["party"] == "official"), None)
+    officials = sorted({r["precision"] for r in run["runs"] if r["party"] == "official"})
     rows = []
     for result in run["runs"]:
         compiled = result.get("compile", False)
@@ -597,12 +597,12 @@ def _official_run(run: dict[str, Any], folder: str) -> list[str]:
                      "other s", "training images/s", "last epoch images/s",
                      "experience images/s",
                      "x official (training)", "x official (experience)", "peak GiB"], rows)
-    if official is not None:
+    for precision in officials:
         lines += ["Target: this library's SD-LoRA and SuLoRA at least 1.5x the official "
-                  "loop's images per second at equal batch size and precision (fp32):"]
+                  f"loop's images per second at equal batch size and precision ({precision}):"]
         for party in ("sdlora", "sulora"):
             for compiled in (False, True):
-                ratios = run["ratios_to_official"].get(run_key(party, "fp32", compiled), [])
+                ratios = run["ratios_to_official"].get(run_key(party, precision, compiled), [])
                 name = _label(party) + (" compiled" if compiled else "")
                 for field, what in (("train_images_per_s", "training loop"),
                                     ("end_to_end_images_per_s", "whole experience"),

@@ -25,7 +25,7 @@ from ..models.heads import ContinualClassifier, make_head, split_head
 from ..seeding import projection_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
-from ..training.plugins import Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
+from ..training.plugins import TF32, Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
 from .config import RunConfig
 from .presets import TrainingConfig
 from .records import git_commit
@@ -96,6 +96,10 @@ def build_experiment(
 ) -> Experiment:
     """Build backbone, benchmark (unless ``spec`` is given), head, model and strategy, the same
     way for every method: only the method and its config differ between strategies."""
+    device = distributed.local_device(config.device)
+    if config.precision == "tf32" and device.type != "cuda":
+        raise ConfigError(f"precision tf32 runs matrix products on CUDA tensor cores, but the "
+                          f"device is {device}: use --precision fp32 (or a CUDA device)")
     bb = config.backbone
     backbone = build_backbone(
         bb.name,
@@ -134,7 +138,6 @@ def build_experiment(
                        projection_generator(config.seed), sized) if width
             else make_head(spec.protocol, backbone.feature_dim, sized))
     model = ContinualClassifier(backbone.module, head)
-    device = distributed.local_device(config.device)
     training = config.training
     timer = EpochTimer()
     extra: list[SupervisedPlugin] = [timer]
@@ -142,6 +145,8 @@ def build_experiment(
         extra.insert(0, BatchAugment(spec.batch_augment, seed=config.seed))
     if config.precision == "bf16":
         extra.append(Autocast(device.type))
+    elif config.precision == "tf32":
+        extra.append(TF32())
     alignment = None
     if config.alignment.enabled:
         alignment = ClassifierAlignment(config.alignment, seed=config.seed)

@@ -83,7 +83,7 @@ class RunConfig(BaseModel):
     method_name: str
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     device: str = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     compile: bool = False
     deterministic: bool = False
     out: str = "results"

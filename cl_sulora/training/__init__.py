@@ -4,6 +4,7 @@ data loading and data-parallel training."""
 
 from .alignment import AlignmentConfig, ClassifierAlignment
 from .plugins import (
+    TF32,
     Autocast,
     BatchAugment,
     CurrentClassMask,
@@ -25,6 +26,7 @@ __all__ = [
     "LRSchedule",
     "DivergenceGuard",
     "Progress",
+    "TF32",
     "freeze_except",
     "reset_optimizer",
     "task_label",

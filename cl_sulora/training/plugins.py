@@ -1,6 +1,6 @@
 """Training plugins: the class-incremental training mask, the divergence guard, minibatch
-augmentation on the device, learning-rate schedule, autocast, progress bars and the
-training-epoch timer."""
+augmentation on the device, learning-rate schedule, autocast, TF32 matrix products, progress
+bars and the training-epoch timer."""
 
 from __future__ import annotations
 
@@ -277,6 +277,42 @@ class Autocast(SupervisedPlugin, supports_distributed=True):
 
     def after_eval_forward(self, strategy, **kwargs):
         self._exit(strategy)
+
+
+class TF32(SupervisedPlugin, supports_distributed=True):
+    """Float32 training and evaluation whose matrix products and convolutions run on TF32
+    tensor cores (CUDA, Ampere or newer): inputs rounded to a 10-bit mantissa, sums in float32,
+    every tensor stored in float32. The backend switches are process-wide: this plugin turns
+    them on for the strategy's ``train`` and ``eval`` calls and puts back what it found after
+    each, so other code in the process keeps its own precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved: list[tuple[bool, bool]] = []
+
+    def _enter(self) -> None:
+        backends = torch.backends
+        self._saved.append((backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32))
+        backends.cuda.matmul.allow_tf32 = True
+        backends.cudnn.allow_tf32 = True
+
+    def _exit(self) -> None:
+        if self._saved:
+            matmul, cudnn = self._saved.pop()
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            torch.backends.cudnn.allow_tf32 = cudnn
+
+    def before_training(self, strategy, **kwargs):
+        self._enter()
+
+    def after_training(self, strategy, **kwargs):
+        self._exit()
+
+    def before_eval(self, strategy, **kwargs):
+        self._enter()
+
+    def after_eval(self, strategy, **kwargs):
+        self._exit()
 
 
 class EpochTimer(SupervisedPlugin, supports_distributed=True):

@@ -20,7 +20,7 @@ from cl_sulora.runner.config import parse_overrides, resolve_config, result_path
 from cl_sulora.runner.loop import run
 from cl_sulora.runner.presets import PRESETS, available_presets, load_preset
 from cl_sulora.runner.report import markdown_table, write_report
-from cl_sulora.training.plugins import Autocast, LatestValue, LRSchedule
+from cl_sulora.training.plugins import TF32, Autocast, LatestValue, LRSchedule
 from tests.helpers import TINY_VIT, tiny_config
 
 ALL_PRESETS = [
@@ -304,6 +304,34 @@ def test_autocast_wraps_forward_and_returns_float_logits():
     assert strategy.mb_output.dtype == torch.bfloat16
     plugin.after_forward(strategy)
     assert not torch.is_autocast_enabled("cpu") and strategy.mb_output.dtype == torch.float32
+
+
+def test_tf32_switches_the_backends_on_for_train_and_eval_and_puts_them_back():
+    backends = torch.backends
+    before = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+    try:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = False, False
+        plugin, strategy = TF32(), SimpleNamespace()
+        plugin.before_training(strategy)
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+        plugin.before_eval(strategy)  # an evaluation inside training
+        plugin.after_eval(strategy)
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32
+        plugin.after_training(strategy)
+        assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32
+    finally:
+        backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = before
+
+
+def test_tf32_on_a_cpu_is_refused_before_anything_is_built(tiny, tmp_path, monkeypatch):
+    import cl_sulora.runner.build as build
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built before the precision was checked")
+
+    monkeypatch.setattr(build, "build_backbone", no_backbone)
+    with pytest.raises(ConfigError, match="precision tf32 .* use --precision fp32"):
+        build_experiment(tiny_config(tmp_path, precision="tf32"))
 
 
 # --------------------------------------------------------------------------------- stream runs
