@@ -80,6 +80,11 @@ lever task principal method.allocator=principal
 lever task sampled-heads alignment.task_heads=true
 lever class prototype-head alignment.fit=prototype
 lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
+# the data allocator keeps every slot's rows in its input basis: rows that fusion frees are
+# never given to a later slot (without it, a slot's rows beyond what the energy rule kept are)
+lever class keep-slot-rows method.data_keep_slot_rows=true
+lever class prototype-keep-slot-rows alignment.fit=prototype method.data_keep_slot_rows=true
+lever task keep-slot-rows method.data_keep_slot_rows=true
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
@@ -98,6 +103,7 @@ echo "class/refs long-text sdlora $seed $class $sdlora_class" >> "$jobs"
 echo "class/refs-ridge long-text frozen $seed $class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-ridge long-text sdlora $seed $class $sdlora_class alignment.fit=ridge" >> "$jobs"
 echo "class/refs-prototype long-text sdlora $seed $class $sdlora_class alignment.fit=prototype" >> "$jobs"
+echo "class/refs-prototype long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14 alignment.fit=prototype" >> "$jobs"
 echo "class/refs-rp-ridge long-text sdlora $seed $class $sdlora_class $rp" >> "$jobs"
 echo "class/refs-rp-split long-text sdlora $seed $class $sdlora_class $split" >> "$jobs"
 echo "task/refs long-text sulora-nofusion $seed $task $sulora method.alpha=2.0 method.num_slots=14" >> "$jobs"
