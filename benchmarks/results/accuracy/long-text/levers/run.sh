@@ -8,8 +8,9 @@
 #
 # Which pairs fusion folds (fusion_score, fusion, fusion_gamma) barely changes a class-incremental
 # run with the data allocator: a fused pair keeps its exact contribution in the weight, and that
-# allocator's new rows lie outside the earlier inputs' subspace, which holds the earlier slots'
-# rows, whichever of them are live (docs/methods.md). Under task-aware inference they can
+# allocator's new rows lie outside the earlier inputs' subspace, which holds most of the earlier
+# slots' rows, whichever of them are live (all of them with method.data_keep_slot_rows=true;
+# docs/methods.md). Under task-aware inference they can
 # (a fused pair can no longer be left out of an earlier task's evaluation), so those levers run
 # task-incremental; the others run class-incremental. References on the same split: SuLoRA
 # without fusion (14 slots) and the adapter-free `frozen` (and RanPAC, class-incremental).
