@@ -293,41 +293,49 @@ def test_official_harness_counts_nested_evaluation_as_evaluation():
         parse_runs("sulora:fp32:fast")
 
 
-def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
-    from benchmarks.perf.official_sdlora import experience_record, summarize
+def official_party(name, precision, seconds):
+    """A party's record of one experience: ``seconds`` of training for 1,000 images."""
+    from benchmarks.perf.official_sdlora import experience_record
 
-    def party(name, precision, seconds):
-        return {"party": name, "precision": precision, "peak_memory_mb": 1024.0, "config": None,
-                "experiences": [experience_record(0, seconds + 1, {"train": seconds,
-                                                                   "eval": 0.5}, 1000, 100)]}
+    return {"party": name, "precision": precision, "peak_memory_mb": 1024.0, "config": None,
+            "experiences": [experience_record(0, seconds + 1, {"train": seconds, "eval": 0.5},
+                                              1000, 100)]}
 
-    runs = [party("official", "fp32", 2.0), party("sdlora", "fp32", 1.25),
-            party("sulora", "fp32", 1.0)]
-    ratios = summarize(runs)
-    assert ratios["sdlora:fp32"][0]["train_images_per_s"] == pytest.approx(1.6)
+
+def official_report(tmp_path, runs):
+    """The comparison file of ``runs`` written as the harness writes it; its report's lines."""
+    from benchmarks.perf.official_sdlora import summarize
+
     payload = {"device": "GPU", "commit": "abc1234def", "torch": "2", "versions": {"timm": "1"},
                "settings": {"backbone": "vit", "benchmark": "b", "image_size": 224,
                             "experiences": 1, "epochs": 1, "batch_size": 8, "workers": 0,
                             "official_config": "exps/x.json", "recipe": "paper/x"},
-               "ratios_to_official": ratios, "runs": runs}
-    (tmp_path / "official_sdlora").mkdir()
+               "ratios_to_official": summarize(runs), "runs": runs}
+    (tmp_path / "official_sdlora").mkdir(exist_ok=True)
     (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
-    text = "\n".join(report.official_sdlora(tmp_path))
+    return payload, "\n".join(report.official_sdlora(tmp_path))
+
+
+def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
+    from benchmarks.perf.official_sdlora import experience_record
+
+    party = official_party
+    runs = [party("official", "fp32", 2.0), party("sdlora", "fp32", 1.25),
+            party("sulora", "fp32", 1.0)]
+    payload, text = official_report(tmp_path, runs)
+    assert payload["ratios_to_official"]["sdlora:fp32"][0]["train_images_per_s"] == \
+        pytest.approx(1.6)
     assert "`abc1234`" in text and "| SD-LoRA | fp32 | 1 |" in text
     assert "- SD-LoRA, training loop: 1.60x (experiences 1-1): met." in text
     assert "- SuLoRA, training loop: 2.00x (experiences 1-1): met." in text
     runs[2]["experiences"][0] = experience_record(0, 2.5, {"train": 1.5, "eval": 0.5}, 1000, 100)
-    payload["ratios_to_official"] = summarize(runs)
-    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
-    text = "\n".join(report.official_sdlora(tmp_path))
+    payload, text = official_report(tmp_path, runs)
     assert "- SuLoRA, training loop: 1.33x (experiences 1-1): **not met**." in text
     compiled = party("sulora", "fp32", 4.0)  # compilation in its first epoch
     compiled["compile"] = True
     compiled["experiences"][0]["epoch_images_per_s"] = [100.0, 900.0]
     runs.append(compiled)
-    payload["ratios_to_official"] = summarize(runs)
-    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
-    text = "\n".join(report.official_sdlora(tmp_path))
+    payload, text = official_report(tmp_path, runs)
     assert "| SuLoRA | fp32, compiled | 1 |" in text
     assert "- SuLoRA compiled, training loop: 0.50x (experiences 1-1): **not met**." in text
     assert ("- SuLoRA compiled, its last epoch against the official training loop: 1.80x "
@@ -341,31 +349,17 @@ def test_official_comparison_report_judges_the_target_from_the_ratios(tmp_path):
 
 
 def test_official_comparison_pairs_each_run_with_the_official_loop_of_its_precision(tmp_path):
-    from benchmarks.perf.official_sdlora import experience_record, summarize
-
-    def party(name, precision, seconds):
-        return {"party": name, "precision": precision, "compile": False, "peak_memory_mb": None,
-                "config": None,
-                "experiences": [experience_record(0, seconds + 1, {"train": seconds,
-                                                                   "eval": 0.5}, 1000, 100)]}
-
+    party = official_party
     runs = [party("official", "fp32", 4.0), party("official", "tf32", 2.0),
             party("sulora", "tf32", 1.0), party("sulora", "fp32", 3.2),
             party("sulora", "bf16", 0.5)]
-    ratios = summarize(runs)
+    payload, text = official_report(tmp_path, runs)
+    ratios = payload["ratios_to_official"]
     assert ratios["sulora:tf32"][0]["train_images_per_s"] == pytest.approx(2.0)
     assert ratios["sulora:tf32"][0]["against"] == "official:tf32"
     assert ratios["sulora:fp32"][0]["train_images_per_s"] == pytest.approx(1.25)
     assert ratios["sulora:bf16"][0]["against"] == "official:fp32"  # no official bf16 loop
     assert ratios["sulora:bf16"][0]["train_images_per_s"] == pytest.approx(8.0)
-    payload = {"device": "GPU", "commit": "abc1234def", "torch": "2", "versions": {"timm": "1"},
-               "settings": {"backbone": "vit", "benchmark": "b", "image_size": 224,
-                            "experiences": 1, "epochs": 1, "batch_size": 8, "workers": 0,
-                            "official_config": "exps/x.json", "recipe": "paper/x"},
-               "ratios_to_official": ratios, "runs": runs}
-    (tmp_path / "official_sdlora").mkdir()
-    (tmp_path / "official_sdlora" / "official_sdlora.json").write_text(json.dumps(payload))
-    text = "\n".join(report.official_sdlora(tmp_path))
     assert "at equal batch size and precision (fp32):\n- SuLoRA, training loop: 1.25x" in text
     assert "at equal batch size and precision (tf32):\n- SuLoRA, training loop: 2.00x" in text
 
