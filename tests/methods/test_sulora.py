@@ -11,9 +11,11 @@ from cl_sulora.errors import CapacityError
 from cl_sulora.models import ContinualClassifier, make_head
 from tests.helpers import (
     TinyBert,
+    _dataset,
     domain_stream,
     image_stream,
     make_strategy,
+    nc_benchmark,
     text_stream,
     tiny_vit,
 )
@@ -340,3 +342,48 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
         torch.testing.assert_close(A @ A.T, torch.eye(len(A), dtype=torch.float64), atol=1e-5,
                                    rtol=0)
         assert layer.input_basis.shape[0] > 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_model, keep):
+    """Two slots for four experiences: from the third on, fusion frees a slot before each. With
+    ``data_keep_slot_rows`` every row given out over the stream stays orthogonal to every other,
+    fused or live, in every layer; without it a later slot takes freed directions again."""
+    from avalanche.core import SupervisedPlugin
+
+    class Given(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.rows: dict[str, list[torch.Tensor]] = {}
+
+        def after_training_exp(self, strategy, **kwargs):  # first: before the slot ends
+            for name, layer in subspace_lora_layers(strategy.model).items():
+                rows = layer.lora_A[list(layer.slots.training_rows)].detach().double()
+                self.rows.setdefault(name, []).append(rows)
+
+    config = SubspaceLoRAConfig(rank=2, num_slots=2, allocator="data", data_energy=0.5,
+                                data_max_samples=8, data_keep_slot_rows=keep)
+    given = Given()
+    strategy = make_strategy(vit_model, config, epochs=1, plugins=[given])
+    strategy.plugins.remove(given)
+    strategy.plugins.insert(0, given)
+    # every experience draws its images from one distribution (the classes differ slightly):
+    # each new task's top input directions are those of the earlier ones
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8).repeat_interleave(12)
+    x = (torch.randn(len(y), 3, 1, 1, generator=g) * torch.randn(3, 8, 8, generator=g)
+         + 0.1 * torch.randn(8, 3, 8, 8, generator=g)[y] + 0.05 * torch.randn(len(y), 3, 8, 8,
+                                                                               generator=g))
+    stream = nc_benchmark(_dataset(x, y), _dataset(x, y), 4, task_labels=False, shuffle=False)
+    for experience in stream.train_stream:
+        strategy.train(experience)
+    overlaps = []
+    for rows in given.rows.values():
+        assert len(rows) == 4
+        stacked = torch.cat(rows)
+        gram = stacked @ stacked.T
+        overlaps.append(float((gram - torch.diag(gram.diagonal())).abs().max()))
+    if keep:
+        assert max(overlaps) < 1e-4
+    else:
+        assert max(overlaps) > 0.1

@@ -206,6 +206,7 @@ class DataAllocator(Allocator):
         return span_rows(torch.cat([used, pad_stack(bases, used.shape[-1], used.device)], -2))
 
     def directions_for(self, layers, owner, n=None):
+        """As the base class; the rows are kept until :meth:`update` (``keep_slot_rows``)."""
         found = super().directions_for(layers, owner, n)
         self._given.update(found)
         return found
