@@ -86,6 +86,10 @@ lever task prototype-heads alignment.fit=prototype alignment.task_heads=true
 lever class keep-slot-rows method.data_keep_slot_rows=true
 lever class prototype-keep-slot-rows alignment.fit=prototype method.data_keep_slot_rows=true
 lever task keep-slot-rows method.data_keep_slot_rows=true
+# a smaller input basis (energy 0.3 keeps the fewest directions holding 30% of each task's input
+# energy): later slots may take more of a new task's own energy, at more overlap with earlier
+# tasks' inputs (which under task-aware inference reach an earlier task only once fused)
+lever task energy-0.3 method.data_energy=0.3
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
