@@ -99,6 +99,7 @@ lever class rp-split-alpha-8 $split method.alpha=8.0
 lever class rp-split-orthogonal $split method.allocator=orthogonal
 lever class rp-split-principal $split method.allocator=principal
 lever class rp-split-energy-0.7 $split method.data_energy=0.7
+lever class rp-split-energy-0.3 $split method.data_energy=0.3
 echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen $seed $class" >> "$jobs"
 echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
