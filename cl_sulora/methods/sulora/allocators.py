@@ -181,7 +181,7 @@ class DataAllocator(Allocator):
                 for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)]
         grown, top = grow_bases(
             [layers[name].input_basis for name in names], covs, self.energy,
-            [layers[name].in_features - layers[name].lora_A.shape[0] for name in names],
+            [_basis_room(layers[name]) for name in names],
         )
         self._covariances = dict(zip(names, covs, strict=True))
         self._grown = dict(zip(names, grown, strict=True))
@@ -206,9 +206,10 @@ class DataAllocator(Allocator):
         return span_rows(torch.cat([used, pad_stack(bases, used.shape[-1], used.device)], -2))
 
     def directions_for(self, layers, owner, n=None):
-        """As the base class; the rows are kept until :meth:`update` (``keep_slot_rows``)."""
+        """As the base class; with ``keep_slot_rows`` the rows are kept until :meth:`update`."""
         found = super().directions_for(layers, owner, n)
-        self._given.update(found)
+        if self.keep_slot_rows:
+            self._given.update(found)
         return found
 
     def choose(self, candidates, used, n, generators):
@@ -226,9 +227,8 @@ class DataAllocator(Allocator):
     def update(self, layers):
         for name, basis in zip(layers, _lookup(self._grown, list(layers), "prepared"),
                                strict=True):
-            if self.keep_slot_rows and name in self._given:
-                layer = layers[name]
-                room = layer.in_features - layer.lora_A.shape[0] - basis.shape[0]
+            if name in self._given:
+                room = _basis_room(layers[name]) - basis.shape[0]
                 rows = orthonormal_rows(project_out(self._given[name].to(basis), basis))
                 basis = torch.cat([basis, rows[:max(room, 0)]])
             layers[name].input_basis = basis.to(layers[name].input_basis)
@@ -242,6 +242,12 @@ def _lookup(store: dict[str, Tensor], names: list[str], what: str) -> list[Tenso
         raise RuntimeError(f"no {what} input statistics for layer {missing[0]!r}: the data "
                            "allocator needs prepare() with the experience's covariances first")
     return [store[name] for name in names]
+
+
+def _basis_room(layer: SubspaceLoRALinear) -> int:
+    """The most rows a layer's kept input basis may have: the input dimension less ``A``'s rows,
+    so the basis and every row of ``A`` always fit side by side."""
+    return layer.in_features - layer.lora_A.shape[0]
 
 
 def _top_block(sym: Tensor) -> Tensor:
