@@ -22,6 +22,7 @@ from ..training import distributed
 from . import reproduce as reproduction
 from .config import (
     FLAG_KEYS,
+    PRECISIONS,
     RunConfig,
     benchmark_label,
     modality,
@@ -148,7 +149,7 @@ def _add_reproduce(commands: Any) -> None:
     add("--data-root", help="folder with the unpacked data (default $CL_SULORA_DATA)")
     add("--backbone-weights", help="local weights of an image backbone (see run --help)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    add("--precision", choices=["fp32", "tf32", "bf16"],
+    add("--precision", choices=PRECISIONS,
         help="override the recipe's precision (tf32 needs a CUDA device)")
     add("--overwrite", action="store_true",
         help="replace records in --out that another run config wrote")
@@ -213,7 +214,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="deterministic kernels (bit-reproducible on CPU)",
     )
     add("--compile", action="store_true", default=None, help="torch.compile the backbone")
-    add("--precision", choices=["fp32", "tf32", "bf16"],
+    add("--precision", choices=PRECISIONS,
         help="fp32 (default), tf32 (float32 with TF32 matrix products; CUDA only) or bf16 "
         "(autocast)")
     add(

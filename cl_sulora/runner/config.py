@@ -8,7 +8,7 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import torch
 import yaml
@@ -50,6 +50,10 @@ FLAG_KEYS = {
     "precision": "precision",
 }
 
+#: fp32 (torch's defaults), tf32 (float32 tensors, TF32 matrix products; CUDA only), bf16 (autocast)
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
 
 class BackboneConfig(BaseModel):
     """Which backbone and how it reads its input (see
@@ -83,7 +87,7 @@ class RunConfig(BaseModel):
     method_name: str
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     device: str = "auto"
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False
     deterministic: bool = False
     out: str = "results"

@@ -279,6 +279,15 @@ class Autocast(SupervisedPlugin, supports_distributed=True):
         self._exit(strategy)
 
 
+def tf32_switches(state: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Set torch's process-wide TF32 switches (matrix products, cuDNN convolutions) to
+    ``state``; returns the pair they had."""
+    backends = torch.backends
+    previous = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32)
+    backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32 = state
+    return previous
+
+
 class TF32(SupervisedPlugin, supports_distributed=True):
     """Float32 training and evaluation whose matrix products and convolutions run on TF32
     tensor cores (CUDA, Ampere or newer): inputs rounded to a 10-bit mantissa, sums in float32,
@@ -291,16 +300,11 @@ class TF32(SupervisedPlugin, supports_distributed=True):
         self._saved: list[tuple[bool, bool]] = []
 
     def _enter(self) -> None:
-        backends = torch.backends
-        self._saved.append((backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32))
-        backends.cuda.matmul.allow_tf32 = True
-        backends.cudnn.allow_tf32 = True
+        self._saved.append(tf32_switches((True, True)))
 
     def _exit(self) -> None:
         if self._saved:
-            matmul, cudnn = self._saved.pop()
-            torch.backends.cuda.matmul.allow_tf32 = matmul
-            torch.backends.cudnn.allow_tf32 = cudnn
+            tf32_switches(self._saved.pop())
 
     def before_training(self, strategy, **kwargs):
         self._enter()
