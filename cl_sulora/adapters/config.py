@@ -78,6 +78,15 @@ class SubspaceLoRAConfig(AdapterTargets):
             fusion has freed it (without it only the rows in use are excluded, and a slot's
             rows beyond what the energy rule kept may be handed out again after their fusion).
             Costs up to ``rank`` more basis rows per experience.
+        data_gain_limit: the largest gain on a new slot's update under the ``data`` allocator
+            (1, the default: no gain). The slot's ``B`` trains as ``g * B'`` with
+            ``g = min(data_gain_limit, sqrt(E_top / E_slot))``: ``E_slot`` is the experience's
+            input energy along the slot's rows, ``E_top`` the most any ``rank`` rows could
+            hold. Rows outside earlier experiences' input subspace may see a few percent of a
+            new experience's energy, so under Adam(W) (whose step ignores the gradient's scale)
+            their slot moves the layer's output far less per step than a slot on the top
+            directions; the gain evens that out. The gain is folded into ``B`` when the slot
+            ends.
         slot_magnitudes: also train, in every experience, one scale per earlier slot and layer
             (SD-LoRA's learned magnitudes of frozen directions), folded into those slots' ``B``
             when the experience ends: the directions stay fixed, their weights adapt.
@@ -101,6 +110,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     data_energy: float = 0.95
     data_max_samples: int = 256
     data_keep_slot_rows: bool = False
+    data_gain_limit: float = 1.0
     slot_magnitudes: bool = False
     trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
     seed: int = 0
@@ -122,6 +132,13 @@ class SubspaceLoRAConfig(AdapterTargets):
             raise ValueError("data_keep_slot_rows applies to allocator='data' only (the kept "
                              f"input basis), not {self.allocator!r}: set allocator='data' or "
                              "leave data_keep_slot_rows false")
+        if self.data_gain_limit < 1.0:
+            raise ValueError(f"data_gain_limit must be >= 1 (1: no gain), got "
+                             f"{self.data_gain_limit}")
+        if self.data_gain_limit > 1.0 and self.allocator != "data":
+            raise ValueError("data_gain_limit applies to allocator='data' only (the gain comes "
+                             f"from its input statistics), not {self.allocator!r}: set "
+                             "allocator='data' or leave data_gain_limit at 1")
         check_targets(self.target_modules, self.qkv_parts)
         return self
 

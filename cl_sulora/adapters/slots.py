@@ -52,6 +52,8 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
         _assign(group, index, owner, rows)
         torch._foreach_zero_([t for layer in group
                               for t in (layer.importance_ema, layer.importance_unc)])
+        for layer in group:
+            layer.train_gain.fill_(1.0)
         for layer, rows_i, index_i in zip(group, (chosen[i] for i in members), index,
                                           strict=True):
             layer.slots.give(rows_i, owner)
@@ -93,9 +95,9 @@ def point_slots(layers: Sequence[SubspaceLoRALinear], directions: Sequence[Tenso
 @torch.no_grad()
 def end_slots(layers: Sequence[SubspaceLoRALinear],
               importances: Sequence[Tensor] | None = None) -> None:
-    """Freeze each layer's training slot: its ``B`` becomes part of the buffer ``lora_B``, its
-    pair importance (``importances[i]``, one value per column) is recorded, and the learned
-    magnitudes of earlier slots are folded into their ``B``."""
+    """Freeze each layer's training slot: its ``B`` (with the slot's gain) becomes part of the
+    buffer ``lora_B``, its pair importance (``importances[i]``, one value per column) is
+    recorded, and the learned magnitudes of earlier slots are folded into their ``B``."""
     position = {id(layer): i for i, layer in enumerate(layers)}
     active = [layer for layer in layers if layer.lora_B_train is not None]
     for layer in active:
@@ -105,12 +107,14 @@ def end_slots(layers: Sequence[SubspaceLoRALinear],
         group = [active[i] for i in members]
         index = torch.stack([layer.slots.train_rows for layer in group])
         _scatter([layer.lora_B for layer in group], 1, index,
-                 torch.stack([layer.lora_B_train.detach() for layer in group]))
+                 torch.stack([layer.lora_B_train.detach() * layer.train_gain
+                              for layer in group]))
         if importances is not None:
             scores = torch.stack([importances[position[id(layer)]] for layer in group])
             _scatter([layer.row_importance for layer in group], 0, index, scores)
         for layer in group:
             layer.lora_B_train = None
+            layer.train_gain.fill_(1.0)
             layer.slots.end_training()
     _changed(active)
 
@@ -125,6 +129,7 @@ def discard_slots(layers: Sequence[SubspaceLoRALinear]) -> None:
     for layer in active:
         layer.lora_B_train = None
         layer.lora_magnitude = None
+        layer.train_gain.fill_(1.0)
         layer.importance_ema.zero_()
         layer.importance_unc.zero_()
         layer.slots.end_training()

@@ -33,6 +33,9 @@ class SubspaceLoRALinear(AdaptedLinear):
     orthonormal, and costing a rank-``rank`` projection of the input instead of a full weight
     gradient. The live rows come from the slot table's caches, never gathered in the forward.
 
+    The training slot's ``B`` may carry a gain (:meth:`set_training_gain`): its update is
+    ``gain * lora_B_train``, the gain folded into ``lora_B`` when the slot ends.
+
     With ``slot_magnitudes``, the training experience also learns one scale per earlier slot
     (:attr:`lora_magnitude`, in the order of ``slots.magnitude_owners()``; SD-LoRA's
     magnitudes on frozen directions), folded into those slots' ``B`` when the training slot ends.
@@ -79,6 +82,8 @@ class SubspaceLoRALinear(AdaptedLinear):
         self.register_buffer("importance_unc", torch.zeros(n_out, rank, device=device))
         # input subspace of earlier experiences, kept by the ``data`` allocator (rows)
         self.register_buffer("input_basis", torch.zeros(0, d_in, **factory))
+        # the training slot's gain: its update is train_gain * lora_B_train (1 between slots)
+        self.register_buffer("train_gain", torch.ones((), **factory))
         self.lora_B_train: nn.Parameter | None = None
         self.lora_magnitude: nn.Parameter | None = None
         self.slots = SlotTable(total, d_in, d_out, **factory)
@@ -125,6 +130,14 @@ class SubspaceLoRALinear(AdaptedLinear):
         given as a list (or a CPU tensor) costs no synchronisation with the device.
         """
         slots.fuse_rows([self], [rows])
+
+    @torch.no_grad()
+    def set_training_gain(self, gain: Tensor | float) -> None:
+        """Scale the training slot's update: ``B`` of its rows is ``gain * lora_B_train``
+        (call it while ``lora_B_train`` is zero, or the slot's output jumps)."""
+        if self.lora_B_train is None:
+            raise RuntimeError("no slot is training: start_slot() first")
+        self.train_gain.fill_(gain)
 
     def reset_training_rows(self, local: Tensor | Sequence[int] | None,
                             directions: Tensor) -> None:
@@ -176,7 +189,8 @@ class SubspaceLoRALinear(AdaptedLinear):
         """``B`` over all rows, the training slot's columns taken from the parameter."""
         if self.lora_B_train is None:
             return self.lora_B
-        return self.lora_B.index_copy(1, self.slots.train_rows, self.lora_B_train.detach())
+        return self.lora_B.index_copy(1, self.slots.train_rows,
+                                      self.lora_B_train.detach() * self.train_gain)
 
     def pair_norms(self) -> Tensor:
         """Norm of each row's ``B`` column (zero for free rows): the Frobenius norm of the row's
@@ -192,13 +206,15 @@ class SubspaceLoRALinear(AdaptedLinear):
             frozen = frozen * self.lora_magnitude[table.magnitude_index]
         if self.lora_B_train is None or table.A_live.shape[0] == frozen.shape[1]:
             return frozen
-        return torch.cat([frozen, self.place(self.lora_B_train * self.scaling)], dim=1)
+        trained = self.lora_B_train * (self.train_gain * self.scaling)
+        return torch.cat([frozen, self.place(trained)], dim=1)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept ``input_basis`` at its saved size and create the parameters that exist
         mid-experience; the slot table is reloaded once the whole layer is
         (:meth:`reload_slots`)."""
+        state_dict.setdefault(prefix + "train_gain", torch.ones(()))  # saved without a gain
         saved = state_dict.get(prefix + "input_basis")
         if saved is not None:
             self.input_basis = self.input_basis.new_empty(saved.shape)
@@ -228,7 +244,8 @@ class SubspaceLoRALinear(AdaptedLinear):
         return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
     #: State entries whose size changes with the experiences (or that exist mid-experience).
-    VARIABLE_STATE = ("input_basis", "slots.train_rows", "lora_B_train", "lora_magnitude")
+    VARIABLE_STATE = ("input_basis", "slots.train_rows", "lora_B_train", "lora_magnitude",
+                      "train_gain")
 
     def state_mismatch(self, state: dict[str, Tensor]) -> str | None:
         """Why ``state`` (from :meth:`adapter_state`) cannot be loaded into this layer: a

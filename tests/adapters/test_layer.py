@@ -390,3 +390,43 @@ def test_importance_update_follows_the_adalora_formula_for_every_layer():
             torch.testing.assert_close(layer.importance_unc, unc[i])
     assert (pair_scores(layers[0]) > 0).all()
     assert layers[2].lora_B_train is None
+
+
+def test_training_gain_scales_the_slot_and_is_folded_into_B_when_it_ends():
+    layer = make_layer()
+    fill_slot(layer, 0, 1)
+    layer.start_slot(1, directions_outside(
+        torch.randn(4, 16), layer.lora_A[layer.slots.used_rows()], 2))
+    layer.set_training_gain(3.0)
+    with torch.no_grad():
+        layer.lora_B_train.normal_()
+    x = torch.randn(5, 16)
+    rows = layer.slots.train_rows
+    frozen = layer.slots.rows_of(0)
+    want = (layer.base(x) + layer.scaling * (x @ layer.lora_A[frozen].T) @ layer.lora_B[:, frozen].T
+            + layer.scaling * 3.0 * (x @ layer.lora_A[rows].T) @ layer.lora_B_train.detach().T)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.pair_norms()[rows], 3.0 * layer.lora_B_train.norm(dim=0))
+    # the gradient reaches the slot through the gain (the activation path's, as without one)
+    layer(x).square().sum().backward()
+    assert layer.lora_B_train.grad.abs().max() > 0
+    layer.fuse(rows[:1])  # a fused training pair keeps its exact contribution
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-5)
+    layer.end_slot()
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-5)  # the gain is in lora_B now
+    assert float(layer.train_gain) == 1.0
+    with pytest.raises(RuntimeError, match="no slot is training"):
+        layer.set_training_gain(2.0)
+
+
+def test_a_state_saved_without_a_training_gain_still_loads():
+    layer = make_layer()
+    fill_slot(layer, 0, 1)
+    state = {k: v for k, v in layer.state_dict().items() if k != "train_gain"}
+    other = make_layer(seed=1)
+    other.load_state_dict(state)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(other(x), layer(x))
+    assert float(other.train_gain) == 1.0
+    assert other.state_mismatch({k: v for k, v in layer.adapter_state().items()
+                                 if k != "train_gain"}) is None

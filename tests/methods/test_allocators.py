@@ -179,3 +179,45 @@ def test_extend_basis_follows_the_energy_rule():
     grown = extend_basis(basis, cov, 0.99, 8)  # keeps the basis, adds what the rule asks
     torch.testing.assert_close(grown[:2], basis)
     assert grown.shape[0] == 3
+
+
+def test_data_allocator_gain_evens_out_the_energy_a_slot_can_reach():
+    """The second experience's inputs lie mostly in the first one's directions: its slot, outside
+    them, holds a small share of its energy and gets the gain sqrt(E_top / E_slot), capped."""
+    torch.manual_seed(0)
+    d = 12
+    gains = {}
+    for limit in (1.0, 2.0, 100.0):
+        layer = SubspaceLoRALinear(nn.Linear(d, 5), rank=2, num_slots=3, alpha=1.0)
+        alloc = DataAllocator(energy=0.99, gain_limit=limit)
+        found = []
+        for owner, scales in enumerate(([4.0, 3.0], [4.0, 3.0, 0.4, 0.3])):
+            cov = _experience_cov(d, scales)
+            alloc.prepare({"l": layer}, {"l": cov})
+            rows = alloc.directions_for({"l": layer}, owner)
+            layer.start_slot(owner, rows["l"])
+            found.append(alloc.gains({"l": layer}, rows).get("l"))
+            layer.end_slot()
+            alloc.update({"l": layer})
+        gains[limit] = found
+        if limit == 100.0:
+            top = torch.linalg.eigvalsh(cov)[-2:].sum()
+            held = ((rows["l"] @ cov) * rows["l"]).sum()
+            assert float(held / top) < 0.05
+            torch.testing.assert_close(found[1], (top / held).sqrt())
+    assert gains[1.0] == [None, None]  # no gain by default
+    assert abs(float(gains[100.0][0]) - 1.0) < 1e-6  # the first slot has the top directions
+    assert float(gains[100.0][1]) > 4.0
+    assert float(gains[2.0][1]) == 2.0
+
+
+def test_data_gain_limit_is_wired_and_needs_the_data_allocator():
+    from cl_sulora.adapters.config import SubspaceLoRAConfig
+    from cl_sulora.methods.sulora.plugin import SuLoRAPlugin
+
+    plugin = SuLoRAPlugin(SubspaceLoRAConfig(allocator="data", data_gain_limit=8.0))
+    assert plugin.allocator.gain_limit == 8.0
+    with pytest.raises(ValueError, match="data_gain_limit applies to allocator='data'"):
+        SubspaceLoRAConfig(allocator="principal", data_gain_limit=8.0)
+    with pytest.raises(ValueError, match="data_gain_limit must be >= 1"):
+        SubspaceLoRAConfig(allocator="data", data_gain_limit=0.5)

@@ -344,6 +344,17 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
         assert layer.input_basis.shape[0] > 0
 
 
+def shared_input_stream():
+    """Four experiences whose images come from one distribution (the classes differ slightly):
+    each new task's top input directions are those of the earlier ones."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(8).repeat_interleave(12)
+    x = (torch.randn(len(y), 3, 1, 1, generator=g) * torch.randn(3, 8, 8, generator=g)
+         + 0.1 * torch.randn(8, 3, 8, 8, generator=g)[y] + 0.05 * torch.randn(len(y), 3, 8, 8,
+                                                                               generator=g))
+    return nc_benchmark(_dataset(x, y), _dataset(x, y), 4, task_labels=False, shuffle=False)
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_model, keep):
     """Two slots for four experiences: from the third on, fusion frees a slot before each. With
@@ -367,15 +378,7 @@ def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_m
     strategy = make_strategy(vit_model, config, epochs=1, plugins=[given])
     strategy.plugins.remove(given)
     strategy.plugins.insert(0, given)
-    # every experience draws its images from one distribution (the classes differ slightly):
-    # each new task's top input directions are those of the earlier ones
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(8).repeat_interleave(12)
-    x = (torch.randn(len(y), 3, 1, 1, generator=g) * torch.randn(3, 8, 8, generator=g)
-         + 0.1 * torch.randn(8, 3, 8, 8, generator=g)[y] + 0.05 * torch.randn(len(y), 3, 8, 8,
-                                                                               generator=g))
-    stream = nc_benchmark(_dataset(x, y), _dataset(x, y), 4, task_labels=False, shuffle=False)
-    for experience in stream.train_stream:
+    for experience in shared_input_stream().train_stream:
         strategy.train(experience)
     overlaps = []
     for rows in given.rows.values():
@@ -387,3 +390,46 @@ def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_m
         assert max(overlaps) < 1e-4
     else:
         assert max(overlaps) > 0.1
+
+
+@pytest.mark.parametrize("limit", [1.0, 20.0])
+def test_data_gain_limit_trains_later_slots_with_a_gain_folded_in_at_their_end(vit_model, limit):
+    """On a stream whose tasks share their inputs, the data allocator's later slots hold little
+    of their experience's input energy: with ``data_gain_limit`` they train with a gain above
+    one (the first slot, on its experience's top directions, with none), and the model's
+    output is the same just before and just after the slot ends."""
+    from avalanche.core import SupervisedPlugin
+
+    probe = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    class Gains(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.gains, self.outputs = [], []
+
+        def after_training_exp(self, strategy, **kwargs):  # first: before the slot ends
+            layers = subspace_lora_layers(strategy.model).values()
+            self.gains.append([float(layer.train_gain) for layer in layers])
+            strategy.model.eval()
+            with torch.no_grad():
+                self.outputs.append(strategy.model(probe))
+
+    config = SubspaceLoRAConfig(rank=2, num_slots=4, allocator="data", data_energy=0.9,
+                                data_max_samples=8, data_gain_limit=limit)
+    gains = Gains()
+    strategy = make_strategy(vit_model, config, epochs=1, plugins=[gains])
+    strategy.plugins.remove(gains)
+    strategy.plugins.insert(0, gains)
+    for experience in shared_input_stream().train_stream:
+        strategy.train(experience)
+        strategy.model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(strategy.model(probe), gains.outputs[-1])
+        assert all(float(layer.train_gain) == 1.0
+                   for layer in subspace_lora_layers(strategy.model).values())
+    assert max(gains.gains[0]) < 1.01
+    later = [gain for exp in gains.gains[1:] for gain in exp]
+    if limit == 1.0:
+        assert max(later) == 1.0
+    else:
+        assert min(later) >= 1.0 and max(later) > 2.0 and max(later) <= limit

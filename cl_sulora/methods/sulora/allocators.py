@@ -100,6 +100,12 @@ class Allocator:
     def discard(self) -> None:
         """Forget what :meth:`prepare` received (an experience that did not finish)."""
 
+    def gains(self, layers: dict[str, SubspaceLoRALinear],
+              directions: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The gain each layer's new slot trains with (:meth:`SubspaceLoRALinear.
+        set_training_gain`), for the layers that get one (none here)."""
+        return {}
+
 
 def used_basis(layers: list[SubspaceLoRALinear]) -> Tensor:
     """``L x R x d`` float64 stack of the layers' ``A`` with the free rows zeroed: an orthonormal
@@ -156,15 +162,23 @@ class DataAllocator(Allocator):
     ``keep_slot_rows`` ``update`` adds the slot's rows to the basis too, so rows that fusion
     frees are never handed out again (while the basis has room: it stops at the input
     dimension less the rows of ``A``).
+
+    Rows outside the basis may hold a few percent of the experience's input energy. With
+    ``gain_limit`` above 1, :meth:`gains` gives each slot the gain ``sqrt(E_top / E_slot)``
+    (at most ``gain_limit``): ``E_slot`` the energy along its rows, ``E_top`` the most any
+    ``rank`` rows could hold, so that its update moves the layer's output per Adam step about
+    as much as a slot on the top directions would.
     """
 
     name = "data"
     needs_data = True
 
-    def __init__(self, seed: int = 0, energy: float = 0.95, keep_slot_rows: bool = False) -> None:
+    def __init__(self, seed: int = 0, energy: float = 0.95, keep_slot_rows: bool = False,
+                 gain_limit: float = 1.0) -> None:
         super().__init__(seed)
         self.energy = energy
         self.keep_slot_rows = keep_slot_rows
+        self.gain_limit = gain_limit
         self._covariances: dict[str, Tensor] = {}
         self._top: dict[str, Tensor] = {}
         self._grown: dict[str, Tensor] = {}
@@ -221,6 +235,20 @@ class DataAllocator(Allocator):
             return rows
         return super().choose(candidates, used, n, generators)
 
+    def gains(self, layers, directions):
+        if self.gain_limit <= 1.0:
+            return {}
+        names = list(layers)
+        found = {}
+        for name, cov in zip(names, _lookup(self._covariances, names, "prepared"), strict=True):
+            cov = cov.double()
+            rows = directions[name].to(cov)
+            top = torch.linalg.eigvalsh(cov)[-rows.shape[0]:].sum()
+            held = ((rows @ cov) * rows).sum()
+            ratio = top / held.clamp_min(torch.finfo(cov.dtype).tiny)
+            found[name] = ratio.sqrt().clamp(1.0, self.gain_limit)
+        return found
+
     def discard(self):
         self._covariances, self._top, self._grown, self._given = {}, {}, {}, {}
 
@@ -262,10 +290,10 @@ ALLOCATORS: dict[str, type[Allocator]] = {
 
 
 def build_allocator(name: str, *, seed: int = 0, energy: float = 0.95,
-                    keep_slot_rows: bool = False) -> Allocator:
+                    keep_slot_rows: bool = False, gain_limit: float = 1.0) -> Allocator:
     """Allocator by name: ``orthogonal``, ``principal`` or ``data``."""
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {sorted(ALLOCATORS)}")
     if name == "data":
-        return DataAllocator(seed, energy, keep_slot_rows)
+        return DataAllocator(seed, energy, keep_slot_rows, gain_limit)
     return ALLOCATORS[name](seed)

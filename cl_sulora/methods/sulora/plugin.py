@@ -65,7 +65,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.inference = inference
         self.allocator = build_allocator(config.allocator, seed=config.seed,
                                          energy=config.data_energy,
-                                         keep_slot_rows=config.data_keep_slot_rows)
+                                         keep_slot_rows=config.data_keep_slot_rows,
+                                         gain_limit=config.data_gain_limit)
         self.fusion = build_fusion_policy(config.fusion, gamma=config.fusion_gamma)
         self._principal = PrincipalAllocator(config.seed)
         self.owner_task: dict[int, int] = {}
@@ -135,7 +136,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
         Until then the slot's rows are zero: they add nothing to the forward pass and its ``B``
         gets zero gradients, so those batches train the head alone. No extra pass over the
-        data is made."""
+        data is made. The slots take the allocator's gains (``data_gain_limit``)."""
         recorder, self._recorder = self._recorder, None
         recorder.close()
         layers = self._layers(strategy.model)
@@ -144,6 +145,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         owner = next(iter(layers.values())).training_owner
         directions = self.allocator.directions_for(layers, owner)
         point_slots(list(layers.values()), [directions[name] for name in layers])
+        for name, gain in self.allocator.gains(layers, directions).items():
+            layers[name].set_training_gain(gain)
         for layer in layers.values():
             strategy.optimizer.state.pop(layer.lora_B_train, None)
 
