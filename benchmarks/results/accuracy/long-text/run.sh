@@ -11,6 +11,7 @@
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] [SEEDS="0 1 2"] \
 #     [STRATEGIES="..."] [DEVICE=cpu] [FIT=ridge|prototype] [SETS="..." TAG=name] \
+#     [SULORA_SETS="..." TAG=name] \
 #     bash run.sh class|task
 #
 # STRATEGIES: the runs of these strategies only (names as in the jobs file: frozen sulora
@@ -27,6 +28,8 @@
 # TAG=rfsplit (RanPAC's split: a plain head trains, the projection feeds the solved head only;
 # class-incremental) writes <phase>-ridge-rfsplit/order<k>/. A random-features run holds 5-9 GB
 # of GPU memory: 15 side by side ran out on an 80 GB card, 14 did not.
+# SULORA_SETS: config values for the SuLoRA runs only, after the study's own (e.g.
+# SULORA_SETS=method.data_energy=0.3 TAG=e03), named by TAG like SETS.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # RECORDED (e.g. study): records of runs already made, in the same <phase>[-FIT][-TAG]/order<k>/
@@ -43,9 +46,10 @@ if [[ -n ${FIT:-} ]]; then
   flags="$flags --set alignment.fit=$FIT" folder=$phase-$FIT
   [[ $phase == class ]] || flags="$flags alignment.task_heads=true"
 fi
-if [[ -n ${SETS:-} ]]; then
-  [[ -n ${TAG:-} ]] || { echo "SETS needs TAG, the suffix of the folder its runs go to" >&2; exit 2; }
-  flags="$flags --set $SETS" folder=$folder-$TAG
+if [[ -n ${SETS:-}${SULORA_SETS:-} ]]; then
+  [[ -n ${TAG:-} ]] || { echo "SETS and SULORA_SETS need TAG (the folder suffix)" >&2; exit 2; }
+  folder=$folder-$TAG
+  [[ -z ${SETS:-} ]] || flags="$flags --set $SETS"
 fi
 if [[ $phase == class ]]; then
   flags="$flags --lr 2e-3"
@@ -56,6 +60,8 @@ else
   sulora="method.alpha=2.0 method.allocator=data method.data_energy=0.9"
   sd=1.0 inf=10.0
 fi
+sulora="$sulora${SULORA_SETS:+ $SULORA_SETS}"
+
 # NAME STRATEGY ARGS: a run of STRATEGY (a preset or a preset file) in every order and seed,
 # unless STRATEGIES leaves NAME out
 runs=()

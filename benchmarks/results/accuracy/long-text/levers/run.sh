@@ -90,6 +90,16 @@ lever task keep-slot-rows method.data_keep_slot_rows=true
 # energy): later slots may take more of a new task's own energy, at more overlap with earlier
 # tasks' inputs (which under task-aware inference reach an earlier task only once fused)
 lever task energy-0.3 method.data_energy=0.3
+lever task energy-0.6 method.data_energy=0.6
+lever task energy-0.1 method.data_energy=0.1
+# a gain on each new slot's update (data_gain_limit): the data allocator's rows may hold a few
+# percent of a new task's input energy, so under AdamW its slot moves the layer's output far less
+# per step than a slot on the task's top directions would; the gain sqrt(E_top / E_slot), capped,
+# evens that out (a task learned late in the stream, like those of order 2, may need it)
+lever class gain-4 method.data_gain_limit=4
+lever class gain-16 method.data_gain_limit=16
+lever task gain-4 method.data_gain_limit=4
+lever task gain-16 method.data_gain_limit=16
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
@@ -100,6 +110,8 @@ lever class rp-split-orthogonal $split method.allocator=orthogonal
 lever class rp-split-principal $split method.allocator=principal
 lever class rp-split-energy-0.7 $split method.data_energy=0.7
 lever class rp-split-energy-0.3 $split method.data_energy=0.3
+lever class rp-split-gain-4 $split method.data_gain_limit=4
+lever class rp-split-gain-16 $split method.data_gain_limit=16
 echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen $seed $class" >> "$jobs"
 echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
