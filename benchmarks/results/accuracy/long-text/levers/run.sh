@@ -100,6 +100,8 @@ lever class gain-4 method.data_gain_limit=4
 lever class gain-16 method.data_gain_limit=16
 lever task gain-4 method.data_gain_limit=4
 lever task gain-16 method.data_gain_limit=16
+lever task energy-0.1-gain-16 method.data_energy=0.1 method.data_gain_limit=16
+lever task ridge-heads-gain-16 alignment.fit=ridge alignment.task_heads=true method.data_gain_limit=16
 rp="backbone.random_features=10000 alignment.fit=ridge"
 lever class rp-ridge-head $rp
 lever task rp-ridge-heads $rp alignment.task_heads=true
