@@ -135,6 +135,16 @@ def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_pat
     assert "| ranpac | 50.0 |" in table and "| sulora | 42.0 ± 2.8 |" in table
     assert "sdlora" not in table
     assert "- device: cpu\n" in table  # one device: named alone
+    # --with again: a third folder adds what neither of the first two gave
+    third = tmp_path.parent / "baselines" / "order0"
+    third.mkdir(parents=True)
+    for strategy, acc in (("ranpac", 0.1), ("sdlora", 0.7)):
+        name = f"long-text-class-incremental-order0__{strategy}__seed0.json"
+        (third / name).write_text(json.dumps(record(strategy, 0, acc, 0)))
+    flags += ["--with", str(third.parent), "ranpac", "sdlora"]
+    assert summarize.main([str(tmp_path), "--orders", *flags]) == 0
+    table = (tmp_path / f"{label}__compare.md").read_text()
+    assert "| ranpac | 50.0 |" in table and "| sdlora | 70.0 |" in table
     from cl_sulora.runner.report import devices
     mixed = [{"device": "H200"}, {"device": "H100"}, {"device": "H100"}]
     assert devices(mixed) == "H100 (2 runs), H200 (1 run)"

@@ -12,7 +12,8 @@ baseline dominates (higher mean A_last at equal or lower memory). ``--with DIR S
 joins the runs of those strategies in ``DIR`` (read as with ``--orders``) that the folder does not
 hold, for the same benchmark and protocol, to every table and plot: e.g. the closed-form
 baselines, whose heads no alignment setting touches, beside the runs of a head regime recorded
-in a folder of its own.
+in a folder of its own. It may be given more than once; a strategy comes from the first folder
+that holds it.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--orders", action="store_true",
                         help="pool the stream orders of the subfolders into one table")
-    parser.add_argument("--with", dest="joined", nargs="+", metavar=("DIR", "STRATEGY"),
-                        help="join the runs of these strategies in DIR that DIRECTORY lacks")
+    parser.add_argument("--with", dest="joined", nargs="+", action="append", default=[],
+                        metavar=("DIR", "STRATEGY"),
+                        help="join the runs of these strategies in DIR that DIRECTORY (and an "
+                             "earlier --with) lacks; repeatable")
     args = parser.parse_args(argv)
     groups = group_results(args.directory, args.orders)
-    if args.joined:
-        if len(args.joined) < 2:
+    for joined in args.joined:
+        if len(joined) < 2:
             parser.error("--with needs a folder and at least one strategy")
-        folder, wanted = Path(args.joined[0]), set(args.joined[1:])
+        folder, wanted = Path(joined[0]), set(joined[1:])
         for label, records in group_results(folder, orders=True).items():
             if label in groups:
                 have = {r["strategy"] for r in groups[label]}
