@@ -114,6 +114,12 @@ lever class rp-split-energy-0.7 $split method.data_energy=0.7
 lever class rp-split-energy-0.3 $split method.data_energy=0.3
 lever class rp-split-gain-4 $split method.data_gain_limit=4
 lever class rp-split-gain-16 $split method.data_gain_limit=16
+# class-incrementally a gained slot also moves earlier tasks' outputs through the share of their
+# inputs outside the kept basis: a larger basis (energy 0.97, 0.99) leaves less of it, the gain
+# makes up for the smaller share of the new task's energy that the slot then holds
+lever class energy-0.97-gain-16 method.data_energy=0.97 method.data_gain_limit=16
+lever class rp-split-energy-0.97-gain-16 $split method.data_energy=0.97 method.data_gain_limit=16
+lever class rp-split-energy-0.99-gain-16 $split method.data_energy=0.99 method.data_gain_limit=16
 echo "class/refs long-text sulora-nofusion $seed $class $sulora method.alpha=4.0 method.num_slots=14" >> "$jobs"
 echo "class/refs long-text frozen $seed $class" >> "$jobs"
 echo "class/refs long-text ranpac $seed $class alignment.enabled=false" >> "$jobs"
