@@ -355,6 +355,15 @@ def shared_input_stream():
     return nc_benchmark(_dataset(x, y), _dataset(x, y), 4, task_labels=False, shuffle=False)
 
 
+def strategy_watched_first(model, config, plugin):
+    """A one-epoch SuLoRA strategy whose plugins start with ``plugin``: its
+    ``after_training_exp`` sees the slot before SuLoRA's ends it."""
+    strategy = make_strategy(model, config, epochs=1, plugins=[plugin])
+    strategy.plugins.remove(plugin)
+    strategy.plugins.insert(0, plugin)
+    return strategy
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_model, keep):
     """Two slots for four experiences: from the third on, fusion frees a slot before each. With
@@ -375,9 +384,7 @@ def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_m
     config = SubspaceLoRAConfig(rank=2, num_slots=2, allocator="data", data_energy=0.5,
                                 data_max_samples=8, data_keep_slot_rows=keep)
     given = Given()
-    strategy = make_strategy(vit_model, config, epochs=1, plugins=[given])
-    strategy.plugins.remove(given)
-    strategy.plugins.insert(0, given)
+    strategy = strategy_watched_first(vit_model, config, given)
     for experience in shared_input_stream().train_stream:
         strategy.train(experience)
     overlaps = []
@@ -417,9 +424,7 @@ def test_data_gain_limit_trains_later_slots_with_a_gain_folded_in_at_their_end(v
     config = SubspaceLoRAConfig(rank=2, num_slots=4, allocator="data", data_energy=0.9,
                                 data_max_samples=8, data_gain_limit=limit)
     gains = Gains()
-    strategy = make_strategy(vit_model, config, epochs=1, plugins=[gains])
-    strategy.plugins.remove(gains)
-    strategy.plugins.insert(0, gains)
+    strategy = strategy_watched_first(vit_model, config, gains)
     for experience in shared_input_stream().train_stream:
         strategy.train(experience)
         strategy.model.eval()
