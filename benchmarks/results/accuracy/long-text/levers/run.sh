@@ -112,6 +112,9 @@ lever class rp-split-orthogonal $split method.allocator=orthogonal
 lever class rp-split-principal $split method.allocator=principal
 lever class rp-split-energy-0.7 $split method.data_energy=0.7
 lever class rp-split-energy-0.3 $split method.data_energy=0.3
+# SD-LoRA's learned magnitudes of earlier slots: a new task that resembles earlier ones may
+# re-weight their directions where its own slot, outside their inputs, sees little
+lever class rp-split-magnitudes $split method.slot_magnitudes=true
 lever class rp-split-gain-4 $split method.data_gain_limit=4
 lever class rp-split-gain-16 $split method.data_gain_limit=16
 # class-incrementally a gained slot also moves earlier tasks' outputs through the share of their
