@@ -102,8 +102,8 @@ class Allocator:
 
     def gains(self, layers: dict[str, SubspaceLoRALinear],
               directions: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The gain each layer's new slot trains with (:meth:`SubspaceLoRALinear.
-        set_training_gain`), for the layers that get one (none here)."""
+        """The gain each layer's new slot trains with, for the layers that get one (none
+        here); see ``SubspaceLoRALinear.set_training_gain``."""
         return {}
 
 
