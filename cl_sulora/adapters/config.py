@@ -128,17 +128,18 @@ class SubspaceLoRAConfig(AdapterTargets):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
-        if self.data_keep_slot_rows and self.allocator != "data":
-            raise ValueError("data_keep_slot_rows applies to allocator='data' only (the kept "
-                             f"input basis), not {self.allocator!r}: set allocator='data' or "
-                             "leave data_keep_slot_rows false")
         if self.data_gain_limit < 1.0:
             raise ValueError(f"data_gain_limit must be >= 1 (1: no gain), got "
                              f"{self.data_gain_limit}")
-        if self.data_gain_limit > 1.0 and self.allocator != "data":
-            raise ValueError("data_gain_limit applies to allocator='data' only (the gain comes "
-                             f"from its input statistics), not {self.allocator!r}: set "
-                             "allocator='data' or leave data_gain_limit at 1")
+        data_only = {  # field: (whether it is set, what it needs of the allocator, its off value)
+            "data_keep_slot_rows": (self.data_keep_slot_rows, "the kept input basis", "false"),
+            "data_gain_limit": (self.data_gain_limit > 1.0,
+                                "the gain comes from its input statistics", "at 1"),
+        }
+        for name, (used, why, off) in data_only.items():
+            if used and self.allocator != "data":
+                raise ValueError(f"{name} applies to allocator='data' only ({why}), not "
+                                 f"{self.allocator!r}: set allocator='data' or leave {name} {off}")
         check_targets(self.target_modules, self.qkv_parts)
         return self
 
