@@ -1,11 +1,15 @@
-"""The accuracy campaign driver: per-run commands, skipping finished runs, resuming the rest."""
+"""The accuracy campaign driver: per-run commands, skipping finished runs, resuming the rest;
+the variants its studies run."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 from benchmarks.accuracy import campaign
 from cl_sulora.runner import reproduce
+from cl_sulora.runner.presets import load_preset, method_config
 
 
 class FakeProcess:
@@ -176,3 +180,21 @@ def test_memory_measures_and_dominance():
     assert dominated(records, "kept") == []
     continual = [*records[:-1], record("jointlora", 0.61, 50, 0, 1000)]
     assert dominated(continual, "kept") == [("jointlora", "sulora-s5"), ("jointlora", "sulora")]
+
+
+def test_slot_budget_variants_differ_from_the_preset_in_the_slot_count_only():
+    """The long-stream studies compare SuLoRA's budgets: `sulora-s<N>` must be the shipped preset
+    with N slots, every other value (and the training settings) the preset's."""
+
+    def resolved(preset):
+        config = method_config(preset.spec, preset.method, where=str(preset.path), fix="")
+        return dataclasses.asdict(config), preset.training
+
+    base, base_training = resolved(load_preset("sulora"))
+    variants = sorted(Path("benchmarks/accuracy/variants").glob("sulora-s*.yaml"))
+    assert {p.name for p in variants} >= {"sulora-s5.yaml", "sulora-s20.yaml"}
+    for path in variants:
+        slots = int(re.fullmatch(r"sulora-s(\d+)\.yaml", path.name).group(1))
+        method, training = resolved(load_preset(str(path)))
+        assert method == {**base, "num_slots": slots}, path.name
+        assert training == base_training, path.name
