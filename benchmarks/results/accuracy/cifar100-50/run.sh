@@ -22,10 +22,7 @@ flags="--device ${DEVICE:-cuda} --precision bf16 --data-root $DATA --backbone-we
 flags="$flags --epochs 2 --batch-size 128 --lr 1e-3 --set alignment.enabled=true"
 flags="$flags training.eval_batch_size=2048${EXTRA:+ $EXTRA}"
 
-runs=()
-add() {  # NAME STRATEGY ARGS: a run of STRATEGY in every order and seed, unless STRATEGIES leaves NAME out
-  [[ -n ${STRATEGIES:-} && " $STRATEGIES " != *" $1 "* ]] || runs+=("${*:2}")
-}
+source benchmarks/accuracy/study.sh
 add frozen frozen
 add sulora sulora
 add sulora-s5 $V/sulora-s5.yaml
@@ -37,19 +34,6 @@ done
 for strategy in simplecil ranpac; do
   add $strategy $strategy --set alignment.enabled=false
 done
-pairs=()  # "order seed", seed by seed
-if [[ -n ${SEEDS:-} ]]; then
-  for seed in $SEEDS; do for k in 0 1 2; do pairs+=("$k $seed"); done; done
-else
-  for k in 0 1 2; do pairs+=("$k $k"); done
-fi
-for pair in "${pairs[@]}"; do
-  read -r k seed <<< "$pair"
-  for run in "${runs[@]}"; do
-    read -r strategy args <<< "$run"
-    echo "order$k split-cifar100-50 $strategy $seed $flags --class-order-seed $k${args:+ $args}" \
-      >> "$jobs"
-  done
-done
+write_jobs "$jobs" "" split-cifar100-50 --class-order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"

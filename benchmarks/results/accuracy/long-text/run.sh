@@ -62,12 +62,7 @@ else
 fi
 sulora="$sulora${SULORA_SETS:+ $SULORA_SETS}"
 
-# NAME STRATEGY ARGS: a run of STRATEGY (a preset or a preset file) in every order and seed,
-# unless STRATEGIES leaves NAME out
-runs=()
-add() {
-  [[ -n ${STRATEGIES:-} && " $STRATEGIES " != *" $1 "* ]] || runs+=("${*:2}")
-}
+source benchmarks/accuracy/study.sh
 add frozen frozen
 add sulora sulora --set "$sulora"
 add sulora-s5 $V/sulora-s5.yaml --set "$sulora"
@@ -81,19 +76,7 @@ done
 for strategy in simplecil ranpac; do
   [[ -n ${FIT:-} ]] || add $strategy $strategy --set alignment.enabled=false
 done
-pairs=()  # "order seed", seed by seed
-if [[ -n ${SEEDS:-} ]]; then
-  for seed in $SEEDS; do for k in 0 1 2; do pairs+=("$k $seed"); done; done
-else
-  for k in 0 1 2; do pairs+=("$k $k"); done
-fi
-for pair in "${pairs[@]}"; do
-  read -r k seed <<< "$pair"
-  for run in "${runs[@]}"; do
-    read -r strategy args <<< "$run"
-    echo "$folder/order$k long-text $strategy $seed $flags --order-seed $k${args:+ $args}" >> "$jobs"
-  done
-done
+write_jobs "$jobs" "$folder" long-text --order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
 for record in "${RECORDED:-/nowhere}"/"$folder"/order*/*.json; do
   [[ -e $record ]] || continue
