@@ -67,7 +67,7 @@ def table(recipe: Recipe) -> str:
     folders = sorted({str(path.parent.relative_to(RECORDS)) for path in paths})
     devices = sorted({r["device"] for r in records})
     commits = sorted({(r.get("commit") or {}).get("sha", "?")[:7] for r in records})
-    metric = "A_avg, the task-aware accuracy," if recipe.spec.metric == "A_avg" else "A_last"
+    metric = "A_avg (the task-aware accuracy)" if recipe.spec.metric == "A_avg" else "A_last"
     lines = [
         f"Main metric: {metric}. Records: {', '.join(f'`{f}/`' for f in folders)}; "
         f"devices: {', '.join(devices)}; commits: {', '.join(commits)}. "
