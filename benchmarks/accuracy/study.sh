@@ -30,3 +30,17 @@ write_jobs() {
     done
   done >> "$file"
 }
+
+# copy_recorded BENCHMARK FOLDER: with RECORDED set (a folder of records made before, in
+# FOLDER/order<k>/ as here), copy each record into OUT/FOLDER/order<k>/ and mark its run done,
+# so that the campaign does not make it again
+copy_recorded() {
+  local benchmark=$1 folder=${2:+$2/} record dest
+  for record in "${RECORDED:-/nowhere}"/"$folder"order*/*.json; do
+    [[ -e $record ]] || continue
+    dest="$OUT/${record#"$RECORDED"/}" && dest=${dest%/*}
+    mkdir -p "$dest" && cp "$record" "$dest/"
+    touch "$dest/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print("%s__%s__seed%d.done" % (sys.argv[2], r["strategy"], r["seed"]))' "$record" "$benchmark")"
+  done
+}

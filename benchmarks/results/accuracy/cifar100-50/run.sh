@@ -7,14 +7,17 @@
 # experience (`sulora-nofusion`, 50 slots).
 #
 #   VIT=dir DATA=dir OUT=dir PARALLEL=n [SEEDS="0 1 2"] [STRATEGIES="..."] [DEVICE=cpu] \
-#     [EXTRA="..."] bash benchmarks/results/accuracy/cifar100-50/run.sh   (from the repository root)
+#     [EXTRA="..."] [RECORDED=dir] bash benchmarks/results/accuracy/cifar100-50/run.sh
+#   (from the repository root)
 #
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
 # full 3 seeds x 3 orders, seed by seed: a campaign cut short leaves whole seeds).
 # STRATEGIES: these only (frozen sulora sulora-s5 sulora-s20 sulora-nofusion sdlora sdlora-rr
 # inflora olora inclora seqlora jointlora simplecil ranpac). EXTRA: more arguments for every run
 # (e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test).
-# Started again with the same OUT, the campaign skips the runs whose records exist.
+# Started again with the same OUT, the campaign skips the runs it finished (their .done files);
+# RECORDED=dir copies the records of runs made before (dir/order<k>/*.json, e.g. this folder)
+# into OUT and skips those runs too.
 set -euo pipefail
 jobs=$(mktemp)
 V=benchmarks/accuracy/variants
@@ -36,4 +39,5 @@ for strategy in simplecil ranpac; do
 done
 write_jobs "$jobs" "" split-cifar100-50 --class-order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
+copy_recorded split-cifar100-50 ""
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"

@@ -78,13 +78,7 @@ for strategy in simplecil ranpac; do
 done
 write_jobs "$jobs" "$folder" long-text --order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
-for record in "${RECORDED:-/nowhere}"/"$folder"/order*/*.json; do
-  [[ -e $record ]] || continue
-  dest="$OUT/${record#"$RECORDED"/}" && dest=${dest%/*}
-  mkdir -p "$dest" && cp "$record" "$dest/"
-  touch "$dest/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
-print("long-text__%s__seed%d.done" % (r["strategy"], r["seed"]))' "$record")"
-done
+copy_recorded long-text "$folder"
 resume=()
 [[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
 python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
