@@ -50,3 +50,13 @@ def test_a_training_setting_a_record_predates_counts_as_its_default():
         "training.lr_milestones: [] -> [4]"]
     assert config_differences({"training": {"lr": 0.1}}, {"training": {"lr": 0.1}, "seed": 1}
                               ) == ["seed: None -> 1"]
+
+
+def test_each_table_shows_its_accuracy_against_memory_plot(tmp_path, monkeypatch):
+    text = tables.RESULTS.read_text()
+    for name in available_recipes("tables"):
+        assert f"](results/accuracy/tables/{name}__memory.png)" in text
+        assert (tables.PLOTS / f"{name}__memory.png").is_file()
+    monkeypatch.setattr(tables, "PLOTS", tmp_path)
+    tables.plots(load_recipe("cifar100-20-fusion"))
+    assert (tmp_path / "cifar100-20-fusion__memory.png").stat().st_size > 0

@@ -27,6 +27,7 @@ from cl_sulora.runner.report import (
     markdown_table,
     plot_curves,
     plot_matrices,
+    plot_memory,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,8 @@ def table(recipe: Recipe) -> str:
         markdown_table(records).rstrip("\n"),
         "",
         f"![accuracy matrices](results/accuracy/tables/{recipe.name}__matrices.png)",
-        f"![accuracy after each experience](results/accuracy/tables/{recipe.name}__curves.png)",
+        f"![accuracy after each experience](results/accuracy/tables/{recipe.name}__curves.png) "
+        f"![accuracy against memory](results/accuracy/tables/{recipe.name}__memory.png)",
     ]
     return "\n".join(lines)
 
@@ -142,6 +144,7 @@ def plots(recipe: Recipe) -> None:
     records = [json.loads(path.read_text()) for path in record_paths(recipe)]
     plot_matrices(records, PLOTS / f"{recipe.name}__matrices.png")
     plot_curves(records, PLOTS / f"{recipe.name}__curves.png")
+    plot_memory(records, PLOTS / f"{recipe.name}__memory.png")
 
 
 def render(text: str) -> str:
