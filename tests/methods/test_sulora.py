@@ -355,13 +355,26 @@ def shared_input_stream():
     return nc_benchmark(_dataset(x, y), _dataset(x, y), 4, task_labels=False, shuffle=False)
 
 
-def strategy_watched_first(model, config, plugin):
-    """A one-epoch SuLoRA strategy whose plugins start with ``plugin``: its
-    ``after_training_exp`` sees the slot before SuLoRA's ends it."""
-    strategy = make_strategy(model, config, epochs=1, plugins=[plugin])
-    strategy.plugins.remove(plugin)
-    strategy.plugins.insert(0, plugin)
-    return strategy
+class BeforeSlotEnds(SupervisedPlugin):
+    """Keeps ``record(strategy)`` after each experience's training; placed first among the
+    plugins, it sees the slot before SuLoRA's plugin ends it."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record, self.seen = record, []
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.seen.append(self.record(strategy))
+
+
+def strategy_watched_first(model, config, record):
+    """A one-epoch SuLoRA strategy and the list of what ``record(strategy)`` returned after each
+    experience's training, before the slot ended (:class:`BeforeSlotEnds`)."""
+    watch = BeforeSlotEnds(record)
+    strategy = make_strategy(model, config, epochs=1, plugins=[watch])
+    strategy.plugins.remove(watch)
+    strategy.plugins.insert(0, watch)
+    return strategy, watch.seen
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -369,28 +382,19 @@ def test_fusion_never_hands_a_freed_row_out_again_with_data_keep_slot_rows(vit_m
     """Two slots for four experiences: from the third on, fusion frees a slot before each. With
     ``data_keep_slot_rows`` every row given out over the stream stays orthogonal to every other,
     fused or live, in every layer; without it a later slot takes freed directions again."""
-    from avalanche.core import SupervisedPlugin
-
-    class Given(SupervisedPlugin):
-        def __init__(self):
-            super().__init__()
-            self.rows: dict[str, list[torch.Tensor]] = {}
-
-        def after_training_exp(self, strategy, **kwargs):  # first: before the slot ends
-            for name, layer in subspace_lora_layers(strategy.model).items():
-                rows = layer.lora_A[list(layer.slots.training_rows)].detach().double()
-                self.rows.setdefault(name, []).append(rows)
+    def training_rows(strategy):
+        return {name: layer.lora_A[list(layer.slots.training_rows)].detach().double()
+                for name, layer in subspace_lora_layers(strategy.model).items()}
 
     config = SubspaceLoRAConfig(rank=2, num_slots=2, allocator="data", data_energy=0.5,
                                 data_max_samples=8, data_keep_slot_rows=keep)
-    given = Given()
-    strategy = strategy_watched_first(vit_model, config, given)
+    strategy, given = strategy_watched_first(vit_model, config, training_rows)
     for experience in shared_input_stream().train_stream:
         strategy.train(experience)
+    assert len(given) == 4
     overlaps = []
-    for rows in given.rows.values():
-        assert len(rows) == 4
-        stacked = torch.cat(rows)
+    for name in given[0]:
+        stacked = torch.cat([rows[name] for rows in given])
         gram = stacked @ stacked.T
         overlaps.append(float((gram - torch.diag(gram.diagonal())).abs().max()))
     if keep:
@@ -405,35 +409,27 @@ def test_data_gain_limit_trains_later_slots_with_a_gain_folded_in_at_their_end(v
     of their experience's input energy: with ``data_gain_limit`` they train with a gain above
     one (the first slot, on its experience's top directions, with none), and the model's
     output is the same just before and just after the slot ends."""
-    from avalanche.core import SupervisedPlugin
-
     probe = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
-    class Gains(SupervisedPlugin):
-        def __init__(self):
-            super().__init__()
-            self.gains, self.outputs = [], []
-
-        def after_training_exp(self, strategy, **kwargs):  # first: before the slot ends
-            layers = subspace_lora_layers(strategy.model).values()
-            self.gains.append([float(layer.train_gain) for layer in layers])
-            strategy.model.eval()
-            with torch.no_grad():
-                self.outputs.append(strategy.model(probe))
+    def gains_and_output(strategy):
+        layers = subspace_lora_layers(strategy.model).values()
+        strategy.model.eval()
+        with torch.no_grad():
+            return [float(layer.train_gain) for layer in layers], strategy.model(probe)
 
     config = SubspaceLoRAConfig(rank=2, num_slots=4, allocator="data", data_energy=0.9,
                                 data_max_samples=8, data_gain_limit=limit)
-    gains = Gains()
-    strategy = strategy_watched_first(vit_model, config, gains)
+    strategy, seen = strategy_watched_first(vit_model, config, gains_and_output)
     for experience in shared_input_stream().train_stream:
         strategy.train(experience)
         strategy.model.eval()
         with torch.no_grad():
-            torch.testing.assert_close(strategy.model(probe), gains.outputs[-1])
+            torch.testing.assert_close(strategy.model(probe), seen[-1][1])
         assert all(float(layer.train_gain) == 1.0
                    for layer in subspace_lora_layers(strategy.model).values())
-    assert max(gains.gains[0]) < 1.01
-    later = [gain for exp in gains.gains[1:] for gain in exp]
+    gains = [gain for gain, _ in seen]
+    assert max(gains[0]) < 1.01
+    later = [gain for exp in gains[1:] for gain in exp]
     if limit == 1.0:
         assert max(later) == 1.0
     else:
