@@ -52,8 +52,6 @@ def start_slots(layers: Sequence[SubspaceLoRALinear], owner: int,
         _assign(group, index, owner, rows)
         torch._foreach_zero_([t for layer in group
                               for t in (layer.importance_ema, layer.importance_unc)])
-        for layer in group:
-            layer.train_gain.fill_(1.0)
         for layer, rows_i, index_i in zip(group, (chosen[i] for i in members), index,
                                           strict=True):
             layer.slots.give(rows_i, owner)
