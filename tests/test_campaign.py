@@ -33,15 +33,19 @@ def test_campaign_skips_done_runs_resumes_checkpointed_ones_and_limits_threads(
     (out / "pacs-dil__sdlora__seed0.done").touch()
     (ckpt / "pacs-dil__sulora-r10__seed0").mkdir(parents=True)
     (ckpt / "pacs-dil__sulora-r10__seed0" / "exp-0000").mkdir()
+    # cut short while writing its first checkpoint: only the temporary folder is there
+    (ckpt / "pacs-dil__inflora__seed0" / ".exp-0000.x1y2").mkdir(parents=True)
     variant = "benchmarks/accuracy/variants/sulora-r10.yaml"
-    code = campaign.main(["--benchmarks", "pacs-dil", "--strategies", f"sdlora,sulora,{variant}",
+    code = campaign.main(["--benchmarks", "pacs-dil",
+                          "--strategies", f"sdlora,sulora,inflora,{variant}",
                           "--seeds", "0", "--parallel", "4", "--out", str(out),
                           "--checkpoint-root", str(ckpt), "--", "--epochs", "1"])
     assert code == 0
     runs = {p.cmd[p.cmd.index("--strategy") + 1]: p for p in FakeProcess.started}
-    assert set(runs) == {"sulora", variant}  # sdlora was done
+    assert set(runs) == {"sulora", "inflora", variant}  # sdlora was done
     assert "--resume-fallback" in runs[variant].cmd
     assert "--resume-fallback" not in runs["sulora"].cmd
+    assert "--resume-fallback" not in runs["inflora"].cmd  # it has nothing to resume from
     assert runs["sulora"].cmd[-4:-2] == ["--epochs", "1"]
     assert all(p.env["OMP_NUM_THREADS"] == "4" for p in FakeProcess.started)
     assert (out / "pacs-dil__sulora-r10__seed0.done").exists()

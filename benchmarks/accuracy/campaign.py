@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from cl_sulora.runner.checkpoint import checkpoints
 from cl_sulora.runner.reproduce import run_processes
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_root:
             directory = args.checkpoint_root / folder / name
             arguments += ["--checkpoint-dir", str(directory)]
-            if directory.is_dir() and any(directory.iterdir()):
+            if checkpoints(directory):  # not just the leftovers of a write cut short
                 arguments.append("--resume-fallback")
         runs.append((arguments, out / f"{name}.log", out, name, directory))
     failed = []

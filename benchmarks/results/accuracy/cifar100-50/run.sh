@@ -7,7 +7,7 @@
 # experience (`sulora-nofusion`, 50 slots).
 #
 #   VIT=dir DATA=dir OUT=dir PARALLEL=n [SEEDS="0 1 2"] [STRATEGIES="..."] [DEVICE=cpu] \
-#     [EXTRA="..."] [RECORDED=dir] bash benchmarks/results/accuracy/cifar100-50/run.sh
+#     [EXTRA="..."] [RECORDED=dir] [CHECKPOINTS=dir] bash benchmarks/results/accuracy/cifar100-50/run.sh
 #   (from the repository root)
 #
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
@@ -17,7 +17,9 @@
 # (e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test).
 # Started again with the same OUT, the campaign skips the runs it finished (their .done files);
 # RECORDED=dir copies the records of runs made before (dir/order<k>/*.json, e.g. this folder)
-# into OUT and skips those runs too.
+# into OUT and skips those runs too. CHECKPOINTS=dir: every run checkpoints after each experience
+# into dir (removed once its record is written), so a campaign cut short and started again resumes
+# its unfinished runs from their last finished experience instead of from the start.
 set -euo pipefail
 jobs=$(mktemp)
 V=benchmarks/accuracy/variants
@@ -40,4 +42,7 @@ done
 write_jobs "$jobs" "" split-cifar100-50 --class-order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
 copy_recorded split-cifar100-50 ""
-python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT"
+resume=()
+[[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
+python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
+  "${resume[@]}"
