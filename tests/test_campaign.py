@@ -105,13 +105,14 @@ def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_pat
     from benchmarks.accuracy import summarize
     from cl_sulora.runner.report import memory_points
 
-    def record(strategy, seed, a_last, live):
+    def record(strategy, seed, a_last, live, order=None):
         matrix = [[a_last, 0.0], [a_last, a_last]]
         return {"strategy": strategy, "seed": seed, "benchmark": "long-text",
                 "protocol": "class-incremental", "backbone": "minilm-l6", "device": "cpu",
                 "accuracy_matrix": matrix, "A_last": a_last, "live_adapter_params": live,
                 "stored_state_params": 0, "train_seconds": 1.0,
-                "config": {"training": {"epochs": 1}, "data": {}}}
+                "config": {"training": {"epochs": 1},
+                           "data": {"order_seed": seed if order is None else order}}}
 
     for k, (a, b) in enumerate([(0.40, 0.30), (0.44, 0.32)]):
         folder = tmp_path / f"order{k}"
@@ -132,27 +133,45 @@ def test_summarize_pools_stream_orders_and_plots_accuracy_against_memory(tmp_pat
     assert (tmp_path / f"{label}__memory-kept.png").stat().st_size > 0
 
     # --with: another folder's strategies join the table; those the folder has are its own
-    other = tmp_path.parent / "closed-form" / "order0"
-    other.mkdir(parents=True)
-    for strategy, acc in (("ranpac", 0.5), ("sulora", 0.9), ("sdlora", 0.6)):
-        name = f"long-text-class-incremental-order0__{strategy}__seed0.json"
-        (other / name).write_text(json.dumps(record(strategy, 0, acc, 0)))
-    flags = ["--with", str(other.parent), "ranpac", "sulora"]
+    def write(root, strategy, order, seed, acc):
+        folder = root / "class" / f"order{order}"  # not the folder layout of tmp_path
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{label}-order{order}__{strategy}__seed{seed}.json"
+        (folder / name).write_text(json.dumps(record(strategy, seed, acc, 0, order=order)))
+
+    other, third = tmp_path.parent / "closed-form", tmp_path.parent / "baselines"
+    for k in (0, 1):
+        for strategy, acc in (("ranpac", 0.5), ("sulora", 0.9), ("sdlora", 0.6)):
+            write(other, strategy, k, k, acc)
+    flags = ["--with", str(other), "ranpac", "sulora"]
     assert summarize.main([str(tmp_path), "--orders", *flags]) == 0
     table = (tmp_path / f"{label}__compare.md").read_text()
-    assert "| ranpac | 50.0 |" in table and "| sulora | 42.0 ± 2.8 |" in table
+    assert "| ranpac | 50.0 ± 0.0 |" in table and "| sulora | 42.0 ± 2.8 |" in table
     assert "sdlora" not in table
     assert "- device: cpu\n" in table  # one device: named alone
     # --with again: a third folder adds what neither of the first two gave
-    third = tmp_path.parent / "baselines" / "order0"
-    third.mkdir(parents=True)
-    for strategy, acc in (("ranpac", 0.1), ("sdlora", 0.7)):
-        name = f"long-text-class-incremental-order0__{strategy}__seed0.json"
-        (third / name).write_text(json.dumps(record(strategy, 0, acc, 0)))
-    flags += ["--with", str(third.parent), "ranpac", "sdlora"]
+    for k in (0, 1):
+        for strategy, acc in (("ranpac", 0.1), ("sdlora", 0.7)):
+            write(third, strategy, k, k, acc)
+    flags += ["--with", str(third), "ranpac", "sdlora"]
     assert summarize.main([str(tmp_path), "--orders", *flags]) == 0
     table = (tmp_path / f"{label}__compare.md").read_text()
-    assert "| ranpac | 50.0 |" in table and "| sdlora | 70.0 |" in table
+    assert "| ranpac | 50.0 ± 0.0 |" in table and "| sdlora | 70.0 ± 0.0 |" in table
+    assert "paired" not in table  # every strategy has every run
+
+    # strategies with other runs: the table keeps those made in the orders and seeds all have
+    write(other, "ranpac", 0, 1, 0.8)  # order 0, another seed: no other strategy has it
+    (third / "class" / "order1" / f"{label}-order1__sdlora__seed1.json").unlink()  # order 1 missing
+    assert summarize.main([str(tmp_path), "--orders", *flags]) == 0
+    table = (tmp_path / f"{label}__compare.md").read_text()
+    for row in ("sulora | 40.0 |", "frozen | 30.0 |", "ranpac | 50.0 |", "sdlora | 70.0 |"):
+        assert f"| {row}" in table  # order 0, seed 0 only
+    paired = next(line for line in table.splitlines() if line.startswith("- paired: "))
+    assert paired.startswith("- paired: only the 1 stream orders x seeds that every strategy "
+                              "has; left out: ")
+    left_out = paired.split("left out: ")[1].split("; ")
+    assert sorted(left_out) == ["frozen (order_seed 1, seed 1)", "ranpac (order_seed 0, seed 1)",
+                                "ranpac (order_seed 1, seed 1)", "sulora (order_seed 1, seed 1)"]
     from cl_sulora.runner.report import devices
     mixed = [{"device": "H200"}, {"device": "H100"}, {"device": "H100"}]
     assert devices(mixed) == "H100 (2 runs), H200 (1 run)"

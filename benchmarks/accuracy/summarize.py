@@ -14,6 +14,10 @@ hold, for the same benchmark and protocol, to every table and plot: e.g. the clo
 baselines, whose heads no alignment setting touches, beside the runs of a head regime recorded
 in a folder of its own. It may be given more than once; a strategy comes from the first folder
 that holds it.
+
+A pooled table compares like with like: it keeps the runs made in the stream orders and seeds
+(:func:`cell`) that every strategy of the table has, and its header names the runs it leaves out
+(a campaign cut short leaves some strategies with more runs than others).
 """
 
 from __future__ import annotations
@@ -38,6 +42,23 @@ def group_results(directory: Path, orders: bool = False) -> dict[str, list[dict]
     return dict(groups)
 
 
+def cell(record: dict) -> str:
+    """The stream order (the ``*order*`` fields of the record's data config, e.g.
+    ``class_order_seed``) and the run seed a record was made in."""
+    order = sorted((k, v) for k, v in record["config"]["data"].items() if "order" in k)
+    return ", ".join([*(f"{k} {v}" for k, v in order), f"seed {record['seed']}"])
+
+
+def paired(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(kept, left_out)``: the records of the cells every strategy has, and the others."""
+    cells: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        cells[record["strategy"]].add(cell(record))
+    common = set.intersection(*cells.values())
+    return ([r for r in records if cell(r) in common],
+            [r for r in records if cell(r) not in common])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
@@ -59,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 groups[label] += [r for r in records
                                   if r["strategy"] in wanted - have]
     for label, records in groups.items():
-        paths = write_report(records, args.directory, label)
-        print(f"{label}: {len(records)} runs -> {paths['table']}")
+        notes = []
+        if args.orders:
+            records, left_out = paired(records)
+            if left_out:
+                runs = "; ".join(f"{r['strategy']} ({cell(r)})" for r in left_out)
+                notes.append(f"paired: only the {len({cell(r) for r in records})} stream orders "
+                             f"x seeds that every strategy has; left out: {runs}")
+        paths = write_report(records, args.directory, label, notes=notes)
+        print(f"{label}: {len(records)} runs -> {paths['table']}", *notes, sep="\n  ")
         if args.orders:
             for measure, suffix in (("live", ""), ("kept", "-kept")):
                 plot_memory(records, args.directory / f"{label}__memory{suffix}.png", measure)

@@ -251,8 +251,10 @@ def devices(records: list[dict]) -> str:
     return ", ".join(f"{device} ({n} run{'s' * (n > 1)})" for device, n in counts.most_common())
 
 
-def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict[str, Path]:
-    """``<out>/<label>__compare.md`` (table and settings) and the two plots; returns the paths."""
+def write_report(records: Sequence[Record], out: str | Path, label: str, *,
+                 notes: Sequence[str] = ()) -> dict[str, Path]:
+    """``<out>/<label>__compare.md`` (table and settings, then ``notes``, one bullet each) and
+    the two plots; returns the paths."""
     out = Path(out)
     paths = {
         "matrices": plot_matrices(records, out / f"{label}__matrices.png"),
@@ -269,6 +271,7 @@ def write_report(records: Sequence[Record], out: str | Path, label: str) -> dict
         f"- training: {', '.join(f'{k}={v}' for k, v in training.items())}",
         f"- device: {devices(records)}",
         "- accuracies in percent, mean ± sample std over seeds; " + FORMULAS,
+        *(f"- {note}" for note in notes),
         "",
         markdown_table(records),
         f"![accuracy matrices]({paths['matrices'].name})",
