@@ -7,7 +7,8 @@
 # experience (`sulora-nofusion`, 50 slots).
 #
 #   VIT=dir DATA=dir OUT=dir PARALLEL=n [SEEDS="0 1 2"] [STRATEGIES="..."] [DEVICE=cpu] \
-#     [EXTRA="..."] [RECORDED=dir] [CHECKPOINTS=dir] bash benchmarks/results/accuracy/cifar100-50/run.sh
+#     [EXTRA="..."] [RECORDED=dir] [CHECKPOINTS=dir] \
+#     bash benchmarks/results/accuracy/cifar100-50/run.sh
 #   (from the repository root)
 #
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
