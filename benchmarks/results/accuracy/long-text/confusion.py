@@ -2,10 +2,11 @@
 
 Runs ``cl-sulora ARGS`` with a plugin that, after every training experience, watches the
 evaluation of that same experience (the accuracy matrix's diagonal) and sorts its test examples
-by the predicted class: right, a wrong class of the same task, or a class of an earlier task
-(counted per earlier task). Under class-incremental inference a low diagonal is either the task
-learnt badly (errors inside the task) or its examples taken by the classes of earlier tasks
-(task confusion); the two call for different remedies. The file is rewritten after every
+by the predicted class: right, a wrong class of the same task, a class of an earlier task
+(counted per earlier task), or a class no task has brought yet. Under class-incremental
+inference a low diagonal is either the task learnt badly (errors inside the task) or its
+examples taken by the classes of earlier tasks (task confusion); the two call for different
+remedies. The file is rewritten after every
 experience, so a run cut short keeps what it measured.
 
     python confusion.py OUT.json run --benchmark long-text --protocol class-incremental ...
@@ -57,12 +58,13 @@ class DiagonalConfusion(SupervisedPlugin):
             return
         n, t = self.counts["examples"], self.trained
         earlier = {k: v / n for k, v in self.counts.items()
-                   if isinstance(k, int) and k != t}
+                   if isinstance(k, int) and k not in (t, -1)}
         self.record["experiences"].append({
             "experience": t, "examples": n, "accuracy": self.counts["right"] / n,
             "wrong_same_task": self.counts[t] / n,
             "wrong_earlier_tasks": sum(earlier.values()),
             "wrong_by_task": {str(k): v for k, v in sorted(earlier.items())},
+            "wrong_unseen_classes": self.counts[-1] / n,  # a class no task brought yet
         })
         self.trained = -1
         with open(self.out, "w") as f:
