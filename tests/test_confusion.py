@@ -51,3 +51,22 @@ def test_diagonal_errors_are_counted_by_the_predicted_class_task(tmp_path):
     assert second["wrong_same_task"] == 1 / 8  # 3 predicted as 4
     assert second["wrong_by_task"] == {"0": 4 / 8}
     assert second["wrong_earlier_tasks"] == 4 / 8 and second["wrong_unseen_classes"] == 1 / 8
+
+
+def test_centred_lab_check_centres_the_recorded_input_covariance(monkeypatch):
+    from cl_sulora.methods.input_statistics import InputRecorder
+
+    path = SCRIPT.parent / "levers" / "centred.py"
+    spec = importlib.util.spec_from_file_location("centred", path)
+    centred = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(centred)
+    monkeypatch.setattr(InputRecorder, "_hook", centred._hook)
+    monkeypatch.setattr(InputRecorder, "covariances", centred.covariances)
+    layer = torch.nn.Linear(3, 2)
+    recorder = InputRecorder({"layer": layer})
+    x = torch.randn(2, 50, 3, generator=torch.Generator().manual_seed(0)) + 4.0
+    layer(x[0])
+    layer(x[1])  # two passes: the means accumulate like the products
+    flat = x.reshape(-1, 3).double()
+    expected = torch.cov(flat.T, correction=0)
+    assert torch.allclose(recorder.covariances()["layer"], expected, atol=1e-5)
