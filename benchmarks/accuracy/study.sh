@@ -1,6 +1,6 @@
 # Sourced by the study scripts (benchmarks/results/accuracy/*/run.sh): a study is a list of runs
 # (`add`), each made in the stream orders 0, 1, 2 and its seeds (`write_jobs`); the script then
-# hands the jobs file to `python -m benchmarks.accuracy.campaign --jobs`.
+# hands the jobs file to `python -m benchmarks.accuracy.campaign --jobs` (`run_campaign`).
 
 runs=()
 
@@ -43,4 +43,14 @@ copy_recorded() {
     touch "$dest/$(python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
 print("%s__%s__seed%d.done" % (sys.argv[2], r["strategy"], r["seed"]))' "$record" "$benchmark")"
   done
+}
+
+# run_campaign JOBS: the campaign of the jobs file JOBS, PARALLEL runs side by side, into OUT;
+# with CHECKPOINTS set, every run checkpoints there after each experience, so that a campaign
+# cut short and started again resumes its unfinished runs
+run_campaign() {
+  local resume=()
+  [[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
+  python3 -m benchmarks.accuracy.campaign --jobs "$1" --parallel "$PARALLEL" --out "$OUT" \
+    "${resume[@]}"
 }

@@ -43,7 +43,4 @@ done
 write_jobs "$jobs" "" split-cifar100-50 --class-order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
 copy_recorded split-cifar100-50 ""
-resume=()
-[[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
-python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
-  "${resume[@]}"
+run_campaign "$jobs"

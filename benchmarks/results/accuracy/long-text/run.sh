@@ -79,7 +79,4 @@ done
 write_jobs "$jobs" "$folder" long-text --order-seed "$flags"
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs-$phase.txt"
 copy_recorded long-text "$folder"
-resume=()
-[[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
-python3 -m benchmarks.accuracy.campaign --jobs "$jobs" --parallel "$PARALLEL" --out "$OUT" \
-  "${resume[@]}"
+run_campaign "$jobs"
