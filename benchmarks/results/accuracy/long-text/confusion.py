@@ -6,8 +6,8 @@ by the predicted class: right, a wrong class of the same task, a class of an ear
 (counted per earlier task), or a class no task has brought yet. Under class-incremental
 inference a low diagonal is either the task learnt badly (errors inside the task) or its
 examples taken by the classes of earlier tasks (task confusion); the two call for different
-remedies. The file is rewritten after every
-experience, so a run cut short keeps what it measured.
+remedies. The file is rewritten after every experience, so a run cut short keeps what it
+measured.
 
     python confusion.py OUT.json run --benchmark long-text --protocol class-incremental ...
 """
@@ -34,37 +34,37 @@ class DiagonalConfusion(SupervisedPlugin):
         self.out, self.record = out, record
         self.task_of: dict[int, int] = {}  # class -> index of the experience that brought it
         self.trained = -1
-        self.counts: Counter = Counter()
+        self.examples = self.right = 0
+        self.wrong: Counter = Counter()  # task index (-1: no task yet) -> wrong predictions
 
     def after_training_exp(self, strategy, **kwargs):
         self.trained = strategy.experience.current_experience
         for label in strategy.experience.classes_in_this_experience:
             self.task_of[int(label)] = self.trained
-        self.counts = Counter()
+        self.examples = self.right = 0
+        self.wrong = Counter()
 
     def after_eval_iteration(self, strategy, **kwargs):
         if strategy.experience.current_experience != self.trained:
             return
         predicted = strategy.mb_output.argmax(dim=1).cpu()
         truth = strategy.mb_y.cpu()
-        self.counts["examples"] += len(truth)
-        self.counts["right"] += int((predicted == truth).sum())
-        for p, y in zip(predicted.tolist(), truth.tolist(), strict=True):
-            if p != y:
-                self.counts[self.task_of.get(p, -1)] += 1
+        self.examples += len(truth)
+        self.right += int((predicted == truth).sum())
+        self.wrong.update(self.task_of.get(p, -1) for p, y in
+                          zip(predicted.tolist(), truth.tolist(), strict=True) if p != y)
 
     def after_eval(self, strategy, **kwargs):
-        if self.trained < 0 or not self.counts["examples"]:
+        if self.trained < 0 or not self.examples:
             return
-        n, t = self.counts["examples"], self.trained
-        earlier = {k: v / n for k, v in self.counts.items()
-                   if isinstance(k, int) and k not in (t, -1)}
+        n, t = self.examples, self.trained
+        earlier = {k: v / n for k, v in self.wrong.items() if k not in (t, -1)}
         self.record["experiences"].append({
-            "experience": t, "examples": n, "accuracy": self.counts["right"] / n,
-            "wrong_same_task": self.counts[t] / n,
+            "experience": t, "examples": n, "accuracy": self.right / n,
+            "wrong_same_task": self.wrong[t] / n,
             "wrong_earlier_tasks": sum(earlier.values()),
             "wrong_by_task": {str(k): v for k, v in sorted(earlier.items())},
-            "wrong_unseen_classes": self.counts[-1] / n,  # a class no task brought yet
+            "wrong_unseen_classes": self.wrong[-1] / n,  # a class no task brought yet
         })
         self.trained = -1
         with open(self.out, "w") as f:
