@@ -71,8 +71,11 @@ class DiagonalConfusion(SupervisedPlugin):
             json.dump(self.record, f, indent=1)
 
 
-def observe(out: str, argv: list[str]) -> None:
-    record = {"command": ["python", "confusion.py", out, *argv], "commit": git_commit(),
+def observe(out: str, argv: list[str], command: list[str] | None = None) -> None:
+    """Run ``cl-sulora argv`` with the plugin writing to ``out``; ``command`` is what the record
+    names as its command (default: this script's)."""
+    command = command or ["python", "confusion.py", out, *argv]
+    record = {"command": command, "commit": git_commit(),
               "versions": versions(), "torch_threads": torch.get_num_threads(),
               "experiences": []}
     cli.run = functools.partial(cli.run, plugins=[DiagonalConfusion(out, record)])

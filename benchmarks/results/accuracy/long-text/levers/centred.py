@@ -5,10 +5,16 @@ covariance ``E[x x^T]`` outside the kept basis. The top direction of ``E[x x^T]`
 inputs' mean, which texts of every task share; so the first slot takes it, and its ``B``,
 trained on the first task alone, acts on every later input too. This runs ``cl-sulora ARGS``
 with the covariance centred, ``E[x x^T] - m m^T`` (``m`` the inputs' mean over the same
-tokens), for the allocator and the bases it grows, and writes ``../confusion.py``'s record of
-where each new task's errors go. A lab check, single process only (no data parallelism).
+tokens), and writes ``../confusion.py``'s record of where each new task's errors go. A lab
+check, single process only (no data parallelism).
 
-    python centred.py OUT.json run --benchmark long-text --strategy ... --set method.allocator=data
+Centring everything also takes the mean direction out of the kept basis, so later slots may take
+it and move every earlier task's inputs. ``--rows-only`` centres only the choice of the slot's
+rows (and their gains): the basis still grows from ``E[x x^T]``, so the mean direction is kept
+out of every later slot, and no slot is given it.
+
+    python centred.py [--rows-only] OUT.json run --benchmark long-text --strategy ... \
+        --set method.allocator=data
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from pathlib import Path
 import torch
 
 from cl_sulora.methods.input_statistics import InputRecorder
+from cl_sulora.methods.sulora.allocators import DataAllocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confusion import observe  # noqa: E402  (../confusion.py)
 
-hook, uncentred = InputRecorder._hook, InputRecorder.covariances
+hook, uncentred, prepare = InputRecorder._hook, InputRecorder.covariances, DataAllocator.prepare
+recorded_means: dict[str, torch.Tensor] = {}  # the last experience's input means, by layer
 
 
 def _hook(self, name):
@@ -40,14 +48,47 @@ def _hook(self, name):
     return both
 
 
-def covariances(self, reduce=None):
-    if reduce is not None:
-        raise RuntimeError("centred.py runs in one process only")
-    covs = uncentred(self)
-    means = {name: s / self.counts[name] for name, s in self.first_moments.items()}
+def _centre(covs: dict[str, torch.Tensor], means: dict[str, torch.Tensor]):
     return {name: c - torch.outer(means[name], means[name]).to(c) for name, c in covs.items()}
 
 
+def _means(recorder) -> dict[str, torch.Tensor]:
+    return {name: s / recorder.counts[name] for name, s in recorder.first_moments.items()}
+
+
+def covariances(self, reduce=None):
+    """``E[x x^T] - m m^T``: for the slot's rows and the bases alike."""
+    if reduce is not None:
+        raise RuntimeError("centred.py runs in one process only")
+    return _centre(uncentred(self), _means(self))
+
+
+def covariances_keeping_means(self, reduce=None):
+    """``E[x x^T]``, as recorded; the means are kept for :func:`prepare_centred_rows`."""
+    if reduce is not None:
+        raise RuntimeError("centred.py runs in one process only")
+    recorded_means.clear()
+    recorded_means.update(_means(self))
+    return uncentred(self)
+
+
+def prepare_centred_rows(self, layers, covariances):
+    """Grow the bases from ``E[x x^T]``; choose the slot's rows from ``E[x x^T] - m m^T``."""
+    prepare(self, layers, covariances)
+    self._covariances = _centre(self._covariances, recorded_means)
+
+
+def patch(rows_only: bool) -> None:
+    InputRecorder._hook = _hook
+    if rows_only:
+        InputRecorder.covariances = covariances_keeping_means
+        DataAllocator.prepare = prepare_centred_rows
+    else:
+        InputRecorder.covariances = covariances
+
+
 if __name__ == "__main__":
-    InputRecorder._hook, InputRecorder.covariances = _hook, covariances
-    observe(sys.argv[1], sys.argv[2:])
+    rows_only = sys.argv[1] == "--rows-only"
+    args = sys.argv[2:] if rows_only else sys.argv[1:]
+    patch(rows_only)
+    observe(args[0], args[1:], command=["python", "centred.py", *sys.argv[1:]])
