@@ -10,10 +10,11 @@ from types import SimpleNamespace
 import torch
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks/results/accuracy/long-text/confusion.py"
+CENTRED = SCRIPT.parent / "levers" / "centred.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("confusion", SCRIPT)
+def load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,10 +57,7 @@ def test_diagonal_errors_are_counted_by_the_predicted_class_task(tmp_path):
 def test_centred_lab_check_centres_the_recorded_input_covariance(monkeypatch):
     from cl_sulora.methods.input_statistics import InputRecorder
 
-    path = SCRIPT.parent / "levers" / "centred.py"
-    spec = importlib.util.spec_from_file_location("centred", path)
-    centred = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(centred)
+    centred = load_script(CENTRED)
     monkeypatch.setattr(InputRecorder, "_hook", centred._hook)
     monkeypatch.setattr(InputRecorder, "covariances", centred.covariances)
     layer = torch.nn.Linear(3, 2)
@@ -80,10 +78,7 @@ def test_centred_rows_only_keeps_the_mean_direction_in_the_basis_and_out_of_the_
     from cl_sulora.methods.input_statistics import InputRecorder
     from cl_sulora.methods.sulora.allocators import DataAllocator
 
-    path = SCRIPT.parent / "levers" / "centred.py"
-    spec = importlib.util.spec_from_file_location("centred", path)
-    centred = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(centred)
+    centred = load_script(CENTRED)
     monkeypatch.setattr(InputRecorder, "_hook", centred._hook)
     monkeypatch.setattr(InputRecorder, "covariances", centred.covariances_keeping_means)
     monkeypatch.setattr(DataAllocator, "prepare", centred.prepare_centred_rows)
