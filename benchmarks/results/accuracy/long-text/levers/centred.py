@@ -10,8 +10,9 @@ check, single process only (no data parallelism).
 
 Centring everything also takes the mean direction out of the kept basis, so later slots may take
 it and move every earlier task's inputs. ``--rows-only`` centres only the choice of the slot's
-rows (and their gains): the basis still grows from ``E[x x^T]``, so the mean direction is kept
-out of every later slot, and no slot is given it.
+rows (and their gains): the basis still grows from ``E[x x^T]``, so the rows follow the inputs'
+spread rather than their mean, and the mean direction, kept in the basis, is out of every later
+slot's reach.
 
     python centred.py [--rows-only] OUT.json run --benchmark long-text --strategy ... \
         --set method.allocator=data
