@@ -53,24 +53,19 @@ def _centre(covs: dict[str, torch.Tensor], means: dict[str, torch.Tensor]):
     return {name: c - torch.outer(means[name], means[name]).to(c) for name, c in covs.items()}
 
 
-def _means(recorder) -> dict[str, torch.Tensor]:
-    return {name: s / recorder.counts[name] for name, s in recorder.first_moments.items()}
+def covariances_keeping_means(self, reduce=None):
+    """``E[x x^T]``, as recorded; the means are kept in ``recorded_means``."""
+    if reduce is not None:
+        raise RuntimeError("centred.py runs in one process only")
+    recorded_means.clear()
+    recorded_means.update(
+        {name: s / self.counts[name] for name, s in self.first_moments.items()})
+    return uncentred(self)
 
 
 def covariances(self, reduce=None):
     """``E[x x^T] - m m^T``: for the slot's rows and the bases alike."""
-    if reduce is not None:
-        raise RuntimeError("centred.py runs in one process only")
-    return _centre(uncentred(self), _means(self))
-
-
-def covariances_keeping_means(self, reduce=None):
-    """``E[x x^T]``, as recorded; the means are kept for :func:`prepare_centred_rows`."""
-    if reduce is not None:
-        raise RuntimeError("centred.py runs in one process only")
-    recorded_means.clear()
-    recorded_means.update(_means(self))
-    return uncentred(self)
+    return _centre(covariances_keeping_means(self, reduce), recorded_means)
 
 
 def prepare_centred_rows(self, layers, covariances):
