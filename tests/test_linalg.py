@@ -118,9 +118,10 @@ def test_extend_bases_keeps_at_most_max_rows_and_stops_when_nothing_is_left():
     assert zero.shape[0] == 0
 
 
-def test_input_recorder_gives_the_uncentred_covariance_of_every_token():
-    """``E[x x^T]`` over all tokens of the recorded passes, eval-mode passes skipped with
-    ``training_only``, and unchanged when the sums and counts are summed over equal ranks."""
+def test_input_recorder_gives_the_uncentred_covariance_and_the_mean_of_every_token():
+    """``E[x x^T]`` and ``E[x]`` over all tokens of the recorded passes, eval-mode passes
+    skipped with ``training_only``, and unchanged when the sums and counts are summed over equal
+    ranks."""
     torch.manual_seed(0)
     layer = nn.Linear(6, 3)
     recorder = InputRecorder({"l": layer}, training_only=True)
@@ -136,3 +137,5 @@ def test_input_recorder_gives_the_uncentred_covariance_of_every_token():
     expected = tokens.T @ tokens / len(tokens)
     torch.testing.assert_close(recorder.covariances()["l"], expected)
     torch.testing.assert_close(recorder.covariances(lambda t: 2 * t)["l"], expected)
+    torch.testing.assert_close(recorder.means()["l"], tokens.mean(0))
+    torch.testing.assert_close(recorder.means(lambda t: 2 * t)["l"], tokens.mean(0))

@@ -87,6 +87,13 @@ class SubspaceLoRAConfig(AdapterTargets):
             their slot moves the layer's output far less per step than a slot on the top
             directions; the gain evens that out. The gain is folded into ``B`` when the slot
             ends.
+        data_centred_rows: the ``data`` allocator picks each new slot's rows (and sets its
+            gain) from the experience's centred input covariance ``E[x x^T] - E[x] E[x]^T``
+            instead of ``E[x x^T]``, within the same span outside the kept basis; the basis
+            still grows from ``E[x x^T]``. The top direction of ``E[x x^T]`` lies near the
+            inputs' mean, which inputs of every experience share: centred, a slot follows its
+            experience's spread, and the mean direction stays in the basis, out of every
+            later slot's reach.
         slot_magnitudes: also train, in every experience, one scale per earlier slot and layer
             (SD-LoRA's learned magnitudes of frozen directions), folded into those slots' ``B``
             when the experience ends: the directions stay fixed, their weights adapt.
@@ -111,6 +118,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     data_max_samples: int = 256
     data_keep_slot_rows: bool = False
     data_gain_limit: float = 1.0
+    data_centred_rows: bool = False
     slot_magnitudes: bool = False
     trainable_modules: list[str] = field(default_factory=lambda: ["head", "classifier"])
     seed: int = 0
@@ -135,6 +143,8 @@ class SubspaceLoRAConfig(AdapterTargets):
             "data_keep_slot_rows": (self.data_keep_slot_rows, "the kept input basis", "false"),
             "data_gain_limit": (self.data_gain_limit > 1.0,
                                 "the gain comes from its input statistics", "at 1"),
+            "data_centred_rows": (self.data_centred_rows, "the rows come from its input "
+                                  "statistics", "false"),
         }
         for name, (used, why, off) in data_only.items():
             if used and self.allocator != "data":

@@ -1,5 +1,6 @@
-"""Input statistics of adapted layers: the uncentred covariance ``E[x x^T]`` of the inputs a
-layer sees, recorded by forward hooks during training or over a pass of its own."""
+"""Input statistics of adapted layers: the uncentred covariance ``E[x x^T]`` and the mean
+``E[x]`` of the inputs a layer sees, recorded by forward hooks during training or over a pass of
+its own."""
 
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ from torch import Tensor, nn
 
 
 class InputRecorder:
-    """Sums ``x x^T`` of the inputs of ``layers`` over the forward passes they see while
-    attached (forward pre-hooks), tokens flattened, so every token of a sample counts; with
-    ``training_only``, passes of layers in eval mode are skipped. Each pass's products
+    """Sums ``x x^T`` and ``x`` of the inputs of ``layers`` over the forward passes they see
+    while attached (forward pre-hooks), tokens flattened, so every token of a sample counts;
+    with ``training_only``, passes of layers in eval mode are skipped. Each pass's products
     accumulate in float32 (see :func:`_gram`), the sums over passes in float64. Nothing is
     synchronised with the host."""
 
     def __init__(self, layers: dict[str, nn.Module], *, training_only: bool = False) -> None:
         self.training_only = training_only
         self.sums: dict[str, Tensor] = {}
+        self.first_sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles = [layer.register_forward_pre_hook(self._hook(name))
                          for name, layer in layers.items()]
@@ -30,6 +32,9 @@ class InputRecorder:
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             acc = _gram(x).double()
             self.sums[name] = self.sums[name].add_(acc) if name in self.sums else acc
+            first = x.sum(0, dtype=torch.float64)
+            self.first_sums[name] = (self.first_sums[name].add_(first)
+                                     if name in self.first_sums else first)
             self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
         return record
@@ -43,15 +48,24 @@ class InputRecorder:
     def covariances(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
         """Uncentred covariance ``E[x x^T]`` per layer. ``reduce`` sums a tensor over processes
         (e.g. data-parallel ranks); it gets the stacked sums, then the token counts."""
-        if not self.sums:
+        return self._averages(self.sums, reduce)
+
+    def means(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """Mean input ``E[x]`` per layer (float64), over the same tokens as
+        :meth:`covariances`; ``reduce`` as there."""
+        return self._averages(self.first_sums, reduce)
+
+    def _averages(self, sums: dict[str, Tensor],
+                  reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Tensor]:
+        if not sums:
             raise RuntimeError("no inputs reached the adapted layers: is the experience empty?")
-        names = list(self.sums)
-        sums = [self.sums[name] for name in names]
+        names = list(sums)
+        totals = [sums[name] for name in names]
         counts = torch.tensor([self.counts[name] for name in names], dtype=torch.float64)
         if reduce is not None:
-            sums = list(reduce(torch.stack(sums)).unbind())
-            counts = reduce(counts.to(sums[0].device)).cpu()
-        return {name: s / c for name, s, c in zip(names, sums, counts.tolist(), strict=True)}
+            totals = list(reduce(torch.stack(totals)).unbind())
+            counts = reduce(counts.to(totals[0].device)).cpu()
+        return {name: s / c for name, s, c in zip(names, totals, counts.tolist(), strict=True)}
 
 
 @torch.no_grad()

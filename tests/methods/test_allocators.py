@@ -221,3 +221,42 @@ def test_data_gain_limit_is_wired_and_needs_the_data_allocator():
         SubspaceLoRAConfig(allocator="principal", data_gain_limit=8.0)
     with pytest.raises(ValueError, match="data_gain_limit must be >= 1"):
         SubspaceLoRAConfig(allocator="data", data_gain_limit=0.5)
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_data_centred_rows_follow_the_spread_and_keep_the_mean_direction_in_the_basis(centred):
+    """Inputs with a large mean along axis 0 (little spread there) and their spread along axes 1
+    and 2: uncentred, the slot takes the mean's direction; with ``centred_rows`` it takes the
+    direction of most spread. Either way the kept basis, grown from ``E[x x^T]``, holds the
+    mean's direction, so no later slot can take it."""
+    from cl_sulora.methods.input_statistics import InputRecorder
+
+    x = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    x = x * torch.tensor([0.1, 2.0, 1.0, 0.01, 0.01, 0.01]) + torch.tensor([4.0, 0, 0, 0, 0, 0])
+    probe = nn.Linear(6, 3)
+    recorder = InputRecorder({"l": probe})
+    probe(x)
+    layer = SubspaceLoRALinear(nn.Linear(6, 3), rank=1, num_slots=2, alpha=1.0)
+    alloc = DataAllocator(energy=0.9, centred_rows=centred)
+    alloc.prepare({"l": layer}, recorder.covariances(), recorder.means())
+    row = alloc.directions("l", layer, 1, 0)
+    assert row[0, 1 if centred else 0].abs() > 0.99
+    layer.start_slot(0, row)
+    layer.end_slot()
+    alloc.update({"l": layer})
+    basis = layer.input_basis.double()
+    assert (basis @ torch.eye(6, dtype=torch.float64)[0]).norm() > 0.99
+
+
+def test_data_centred_rows_is_wired_and_needs_the_data_allocator_and_the_means():
+    from cl_sulora.adapters.config import SubspaceLoRAConfig
+    from cl_sulora.methods.sulora.plugin import SuLoRAPlugin
+
+    assert SuLoRAPlugin(SubspaceLoRAConfig(allocator="data", data_centred_rows=True)
+                        ).allocator.centred_rows
+    assert not SuLoRAPlugin(SubspaceLoRAConfig(allocator="data")).allocator.centred_rows
+    with pytest.raises(ValueError, match="data_centred_rows applies to allocator='data'"):
+        SubspaceLoRAConfig(allocator="orthogonal", data_centred_rows=True)
+    layer = SubspaceLoRALinear(nn.Linear(6, 3), rank=1, num_slots=2, alpha=1.0)
+    with pytest.raises(ValueError, match="centred_rows needs the input means"):
+        DataAllocator(centred_rows=True).prepare({"l": layer}, {"l": torch.eye(6).double()})

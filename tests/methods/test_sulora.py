@@ -1,5 +1,6 @@
 """SuLoRA through Avalanche: isolation of experiences, capacity, fusion, inference modes."""
 
+import copy
 import math
 
 import pytest
@@ -320,7 +321,8 @@ def test_data_allocator_points_the_slot_from_its_first_training_batches(vit_mode
         return point(self, strategy)
 
     monkeypatch.setattr(type(strategy.sulora.allocator), "prepare",
-                        lambda self, found, c: (prepared.append(c), prepare(self, found, c))[1])
+                        lambda self, found, c, m=None: (prepared.append(c),
+                                                        prepare(self, found, c, m))[1])
     monkeypatch.setattr(SuLoRAPlugin, "point_slot", checking_point)
     handle = next(iter(layers.values())).register_forward_pre_hook(
         lambda module, inputs: dtypes.append(torch.get_autocast_dtype("cpu")
@@ -434,3 +436,21 @@ def test_data_gain_limit_trains_later_slots_with_a_gain_folded_in_at_their_end(v
         assert max(later) == 1.0
     else:
         assert min(later) >= 1.0 and max(later) > 2.0 and max(later) <= limit
+
+
+def test_data_centred_rows_reach_the_slots_through_the_plugin(vit_model):
+    """With ``data_centred_rows`` the plugin hands the recorded means to the allocator: on the
+    same model and inputs, the first slot's rows differ from the uncentred ones."""
+    def training_rows(strategy):
+        return {name: layer.lora_A[list(layer.slots.training_rows)].detach().double().clone()
+                for name, layer in subspace_lora_layers(strategy.model).items()}
+
+    seen = {}
+    for centred in (False, True):
+        config = SubspaceLoRAConfig(rank=2, num_slots=2, allocator="data", data_energy=0.5,
+                                    data_max_samples=8, data_centred_rows=centred)
+        strategy, given = strategy_watched_first(copy.deepcopy(vit_model), config, training_rows)
+        strategy.train(shared_input_stream().train_stream[0])
+        seen[centred] = given[0]
+    moved = [float((seen[True][name] - seen[False][name]).abs().max()) for name in seen[True]]
+    assert min(moved) > 1e-3

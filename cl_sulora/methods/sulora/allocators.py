@@ -28,8 +28,8 @@ class Allocator:
     Layers of one shape and device are allocated together, with batched linear algebra. The rows
     in use of ``A`` are orthonormal by construction, so ``A`` with its free rows zeroed serves
     as the basis of their span. ``needs_data`` allocators receive the new experience's input
-    covariances in ``prepare`` (recorded over its first training batches, before its slot gets
-    directions) and keep what they need of them in ``update`` (after its training).
+    covariances and means in ``prepare`` (recorded over its first training batches, before its
+    slot gets directions) and keep what they need of them in ``update`` (after its training).
     """
 
     name: ClassVar[str]
@@ -90,9 +90,10 @@ class Allocator:
         in order (:func:`directions_outside_batch`)."""
         return directions_outside_batch(candidates, used, n, generators)
 
-    def prepare(self, layers: dict[str, SubspaceLoRALinear],
-                covariances: dict[str, Tensor]) -> None:
-        """Receive the new experience's per-layer input covariances (``needs_data`` only)."""
+    def prepare(self, layers: dict[str, SubspaceLoRALinear], covariances: dict[str, Tensor],
+                means: dict[str, Tensor] | None = None) -> None:
+        """Receive the new experience's per-layer uncentred input covariances ``E[x x^T]`` and
+        input means ``E[x]`` (``needs_data`` only)."""
 
     def update(self, layers: dict[str, SubspaceLoRALinear]) -> None:
         """Fold the prepared experience into the layers' kept state (``needs_data`` only)."""
@@ -168,17 +169,24 @@ class DataAllocator(Allocator):
     (at most ``gain_limit``): ``E_slot`` the energy along its rows, ``E_top`` the most any
     ``rank`` rows could hold, so that its update moves the layer's output per Adam step about
     as much as a slot on the top directions would.
+
+    The top direction of ``E[x x^T]`` lies close to the inputs' mean, which every input shares
+    (texts of every task, for instance). With ``centred_rows`` the slot's rows and gains come
+    from the centred covariance ``E[x x^T] - E[x] E[x]^T`` within the same span: they follow
+    the experience's spread rather than its mean, while the basis still grows from
+    ``E[x x^T]``, so it keeps the mean direction out of every later slot's reach.
     """
 
     name = "data"
     needs_data = True
 
     def __init__(self, seed: int = 0, energy: float = 0.95, keep_slot_rows: bool = False,
-                 gain_limit: float = 1.0) -> None:
+                 gain_limit: float = 1.0, centred_rows: bool = False) -> None:
         super().__init__(seed)
         self.energy = energy
         self.keep_slot_rows = keep_slot_rows
         self.gain_limit = gain_limit
+        self.centred_rows = centred_rows
         self._covariances: dict[str, Tensor] = {}
         self._top: dict[str, Tensor] = {}
         self._grown: dict[str, Tensor] = {}
@@ -189,7 +197,7 @@ class DataAllocator(Allocator):
         """Whether an experience's input statistics are held (from ``prepare`` to ``update``)."""
         return bool(self._covariances)
 
-    def prepare(self, layers, covariances):
+    def prepare(self, layers, covariances, means=None):
         names = list(layers)
         covs = [c.to(layers[name].lora_A.device)
                 for name, c in zip(names, _lookup(covariances, names, "recorded"), strict=True)]
@@ -197,6 +205,12 @@ class DataAllocator(Allocator):
             [layers[name].input_basis for name in names], covs, self.energy,
             [_basis_room(layers[name]) for name in names],
         )
+        if self.centred_rows:
+            if means is None:
+                raise ValueError("centred_rows needs the input means: prepare(layers, "
+                                 "covariances, means)")
+            covs = [c - torch.outer(m, m).to(c) for c, m in
+                    zip(covs, _lookup(means, names, "recorded mean"), strict=True)]
         self._covariances = dict(zip(names, covs, strict=True))
         self._grown = dict(zip(names, grown, strict=True))
         self._top = dict(zip(names, top, strict=True))
@@ -290,10 +304,11 @@ ALLOCATORS: dict[str, type[Allocator]] = {
 
 
 def build_allocator(name: str, *, seed: int = 0, energy: float = 0.95,
-                    keep_slot_rows: bool = False, gain_limit: float = 1.0) -> Allocator:
+                    keep_slot_rows: bool = False, gain_limit: float = 1.0,
+                    centred_rows: bool = False) -> Allocator:
     """Allocator by name: ``orthogonal``, ``principal`` or ``data``."""
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {sorted(ALLOCATORS)}")
     if name == "data":
-        return DataAllocator(seed, energy, keep_slot_rows, gain_limit)
+        return DataAllocator(seed, energy, keep_slot_rows, gain_limit, centred_rows)
     return ALLOCATORS[name](seed)

@@ -66,7 +66,8 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.allocator = build_allocator(config.allocator, seed=config.seed,
                                          energy=config.data_energy,
                                          keep_slot_rows=config.data_keep_slot_rows,
-                                         gain_limit=config.data_gain_limit)
+                                         gain_limit=config.data_gain_limit,
+                                         centred_rows=config.data_centred_rows)
         self.fusion = build_fusion_policy(config.fusion, gamma=config.fusion_gamma)
         self._principal = PrincipalAllocator(config.seed)
         self.owner_task: dict[int, int] = {}
@@ -141,7 +142,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         recorder.close()
         layers = self._layers(strategy.model)
         reduce = distributed.sum_over_ranks if distributed.is_distributed() else None
-        self.allocator.prepare(layers, recorder.covariances(reduce))
+        self.allocator.prepare(layers, recorder.covariances(reduce), recorder.means(reduce))
         owner = next(iter(layers.values())).training_owner
         directions = self.allocator.directions_for(layers, owner)
         point_slots(list(layers.values()), [directions[name] for name in layers])
