@@ -68,6 +68,14 @@ class InputRecorder:
         return {name: s / c for name, s, c in zip(names, totals, counts.tolist(), strict=True)}
 
 
+def centred(covariances: dict[str, Tensor], means: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The centred covariance ``E[x x^T] - E[x] E[x]^T`` of each layer, from its uncentred
+    covariance and its mean (as :class:`InputRecorder` gives them), on the covariance's device
+    and in its dtype."""
+    return {name: c - torch.outer(means[name], means[name]).to(c)
+            for name, c in covariances.items()}
+
+
 @torch.no_grad()
 def input_covariances(
     model: nn.Module,

@@ -20,6 +20,7 @@ from ...linalg import (
     top_eigvecs_block,
 )
 from ...seeding import keyed_generator
+from ..input_statistics import centred
 
 
 class Allocator:
@@ -205,13 +206,13 @@ class DataAllocator(Allocator):
             [layers[name].input_basis for name in names], covs, self.energy,
             [_basis_room(layers[name]) for name in names],
         )
+        self._covariances = dict(zip(names, covs, strict=True))
         if self.centred_rows:
             if means is None:
                 raise ValueError("centred_rows needs the input means: prepare(layers, "
                                  "covariances, means)")
-            covs = [c - torch.outer(m, m).to(c) for c, m in
-                    zip(covs, _lookup(means, names, "recorded mean"), strict=True)]
-        self._covariances = dict(zip(names, covs, strict=True))
+            self._covariances = centred(self._covariances, dict(
+                zip(names, _lookup(means, names, "recorded mean"), strict=True)))
         self._grown = dict(zip(names, grown, strict=True))
         self._top = dict(zip(names, top, strict=True))
 

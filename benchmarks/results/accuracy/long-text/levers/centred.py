@@ -21,9 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from cl_sulora.methods.input_statistics import InputRecorder
+from cl_sulora.methods.input_statistics import InputRecorder, centred
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confusion import observe  # noqa: E402  (../confusion.py)
@@ -33,9 +31,7 @@ uncentred = InputRecorder.covariances
 
 def covariances(self, reduce=None):
     """``E[x x^T] - m m^T``: for the slot's rows and the bases alike."""
-    means = self.means(reduce)
-    return {name: c - torch.outer(means[name], means[name]).to(c)
-            for name, c in uncentred(self, reduce).items()}
+    return centred(uncentred(self, reduce), self.means(reduce))
 
 
 if __name__ == "__main__":
