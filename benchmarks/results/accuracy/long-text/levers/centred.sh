@@ -19,7 +19,7 @@
 #   (from the repository root)
 #
 # EXTRA: more run arguments (e.g. "--limit-per-class 6 --epochs 1" for a smoke test). Started
-# again with the same OUT, runs whose record exists are not made again.
+# again with the same OUT, the runs that finished (their .done files) are not made again.
 set -euo pipefail
 here=benchmarks/results/accuracy/long-text
 s5=benchmarks/accuracy/variants/sulora-s5.yaml
@@ -34,11 +34,10 @@ jobs=$(mktemp)
 # job PHASE VARIANT STRATEGY SEED ORDER SET-VALUES...: one line of the jobs file
 job() {
   local phase=$1 variant=$2 strategy=$3 seed=$4 k=$5; shift 5
-  local folder=$phase/$variant/order$k split=""
+  local folder=$phase/$variant/order$k split="" name
   [[ $phase == val ]] && split="--validation 0.2"
-  local name="long-text-class-incremental-order$k${split:+-val0.2}__$(basename "$strategy" .yaml)"
-  name="${name}__seed$seed"
-  [[ -e $OUT/$folder/$name.json ]] && return
+  name=$(basename "$strategy" .yaml)__seed$seed
+  [[ -e $OUT/$folder/$name.done ]] && return
   echo "$OUT/$folder $name python $here/confusion.py $OUT/confusion/$folder/$name.json run" \
     "--benchmark long-text --strategy $strategy --seed $seed --out $OUT/$folder" \
     "--order-seed $k $flags $split --set $sets $*" >> "$jobs"
@@ -54,10 +53,11 @@ for phase in ${PHASES:-val test}; do
 done
 mkdir -p "$OUT" && cp "$jobs" "$OUT/jobs.txt"
 echo "$(wc -l < "$jobs") runs, $PARALLEL side by side"
-# each line: FOLDER NAME COMMAND...; the run's output goes to FOLDER/NAME.log
+# each line: FOLDER NAME COMMAND...; the run's output goes to FOLDER/NAME.log, FOLDER/NAME.done
+# marks it finished
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 while read -r folder name command; do
   log=$folder/$name.log
   printf '%s\0' "mkdir -p $folder $OUT/confusion/${folder#"$OUT"/} && $command > $log 2>&1 \
-&& echo ok $name || echo FAILED $name"
+&& touch $folder/$name.done && echo ok $name || echo FAILED $name"
 done < "$jobs" | xargs -0 -P "$PARALLEL" -I{} bash -c {}
