@@ -67,3 +67,19 @@ def test_centred_lab_check_centres_the_recorded_input_covariance(monkeypatch):
     flat = x.reshape(-1, 3).double()
     expected = torch.cov(flat.T, correction=0)
     assert torch.allclose(recorder.covariances()["layer"], expected, atol=1e-5)
+
+
+def test_first_slot_lab_check_centres_the_rows_of_the_first_experience_only(monkeypatch):
+    lab = load_script(CENTRED)
+    seen = []
+    monkeypatch.setattr(lab, "prepare", lambda allocator, layers, covariances, means=None:
+                        seen.append(allocator.centred_rows))
+    allocator = SimpleNamespace(centred_rows=True)
+    empty = SimpleNamespace(input_basis=torch.zeros(0, 3))
+    grown = SimpleNamespace(input_basis=torch.zeros(2, 3))
+    lab.prepare_first_centred(allocator, {"q": empty, "v": empty}, {}, {})
+    lab.prepare_first_centred(allocator, {"q": empty, "v": grown}, {}, {})
+    assert allocator.centred_rows is True  # the configured value, back after each experience
+    allocator.centred_rows = False
+    lab.prepare_first_centred(allocator, {"q": empty}, {}, {})
+    assert seen == [True, False, False]
