@@ -4,7 +4,8 @@
 # 128, bf16, classifier alignment on, off for SimpleCIL and RanPAC, whose heads are closed-form;
 # evaluation batch 2048). Reads VIT, DATA, OUT, PARALLEL and the options of study.sh (SEEDS,
 # STRATEGIES, RECORDED, CHECKPOINTS), DEVICE (default cuda) and EXTRA (more arguments for every
-# run, e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test).
+# run, e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test). On one 80 GB GPU, 16 runs
+# side by side fit; 24 ran out of memory.
 source benchmarks/accuracy/study.sh
 
 # cifar_study BENCHMARK SLOTS VARIANT...: BENCHMARK's study: `frozen`, SuLoRA at its preset (10
