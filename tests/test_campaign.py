@@ -78,6 +78,50 @@ def test_campaign_removes_a_finished_runs_checkpoints_unless_asked_and_keeps_a_f
         assert (ckpt / "pacs-dil__sulora__seed1" / "exp-0000").is_dir()  # resumes next time
 
 
+class OutOfMemoryOnce(FakeProcess):
+    """Writes a checkpoint into its --checkpoint-dir; seed 1 fails the first time it starts (as
+    a run does when the runs beside it fill the GPU's memory), seed 2 every time."""
+
+    def __init__(self, cmd, stdout, stderr, env):
+        super().__init__(cmd, stdout, stderr, env)
+        (Path(cmd[cmd.index("--checkpoint-dir") + 1]) / "exp-0000").mkdir(parents=True,
+                                                                          exist_ok=True)
+        seed = cmd[cmd.index("--seed") + 1]
+        starts = sum(p.cmd[p.cmd.index("--seed") + 1] == seed for p in FakeProcess.started)
+        self.returncode = int(seed == "2" or (seed == "1" and starts == 1))
+
+
+def test_campaign_starts_failed_runs_again_with_fewer_side_by_side_resuming_them(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce.subprocess, "Popen", OutOfMemoryOnce)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
+
+    def seeds(seeds, retries):
+        FakeProcess.started = []
+        out, ckpt = tmp_path / f"out-{retries}", tmp_path / f"ckpt-{retries}"
+        code = campaign.main(["--benchmarks", "pacs-dil", "--strategies", "sulora", "--seeds",
+                              seeds, "--parallel", "4", "--out", str(out), "--checkpoint-root",
+                              str(ckpt), "--retries", str(retries)])
+        return code, out, [(p.cmd[p.cmd.index("--seed") + 1], "--resume-fallback" in p.cmd,
+                            p.env["OMP_NUM_THREADS"]) for p in FakeProcess.started]
+
+    code, out, started = seeds("0,1", 1)
+    assert code == 0
+    # seed 1 again, alone after the others ended, with 2 side by side (16 cores / 2 = 8
+    # threads), from the checkpoint its first start wrote
+    assert started == [("0", False, "4"), ("1", False, "4"), ("1", True, "8")]
+    assert (out / "pacs-dil__sulora__seed1.done").exists()
+    # a run that fails every time: started 1 + 2 times, 4, then 2, then 1 side by side
+    code, out, started = seeds("0,2", 2)
+    assert code == 1
+    assert started == [("0", False, "4"), ("2", False, "4"), ("2", True, "8"), ("2", True, "16")]
+    assert not (out / "pacs-dil__sulora__seed2.done").exists()
+    code, _, started = seeds("0,1", 0)  # no retry: as before
+    assert code == 1 and [s[0] for s in started] == ["0", "1"]
+
+
 def test_campaign_runs_a_job_file_each_in_its_folder_with_its_arguments(tmp_path, monkeypatch):
     FakeProcess.started = []
     monkeypatch.setattr(reproduce.subprocess, "Popen", FakeProcess)

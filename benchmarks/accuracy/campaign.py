@@ -8,8 +8,11 @@ started again, finished runs are skipped and unfinished ones resume. A run's che
 that resumption only: once the run has written its record they are removed
 (``--keep-checkpoints`` keeps them), so the disk holds those of the runs in progress, not of
 every run made (a checkpoint can be large: a ridge head on 10,000 random features keeps an
-800 MB moment matrix). The processes run
-as ``cl-sulora reproduce`` runs them (:func:`cl_sulora.runner.reproduce.run_processes`).
+800 MB moment matrix). ``--retries N`` starts the runs that failed again once the others have
+ended, up to N times, each time with half as many side by side: runs that failed because those
+beside them filled the GPU's memory then finish (resuming from their checkpoints, if any). The
+processes run as ``cl-sulora reproduce`` runs them
+(:func:`cl_sulora.runner.reproduce.run_processes`).
 
     python -m benchmarks.accuracy.campaign --benchmarks split-cifar100-10 \
         --strategies sulora,sdlora --seeds 0,1,2 --parallel 6 --out results/ -- --device cuda
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep a finished run's checkpoints (default: removed once its "
                         "record is written)")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="start the failed runs again up to this many times, each time "
+                        "with half as many side by side (default: 0)")
     args = parser.parse_args(argv)
     if args.jobs is not None:
         todo = list(jobs_from_file(args.jobs))
@@ -77,7 +83,26 @@ def main(argv: list[str] | None = None) -> int:
                          [int(s) for s in args.seeds.split(",")]))
     else:
         parser.error("give --benchmarks and --strategies, or --jobs")
-    runs = []  # (arguments, log, folder, name, checkpoint folder or None)
+    if args.retries < 0:
+        parser.error(f"--retries {args.retries}: give 0 (no retry) or more")
+    parallel, start = args.parallel, time.time()
+    for attempt in range(args.retries + 1):
+        runs = planned(todo, args, extra)
+        if attempt:
+            print(f"starting the {len(runs)} failed run(s) again, {parallel} side by side",
+                  flush=True)
+        failed = run_all(runs, parallel, args, start)
+        print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
+        if not failed:
+            return 0
+        parallel = max(1, parallel // 2)
+    return 1
+
+
+def planned(todo, args: argparse.Namespace, extra: list[str]) -> list[tuple]:
+    """``(arguments, log, folder, name, checkpoint folder or None)`` of each run of ``todo``
+    without a ``.done`` file, resuming from its checkpoints where it has some."""
+    runs = []
     for folder, benchmark, strategy, seed, own in todo:
         out = args.out / folder
         name = f"{benchmark}__{Path(strategy).stem}__seed{seed}"
@@ -92,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             if checkpoints(directory):  # not just the leftovers of a write cut short
                 arguments.append("--resume-fallback")
         runs.append((arguments, out / f"{name}.log", out, name, directory))
+    return runs
+
+
+def run_all(runs: list[tuple], parallel: int, args: argparse.Namespace,
+            start: float) -> list[str]:
+    """Run ``runs``, ``parallel`` side by side; mark each finished one done (removing its
+    checkpoints unless ``--keep-checkpoints``) and return the names of the failed ones."""
     failed = []
-    start = time.time()
 
     def finished(index: int, status: int, seconds: float) -> None:
         _, _, out, name, directory = runs[index]
@@ -107,10 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - start:7.1f}s] {out.relative_to(args.out)}/{name}: {state} in "
               f"{seconds:.0f}s", flush=True)
 
-    run_processes([(arguments, log) for arguments, log, *_ in runs], args.parallel, finished)
-    print(f"done in {time.time() - start:.0f}s; {len(failed)} failed: {failed}", flush=True)
-    return 1 if failed else 0
-
+    run_processes([(arguments, log) for arguments, log, *_ in runs], parallel, finished)
+    return failed
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -3,9 +3,9 @@
 # 1, 2), at the 10-experience table's settings (recipe cifar100-10: lr 1e-3, 2 epochs, batch
 # 128, bf16, classifier alignment on, off for SimpleCIL and RanPAC, whose heads are closed-form;
 # evaluation batch 2048). Reads VIT, DATA, OUT, PARALLEL and the options of study.sh (SEEDS,
-# STRATEGIES, RECORDED, CHECKPOINTS), DEVICE (default cuda) and EXTRA (more arguments for every
-# run, e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test). On one 80 GB GPU, 16 runs
-# side by side fit; 24 ran out of memory.
+# STRATEGIES, RECORDED, CHECKPOINTS, RETRIES), DEVICE (default cuda) and EXTRA (more arguments
+# for every run, e.g. "--num-experiences 3 --limit-per-class 4" for a smoke test). On one 80 GB
+# GPU, 16 runs side by side fit; 24 ran out of memory.
 source benchmarks/accuracy/study.sh
 
 # cifar_study BENCHMARK SLOTS VARIANT...: BENCHMARK's study: `frozen`, SuLoRA at its preset (10

@@ -47,10 +47,12 @@ print("%s__%s__seed%d.done" % (sys.argv[2], r["strategy"], r["seed"]))' "$record
 
 # run_campaign JOBS: the campaign of the jobs file JOBS, PARALLEL runs side by side, into OUT;
 # with CHECKPOINTS set, every run checkpoints there after each experience, so that a campaign
-# cut short and started again resumes its unfinished runs
+# cut short and started again resumes its unfinished runs. The runs that fail are started again
+# once the others have ended, with half as many side by side, up to RETRIES times (default 1):
+# runs crowded out of the GPU's memory then finish
 run_campaign() {
   local resume=()
   [[ -n ${CHECKPOINTS:-} ]] && resume=(--checkpoint-root "$CHECKPOINTS")
   python3 -m benchmarks.accuracy.campaign --jobs "$1" --parallel "$PARALLEL" --out "$OUT" \
-    "${resume[@]}"
+    --retries "${RETRIES:-1}" "${resume[@]}"
 }

@@ -20,6 +20,8 @@
 # into OUT and skips those runs too. CHECKPOINTS=dir: every run checkpoints after each experience
 # into dir (removed once its record is written), so a campaign cut short and started again resumes
 # its unfinished runs from their last finished experience instead of from the start.
+# RETRIES=n: the runs that fail are started again once the others have ended, with half as many
+# side by side, up to n times (default 1; 0: never).
 set -euo pipefail
 source benchmarks/accuracy/cifar_study.sh
 cifar_study split-cifar100-50 50 sulora-s5 sulora-s20

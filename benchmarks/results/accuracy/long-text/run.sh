@@ -10,7 +10,7 @@
 # one closed-form head per task).
 #
 #   MINILM=dir DATA=dir OUT=dir PARALLEL=n [CHECKPOINTS=dir] [RECORDED=dir] [SEEDS="0 1 2"] \
-#     [STRATEGIES="..."] [DEVICE=cpu] [FIT=ridge|prototype] [SETS="..." TAG=name] \
+#     [STRATEGIES="..."] [DEVICE=cpu] [FIT=ridge|prototype] [SETS="..." TAG=name] [RETRIES=n] \
 #     [SULORA_SETS="..." TAG=name] \
 #     bash run.sh class|task
 #
@@ -27,7 +27,8 @@
 # features) writes <phase>-ridge-rf/order<k>/; FIT=ridge SETS=alignment.random_features=10000
 # TAG=rfsplit (RanPAC's split: a plain head trains, the projection feeds the solved head only;
 # class-incremental) writes <phase>-ridge-rfsplit/order<k>/. A random-features run holds 5-9 GB
-# of GPU memory: 15 side by side ran out on an 80 GB card, 14 did not.
+# of GPU memory: 15 side by side ran out on an 80 GB card, 14 did not. RETRIES (default 1): the
+# runs that fail are started again once the others have ended, with half as many side by side.
 # SULORA_SETS: config values for the SuLoRA runs only, after the study's own (e.g.
 # SULORA_SETS=method.data_energy=0.3 TAG=e03), named by TAG like SETS.
 # SEEDS: the run seeds of every order (default: seed k with order k only; "0 1 2" makes the
