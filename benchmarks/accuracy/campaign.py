@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
-def planned(todo, args: argparse.Namespace, extra: list[str]) -> list[tuple]:
+def planned(todo: list[tuple], args: argparse.Namespace, extra: list[str]) -> list[tuple]:
     """``(arguments, log, folder, name, checkpoint folder or None)`` of each run of ``todo``
     without a ``.done`` file, resuming from its checkpoints where it has some."""
     runs = []
@@ -140,6 +140,7 @@ def run_all(runs: list[tuple], parallel: int, args: argparse.Namespace,
 
     run_processes([(arguments, log) for arguments, log, *_ in runs], parallel, finished)
     return failed
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
