@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,27 +99,63 @@ def run_processes(jobs: Sequence[tuple[list[str], Path]], parallel: int,
     """Run each job, ``(arguments of cl-sulora, log file)``, as a process of its own,
     ``parallel`` at a time; ``finished(index, exit status, seconds)`` after each. The CPU
     threads are shared out (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = cores // parallel, unless
-    set), so side-by-side runs do not oversubscribe the cores; logs are appended to."""
+    set), so side-by-side runs do not oversubscribe the cores; logs are appended to.
+
+    If this process is stopped (``SIGTERM``, e.g. from ``timeout`` or a job scheduler; Ctrl-C;
+    an error), the runs in progress are stopped with it and waited for, rather than left running
+    unsupervised, where a campaign started again would run them a second time beside them (their
+    checkpoints then resume them: :mod:`.checkpoint` writes each one whole or not at all)."""
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel}: give at least 1")
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
     waiting = list(enumerate(jobs))
     running: list[tuple[subprocess.Popen, int, float]] = []
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            index, (arguments, log) = waiting.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a", encoding="utf-8") as handle:
-                process = subprocess.Popen([sys.executable, "-m", "cl_sulora", *arguments],
-                                           stdout=handle, stderr=subprocess.STDOUT, env=env)
-            running.append((process, index, time.perf_counter()))
-        time.sleep(0.5)
-        for entry in list(running):
-            process, index, start = entry
-            if process.poll() is not None:
-                running.remove(entry)
-                finished(index, process.returncode, time.perf_counter() - start)
+    previous = _exit_on_sigterm()
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                index, (arguments, log) = waiting.pop(0)
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a", encoding="utf-8") as handle:
+                    process = subprocess.Popen([sys.executable, "-m", "cl_sulora", *arguments],
+                                               stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running.append((process, index, time.perf_counter()))
+            time.sleep(0.5)
+            for entry in list(running):
+                process, index, start = entry
+                if process.poll() is not None:
+                    running.remove(entry)
+                    finished(index, process.returncode, time.perf_counter() - start)
+    finally:
+        _stop([process for process, _, _ in running])
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make ``SIGTERM`` exit this process through its ``finally`` blocks (status 143), as
+    Ctrl-C does; returns the handler it replaced (None off the main thread, where it can't)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _stop(processes: Sequence[subprocess.Popen], grace: float = 30.0) -> None:
+    """Terminate ``processes`` and wait for them, killing those still there after ``grace``
+    seconds."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def execute(runs: Sequence[PlannedRun], parallel: int, logs: Path,

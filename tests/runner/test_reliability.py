@@ -282,3 +282,41 @@ def test_save_load_round_trips_exactly(d_in, d_out, rank, slots, ops, open_slot)
         assert torch.equal(restored(x), model(x))
         a, b = model.state_dict(), restored.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------ runs side by side
+SIDE_BY_SIDE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from cl_sulora.runner.reproduce import run_processes
+folder = Path(sys.argv[2])
+run_processes([([str(folder / f"pid{i}")], folder / f"log{i}") for i in range(3)], 2,
+              lambda index, status, seconds: None)
+"""
+
+# what `python -m cl_sulora` runs in the folder the side-by-side runs start in: a run that
+# says its process id, then takes long
+SLOW_RUN = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_runs_side_by_side_stop_when_their_driver_is_terminated(tmp_path):
+    (tmp_path / "cl_sulora").mkdir()
+    (tmp_path / "cl_sulora" / "__main__.py").write_text(SLOW_RUN)
+    driver = subprocess.Popen([sys.executable, "-c", SIDE_BY_SIDE, str(ROOT), str(tmp_path)],
+                              cwd=tmp_path)  # `-m cl_sulora` finds the slow run there first
+    pids = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in (int(p.read_text()) for p in pids):
+        with pytest.raises(ProcessLookupError):  # stopped and waited for: not even a zombie
+            os.kill(pid, 0)
+    assert not (tmp_path / "pid2").exists()  # the third run never started
