@@ -101,10 +101,11 @@ def run_processes(jobs: Sequence[tuple[list[str], Path]], parallel: int,
     threads are shared out (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = cores // parallel, unless
     set), so side-by-side runs do not oversubscribe the cores; logs are appended to.
 
-    If this process is stopped (``SIGTERM``, e.g. from ``timeout`` or a job scheduler; Ctrl-C;
-    an error), the runs in progress are stopped with it and waited for, rather than left running
-    unsupervised, where a campaign started again would run them a second time beside them (their
-    checkpoints then resume them: :mod:`.checkpoint` writes each one whole or not at all)."""
+    If this process is stopped (``SIGTERM`` sent to it alone, e.g. ``kill PID`` or a process
+    supervisor; Ctrl-C; an error), the runs in progress are stopped with it and waited for,
+    rather than left running unsupervised, where a campaign started again would run them a
+    second time beside them (their checkpoints then resume them: :mod:`.checkpoint` writes each
+    one whole or not at all)."""
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel}: give at least 1")
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
