@@ -286,8 +286,9 @@ def test_save_load_round_trips_exactly(d_in, d_out, rank, slots, ops, open_slot)
 
 # ------------------------------------------------------------------------ runs side by side
 SIDE_BY_SIDE = """
-import sys
-sys.path.insert(0, sys.argv[1])
+import os, sys
+# the real package (the checkout's, or the installed one), not the slow run in this folder
+sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ("", os.getcwd())]
 from pathlib import Path
 from cl_sulora.runner.reproduce import run_processes
 folder = Path(sys.argv[2])
@@ -306,6 +307,7 @@ time.sleep(120)
 
 def test_runs_side_by_side_stop_when_their_driver_is_terminated(tmp_path):
     (tmp_path / "cl_sulora").mkdir()
+    (tmp_path / "cl_sulora" / "__init__.py").touch()  # a package, found before the real one
     (tmp_path / "cl_sulora" / "__main__.py").write_text(SLOW_RUN)
     driver = subprocess.Popen([sys.executable, "-c", SIDE_BY_SIDE, str(ROOT), str(tmp_path)],
                               cwd=tmp_path)  # `-m cl_sulora` finds the slow run there first
