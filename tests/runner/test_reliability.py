@@ -1,5 +1,6 @@
 """Reliability of runs: kill and resume exactly, damaged checkpoints, config validation before
-training, non-finite loss and missing data reported cleanly, exact save/load round trips."""
+training, non-finite loss and missing data reported cleanly, exact save/load round trips, runs
+side by side stopped with their driver."""
 
 from __future__ import annotations
 
