@@ -14,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,7 @@ def run_processes(jobs: Sequence[tuple[list[str], Path]], parallel: int,
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
     waiting = list(enumerate(jobs))
     running: list[tuple[subprocess.Popen, int, float]] = []
-    previous = _exit_on_sigterm()
-    try:
+    with _stopped_on_exit(running):
         while waiting or running:
             while waiting and len(running) < parallel:
                 index, (arguments, log) = waiting.pop(0)
@@ -128,22 +128,26 @@ def run_processes(jobs: Sequence[tuple[list[str], Path]], parallel: int,
                 if process.poll() is not None:
                     running.remove(entry)
                     finished(index, process.returncode, time.perf_counter() - start)
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _stopped_on_exit(running: list[tuple[subprocess.Popen, int, float]]) -> Iterator[None]:
+    """Within it ``SIGTERM`` exits this process through its ``finally`` blocks (status 143), as
+    Ctrl-C does (on the main thread: no handler can be set elsewhere); however it is left, the
+    processes still in ``running`` are stopped (:func:`_stop`) and the handler before it is put
+    back."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit) if main else None
+    try:
+        yield
     finally:
         _stop([process for process, _, _ in running])
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm():
-    """Make ``SIGTERM`` exit this process through its ``finally`` blocks (status 143), as
-    Ctrl-C does; returns the handler it replaced (None off the main thread, where it can't)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, stop)
+        if main:  # None: a handler not set from Python, which SIG_DFL stands for here
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _stop(processes: Sequence[subprocess.Popen], grace: float = 30.0) -> None:
