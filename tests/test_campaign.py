@@ -98,7 +98,7 @@ def test_campaign_starts_failed_runs_again_with_fewer_side_by_side_resuming_them
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 16)
 
-    def seeds(seeds, retries):
+    def campaign_of(seeds, retries):
         FakeProcess.started = []
         out, ckpt = tmp_path / f"out-{retries}", tmp_path / f"ckpt-{retries}"
         code = campaign.main(["--benchmarks", "pacs-dil", "--strategies", "sulora", "--seeds",
@@ -107,18 +107,18 @@ def test_campaign_starts_failed_runs_again_with_fewer_side_by_side_resuming_them
         return code, out, [(p.cmd[p.cmd.index("--seed") + 1], "--resume-fallback" in p.cmd,
                             p.env["OMP_NUM_THREADS"]) for p in FakeProcess.started]
 
-    code, out, started = seeds("0,1", 1)
+    code, out, started = campaign_of("0,1", 1)
     assert code == 0
     # seed 1 again, alone after the others ended, with 2 side by side (16 cores / 2 = 8
     # threads), from the checkpoint its first start wrote
     assert started == [("0", False, "4"), ("1", False, "4"), ("1", True, "8")]
     assert (out / "pacs-dil__sulora__seed1.done").exists()
     # a run that fails every time: started 1 + 2 times, 4, then 2, then 1 side by side
-    code, out, started = seeds("0,2", 2)
+    code, out, started = campaign_of("0,2", 2)
     assert code == 1
     assert started == [("0", False, "4"), ("2", False, "4"), ("2", True, "8"), ("2", True, "16")]
     assert not (out / "pacs-dil__sulora__seed2.done").exists()
-    code, _, started = seeds("0,1", 0)  # no retry: as before
+    code, _, started = campaign_of("0,1", 0)  # no retry: as before
     assert code == 1 and [s[0] for s in started] == ["0", "1"]
 
 
