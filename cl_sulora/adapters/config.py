@@ -3,6 +3,7 @@ and the branch LoRA that the baselines build on."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, field
 from typing import Literal
 
@@ -14,6 +15,28 @@ from pydantic.dataclasses import dataclass
 DEFAULT_TARGETS = ("attn.qkv", "attention.self.query", "attention.self.value")
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def config_dataclass(cls: type) -> type:
+    """``cls`` as a strict pydantic dataclass (unknown fields refused, every assignment
+    validated) whose refused assignments are undone. pydantic sets an assigned field before it
+    runs the model's ``after`` checks, so without the undo a refused value would stay in the
+    config and every later assignment, copy or save of it would fail or carry it on."""
+    cls = dataclass(config=STRICT)(cls)
+    validated_setattr = cls.__setattr__
+
+    def __setattr__(self, name: str, value) -> None:
+        missing = object()
+        before = self.__dict__.get(name, missing)
+        try:
+            validated_setattr(self, name, value)
+        except ValueError:
+            if before is not missing:
+                object.__setattr__(self, name, before)
+            raise
+
+    cls.__setattr__ = __setattr__
+    return cls
 
 
 class AdapterTargets:
@@ -35,7 +58,7 @@ class AdapterTargets:
         return asdict(self)
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class SubspaceLoRAConfig(AdapterTargets):
     """Frozen-``A`` LoRA whose rank space is split into per-experience slots.
 
@@ -126,6 +149,7 @@ class SubspaceLoRAConfig(AdapterTargets):
     @model_validator(mode="after")
     def _check(self) -> SubspaceLoRAConfig:
         _positive(rank=self.rank, num_slots=self.num_slots, data_max_samples=self.data_max_samples)
+        _finite(alpha=self.alpha)
         if self.recompose_every < 0:
             raise ValueError("recompose_every must be >= 0 (0 disables recomposition)")
         for name in ("fusion_gamma", "recompose_gamma", "data_energy"):
@@ -172,7 +196,13 @@ def _positive(**values: int) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-@dataclass(config=STRICT)
+def _finite(**values: float) -> None:
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+@config_dataclass
 class BranchLoRAConfig(AdapterTargets):
     """Where branch LoRA goes and how large each experience's branch is.
 
@@ -198,6 +228,7 @@ class BranchLoRAConfig(AdapterTargets):
     @model_validator(mode="after")
     def _check_branch(self) -> BranchLoRAConfig:
         _positive(rank=self.rank)
+        _finite(alpha=self.alpha)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         check_targets(self.target_modules, self.qkv_parts)

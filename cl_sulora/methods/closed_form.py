@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiTaskModule
 from pydantic import Field, NonNegativeInt
-from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
-from ..adapters.config import STRICT
+from ..adapters.config import config_dataclass
 from ..ridge import (
     RANPAC_RIDGES,
     FitFraction,
@@ -353,7 +352,7 @@ class SimpleCIL(ClosedFormStrategy):
         self.current_head().update(features, labels)
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class RanPACConfig:
     """RanPAC without its first-session adaptation (the official code's ``ncm`` model with
     ``use_RP``).

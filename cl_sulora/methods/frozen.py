@@ -11,16 +11,15 @@ from collections.abc import Sequence
 import torch
 from avalanche.core import SupervisedPlugin
 from pydantic import Field
-from pydantic.dataclasses import dataclass
 from torch import nn
 
-from ..adapters.config import STRICT
+from ..adapters.config import config_dataclass
 from ..adapters.injection import check_trainable_modules
 from ..training.template import AdapterTemplate, freeze_except
 from .registry import MethodSpec, checked_config, register
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class FrozenConfig:
     """Args:
         trainable_modules: module-name components that train (the head); everything else of

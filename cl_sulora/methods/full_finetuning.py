@@ -15,16 +15,15 @@ from avalanche.models import MultiTaskModule
 from avalanche.training.plugins import EWCPlugin, LwFPlugin, ReplayPlugin
 from avalanche.training.utils import ParamData
 from pydantic import model_validator
-from pydantic.dataclasses import dataclass
 from torch import nn
 
-from ..adapters.config import STRICT
+from ..adapters.config import config_dataclass
 from ..training.plugins import CurrentClassMask
 from ..training.template import AdapterTemplate
 from .registry import MethodSpec, checked_config, register
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class EWCConfig:
     """EWC (Kirkpatrick et al., PNAS 2017) through Avalanche's ``EWCPlugin``.
 
@@ -45,7 +44,7 @@ class EWCConfig:
         return self
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class LwFConfig:
     """LwF (Li and Hoiem, TPAMI 2017) through Avalanche's ``LwFPlugin``.
 
@@ -58,7 +57,7 @@ class LwFConfig:
     temperature: float = 2.0
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class ReplayConfig:
     """Experience replay through Avalanche's ``ReplayPlugin`` (experience-balanced buffer).
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 import torch
 from avalanche.models.utils import avalanche_forward
 from pydantic import model_validator
-from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
-from ..adapters.config import STRICT, BranchLoRAConfig
+from ..adapters.config import BranchLoRAConfig, config_dataclass
 from ..linalg import directions_outside, extend_basis, projector_outside, top_eigvecs
 from .input_statistics import input_covariances
 from .lora import BranchLoRAStrategy, IncLoRAPlugin, branch_generator
 from .registry import MethodSpec, register
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class InfLoRAConfig(BranchLoRAConfig):
     """InfLoRA: ``A_t`` (frozen) spans the top input directions of experience ``t`` with the old
     tasks' input subspace projected out; only ``B_t`` (and the head) trains.

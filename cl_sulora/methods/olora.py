@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import torch
 from pydantic import model_validator
-from pydantic.dataclasses import dataclass
 from torch import Tensor, nn
 
-from ..adapters.config import STRICT, BranchLoRAConfig
+from ..adapters.config import BranchLoRAConfig, config_dataclass
 from ..adapters.injection import branch_lora_layers
 from .lora import BranchLoRAStrategy, IncLoRAPlugin
 from .registry import MethodSpec, register
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class OLoRAConfig(BranchLoRAConfig):
     """O-LoRA: loss += ``lambda1 * sum_old |A_old A_new^T|`` (sum of absolute entries, over
     every layer and earlier branch) ``+ lambda2 * (||A_new||_F + ||B_new||_F)`` (summed over

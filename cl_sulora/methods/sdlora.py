@@ -8,11 +8,10 @@ from typing import Literal
 
 import torch
 from pydantic import model_validator
-from pydantic.dataclasses import dataclass
 from torch import nn
 
 from ..adapters.branch_layer import BranchLoRALinear, LoRABranch
-from ..adapters.config import STRICT, BranchLoRAConfig
+from ..adapters.config import BranchLoRAConfig, config_dataclass
 from .lora import BranchLoRAStrategy, IncLoRAPlugin, branch_generator, kaiming_uniform
 from .registry import MethodSpec, register
 
@@ -22,7 +21,7 @@ REFERENCE_MAGNITUDE = 0.8
 KD_THRESHOLD = 9e-4
 
 
-@dataclass(config=STRICT)
+@config_dataclass
 class SDLoRAConfig(BranchLoRAConfig):
     """SD-LoRA: ``W = W0 + alpha * sum_t m_t B_t A_t / ||B_t A_t||_F``.
 

@@ -98,3 +98,29 @@ def test_every_method_config_is_exported_at_the_top():
     configs = {spec.config_cls for spec in METHODS.values() if spec.config_cls is not None}
     exported = {getattr(cl_sulora, name) for name in cl_sulora.__all__}
     assert configs <= exported and SubspaceLoRAConfig in exported
+
+
+@pytest.mark.parametrize("config_class", [SubspaceLoRAConfig, BranchLoRAConfig, SDLoRAConfig])
+def test_a_refused_assignment_leaves_the_config_as_it_was(config_class):
+    """pydantic sets a field before the model's own checks run: a refused value must not stay
+    (it would break every later assignment, and reach a strategy that never checks again)."""
+    config = config_class(rank=4)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        config.rank = 0
+    assert config.rank == 4
+    config.alpha = 2.0  # a valid assignment still works
+    assert config_class(**config.to_dict()) == config
+
+
+def test_a_refused_cross_field_assignment_is_undone():
+    config = SubspaceLoRAConfig(allocator="orthogonal")
+    with pytest.raises(ValueError, match="data_centred_rows applies to allocator='data' only"):
+        config.data_centred_rows = True
+    assert config.data_centred_rows is False
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+@pytest.mark.parametrize("config_class", [SubspaceLoRAConfig, BranchLoRAConfig])
+def test_a_non_finite_alpha_is_refused_before_training(config_class, alpha):
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        config_class(alpha=alpha)
