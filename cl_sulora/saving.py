@@ -21,6 +21,7 @@ from .adapters.branch_layer import branch_structure, rebuild_branches
 from .adapters.config import BranchLoRAConfig, SubspaceLoRAConfig
 from .adapters.injection import (
     adapter_config,
+    adapter_layers,
     add_branch_lora,
     add_subspace_lora,
     branch_lora_layers,
@@ -52,8 +53,14 @@ def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_model(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (a :class:`~cl_sulora.models.ContinualClassifier`, or any module with a
     ``head``) into ``directory``: every tensor, and the structure :func:`load_model` rebuilds
-    first. Atomic per file; returns ``directory``."""
+    first. Atomic per file; returns ``directory``. Adapters merged into their weights
+    (:func:`~cl_sulora.adapters.injection.merge_adapters`) are saved unmerged, ``W0`` beside
+    the adapter, so the model loads unmerged, with the same predictions."""
     directory = Path(directory)
+    state = model.state_dict()
+    for name, layer in adapter_layers(model).items():
+        if layer.merged:  # its weight holds the update that the adapter's tensors hold too
+            state[f"{name}.base.weight"] = layer.unmerged_weight()
     config = adapter_config(model)
     structure = {
         "format": FORMAT,
@@ -63,7 +70,7 @@ def save_model(model: nn.Module, directory: str | Path) -> Path:
         },
         "head": head_structure(model.head) if hasattr(model, "head") else None,
     }
-    atomic_write_bytes(directory / WEIGHTS_NAME, save(separate_storage(model.state_dict())))
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(separate_storage(state)))
     atomic_write_json(directory / STRUCTURE_NAME, structure)
     return directory
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from cl_sulora import load_model, merge_and_unload, save_model
+from cl_sulora import load_model, merge_adapters, merge_and_unload, save_model
 from cl_sulora.methods import METHODS
 from cl_sulora.models import ContinualClassifier, make_head, split_head
 from cl_sulora.training.alignment import AlignmentConfig, ClassifierAlignment
@@ -55,6 +55,25 @@ def test_a_grown_model_round_trips_its_predictions_exactly(tmp_path, name):
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     assert model.head.classifier.out_features == fresh.head.classifier.out_features == 6
+
+
+@pytest.mark.parametrize("name", ["sulora", "sdlora", "inclora"])
+def test_a_merged_model_saves_unmerged_and_loads_with_its_predictions(tmp_path, name):
+    """A merged weight already holds the update the adapter's tensors hold: saving both as they
+    are would apply the update twice on loading."""
+    model = trained(name)
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    unmerged_state = {k: v.clone() for k, v in model.state_dict().items()}
+    merged_state = merge_adapters(model).state_dict()
+    assert any(not torch.equal(merged_state[k], v) for k, v in unmerged_state.items())
+    save_model(model, tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in merged_state.items())
+    fresh = load_model(build(), tmp_path).eval()
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in unmerged_state.items())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
 
 
 def test_a_split_head_round_trips_its_solved_predictions(tmp_path):
