@@ -63,6 +63,8 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs):
         self._model = strategy.model
         layers = adapted_layers(strategy.model)
+        for layer in layers.values():  # a merged weight would train nothing of the branches
+            layer.require_unmerged("train")
         self.prepare(strategy, layers, int(strategy.experience.current_experience))
         params = [p for layer in layers.values() for p in layer.trainable_parameters()]
         freeze_except(strategy.model, params, self.config.trainable_modules)

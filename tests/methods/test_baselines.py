@@ -651,3 +651,17 @@ def test_frozen_config_errors():
     with pytest.raises(ValueError, match="trainable_modules.*name no module.*head's name"):
         FrozenBackbone(model=model, optimizer=torch.optim.Adam(model.parameters()),
                        config=FrozenConfig(trainable_modules=["classifier_head"]))
+
+
+@pytest.mark.parametrize("name", ["seqlora", "inclora", "sdlora"])
+def test_training_a_merged_branch_model_is_refused(name):
+    """A merged weight holds the branches' update: training the branches then changes nothing
+    the model computes (SeqLoRA, whose one branch is never replaced, would train in vain)."""
+    from cl_sulora import merge_adapters
+
+    stream = image_stream(n_classes=4, n_experiences=2)
+    strategy = build(name, vit_classifier(), epochs=1)
+    strategy.train(stream.train_stream[0])
+    merge_adapters(strategy.model)
+    with pytest.raises(RuntimeError, match="cannot train while merged: call unmerge"):
+        strategy.train(stream.train_stream[1])
