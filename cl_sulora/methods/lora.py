@@ -22,7 +22,12 @@ from ..adapters.branch_layer import (
     rebuild_branches,
 )
 from ..adapters.config import BranchLoRAConfig
-from ..adapters.injection import adapt_once, add_branch_lora, branch_lora_layers
+from ..adapters.injection import (
+    adapt_once,
+    add_branch_lora,
+    branch_lora_layers,
+    check_trainable_modules,
+)
 from ..seeding import keyed_generator
 from ..training.template import AdapterTemplate, freeze_except, reset_optimizer
 from .registry import MethodSpec, register
@@ -61,6 +66,7 @@ class BranchLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self._model: nn.Module | None = None
 
     def before_training_exp(self, strategy, **kwargs):
+        check_trainable_modules(strategy.model, self.config.trainable_modules)
         self._model = strategy.model
         layers = adapted_layers(strategy.model)
         for layer in layers.values():  # a merged weight would train nothing of the branches

@@ -124,3 +124,39 @@ def test_a_refused_cross_field_assignment_is_undone():
 def test_a_non_finite_alpha_is_refused_before_training(config_class, alpha):
     with pytest.raises(ValueError, match="alpha must be a finite number"):
         config_class(alpha=alpha)
+
+
+def plain_naive(model, plugin):
+    """``plugin`` in a plain Avalanche ``Naive``: the route that bypasses the strategies' own
+    checks."""
+    from avalanche.training import Naive
+
+    return Naive(model=model, optimizer=optimizer(model), train_mb_size=8, train_epochs=1,
+                 evaluator=None, plugins=[plugin])
+
+
+@pytest.mark.parametrize("method", ["sulora", "inclora"])
+def test_a_plugin_whose_trainable_modules_name_nothing_refuses_to_train(method):
+    from cl_sulora import SuLoRAPlugin, add_branch_lora, add_subspace_lora
+    from cl_sulora.methods.lora import IncLoRAPlugin
+
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    if method == "sulora":
+        config = SubspaceLoRAConfig(rank=2, num_slots=2, trainable_modules=["fc"])
+        plugin = SuLoRAPlugin(add_subspace_lora(model, config) and config)
+    else:
+        config = BranchLoRAConfig(rank=2, trainable_modules=["fc"])
+        plugin = IncLoRAPlugin(add_branch_lora(model, config) and config)
+    with pytest.raises(ValueError, match=r"trainable_modules \['fc'\] name no module"):
+        plain_naive(model, plugin).train(image_stream().train_stream[0])
+
+
+def test_a_task_aware_plugin_on_a_single_head_model_refuses_to_train():
+    from cl_sulora import SuLoRAPlugin, add_subspace_lora
+
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    config = SubspaceLoRAConfig(rank=2, num_slots=2)
+    add_subspace_lora(model, config)
+    naive = plain_naive(model, SuLoRAPlugin(config, inference="task-aware"))
+    with pytest.raises(ValueError, match="needs a multi-head classifier"):
+        naive.train(image_stream().train_stream[0])

@@ -13,7 +13,12 @@ from avalanche.models import MultiHeadClassifier
 from torch import nn
 
 from ...adapters.config import SubspaceLoRAConfig
-from ...adapters.injection import adapt_once, add_subspace_lora, subspace_lora_layers
+from ...adapters.injection import (
+    adapt_once,
+    add_subspace_lora,
+    check_trainable_modules,
+    subspace_lora_layers,
+)
 from ...adapters.slots import (
     deferred_refresh,
     discard_slots,
@@ -33,6 +38,14 @@ from .fusion import build_fusion_policy
 from .importance import pair_scores, update_importance
 
 Inference = Literal["agnostic", "task-aware"]
+
+
+def require_multi_head(model: nn.Module) -> None:
+    """Refuse task-aware inference on a model without a multi-head classifier."""
+    if not any(isinstance(m, MultiHeadClassifier) for m in model.modules()):
+        raise ValueError("inference='task-aware' evaluates each task with its own head: the "
+                         "model needs a multi-head classifier (make_head('task-incremental', "
+                         "...))")
 
 
 def check_capacity(config: SubspaceLoRAConfig, num_experiences: int) -> None:
@@ -78,6 +91,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ training hooks
     def before_training_exp(self, strategy, **kwargs):
+        check_trainable_modules(strategy.model, self.config.trainable_modules)
+        if self.inference == "task-aware":
+            require_multi_head(strategy.model)
         layers = self._layers(strategy.model)
         owner = int(strategy.experience.current_experience)
         deferred = self.allocator.needs_data
@@ -279,11 +295,8 @@ class SuLoRA(AdapterTemplate):
         plugins: Sequence[SupervisedPlugin] | None = None,
         **kwargs,
     ) -> None:
-        if inference == "task-aware" and not any(isinstance(m, MultiHeadClassifier)
-                                                 for m in model.modules()):
-            raise ValueError("inference='task-aware' evaluates each task with its own head: "
-                             "the model needs a multi-head classifier (make_head("
-                             "'task-incremental', ...))")
+        if inference == "task-aware":
+            require_multi_head(model)
         self.config = adapt_once(model, config, SubspaceLoRAConfig, add_subspace_lora)
         self.sulora = SuLoRAPlugin(self.config, inference=inference)
         super().__init__(model=model, optimizer=optimizer,
