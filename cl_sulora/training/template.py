@@ -41,6 +41,22 @@ def reset_optimizer(optimizer: Optimizer, model: nn.Module) -> Optimizer:
     return optimizer
 
 
+def check_one_group(optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose parameter groups set their own hyperparameters:
+    :func:`reset_optimizer` rebuilds it with one group and ``optimizer.defaults``, which would
+    drop them silently."""
+    groups = optimizer.param_groups
+    own = sorted({key for group in groups for key, value in group.items()
+                  if key in optimizer.defaults and bool(value != optimizer.defaults[key])})
+    if len(groups) > 1 or own:
+        raise ValueError(
+            f"optimizer has {len(groups)} parameter group(s) with their own {own or 'params'}: "
+            f"the strategy rebuilds it over each experience's trainable parameters as one group "
+            f"with the optimizer's defaults, so those would be dropped. Build it with one group "
+            f"and the settings as arguments, e.g. {type(optimizer).__name__}("
+            f"model.parameters(), lr=...)")
+
+
 def freeze_except(
     model: nn.Module, params: Iterable[nn.Parameter], module_names: Sequence[str] = ()
 ) -> None:
@@ -108,6 +124,7 @@ class AdapterTemplate(SupervisedTemplate):
         eval_cache_gb: float = 1.0,
         **kwargs,
     ) -> None:
+        check_one_group(optimizer)
         plugins = list(plugins or [])
         if lr_schedule is not None:
             if any(isinstance(p, LRSchedulerPlugin) for p in plugins):

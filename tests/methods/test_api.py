@@ -160,3 +160,17 @@ def test_a_task_aware_plugin_on_a_single_head_model_refuses_to_train():
     naive = plain_naive(model, SuLoRAPlugin(config, inference="task-aware"))
     with pytest.raises(ValueError, match="needs a multi-head classifier"):
         naive.train(image_stream().train_stream[0])
+
+
+@pytest.mark.parametrize("groups", ["two groups", "one group with its own lr"])
+def test_an_optimizer_with_per_group_settings_is_refused(groups):
+    """The strategy rebuilds the optimizer each experience with its defaults: per-group
+    settings would be dropped silently."""
+    model = ContinualClassifier(tiny_vit(), make_head("class-incremental", 32))
+    head, rest = list(model.head.parameters()), list(model.backbone.parameters())
+    param_groups = ([{"params": head, "lr": 0.1}, {"params": rest}] if groups == "two groups"
+                    else [{"params": head + rest, "lr": 0.1}])
+    config = SubspaceLoRAConfig(rank=2, num_slots=2)
+    with pytest.raises(ValueError, match=r"parameter group\(s\) with their own \['lr'\]"):
+        SuLoRA(model=model, optimizer=torch.optim.AdamW(param_groups, lr=1e-3), config=config)
+    SuLoRA(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=config)
