@@ -109,8 +109,9 @@ def load_model(model: nn.Module, directory: str | Path) -> nn.Module:
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        raise ConfigError(f"{directory} does not fit this model: "
-                          f"{str(err).splitlines()[0]} (build it as the saved one was)") from err
+        details = " ".join(line.strip() for line in str(err).splitlines()[1:6])
+        raise ConfigError(f"{directory} does not fit this model: {details} (build a fresh "
+                          f"model as the saved one was: this one is adapted now)") from err
     return model
 
 

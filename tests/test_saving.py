@@ -128,3 +128,14 @@ def test_merge_and_unload_exports_the_plain_backbone(tmp_path, name):
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_does_not_fit_is_refused_naming_the_tensor(tmp_path):
+    from cl_sulora.errors import ConfigError
+
+    save_model(trained("sulora"), tmp_path)
+    other = ContinualClassifier(build().backbone, make_head("class-incremental", 48))
+    other.head.classifier = torch.nn.Linear(40, 2)  # a head on features of another size
+    with pytest.raises(ConfigError, match=r"size mismatch for head\.classifier\.weight.*"
+                                          r"build a fresh model"):
+        load_model(other, tmp_path)
