@@ -83,7 +83,11 @@ def stateful_plugins(strategy) -> dict[str, object]:
 
 def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: dict,
                     meta: dict | None = None) -> Path:
-    """Write the checkpoint after experience ``position``; keep the previous one too."""
+    """Write the checkpoint after experience ``position``; keep the previous one too.
+
+    Checkpoints of later positions are removed: they belong to a run this one replaces
+    (``--overwrite-checkpoints``), which are so discarded only once this run has a checkpoint of
+    its own to resume from."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -112,6 +116,9 @@ def save_checkpoint(directory: str | Path, *, position: int, strategy, extra: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for later in checkpoints(directory):
+        if later.name > final.name:
+            shutil.rmtree(later, ignore_errors=True)
     for old in checkpoints(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -135,22 +142,23 @@ def temporary_folders(directory: str | Path) -> list[Path]:
 
 def prepare_directory(directory: str | Path, *, resume: bool, overwrite: bool) -> list[Path]:
     """Make ``directory`` ready for a run before it trains: writable (a probe file is created,
-    written and removed), without the temporary folders of interrupted writes, and, for a new
-    run, without another run's checkpoints unless ``overwrite`` (they are removed then).
-    Returns the removed paths. A folder holding checkpoints is refused for a new run without
-    ``overwrite``: its newest one would otherwise be replaced and its run lost."""
+    written and removed) and without the temporary folders of interrupted writes. Returns the
+    removed paths.
+
+    A folder holding checkpoints is refused for a new run unless ``overwrite``: its newest one
+    would otherwise be replaced and its run lost. With ``overwrite`` they stay until the new run
+    writes its first checkpoint (:func:`save_checkpoint` removes them then), so a run that fails
+    before that (a wrong data root, a missing weights file) discards nothing."""
     directory = Path(directory)
     check_writable(directory, "--checkpoint-dir")
-    removed = temporary_folders(directory)
     existing = checkpoints(directory)
-    if existing and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"--checkpoint-dir {directory} holds checkpoints of an earlier run "
-                f"({', '.join(p.name for p in existing)}): continue it with --resume, give "
-                "another --checkpoint-dir, or pass --overwrite-checkpoints to discard them"
-            )
-        removed += existing
+    if existing and not resume and not overwrite:
+        raise ConfigError(
+            f"--checkpoint-dir {directory} holds checkpoints of an earlier run "
+            f"({', '.join(p.name for p in existing)}): continue it with --resume, give "
+            "another --checkpoint-dir, or pass --overwrite-checkpoints to discard them"
+        )
+    removed = temporary_folders(directory)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed

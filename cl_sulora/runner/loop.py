@@ -19,6 +19,7 @@ from ..metrics import accuracy_row
 from ..training import distributed
 from .build import Experiment, build_experiment, determinism_restored, seed_everything
 from .checkpoint import (
+    Checkpoint,
     check_writable,
     latest_checkpoint,
     load_checkpoint,
@@ -64,9 +65,11 @@ def run_stream(
     experiment: Experiment,
     echo: Callable[[str], None] | None = None,
     checkpointing: Checkpointing | None = None,
+    start: Checkpoint | None = None,
 ) -> StreamResult:
     """Train on each experience in order; after each, evaluate on the whole test stream and,
-    with ``checkpointing``, write a checkpoint (resuming first from the last one if asked).
+    with ``checkpointing``, write a checkpoint. With ``start`` (see :func:`resume_point`), the
+    run continues after that checkpoint.
 
     A joint method (``MethodSpec.joint``) trains once on the whole stream, giving a single-row
     accuracy matrix."""
@@ -84,22 +87,15 @@ def run_stream(
     config = experiment.config.model_dump(mode="json")
     main = distributed.is_main()
     echo = echo if main else None
-    if checkpointing and checkpointing.resume:
-        checkpoint = latest_checkpoint(checkpointing.directory, fallback=checkpointing.fallback)
-        if checkpoint is None:
-            raise ConfigError(
-                f"--resume: no checkpoint in {checkpointing.directory}; run without --resume "
-                "to start from the beginning"
-            )
-        check_same_config(checkpoint.meta.get("config", {}), config, checkpoint.path)
-        trained = list(train_stream) if joint else list(train_stream)[:checkpoint.position + 1]
-        restore(strategy, checkpoint, trained, test_stream)
-        saved = checkpoint.state["extra"]
+    if start is not None:
+        trained = list(train_stream) if joint else list(train_stream)[:start.position + 1]
+        restore(strategy, start, trained, test_stream)
+        saved = start.state["extra"]
         matrix, train_seconds = saved["accuracy_matrix"], saved["train_seconds"]
         timer.seconds = saved.get("train_epoch_seconds", 0.0)
-        trainable, first = saved["trainable_params"], checkpoint.position + 1
+        trainable, first = saved["trainable_params"], start.position + 1
         if echo:
-            echo(f"  resumed from {checkpoint.path} (experiences 1-{first} done)")
+            echo(f"  resumed from {start.path} (experiences 1-{first} done)")
     workers = experiment.config.training.num_workers
     loading = {"num_workers": workers, "persistent_workers": workers > 0}
     for index in range(first, steps):
@@ -129,6 +125,22 @@ def run_stream(
 #: Run config keys a resume may change: the optimizer's hyperparameters, so that a run stopped
 #: by divergence can continue from its last good checkpoint at a lower learning rate.
 RESUME_MAY_CHANGE = ("training.lr", "training.weight_decay", "training.momentum")
+
+
+def resume_point(checkpointing: Checkpointing | None,
+                 config: Mapping[str, Any]) -> Checkpoint | None:
+    """The checkpoint a ``--resume`` run continues from (``None`` when not resuming), checked
+    against the run config ``config`` before anything is built."""
+    if checkpointing is None or not checkpointing.resume:
+        return None
+    checkpoint = latest_checkpoint(checkpointing.directory, fallback=checkpointing.fallback)
+    if checkpoint is None:
+        raise ConfigError(
+            f"--resume: no checkpoint in {checkpointing.directory}; run without --resume "
+            "to start from the beginning"
+        )
+    check_same_config(checkpoint.meta.get("config", {}), config, checkpoint.path)
+    return checkpoint
 
 
 def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
@@ -202,10 +214,13 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
             "checkpointed; run it again without --resume"
         )
     path = result_path(config)
+    tree = config.model_dump(mode="json")
+    start = resume_point(checkpointing, tree)
     if distributed.is_main():
         check_writable(path.parent, "--out")
-        resuming = checkpointing is not None and checkpointing.resume
-        check_result_path(path, config.model_dump(mode="json"), overwrite or resuming)
+        # a resumed run may replace its own record (written by the run it continues)
+        own = start.meta.get("config") if start is not None else None
+        check_result_path(path, tree, overwrite, own=own)
         if checkpointing:
             prepare_directory(checkpointing.directory, resume=checkpointing.resume,
                               overwrite=checkpointing.overwrite)
@@ -217,7 +232,7 @@ def _run(config, *, spec, command, progress, echo, loggers, plugins, checkpointi
         seed_everything(config.seed, config.deterministic)  # same data order for every method
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result = run_stream(experiment, echo, checkpointing)
+        result = run_stream(experiment, echo, checkpointing, start)
     record = make_record(experiment, result, command)
     if distributed.is_main():
         path = write_record(path, record, echo)

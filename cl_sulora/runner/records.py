@@ -90,15 +90,19 @@ def write_record(path: Path, record: dict[str, Any],
         return fallback
 
 
-def check_result_path(path: Path, config: dict[str, Any], overwrite: bool) -> None:
+def check_result_path(path: Path, config: dict[str, Any], overwrite: bool,
+                      own: Mapping[str, Any] | None = None) -> None:
     """Refuse, before training, to replace a record of another run config at ``path`` (a sweep
-    into one folder would keep only its last run); ``overwrite`` allows it."""
+    into one folder would keep only its last run); ``overwrite`` allows it. ``own``: the config
+    of the run being resumed, whose own record (same config) may be replaced too."""
     if overwrite or not path.is_file():
         return
     try:
         saved = json.loads(path.read_text()).get("config", {})
     except (OSError, json.JSONDecodeError):
         return  # not a record: the run's own write replaces it
+    if own is not None and not config_differences(saved, own):
+        return
     differing = config_differences(saved, config)
     if differing:
         raise ConfigError(

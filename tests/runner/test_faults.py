@@ -94,6 +94,52 @@ def test_a_new_run_in_a_used_checkpoint_folder_is_refused(tiny, tmp_path, capsys
     assert cli.main([*argv, "--seed", "1", "--overwrite-checkpoints"]) == 0
 
 
+def test_overwrite_checkpoints_discards_nothing_until_the_new_run_has_a_checkpoint(
+        tiny, tmp_path, capsys):
+    argv = tiny_flags(tmp_path)
+    assert cli.main(argv) == 0
+    folder = tmp_path / "ckpt"
+    before = {p.name: (p / "model.safetensors").read_bytes() for p in checkpoints(folder)}
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "config.json").write_text(json.dumps(
+        {"timm_model_name": "vit_small_patch16_224", "timm_kwargs": TINY_VIT}))
+    (weights / "model.safetensors").write_bytes(b"not safetensors")
+    broken = [*argv, "--seed", "1", "--overwrite-checkpoints", "--backbone-weights", str(weights)]
+    broken.remove("--backbone")
+    broken.remove("vit_small_patch16_224")
+    capsys.readouterr()
+    fails(broken, capsys, 2, "not a readable safetensors file")
+    after = {p.name: (p / "model.safetensors").read_bytes() for p in checkpoints(folder)}
+    assert after == before  # the failed run discarded nothing
+    # a shorter new run: the old run's later checkpoints go, the new ones stay
+    shorter = [*argv, "--seed", "1", "--num-experiences", "2", "--overwrite-checkpoints"]
+    assert cli.main(shorter) == 0
+    assert [p.name for p in checkpoints(folder)] == ["exp-0000", "exp-0001"]
+    seeds = {json.loads((p / "meta.json").read_text())["config"]["seed"]
+             for p in checkpoints(folder)}
+    assert seeds == {1}
+    assert latest_checkpoint(folder).position == 1
+
+
+def test_a_resumed_run_does_not_replace_the_record_of_another_config(tiny, tmp_path, capsys):
+    record = tmp_path / "results" / "tiny-images__sulora__seed0.json"
+    longer = [*tiny_flags(tmp_path), "--num-experiences", "2", "--epochs", "2"]
+    assert cli.main(longer) == 0  # run B, checkpointed
+    # a resume may replace its run's own record (and may lower the learning rate)
+    assert cli.main([*longer, "--resume", "--lr", "0.0005"]) == 0
+    # run A, one epoch, into the same folder, replacing B's record on purpose
+    assert cli.main([*tiny_flags(tmp_path), "--num-experiences", "2", "--overwrite",
+                     "--checkpoint-dir", str(tmp_path / "a")]) == 0
+    finished = record.read_bytes()
+    capsys.readouterr()
+    fails([*longer, "--resume"], capsys, 2, "holds the record of a run with another config",
+          "training.epochs: 1 -> 2", "--overwrite")
+    assert record.read_bytes() == finished
+    assert cli.main([*longer, "--resume", "--overwrite"]) == 0
+    assert json.loads(record.read_text())["config"]["training"]["epochs"] == 2
+
+
 def test_edited_metadata_is_detected_and_nothing_is_overwritten(tiny, tmp_path, capsys):
     argv = tiny_flags(tmp_path)
     assert cli.main(argv) == 0
