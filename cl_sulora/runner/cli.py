@@ -58,7 +58,10 @@ DEMO: dict[str, Any] = {
 
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing: give a comma-separated list")
+    return names
 
 
 def _ints(text: str) -> list[int]:
@@ -348,20 +351,25 @@ def reproduce(args: argparse.Namespace) -> int:
         out = args.out or str(Path("results") / "reproduce" / recipe.name)
         if args.table == "all" and args.out:
             out = str(Path(args.out) / recipe.name)
-        plans.append((recipe, out, reproduction.plan(
-            recipe, {**user, "out": out}, args.seeds, args.strategies)))
-    for recipe, _, runs in plans:  # every run config validated before anything runs
+        where = {**user, "out": out}
+        runs = reproduction.plan(recipe, where, args.seeds, args.strategies, args.overwrite)
+        # the table covers every run of the recipe recorded in out, not only the subset run now
+        seeds = sorted({*recipe.spec.seeds, *(args.seeds or [])})
+        table = runs if args.strategies is None and args.seeds is None else (
+            reproduction.plan(recipe, where, seeds))
+        plans.append((recipe, out, runs, table))
+    for recipe, _, runs, _ in plans:  # every run config validated before anything runs
         print(reproduction.describe(recipe, runs, user))
     if args.dry_run:
         return 0
-    for recipe, _, _ in plans:
+    for recipe, *_ in plans:
         check_needs(recipe, user)
     failed = []
-    for recipe, out, runs in plans:
+    for recipe, out, runs, table in plans:
         print(f"\n{recipe.name}: {sum(not r.done for r in runs)} runs to go, {args.parallel} at "
               f"a time, logs in {Path(out) / 'logs'}")
         failed += reproduction.execute(runs, args.parallel, Path(out) / "logs")
-        paths = reproduction.report(recipe, runs, Path(out))
+        paths = reproduction.report(recipe, table, Path(out))
         if paths:
             print(f"table: {paths['table']}; plots: {paths['matrices']}, {paths['curves']}")
     if failed:

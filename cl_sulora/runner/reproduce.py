@@ -50,9 +50,10 @@ class PlannedRun:
 
 
 def plan(recipe: Recipe, user: Mapping[str, Any], seeds: list[int] | None = None,
-         strategies: list[str] | None = None) -> list[PlannedRun]:
+         strategies: list[str] | None = None, overwrite: bool = False) -> list[PlannedRun]:
     """The runs of ``recipe``, ``user``'s dotted keys (``--data-root``, ``--device``, ``--out``
-    ...) over the recipe's; each run config validated before anything runs."""
+    ...) over the recipe's; each run config validated before anything runs. ``overwrite``: a
+    run may replace a record of another config at its path (``cl-sulora run --overwrite``)."""
     runs = []
     for strategy, seed, overrides in recipe.runs(seeds, strategies):
         merged = {**overrides, **user}
@@ -62,20 +63,31 @@ def plan(recipe: Recipe, user: Mapping[str, Any], seeds: list[int] | None = None
         record = result_path(config)
         arguments = command_line(recipe, strategy, merged)
         arguments.insert(1, "--no-report")
+        if overwrite:
+            arguments.insert(2, "--overwrite")
         runs.append(PlannedRun(strategy, seed, arguments, record,
                                config.model_dump(mode="json")))
     return runs
 
 
+#: Run config keys that say where a run reads and writes, not what it runs: a record found at
+#: the planned path is the planned run's however these paths were spelt when it was made
+#: (``$CL_SULORA_DATA`` or ``--data-root``, a relative or an absolute ``--out``).
+LOCATIONS = ("out", "data.data_root")
+
+
 def _record_of(run: PlannedRun) -> dict[str, Any] | None:
-    """The record at ``run.record`` if a run of ``run.config`` wrote it."""
+    """The record at ``run.record`` if a run of ``run.config`` wrote it (:data:`LOCATIONS`
+    aside)."""
     try:
         record = json.loads(run.record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = isinstance(record, dict) and not config_differences(record.get("config", {}),
-                                                                run.config)
-    return record if same else None
+    if not isinstance(record, dict):
+        return None
+    differing = [d for d in config_differences(record.get("config", {}), run.config)
+                 if d.split(":")[0] not in LOCATIONS]
+    return None if differing else record
 
 
 def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]) -> str:

@@ -113,6 +113,47 @@ def test_reproduce_runs_the_table_reports_failures_and_skips_done_runs(tiny_reci
     assert "[todo] cl-sulora run --no-report --benchmark bbc-news --strategy sulora" in out
 
 
+def test_reproduce_continues_overwrites_when_asked_and_keeps_the_whole_table(
+        tiny_recipe, capsys, monkeypatch):
+    tiny_recipe.mkdir()
+    foreign = tiny_recipe / "bbc-news__sulora__seed0.json"
+    foreign.write_text(json.dumps({"config": {"seed": 0, "training": {"lr": 1.0}}}))
+    argv = ["reproduce", "tiny", "--device", "cpu", "--out", str(tiny_recipe), "--overwrite"]
+    assert cli.main(argv) == 0  # --overwrite reaches the run that meets another record
+    assert json.loads(foreign.read_text())["strategy"] == "sulora"
+    # continued with --out spelt otherwise (relative)
+    monkeypatch.chdir(tiny_recipe.parent)
+    again = ["reproduce", "tiny", "--device", "cpu", "--out", tiny_recipe.name]
+    capsys.readouterr()
+    assert cli.main([*again, "--dry-run"]) == 0
+    assert "(2 runs; 2 already done)" in capsys.readouterr().out
+    # a subset run again: the folder's table still has every strategy's row
+    assert cli.main([*again, "--strategies", "seqlora"]) == 0
+    assert "0 runs to go" in capsys.readouterr().out
+    table = (tiny_recipe / "bbc-news__compare.md").read_text()
+    assert "| seqlora |" in table and "| sulora |" in table
+
+
+def test_a_record_is_its_planned_runs_however_its_paths_were_spelt(tmp_path):
+    config = {"seed": 0, "out": "/abs/out", "data": {"data_root": "/data", "seed": 0}}
+    path = tmp_path / "record.json"
+    run = reproduce.PlannedRun("sulora", 0, [], path, config)
+    path.write_text(json.dumps({"config": {**config, "out": "out",
+                                           "data": {"data_root": None, "seed": 0}}}))
+    assert run.done
+    path.write_text(json.dumps({"config": {**config, "data": {"data_root": "/data", "seed": 1}}}))
+    assert not run.done
+
+
+def test_empty_name_lists_are_refused_by_the_parser(capsys):
+    for argv in (["reproduce", "cifar100-10", "--strategies", ","],
+                 ["compare", "--benchmark", "bbc-news", "--strategies", "sulora", "--seeds", ""]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2
+        assert "names nothing" in capsys.readouterr().err
+
+
 def test_eval_scores_a_checkpoint_as_the_run_did_without_training(tiny, tmp_path, capsys):
     flags = tiny_flags(tmp_path)
     assert cli.main(flags) == 0
