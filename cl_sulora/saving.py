@@ -1,6 +1,7 @@
 """Save and load a whole continual model: backbone, adapters (of any method) and the grown head,
-as ``model.safetensors`` plus ``model.json`` (the adapter config and structure and the head's
-size), so that a fresh model built the same way gets it back exactly.
+as ``model.safetensors`` plus ``model.json`` (the adapter config and structure, the task of
+each experience its slots belong to, and the head's size or its closed-form kind), so that a
+fresh model built the same way gets it back exactly.
 
 Where :func:`~cl_sulora.adapters.serialization.save_subspace_lora` keeps SuLoRA's adapter alone,
 this keeps everything a model of any method needs to predict as it did.
@@ -25,10 +26,13 @@ from .adapters.injection import (
     add_branch_lora,
     add_subspace_lora,
     branch_lora_layers,
+    experience_tasks,
+    record_experience_tasks,
 )
 from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import ConfigError
 from .methods import METHODS
+from .methods.closed_form import closed_form_head_to_load, closed_form_structure
 from .models.heads import grow_head, head_structure
 
 WEIGHTS_NAME = "model.safetensors"
@@ -67,8 +71,11 @@ def save_model(model: nn.Module, directory: str | Path) -> Path:
         "adapter": None if config is None else {
             "class": type(config).__name__, "config": dataclasses.asdict(config),
             "branches": branch_structure(branch_lora_layers(model)) or None,
+            # SuLoRA's task-aware inference picks a task's slots by it (JSON keys are strings)
+            "experience_tasks": {str(owner): task
+                                 for owner, task in experience_tasks(model).items()} or None,
         },
-        "head": head_structure(model.head) if hasattr(model, "head") else None,
+        "head": _head_structure(model.head) if hasattr(model, "head") else None,
     }
     atomic_write_bytes(directory / WEIGHTS_NAME, save(separate_storage(state)))
     atomic_write_json(directory / STRUCTURE_NAME, structure)
@@ -78,8 +85,9 @@ def save_model(model: nn.Module, directory: str | Path) -> Path:
 def load_model(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load a model saved by :func:`save_model` into ``model``, a fresh one built as the saved
     one was (the same backbone and head regime, not adapted yet): it is adapted with the
-    saved config, given the saved branches and head size, then every tensor is loaded
-    exactly (``strict``). Returns ``model``."""
+    saved config, given the saved branches and head size (or the saved closed-form head in
+    place of its protocol head: SimpleCIL's and RanPAC's), then every tensor is loaded exactly
+    (``strict``), and it is given the saved experience tasks. Returns ``model``."""
     directory = Path(directory)
     paths = directory / STRUCTURE_NAME, directory / WEIGHTS_NAME
     for path in paths:
@@ -104,15 +112,29 @@ def load_model(model: nn.Module, directory: str | Path) -> nn.Module:
         else:
             add_branch_lora(model, config)
             rebuild_branches(branch_lora_layers(model), adapter["branches"] or {})
-    if structure["head"] is not None:
-        grow_head(model.head, structure["head"])
+    head = structure["head"]
+    if head is not None and head["kind"] == "closed-form":
+        model.head = closed_form_head_to_load(model, head)
+    elif head is not None:
+        grow_head(model.head, head)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         details = " ".join(line.strip() for line in str(err).splitlines()[1:6])
         raise ConfigError(f"{directory} does not fit this model: {details} (build a fresh "
                           f"model as the saved one was: this one is adapted now)") from err
+    if adapter is not None and adapter.get("experience_tasks"):
+        record_experience_tasks(model, {int(owner): task for owner, task
+                                        in adapter["experience_tasks"].items()})
     return model
+
+
+def _head_structure(head: nn.Module) -> dict:
+    """What :func:`load_model` needs to give a fresh model's head the saved one's shape: a
+    closed-form head's kind (a strategy put it in place of the protocol head the model was
+    built with), or the units a protocol head grew."""
+    closed_form = closed_form_structure(head)
+    return head_structure(head) if closed_form is None else closed_form
 
 
 def _config_class(name: str) -> type:

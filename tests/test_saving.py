@@ -139,3 +139,42 @@ def test_a_model_that_does_not_fit_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(ConfigError, match=r"size mismatch for head\.classifier\.weight.*"
                                           r"build a fresh model"):
         load_model(other, tmp_path)
+
+
+def test_a_restored_model_under_a_new_task_aware_sulora_gives_the_original_outputs(tmp_path):
+    """The slots record their owner experience, not its task: the task of each experience is
+    saved with the model, and a new task-aware strategy on the restored model takes it, so each
+    task is evaluated with the slots up to its own, as the strategy that trained it does (not
+    with every live slot)."""
+    from avalanche.core import SupervisedPlugin
+
+    from cl_sulora import SubspaceLoRAConfig, SuLoRA
+    from cl_sulora.adapters.injection import experience_tasks
+
+    outputs: dict[int, torch.Tensor] = {}
+
+    class Capture(SupervisedPlugin):
+        def after_eval_forward(self, strategy, **kwargs):
+            outputs[int(strategy.experience.task_label)] = strategy.mb_output.detach().clone()
+
+    def strategy(model):
+        return SuLoRA(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                      config=SubspaceLoRAConfig(rank=2, num_slots=3, fusion="never"),
+                      inference="task-aware", train_mb_size=8, eval_mb_size=100,
+                      evaluator=None, plugins=[Capture()])
+
+    stream = image_stream(n_classes=6, n_experiences=3, task_labels=True)
+    original = strategy(build("task-incremental"))
+    for experience in stream.train_stream:
+        original.train(experience)
+    original.eval(stream.test_stream)
+    expected = dict(outputs)
+    save_model(original.model, tmp_path)
+    restored = strategy(load_model(build("task-incremental"), tmp_path))
+    assert experience_tasks(restored.model) == {0: 0, 1: 1, 2: 2}
+    assert [restored.sulora.task_owners(t) for t in range(3)] == [[0], [0, 1], [0, 1, 2]]
+    outputs.clear()
+    restored.eval(stream.test_stream)
+    assert sorted(outputs) == [0, 1, 2]
+    for task in range(3):
+        assert torch.equal(outputs[task], expected[task]), task

@@ -3,14 +3,15 @@ them in an adapter layer, list the adapter layers, merge and unmerge them, and u
 into a plain model.
 
 A model adapted here remembers its adapter config (:func:`adapter_config`) and the names it
-adapted (``model.adapter_targets``); one model holds one kind of adapter.
+adapted (``model.adapter_targets``); one model holds one kind of adapter. A model SuLoRA trained
+also remembers the task of each experience its slots belong to (:func:`experience_tasks`).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import torch
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "adapter_config"
 TARGETS_ATTR = "adapter_targets"
+TASKS_ATTR = "adapter_experience_tasks"
 Layer = TypeVar("Layer", bound=AdaptedLinear)
 Config = TypeVar("Config", SubspaceLoRAConfig, BranchLoRAConfig)
 
@@ -138,6 +140,25 @@ def adapter_config(model: nn.Module) -> SubspaceLoRAConfig | BranchLoRAConfig | 
     return getattr(model, CONFIG_ATTR, None)
 
 
+def experience_tasks(model: nn.Module) -> dict[int, int]:
+    """The task label of each experience that trained ``model``'s subspace LoRA, by experience
+    index (the owner ids its slots record), as :func:`record_experience_tasks` left it; empty if
+    none was recorded. A copy."""
+    return dict(getattr(model, TASKS_ATTR, {}))
+
+
+def record_experience_tasks(model: nn.Module, tasks: Mapping[int, int]) -> None:
+    """Record on ``model`` the task label of each experience its slots belong to (experience
+    index -> task label).
+
+    The slots record their owner experience, not its task; task-aware inference needs the task
+    to pick a task's slots. Kept on the model, beside its adapter config, so that the map
+    travels with the slots it describes: :func:`~cl_sulora.saving.save_model` writes it and
+    :func:`~cl_sulora.saving.load_model` restores it, and a plugin that wraps a restored
+    model takes it from there."""
+    setattr(model, TASKS_ATTR, {int(owner): int(task) for owner, task in tasks.items()})
+
+
 def adapter_layers(model: nn.Module, kind: type[Layer] = AdaptedLinear) -> dict[str, Layer]:
     """The model's adapter layers (of class ``kind``) by module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, kind)}
@@ -171,13 +192,14 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by a plain ``nn.Linear`` holding its merged weight, in place,
-    and forget the adapter config; returns ``model``, which computes the same function with no
-    adapter module left (its ``state_dict`` keys are those of the model before adaptation)."""
+    and forget the adapter config and experience tasks; returns ``model``, which computes the
+    same function with no adapter module left (its ``state_dict`` keys are those of the model
+    before adaptation)."""
     for name, layer in adapter_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.to_linear())
-    for attr in (CONFIG_ATTR, TARGETS_ATTR):
+    for attr in (CONFIG_ATTR, TARGETS_ATTR, TASKS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -7,6 +7,11 @@ the head is solved again. They answer whether adapting the backbone helps at all
 knows them to beat many adapter methods on strong backbones. Their official code is
 single-head (class- and domain-incremental); under the task-incremental protocol each task gets
 its own closed-form head (:class:`TaskHeads`), as every method there gets a head per task.
+
+A model is built with its protocol's head and the strategy puts the closed-form head in its
+place, so :func:`~cl_sulora.saving.save_model` records which closed-form head a model holds
+(:func:`closed_form_structure`) and :func:`~cl_sulora.saving.load_model` makes it again in a
+fresh model (:func:`closed_form_head_to_load`); a strategy wraps such a model's head as it is.
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ class _ClassScores(nn.Module):
     def scores(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def settings(self) -> dict:
+        """The sizes the head was made with (its constructor's arguments but random draws):
+        enough to make an empty head that takes this one's state."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
         out = torch.full((len(x), max(self.width, len(self.seen))), MASK_VALUE,
                          dtype=torch.float32, device=x.device)
@@ -87,7 +97,11 @@ class PrototypeHead(_ClassScores):
 
     def __init__(self, in_features: int) -> None:
         super().__init__()
+        self.in_features = in_features
         self.register_buffer("sums", torch.zeros(0, in_features))
+
+    def settings(self) -> dict:
+        return {"in_features": self.in_features}
 
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor) -> None:
@@ -104,18 +118,29 @@ class RidgeHead(_ClassScores):
     """RanPAC's classifier: logits ``ReLU(x R) W^T``, with ``R`` a fixed Gaussian random
     projection (``in_features`` x ``projection_dim``; 0: none) and ``W`` the ridge regression of
     one-hot targets on the projected features of everything seen, ``W^T = (G + ridge I)^-1 Q``
-    from the accumulated ``G = H^T H`` and ``Q = H^T Y``."""
+    from the accumulated ``G = H^T H`` and ``Q = H^T Y``. Without a ``generator`` ``R`` is zero,
+    for a head whose saved state is loaded next."""
 
-    def __init__(self, in_features: int, projection_dim: int, generator: torch.Generator) -> None:
+    def __init__(self, in_features: int, projection_dim: int,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
+        self.in_features = in_features
+        self.projection_dim = projection_dim
         width = projection_dim or in_features
-        projection = (random_projection(in_features, projection_dim, generator)
-                      if projection_dim else torch.zeros(0))
+        if not projection_dim:
+            projection = torch.zeros(0)
+        elif generator is None:
+            projection = torch.zeros(in_features, projection_dim)
+        else:
+            projection = random_projection(in_features, projection_dim, generator)
         self.register_buffer("projection", projection)
         self.register_buffer("gram", torch.zeros(width, width, dtype=torch.float64))
         self.register_buffer("targets", torch.zeros(width, 0, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(0, width))
         self.ridge: float | None = None
+
+    def settings(self) -> dict:
+        return {"in_features": self.in_features, "projection_dim": self.projection_dim}
 
     def project(self, x: Tensor) -> Tensor:
         return random_features(x, self.projection) if self.projection.numel() else x.float()
@@ -197,6 +222,65 @@ def head_in_features(model: nn.Module) -> int:
                      "backbone's feature size")
 
 
+#: the closed-form heads, by class name (as :func:`closed_form_structure` records them)
+CLOSED_FORM_HEADS: dict[str, type[_ClassScores]] = {
+    cls.__name__: cls for cls in (PrototypeHead, RidgeHead)}
+
+
+def closed_form_structure(head: nn.Module) -> dict | None:
+    """What makes ``head`` again, empty and ready to take its state
+    (:func:`empty_closed_form_head`): its closed-form heads' class and sizes, and whether there
+    is one per task; ``None`` for a head not solved in closed form."""
+    if isinstance(head, TaskHeads):
+        sample = next(iter(head.heads.values()), None)
+        sample = head.make() if sample is None else sample
+    elif isinstance(head, _ClassScores):
+        sample = head
+    else:
+        return None
+    return {"kind": "closed-form", "class": type(sample).__name__,
+            "settings": sample.settings(), "per_task": isinstance(head, TaskHeads)}
+
+
+def empty_closed_form_head(structure: dict) -> nn.Module:
+    """An empty head of a :func:`closed_form_structure`; its buffers take the shapes of the
+    state loaded into it (a head per task is made for each task of that state)."""
+    cls = CLOSED_FORM_HEADS.get(structure["class"])
+    if cls is None:
+        raise ValueError(f"a closed-form head {structure['class']!r} this library does not "
+                         f"know (it knows {sorted(CLOSED_FORM_HEADS)})")
+    settings = dict(structure["settings"])
+    return TaskHeads(lambda: cls(**settings)) if structure["per_task"] else cls(**settings)
+
+
+def closed_form_head_to_load(model: nn.Module, structure: dict) -> nn.Module:
+    """The head ``model`` takes a saved closed-form head's state into: its own if it is that
+    head already (a closed-form strategy made it), else an empty one of the saved kind, in
+    place of the protocol head the model was built with (of the saved regime, a head per task
+    or one, and feature size), on that head's device."""
+    head = model.head
+    own = closed_form_structure(head)
+    if own is not None:
+        if own != structure:
+            raise ValueError(f"saved from a closed-form head {_describe(structure)}, loaded "
+                             f"into one {_describe(own)}")
+        return head
+    if structure["per_task"] != isinstance(head, MultiTaskModule):
+        raise ValueError(f"saved from a closed-form head {_describe(structure)}, loaded into a "
+                         f"{type(head).__name__}: build the model with the saved protocol's head")
+    if head_in_features(model) != structure["settings"]["in_features"]:
+        raise ValueError(f"saved from a closed-form head {_describe(structure)}, loaded into a "
+                         f"head on {head_in_features(model)} features")
+    tensor = next(iter([*head.parameters(), *head.buffers()]), None)
+    return empty_closed_form_head(structure).to("cpu" if tensor is None else tensor.device)
+
+
+def _describe(structure: dict) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in structure["settings"].items())
+    return (f"{structure['class']}({settings})"
+            + (" per task" if structure["per_task"] else ""))
+
+
 class FeatureStore:
     """The frozen backbone's features of evaluation batches, kept after a dataset's first
     complete evaluation.
@@ -256,19 +340,42 @@ class ClosedFormStrategy(AdapterTemplate):
 
     Evaluation computes a test set's features once (:class:`FeatureStore`, within
     ``eval_cache_gb``, beside the input cache: 0 turns both off); later evaluations run the head
-    alone."""
+    alone.
+
+    A model with its protocol's head gets the closed-form head of its regime; one whose head
+    is closed-form already (restored by :func:`~cl_sulora.saving.load_model`, or wrapped by a
+    strategy before) keeps it, with what it has accumulated, so training goes on from it."""
 
     config_cls: type | None = None
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, config=None,
                  plugins: Sequence[SupervisedPlugin] | None = None, **kwargs) -> None:
         self.config = checked_config(self, self.config_cls, config)
-        in_features = head_in_features(model)
-        # the protocol's head regime: a head per task (task-incremental), else one
-        model.head = (TaskHeads(lambda: self.make_head(in_features))
-                      if isinstance(model.head, MultiTaskModule) else self.make_head(in_features))
+        model.head = self.closed_form_head(model)
         model.requires_grad_(False)
         super().__init__(model=model, optimizer=optimizer, plugins=plugins, **kwargs)
+
+    def closed_form_head(self, model: nn.Module) -> nn.Module:
+        """The head this strategy solves for ``model``: in place of a protocol head, the
+        closed-form head of its regime (a head per task, task-incremental, else one); a
+        closed-form head is kept, once it is checked to be the one this strategy makes (its
+        class and sizes), new tasks' heads then made by this strategy."""
+        existing = closed_form_structure(model.head)
+        if existing is None:
+            in_features = head_in_features(model)
+            return (TaskHeads(lambda: self.make_head(in_features))
+                    if isinstance(model.head, MultiTaskModule) else self.make_head(in_features))
+        in_features = existing["settings"]["in_features"]
+        expected = closed_form_structure(self.make_head(in_features))
+        if (existing["class"], existing["settings"]) != (expected["class"],
+                                                         expected["settings"]):
+            raise ValueError(
+                f"the model's head is a closed-form head {_describe(existing)}: "
+                f"{type(self).__name__} here solves a {_describe(expected)}; wrap it with the "
+                "strategy and config that made it, or build a fresh model")
+        if isinstance(model.head, TaskHeads):
+            model.head.make = lambda: self.make_head(in_features)
+        return model.head
 
     def set_eval_cache(self, budget_gb: float) -> None:
         """The input cache's budget, and as much again for the features of evaluation

@@ -15,10 +15,15 @@ from cl_sulora.ridge import RANPAC_RIDGES, ridge_losses, select_ridge
 from tests.helpers import image_stream, tiny_vit
 
 
-def build(cls, protocol="class-incremental", **kwargs):
+def fresh_model(protocol="class-incremental"):
+    """A model as a user builds it: the protocol's head, which the strategy replaces."""
     torch.manual_seed(0)
-    model = ContinualClassifier(tiny_vit(), make_head(protocol, 32, 4 if protocol ==
-                                                      "domain-incremental" else None))
+    return ContinualClassifier(tiny_vit(), make_head(protocol, 32, 4 if protocol ==
+                                                     "domain-incremental" else None))
+
+
+def build(cls, protocol="class-incremental", model=None, **kwargs):
+    model = fresh_model(protocol) if model is None else model
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     return cls(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
                train_mb_size=8, eval_mb_size=5, evaluator=evaluator, **kwargs)
@@ -131,6 +136,38 @@ def test_closed_form_heads_round_trip_through_a_fresh_model(tmp_path):
         fresh = build(cls, **kwargs).model  # an untrained head: smaller buffers
         restored = load_model(fresh, tmp_path / cls.__name__).eval()
         torch.testing.assert_close(restored(x), before)
+
+
+@pytest.mark.parametrize("protocol", ["class-incremental", "task-incremental"])
+def test_a_model_loaded_into_a_fresh_one_trains_on_under_a_new_strategy_as_the_original(
+        tmp_path, protocol):
+    """load_model takes a model built as the saved one was, with its protocol's head: the saved
+    closed-form head is made again in its place, and a strategy built on the restored model
+    keeps it (it has no nn.Linear to read the feature size from), so training goes on exactly
+    as under the strategy that saved it."""
+    from cl_sulora import load_model, save_model
+
+    til = protocol == "task-incremental"
+    stream = image_stream(n_classes=6, n_experiences=3, task_labels=til)
+    x = torch.stack([exp.dataset[i][0] for exp in stream.test_stream for i in range(3)])
+    tasks = torch.arange(3).repeat_interleave(3) if til else None
+    for cls, kwargs in ((SimpleCIL, {}), (RanPAC, {"config": RanPACConfig(projection_dim=16)})):
+        original = build(cls, protocol, **kwargs)
+        original.train(stream.train_stream[0])
+        save_model(original.model, tmp_path / cls.__name__)
+        restored = build(cls, protocol, model=load_model(fresh_model(protocol),
+                                                         tmp_path / cls.__name__), **kwargs)
+        for exp in stream.train_stream[1:]:
+            original.train(exp)
+            restored.train(exp)
+        original.model.eval(), restored.model.eval()
+        with torch.no_grad():
+            assert torch.equal(restored.model(x, tasks), original.model(x, tasks)), cls
+        assert restored.eval(stream.test_stream) == original.eval(stream.test_stream)
+    # a closed-form head of another strategy is refused, saying what to do
+    with pytest.raises(ValueError, match=r"RidgeHead\(in_features=32, projection_dim=16\).*"
+                                         r"SimpleCIL here solves a PrototypeHead.*wrap it with"):
+        build(SimpleCIL, protocol, model=load_model(fresh_model(protocol), tmp_path / "RanPAC"))
 
 
 def test_config_errors():

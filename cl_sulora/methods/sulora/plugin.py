@@ -17,6 +17,8 @@ from ...adapters.injection import (
     adapt_once,
     add_subspace_lora,
     check_trainable_modules,
+    experience_tasks,
+    record_experience_tasks,
     subspace_lora_layers,
 )
 from ...adapters.slots import (
@@ -68,6 +70,12 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
             experience ``t`` uses every live slot, which are then exactly those, so a task's
             task-aware output right after its training is its training-time output, and later
             experiences' slots never enter it.
+
+    Which task each experience was (:attr:`owner_task`) is recorded on the model too
+    (:func:`~cl_sulora.adapters.injection.record_experience_tasks`), so that
+    :func:`~cl_sulora.saving.save_model` keeps it with the slots; a plugin that has trained
+    nothing takes it from the model it meets (:meth:`adopt_experience_tasks`), so a model
+    restored by :func:`~cl_sulora.saving.load_model` evaluates task-aware as it did when saved.
     """
 
     def __init__(self, config: SubspaceLoRAConfig, *, inference: Inference = "agnostic") -> None:
@@ -105,6 +113,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
                 directions = [found[name] for name in layers]
             start_slots(list(layers.values()), owner, directions)
         self.owner_task[owner] = task_label(strategy.experience)
+        record_experience_tasks(strategy.model, self.owner_task)
         trained = [p for layer in layers.values()
                    for p in (layer.lora_B_train, layer.lora_magnitude) if p is not None]
         freeze_except(strategy.model, trained, self.config.trainable_modules)
@@ -180,6 +189,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         self.allocator.discard()
         for owner in owners:
             self.owner_task.pop(owner, None)
+        record_experience_tasks(strategy.model, self.owner_task)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -188,6 +198,17 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict, strategy=None) -> None:
         self.owner_task = {int(k): int(v) for k, v in state["owner_task"].items()}
         self.steps = int(state["steps"])
+        if strategy is not None:
+            record_experience_tasks(strategy.model, self.owner_task)
+
+    def adopt_experience_tasks(self, model: nn.Module) -> None:
+        """Take the experience tasks ``model`` records (one restored by
+        :func:`~cl_sulora.saving.load_model`, or trained under another plugin) when this plugin
+        has trained none itself: without them task-aware inference would know no task's slots
+        and evaluate every task with every live slot. Called on meeting a model; a plugin that
+        has trained keeps its own map (and records it on the model as it trains)."""
+        if not self.owner_task:
+            self.owner_task = experience_tasks(model)
 
     # ------------------------------------------------------------------ evaluation hooks
     def task_owners(self, task: int) -> list[int] | None:
@@ -201,8 +222,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
     def before_eval_exp(self, strategy, **kwargs):
         if self.inference != "task-aware":
             return
+        layers = self._layers(strategy.model)  # first: a new model's experience tasks
         owners = self.task_owners(task_label(strategy.experience))
-        for layer in self._layers(strategy.model).values():
+        for layer in layers.values():
             layer.set_owner_filter(owners)
 
     def after_eval_exp(self, strategy, **kwargs):
@@ -233,7 +255,9 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
 
     # ------------------------------------------------------------------ helpers
     def _layers(self, model: nn.Module) -> dict[str, SubspaceLoRALinear]:
-        """The model's layers, found once per model object (and again if one was replaced)."""
+        """The model's layers, found once per model object (and again if one was replaced); a
+        model met for the first time also gives its experience tasks
+        (:meth:`adopt_experience_tasks`)."""
         if self._found is not None and self._found[0] is model:
             layers = self._found[1]
             if all(model.get_submodule(name) is layer for name, layer in layers.items()):
@@ -242,6 +266,7 @@ class SuLoRAPlugin(SupervisedPlugin, supports_distributed=True):
         if not layers:
             raise RuntimeError("the model has no subspace LoRA layers: call add_subspace_lora")
         self._found = (model, layers)
+        self.adopt_experience_tasks(model)
         return layers
 
     def _scores(self, layers: Iterable[SubspaceLoRALinear]) -> list[list[float]]:
@@ -299,6 +324,7 @@ class SuLoRA(AdapterTemplate):
             require_multi_head(model)
         self.config = adapt_once(model, config, SubspaceLoRAConfig, add_subspace_lora)
         self.sulora = SuLoRAPlugin(self.config, inference=inference)
+        self.sulora.adopt_experience_tasks(model)  # a restored model's, known from the start
         super().__init__(model=model, optimizer=optimizer,
                          plugins=[self.sulora, *(plugins or [])], **kwargs)
 
