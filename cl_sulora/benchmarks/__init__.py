@@ -7,7 +7,13 @@ from .domainnet import build_domainnet_dil
 from .glue import build_long_text, build_split_glue
 from .image_folders import build_image_folders
 from .pacs import build_pacs_dil
-from .registry import BENCHMARKS, benchmark_options, build_benchmark, register_benchmark
+from .registry import (
+    BENCHMARKS,
+    benchmark_options,
+    build_benchmark,
+    option_type_errors,
+    register_benchmark,
+)
 from .sentiment import build_sentiment_dil
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "build_sentiment_dil",
     "build_split_cifar100",
     "build_split_glue",
+    "option_type_errors",
     "register_benchmark",
     "resolve_data_root",
 ]

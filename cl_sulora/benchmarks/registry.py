@@ -5,9 +5,12 @@ them all."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
 
 from .common import BenchmarkSpec, check_seed
 
@@ -48,10 +51,31 @@ def build_benchmark(name: str, **options: Any) -> BenchmarkSpec:
     missing = [k for k, p in accepted.items() if p.default is p.empty and k not in options]
     if missing:
         raise TypeError(f"benchmark {name!r} requires option(s) {missing}")
+    wrong = option_type_errors(name, options)
+    if wrong:
+        raise TypeError(f"benchmark {name!r}: " + "; ".join(f"{k}: {m}" for k, m in wrong.items()))
     for key, value in options.items():
         if key.endswith("seed") and value is not None:
             check_seed(key, value)
     return BENCHMARKS[name](**options)
+
+
+def option_type_errors(name: str, options: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with each option value that is not of the type its builder's signature
+    gives, by option name (empty if none). Values are checked strictly, without conversion: a
+    builder would take ``augment="flase"`` as a true string and augment silently."""
+    builder = _builder(name)
+    hints = typing.get_type_hints(builder.func if isinstance(builder, partial) else builder)
+    errors = {}
+    for key, value in options.items():
+        hint = hints.get(key, Any)
+        if hint is Any:
+            continue
+        try:
+            TypeAdapter(hint).validate_python(value, strict=True)
+        except ValidationError as err:
+            errors[key] = f"{err.errors()[0]['msg']}, not {value!r}"
+    return errors
 
 
 def _builder(name: str) -> Builder:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
-from ..benchmarks import BENCHMARKS, benchmark_options
+from ..benchmarks import BENCHMARKS, benchmark_options, option_type_errors
 from ..benchmarks.common import wants_validation
 from ..errors import ConfigError
 from ..methods import get_method
@@ -178,6 +178,10 @@ def config_from_tree(tree: Mapping[str, Any], overrides: Mapping[str, Any] = {})
                 f"benchmark {benchmark!r} has no option {key!r} (data.{key}); "
                 f"its options: {accepted}"
             )
+    wrong = option_type_errors(benchmark, config.data)
+    if wrong:
+        raise ConfigError("; ".join(f"data.{key}: {message}" for key, message in wrong.items())
+                          + ": fix the flag or --set value")
     try:
         wants_validation(config.data.get("validation", 0.0))
     except ValueError as err:

@@ -30,7 +30,7 @@ from cl_sulora import (
     subspace_lora_layers,
 )
 from cl_sulora.adapters.serialization import adapter_state
-from cl_sulora.benchmarks import BENCHMARKS
+from cl_sulora.benchmarks import BENCHMARKS, build_benchmark
 from cl_sulora.linalg import directions_outside
 from cl_sulora.runner import cli, loop
 from cl_sulora.runner.checkpoint import (
@@ -191,6 +191,23 @@ def test_invalid_configs_fail_before_training(tiny, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
     assert "Traceback" not in err
+
+
+def test_benchmark_option_values_of_the_wrong_type_are_refused(tmp_path, capsys, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(loop, "run_stream", no_training)
+    argv = ["run", "--benchmark", "split-cifar100-10", "--strategy", "sulora", "--device", "cpu",
+            "--out", str(tmp_path), "--set", "data.augment=flase", "data.limit_per_class=2.5"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data.augment: Input should be a valid boolean, not 'flase'" in err, err
+    assert "data.limit_per_class: Input should be a valid integer" in err, err
+    assert "Traceback" not in err
+    # the Python API refuses them too, before any file is read
+    with pytest.raises(TypeError, match="augment: Input should be a valid boolean, not 'no'"):
+        build_benchmark("split-cifar100-10", data_root=tmp_path / "nowhere", augment="no")
 
 
 def test_missing_data_is_reported_cleanly(tmp_path, capsys):
