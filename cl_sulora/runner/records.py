@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import tempfile
@@ -109,6 +110,34 @@ def check_result_path(path: Path, config: dict[str, Any], overwrite: bool,
             f"{path} holds the record of a run with another config ({'; '.join(differing[:5])})"
             ": give another --out, or pass --overwrite to replace it"
         )
+
+
+#: Run config keys that say where a run reads and writes, not what it runs: a record of the
+#: same run is the same however these paths were spelt (``$CL_SULORA_DATA`` or ``--data-root``,
+#: a relative or an absolute ``--out``).
+LOCATIONS = ("out", "data.data_root")
+
+
+def same_run(saved: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether a record's config ``saved`` is that of the run ``config``, :data:`LOCATIONS`
+    aside."""
+    return all(d.split(":")[0] in LOCATIONS for d in config_differences(saved, config))
+
+
+def records_in(folder: str | Path, label: str) -> dict[Path, dict[str, Any]]:
+    """The run records in ``folder`` of the benchmark label ``label``
+    (``<label>__<strategy>__seed<k>.json``), by path; files that are not records are left out."""
+    found = {}
+    for path in sorted(Path(folder).glob(f"{label}__*__seed*.json")):
+        if not re.fullmatch(rf"{re.escape(label)}__.+__seed\d+\.json", path.name):
+            continue
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "accuracy_matrix" in record and "config" in record:
+            found[path] = record
+    return found
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

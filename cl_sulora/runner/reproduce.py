@@ -27,7 +27,7 @@ from ..atomic import atomic_write_bytes
 from ..errors import ConfigError
 from .config import resolve_config, result_path
 from .recipes import Recipe, command_line
-from .records import config_differences
+from .records import same_run
 from .report import markdown_table, write_report
 
 
@@ -70,24 +70,16 @@ def plan(recipe: Recipe, user: Mapping[str, Any], seeds: list[int] | None = None
     return runs
 
 
-#: Run config keys that say where a run reads and writes, not what it runs: a record found at
-#: the planned path is the planned run's however these paths were spelt when it was made
-#: (``$CL_SULORA_DATA`` or ``--data-root``, a relative or an absolute ``--out``).
-LOCATIONS = ("out", "data.data_root")
-
-
 def _record_of(run: PlannedRun) -> dict[str, Any] | None:
-    """The record at ``run.record`` if a run of ``run.config`` wrote it (:data:`LOCATIONS`
-    aside)."""
+    """The record at ``run.record`` if a run of ``run.config`` wrote it (however its paths were
+    spelt: :func:`~.records.same_run`)."""
     try:
         record = json.loads(run.record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict):
         return None
-    differing = [d for d in config_differences(record.get("config", {}), run.config)
-                 if d.split(":")[0] not in LOCATIONS]
-    return None if differing else record
+    return record if same_run(record.get("config", {}), run.config) else None
 
 
 def describe(recipe: Recipe, runs: Sequence[PlannedRun], user: Mapping[str, Any]) -> str:
