@@ -20,6 +20,7 @@ from ..errors import CLSuLoRAError, ConfigError
 from ..methods import METHODS
 from ..training import distributed
 from . import reproduce as reproduction
+from .checkpoint import checkpoints
 from .config import (
     FLAG_KEYS,
     PRECISIONS,
@@ -31,7 +32,7 @@ from .config import (
     result_path,
 )
 from .loggers import LOGGERS, check_loggers, make_loggers
-from .loop import Checkpointing, evaluate_checkpoint, run
+from .loop import EVAL_MAY_CHANGE, Checkpointing, evaluate_checkpoint, run
 from .presets import available_presets, load_preset
 from .recipes import available_recipes, check_needs, load_recipe
 from .report import markdown_table, subsampled, write_report
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run one strategy on one benchmark (no arguments: the offline demo)",
         description="Run one strategy on one benchmark. With neither --benchmark nor "
         "--strategy: the offline demo, MiniLM-L6 on bbc-news comparing "
-        f"{', '.join(DEMO['strategies'])} (other flags still apply).",
+        f"{', '.join(DEMO['strategies'])} (the flags shared with compare still apply; "
+        f"{', '.join(['--seed', *SINGLE_RUN_FLAGS.values()])} are refused).",
     )
     run.add_argument("--benchmark", help="benchmark name (see `cl-sulora list`)")
     run.add_argument("--strategy", help="preset name (see `cl-sulora list`) or a preset file "
@@ -165,15 +167,19 @@ def _add_eval(commands: Any) -> None:
         help="evaluate a saved checkpoint on its run's test stream, without training",
         description="Rebuild the run a checkpoint of `cl-sulora run --checkpoint-dir` came "
         "from, restore the model, evaluate it on the whole test stream and write "
-        "<out>/<benchmark>__<strategy>__seed<k>__eval-exp<N>.json.",
+        "<out>/<benchmark>__<strategy>__seed<k>__eval-exp<N>.json. Only where data are read "
+        "and results written and how the evaluation runs may differ from the run's.",
     )
     add = parser.add_argument
     add("--checkpoint", required=True, type=Path,
         help="a checkpoint folder (exp-XXXX) or a --checkpoint-dir (its newest checkpoint)")
     add("--data-root", help="folder with the unpacked data (default: the run's)")
     add("--device", help="cpu, cuda, ... (default: the run's)")
+    add("--precision", choices=PRECISIONS, help="default: the run's (tf32 needs a CUDA device)")
     add("--out", help="results folder (default: the run's)")
-    _add_set(parser)
+    _add_set(parser, f"override one of {', '.join(EVAL_MAY_CHANGE)} (YAML value, e.g. "
+             "training.eval_batch_size=256; repeatable): the keys that change neither the "
+             "model nor the test stream; any other key is refused")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -231,7 +237,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     _add_set(parser)
 
 
-def _add_set(parser: argparse.ArgumentParser) -> None:
+def _add_set(parser: argparse.ArgumentParser, text: str | None = None) -> None:
     parser.add_argument(
         "--set",
         dest="sets",
@@ -239,7 +245,7 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override any run config key with a YAML value, e.g. training.lr=3e-4, "
+        help=text or "override any run config key with a YAML value, e.g. training.lr=3e-4, "
         "method.rank=8, backbone.pooling=cls, data.augment=false (repeatable)",
     )
 
@@ -309,6 +315,30 @@ def _compare(benchmark, configs, overrides, command, overwrite,
     for what, path in paths.items():
         print(f"{what}: {path}")
     return paths
+
+
+#: ``run`` flags of a single run (argparse dest -> flag) that the demo, a comparison of
+#: several strategies, has no use for: it writes no checkpoints and always reports.
+SINGLE_RUN_FLAGS = {
+    "checkpoint_dir": "--checkpoint-dir",
+    "resume": "--resume",
+    "resume_fallback": "--resume-fallback",
+    "overwrite_checkpoints": "--overwrite-checkpoints",
+    "no_report": "--no-report",
+}
+
+
+def check_demo_flags(args: argparse.Namespace) -> None:
+    """Refuse, before the demo runs, the flags of a single run that it would ignore."""
+    given = [flag for dest, flag in SINGLE_RUN_FLAGS.items()
+             if getattr(args, dest) not in (None, False)]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: the demo (run with neither --benchmark nor --strategy) "
+            f"compares {len(DEMO['strategies'])} strategies without checkpoints and writes "
+            "their table, so it takes none of them; give --benchmark and --strategy for a "
+            "single run"
+        )
 
 
 def run_one(args: argparse.Namespace, command: Sequence[str]) -> None:
@@ -447,6 +477,31 @@ def _summary(record: dict[str, Any]) -> str:
     )
 
 
+#: The exit status of a command stopped by Ctrl-C (``SIGINT``), as a shell gives it: 128 + 2.
+INTERRUPTED = 130
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """The line printed for a command stopped by Ctrl-C: how to continue where that is
+    possible (a run with ``--checkpoint-dir``, ``reproduce``), else nothing more."""
+    if args.command == "reproduce":
+        return ("interrupted; the same command continues it (runs whose record is written are "
+                "skipped)")
+    directory = getattr(args, "checkpoint_dir", None)
+    if args.command != "run" or directory is None:
+        return "interrupted"
+    resume = args.resume or args.resume_fallback
+    if not checkpoints(directory):
+        return (f"interrupted before a checkpoint was written in {directory}; the same command"
+                f"{' without --resume' if resume else ''} starts the run again")
+    if args.overwrite_checkpoints:  # the checkpoints there may still be the discarded run's
+        return (f"interrupted; if the run wrote a checkpoint in {directory}, the same command "
+                "with --resume instead of --overwrite-checkpoints continues it from there, "
+                "else the same command starts it again")
+    how = "the same command" if resume else "the same command plus --resume"
+    return f"interrupted; {how} continues the run from its last checkpoint in {directory}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cl-sulora``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -466,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.benchmark is None and args.strategy is None:
             if args.seed is not None:
                 raise ConfigError("the demo runs seed 0; use compare --seeds for other seeds")
+            check_demo_flags(args)
             compare(
                 DEMO["benchmark"],
                 DEMO["strategies"],
@@ -485,4 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return ConfigError.exit_code
+    except KeyboardInterrupt:
+        for bar in list(getattr(tqdm, "_instances", ())):  # else the line runs on from a bar
+            bar.close()
+        print(interrupted(args), file=sys.stderr)
+        return INTERRUPTED
     return 0

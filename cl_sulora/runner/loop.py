@@ -250,21 +250,52 @@ def check_distributed(config: RunConfig) -> None:
         )
 
 
+#: Run config keys ``cl-sulora eval`` may change: where things are read and written
+#: (``data.data_root``, ``out``) and how the evaluation computes (``device``, ``precision``,
+#: ``training.eval_batch_size``, ``training.num_workers``). None of them changes the model a
+#: checkpoint restores or the test stream it is scored on. Every other key is refused
+#: (:func:`check_eval_overrides`): ``benchmark``, ``seed`` and ``data.*`` choose the stream (and
+#: its classes); ``backbone.*``, ``method.*`` and ``alignment.*`` shape the model, whose saved
+#: tensors would not fit it (or would be read as something they are not); the other
+#: ``training.*`` keys only say how the checkpoint was trained, which an evaluation cannot
+#: change, so its record would misstate it; ``compile`` and ``deterministic`` stay as trained
+#: (compiling costs more than one pass over the test stream saves, and the evaluation stays as
+#: reproducible as the run was).
+EVAL_MAY_CHANGE = ("data.data_root", "out", "device", "precision",
+                   "training.eval_batch_size", "training.num_workers")
+
+
+def check_eval_overrides(overrides: Mapping[str, Any]) -> None:
+    """Refuse, before anything is read or built, an evaluation override outside
+    :data:`EVAL_MAY_CHANGE`, naming it and the accepted keys."""
+    refused = [key for key in overrides if key not in EVAL_MAY_CHANGE]
+    if refused:
+        raise ConfigError(
+            f"eval --set {', '.join(refused)}: an evaluation scores the checkpoint as it was "
+            "trained, so it may change only where data are read and results written and how "
+            f"the evaluation runs ({', '.join(EVAL_MAY_CHANGE)}); to change anything else, "
+            "train a run with it"
+        )
+
+
 def evaluate_checkpoint(path: Path, overrides: Mapping[str, Any] = {},
                         echo: Callable[[str], None] | None = None,
                         command: Sequence[str] = ()) -> tuple[dict, Path]:
     """Evaluate a checkpoint of ``cl-sulora run --checkpoint-dir`` on its run's test stream,
     without training: the run is rebuilt from the config the checkpoint holds (``overrides``,
-    dotted keys, may move ``data.data_root``, ``device`` or ``out``), the checkpoint restored,
-    the stream evaluated. ``path`` is one checkpoint (``exp-XXXX``) or a checkpoint folder (its
-    newest). Writes and returns the record (``<label>__<strategy>__seed<k>__eval-expN.json``)
-    and its path."""
+    dotted keys, may change only :data:`EVAL_MAY_CHANGE`: others are refused before anything
+    is read), the checkpoint restored, the stream evaluated. ``path`` is one checkpoint
+    (``exp-XXXX``) or a checkpoint folder (its newest). Writes and returns the record
+    (``<label>__<strategy>__seed<k>__eval-expN.json``; its ``config`` is the one evaluated,
+    ``config_changes`` how that differs from the checkpoint's) and its path."""
+    check_eval_overrides(overrides)
     checkpoint = (load_checkpoint(path) if (path / "meta.json").is_file()
                   else latest_checkpoint(path))
     if checkpoint is None:
         raise ConfigError(f"--checkpoint {path}: no checkpoint there (a folder exp-XXXX, or a "
                           "--checkpoint-dir of cl-sulora run)")
-    config = config_from_tree(checkpoint.meta.get("config", {}), overrides)
+    saved = checkpoint.meta.get("config", {})
+    config = config_from_tree(saved, overrides)
     with determinism_restored():
         seed_everything(config.seed, config.deterministic)
         experiment = build_experiment(config)
@@ -284,6 +315,7 @@ def evaluate_checkpoint(path: Path, overrides: Mapping[str, Any] = {},
         "strategy": config.strategy,
         "seed": config.seed,
         "config": config.model_dump(mode="json"),
+        "config_changes": config_differences(saved, config.model_dump(mode="json")),
         "command": list(command),
         "commit": experiment.commit,
         "versions": versions(),

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
-from cl_sulora.runner import cli, loggers, recipes, reproduce
+from cl_sulora.runner import cli, loggers, loop, recipes, reproduce
 from cl_sulora.runner.cli import build_parser, overrides_from
 from cl_sulora.runner.config import resolve_config
 from cl_sulora.runner.recipes import available_recipes, command_line, load_recipe
@@ -180,11 +182,41 @@ def test_eval_scores_a_checkpoint_as_the_run_did_without_training(tiny, tmp_path
 
     assert cli.main(["eval", "--checkpoint", str(tmp_path)]) == 2
     assert "no checkpoint there" in capsys.readouterr().err
-    # overrides are validated as a run's are: a clear error, no traceback
-    assert cli.main([*argv, "--set", "training.lr=-1"]) == 2
-    assert "training.lr" in capsys.readouterr().err
-    assert cli.main([*argv, "--set", "benchmark=other"]) == 2
-    assert "benchmark cannot be overridden" in capsys.readouterr().err
+    # the accepted overrides are validated as a run's are: a clear error, no traceback
+    assert cli.main([*argv, "--set", "training.eval_batch_size=0"]) == 2
+    assert "training.eval_batch_size" in capsys.readouterr().err
+    # and the record says how the evaluation differed from the run
+    assert cli.main([*argv, "--set", "training.eval_batch_size=5", "training.num_workers=0"]) == 0
+    evaluated = json.loads((out / "tiny-images__sulora__seed0__eval-exp3.json").read_text())
+    assert evaluated["accuracy"] == record["accuracy_matrix"][-1]
+    changes = evaluated["config_changes"]
+    assert [change.split(":")[0] for change in changes] == ["out", "training.eval_batch_size"]
+    assert changes[1] == "training.eval_batch_size: 128 -> 5"
+
+
+@pytest.mark.parametrize("key", ["method.rank=8", "data.num_experiences=1", "training.epochs=7",
+                                 "training.lr=-1", "backbone.pooling=cls", "seed=3",
+                                 "benchmark=other", "compile=true"])
+def test_eval_refuses_overrides_that_change_what_was_trained_or_evaluated(
+        key, tmp_path, monkeypatch, capsys):
+    def built(*args, **kwargs):
+        raise AssertionError("the evaluation was built")
+
+    monkeypatch.setattr(loop, "build_experiment", built)
+    monkeypatch.setattr(loop, "load_checkpoint", built)
+    monkeypatch.setattr(loop, "latest_checkpoint", built)
+    argv = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--set", key]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"eval --set {key.split('=')[0]}:" in err
+    assert ", ".join(loop.EVAL_MAY_CHANGE) in err
+    # the keys that may change pass the check (the missing checkpoint stops it after)
+    monkeypatch.undo()
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data-root", "d",
+                     "--device", "cpu", "--precision", "fp32", "--out", "o", "--set",
+                     "training.eval_batch_size=8", "training.num_workers=1"]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err
 
 
 def test_single_run_writes_its_table_and_plots(tiny, tmp_path, capsys):
@@ -218,6 +250,83 @@ def test_bad_loggers_are_refused_before_training(tiny, tmp_path, monkeypatch, ca
     assert cli.main([*argv, "--loggers", "wandb"]) == 2
     assert "pip install wandb" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+def fake_wandb(*, chart_home: str | None = "plot") -> types.ModuleType:
+    """A wandb module as recent releases are: no ``util.generate_id``, no ``wandb.viz``
+    (``chart_home``: where ``CustomChart`` lives, if anywhere); it records its calls."""
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.__version__ = "9.9"
+    module.calls = []
+    module.run = None
+
+    def init(**kwargs):
+        module.calls.append(("init", kwargs))
+        module.run = types.SimpleNamespace(_label=lambda **kwargs: None)
+
+    def finish():
+        module.calls.append(("finish",))
+        module.run = None
+
+    module.init, module.finish = init, finish
+    module.log = lambda values, step: module.calls.append(("log", values, step))
+    module.util = types.SimpleNamespace()
+    module.Image = module.Histogram = object
+    if chart_home:
+        setattr(module, chart_home, types.SimpleNamespace(CustomChart=type("CustomChart", (), {})))
+    return module
+
+
+def test_wandb_without_the_names_avalanche_reads_is_refused_before_training(
+        tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(chart_home=None))
+    assert cli.main(["run", "--strategy", "seqlora", *tiny, "--loggers", "wandb"]) == 2
+    err = capsys.readouterr().err
+    assert "wandb.plot.CustomChart (or wandb.viz.CustomChart), which wandb 9.9 lacks" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("chart_home", ["plot", "viz"])  # wandb >= 0.17.9, and before
+def test_avalanches_wandb_logger_runs_on_a_wandb_without_generate_id(chart_home, tmp_path,
+                                                                     monkeypatch):
+    wandb = fake_wandb(chart_home=chart_home)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (logger,) = loggers.make_loggers(["wandb"], tmp_path, "first", {"seed": 0})
+    logger.log_single_metric("Top1_Acc_Stream", 0.5, 3)  # reads wandb.viz.CustomChart
+    (_, init), log = wandb.calls
+    assert len(init["id"]) == 8 and init["name"] == "first" and init["config"] == {"seed": 0}
+    assert log == ("log", {"Top1_Acc_Stream": 0.5}, 3)
+    # the next run of the process (compare) gets a W&B run of its own
+    loggers.make_loggers(["wandb"], tmp_path, "second", {"seed": 1})
+    assert [call[0] for call in wandb.calls[2:]] == ["finish", "init"]
+    assert wandb.calls[-1][1]["id"] != init["id"]
+
+
+def test_compare_logs_each_run_to_a_wandb_run_of_its_own(tiny, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    for name in ("CONFIG", "CACHE", "DATA", "ARTIFACT"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    argv = ["compare", "--strategies", "seqlora,sulora", *tiny, "--num-experiences", "2",
+            "--loggers", "wandb"]
+    try:
+        assert cli.main(argv) == 0
+    finally:
+        wandb.finish()
+    logs = tmp_path / "results" / "logs"
+    ids = set()
+    for strategy in ("seqlora", "sulora"):
+        (run,) = (logs / f"tiny-images__{strategy}__seed0" / "wandb").rglob("run-*.wandb")
+        assert b"Top1_Acc_Stream/eval_phase/test_stream" in run.read_bytes()
+        ids.add(run.name)
+    assert len(ids) == 2
 
 
 #: Starts the command line as on a machine with no QP solver installed, where qpsolvers (which

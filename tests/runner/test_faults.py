@@ -1,16 +1,24 @@
 """Fault injection through the command line: bad outputs, used and damaged checkpoint folders,
-sweeps into one folder, divergence, bad data, bad weights and bad flags. Each case checks the
-exit status (2 bad input, 3 checkpoint, 4 divergence), that the message names the problem
-without a traceback, and that no finished work is lost or trained for nothing."""
+sweeps into one folder, divergence, bad data, bad weights, bad flags and Ctrl-C. Each case checks
+the exit status (2 bad input, 3 checkpoint, 4 divergence, 130 interrupted), that the message
+names the problem without a traceback, and that no finished work is lost or trained for
+nothing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from tqdm.auto import tqdm
 
 from cl_sulora.benchmarks import BENCHMARKS
 from cl_sulora.runner import cli, loop
@@ -304,3 +312,120 @@ def test_a_preset_name_is_never_a_file_of_the_current_folder(tmp_path, monkeypat
     assert load_preset("mine.yaml").spec.name == "naive"
     with pytest.raises(Exception, match="unknown strategy 'mine'"):
         load_preset("mine")
+
+
+# ----------------------------------------------------------------------------- 6. Ctrl-C
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def stopped(argv, capsys, *expected: str) -> str:
+    """:func:`fails` with status 130, for a command that Ctrl-C stops (an interrupt escaping
+    the command line fails the test rather than stopping pytest)."""
+    try:
+        return fails(argv, capsys, 130, *expected)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped cli.main")
+
+
+def test_ctrl_c_of_a_run_exits_130_with_one_line_saying_how_to_resume(tiny, tmp_path, capsys,
+                                                                       monkeypatch):
+    argv = tiny_flags(tmp_path)
+    bars = []
+
+    def interrupted_training(*args, **kwargs):
+        bars.append(tqdm(total=10, desc="train", leave=False))  # the interrupted run's bar
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run_stream", interrupted_training)
+    err = stopped(argv, capsys, "interrupted before a checkpoint was written in")
+    # one line, on a line of its own: the bar is closed first
+    assert re.split(r"[\r\n]", err.rstrip("\n"))[-1].startswith("interrupted before")
+    # stopped after a checkpoint: the same command plus --resume continues
+    monkeypatch.undo()
+    monkeypatch.setitem(BENCHMARKS, "tiny-images", tiny_images)
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "run_one", interrupt)
+    ckpt = tmp_path / "ckpt"
+    stopped(argv, capsys, f"interrupted; the same command plus --resume continues the run "
+                          f"from its last checkpoint in {ckpt}")
+    stopped([*argv, "--resume"], capsys, "interrupted; the same command continues the run")
+    stopped([*argv, "--overwrite-checkpoints"], capsys,
+            "with --resume instead of --overwrite-checkpoints")
+    # without a checkpoint folder nothing more is promised; nor for compare or eval
+    at = argv.index("--checkpoint-dir")
+    assert stopped(argv[:at] + argv[at + 2:], capsys).strip() == "interrupted"
+    monkeypatch.setattr(cli, "compare", interrupt)
+    monkeypatch.setattr(cli, "evaluate", interrupt)
+    for argv in (["compare", "--benchmark", "tiny-images", "--strategies", "sulora"],
+                 ["eval", "--checkpoint", str(ckpt)]):
+        assert stopped(argv, capsys).strip() == "interrupted"
+
+
+#: ``cl-sulora reproduce`` whose runs are two long processes, stopped by a real ``SIGINT``.
+REPRODUCE_INTERRUPTED = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, wherever started
+# the real package (the checkout's, or the installed one), not the slow run in this folder
+sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ("", os.getcwd())]
+from pathlib import Path
+from cl_sulora.runner import cli, reproduce
+folder = Path(sys.argv[2])
+
+def runs(args):
+    reproduce.run_processes([([str(folder / f"pid{i}")], folder / f"log{i}") for i in range(2)],
+                            2, lambda index, status, seconds: None)
+    return 0
+
+cli.reproduce = runs
+raise SystemExit(cli.main(["reproduce", "cifar100-10"]))
+"""
+
+# what `python -m cl_sulora` runs in that folder: a run that says its process id, then takes long
+SLOW_RUN = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_ctrl_c_of_reproduce_stops_its_runs_and_exits_130_without_a_traceback(tmp_path):
+    (tmp_path / "cl_sulora").mkdir()
+    (tmp_path / "cl_sulora" / "__init__.py").touch()  # a package, found before the real one
+    (tmp_path / "cl_sulora" / "__main__.py").write_text(SLOW_RUN)
+    root = Path(cli.__file__).parents[2]
+    driver = subprocess.Popen(
+        [sys.executable, "-c", REPRODUCE_INTERRUPTED, str(root), str(tmp_path)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = [tmp_path / "pid0", tmp_path / "pid1"]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() and p.read_text() for p in pids):
+        assert time.monotonic() < deadline and driver.poll() is None, driver.stderr.read()
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err
+    assert err.strip() == ("interrupted; the same command continues it (runs whose record is "
+                           "written are skipped)")
+    for pid in (int(p.read_text()) for p in pids):
+        with pytest.raises(ProcessLookupError):  # stopped and waited for
+            os.kill(pid, 0)
+
+
+# ----------------------------------------------------------------------------- 7. the demo
+@pytest.mark.parametrize("flags", [
+    ["--checkpoint-dir", "ck"], ["--checkpoint-dir", "ck", "--resume"],
+    ["--checkpoint-dir", "ck", "--resume-fallback"],
+    ["--checkpoint-dir", "ck", "--overwrite-checkpoints"], ["--no-report"],
+])
+def test_the_demo_refuses_the_flags_of_a_single_run(flags, tmp_path, capsys, monkeypatch):
+    def compared(*args, **kwargs):
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(cli, "compare", compared)
+    monkeypatch.chdir(tmp_path)
+    named = ", ".join(flag for flag in flags if flag.startswith("--"))
+    fails(["run", *flags, "--epochs", "1"], capsys, 2, f"{named}: the demo",
+          "give --benchmark and --strategy for a single run")
+    assert not list(tmp_path.iterdir())
