@@ -249,9 +249,11 @@ def test_validation_option_names_results_and_is_checked():
     overrides = parse_overrides(["data.validation=0.15"])
     assert resolve_config("split-cifar100-10", "sulora", overrides).data["validation"] == 0.15
     assert "val" not in result_path(resolve_config("pacs-dil", "sulora")).name
-    for bad in (1.0, -0.5, "10%"):
+    for bad in (1.0, -0.5):
         with pytest.raises(ConfigError, match="data.validation: validation must be a fraction"):
             resolve_config("bbc-news", "sulora", {"data.validation": bad})
+    with pytest.raises(ConfigError, match="data.validation: Input should be a valid number"):
+        resolve_config("bbc-news", "sulora", {"data.validation": "10%"})
 
 
 def test_demo_settings_resolve():
