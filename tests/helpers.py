@@ -193,3 +193,12 @@ def write_image_folder(folder: Path, per_class: int, classes: int = 200) -> None
             pixels = np.zeros((6, 6, 3), dtype=np.uint8)
             pixels[..., 0], pixels[..., 1] = c, i
             Image.fromarray(pixels).save(folder / f"n{c:08d}" / f"{i:03d}.png")
+
+
+#: What ``python -m cl_sulora`` runs in a test folder that shadows the package: a run that
+#: writes its process id to the file it is given, then takes long (to be stopped).
+SLOW_RUN = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(120)
+"""

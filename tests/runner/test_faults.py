@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from cl_sulora.benchmarks import BENCHMARKS
 from cl_sulora.runner import cli, loop
 from cl_sulora.runner.checkpoint import checkpoints, latest_checkpoint, sealed
-from tests.helpers import TINY_VIT, tiny_flags, tiny_images, write_cifar
+from tests.helpers import SLOW_RUN, TINY_VIT, tiny_flags, tiny_images, write_cifar
 
 #: Somewhere no process can create a folder, root included.
 UNWRITABLE = "/proc/cl-sulora-cannot-write-here"
@@ -56,6 +56,12 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
     return argv
+
+
+def record_of_another_config(path: Path) -> None:
+    """A record at ``path`` of a run with another learning rate than the tiny runs'."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {"training": {"lr": 0.001}}}))
 
 
 # ----------------------------------------------------------------------------- 1. outputs
@@ -195,10 +201,7 @@ def test_temporary_folders_of_interrupted_writes_are_removed(tiny, tmp_path):
 # --------------------------------------------------------------------------- 5. sweeps
 def test_a_sweep_into_one_folder_does_not_silently_replace_records(tiny, tmp_path, capsys,
                                                                    no_training):
-    out = tmp_path / "results"
-    out.mkdir()
-    record = {"config": {"training": {"lr": 0.001}}}
-    (out / "tiny-images__sulora__seed0.json").write_text(json.dumps(record))
+    record_of_another_config(tmp_path / "results" / "tiny-images__sulora__seed0.json")
     argv = [*tiny_flags(tmp_path), "--lr", "0.002"]
     fails(argv, capsys, 2, "holds the record of a run with another config", "--overwrite")
 
@@ -289,10 +292,7 @@ def test_a_backbone_of_the_other_modality_is_named_before_the_data_is_read(tiny,
 
 def test_compare_checks_every_record_and_repeated_runs_before_training(tiny, tmp_path, capsys,
                                                                         no_training):
-    out = tmp_path / "results"
-    out.mkdir()
-    record = {"config": {"training": {"lr": 0.001}}}
-    (out / "tiny-images__seqlora__seed0.json").write_text(json.dumps(record))
+    record_of_another_config(tmp_path / "results" / "tiny-images__seqlora__seed0.json")
     flags = tiny_flags(tmp_path)[5:-2]  # no run, strategy, benchmark or checkpoint dir
     compare = ["compare", "--benchmark", "tiny-images", *flags]
     fails([*compare, "--strategies", "sulora,seqlora"], capsys, 2,
@@ -402,13 +402,6 @@ def runs(args):
 
 cli.reproduce = runs
 raise SystemExit(cli.main(["reproduce", "cifar100-10"]))
-"""
-
-# what `python -m cl_sulora` runs in that folder: a run that says its process id, then takes long
-SLOW_RUN = """
-import os, sys, time
-open(sys.argv[1], "w").write(str(os.getpid()))
-time.sleep(120)
 """
 
 

@@ -39,7 +39,7 @@ from cl_sulora.runner.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.helpers import fill_slot, tiny_flags, tiny_images
+from tests.helpers import SLOW_RUN, fill_slot, tiny_flags, tiny_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -312,14 +312,6 @@ from cl_sulora.runner.reproduce import run_processes
 folder = Path(sys.argv[2])
 run_processes([([str(folder / f"pid{i}")], folder / f"log{i}") for i in range(3)], 2,
               lambda index, status, seconds: None)
-"""
-
-# what `python -m cl_sulora` runs in the folder the side-by-side runs start in: a run that
-# says its process id, then takes long
-SLOW_RUN = """
-import os, sys, time
-open(sys.argv[1], "w").write(str(os.getpid()))
-time.sleep(120)
 """
 
 
