@@ -45,7 +45,7 @@ def check_wandb() -> None:
     except Exception as err:  # a broken install: whatever its import raises
         raise ConfigError(f"--loggers wandb: wandb does not import ({type(err).__name__}: "
                           f"{err}); reinstall it, or leave wandb out") from err
-    missing = [f"wandb.{name}" for name in WANDB_API if not _has(wandb, name)]
+    missing = [f"wandb.{name}" for name in WANDB_API if not hasattr(wandb, name)]
     if _custom_chart(wandb) is None:
         missing.append("wandb.plot.CustomChart (or wandb.viz.CustomChart)")
     if missing:
@@ -53,14 +53,6 @@ def check_wandb() -> None:
             f"--loggers wandb: Avalanche 0.6's W&B logger calls {', '.join(missing)}, which "
             f"wandb {getattr(wandb, '__version__', '?')} lacks; install a wandb release that "
             "has them (0.31 was tested), or leave wandb out")
-
-
-def _has(module: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        module = getattr(module, part, None)
-        if module is None:
-            return False
-    return True
 
 
 def _custom_chart(wandb: Any) -> type | None:

@@ -146,8 +146,7 @@ def resume_point(checkpointing: Checkpointing | None,
 def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint written under another run config, naming the keys (the
     optimizer's hyperparameters, :data:`RESUME_MAY_CHANGE`, may differ)."""
-    differing = [d for d in config_differences(saved, current)
-                 if d.split(":")[0] not in RESUME_MAY_CHANGE]
+    differing = config_differences(saved, current, ignore=RESUME_MAY_CHANGE)
     if differing:
         raise ConfigError(
             f"--resume: {where} was written with another run config ({'; '.join(differing)});"

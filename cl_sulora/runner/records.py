@@ -11,7 +11,7 @@ import resource
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,7 +121,7 @@ LOCATIONS = ("out", "data.data_root")
 def same_run(saved: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
     """Whether a record's config ``saved`` is that of the run ``config``, :data:`LOCATIONS`
     aside."""
-    return all(d.split(":")[0] in LOCATIONS for d in config_differences(saved, config))
+    return not config_differences(saved, config, ignore=LOCATIONS)
 
 
 def records_in(folder: str | Path, label: str) -> dict[Path, dict[str, Any]]:
@@ -140,10 +140,11 @@ def records_in(folder: str | Path, label: str) -> dict[Path, dict[str, Any]]:
     return found
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key: old -> new`` for every dotted key whose value differs. A training or backbone
-    setting that ``old`` lacks (it was written before the setting existed) counts as its
-    default, the value that keeps the earlier behaviour."""
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Collection[str] = ()) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs, the keys in ``ignore``
+    aside. A training or backbone setting that ``old`` lacks (it was written before the setting
+    existed) counts as its default, the value that keeps the earlier behaviour."""
     from .config import BackboneConfig
     from .presets import TrainingConfig
 
@@ -152,7 +153,8 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     old, new = _flatten(old), _flatten(new)
     old = {**{k: v for k, v in defaults.items() if k not in old and k in new}, **old}
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and k not in ignore]
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
